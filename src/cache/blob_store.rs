@@ -1,0 +1,208 @@
+//! The on-disk content-addressed store: its layout, temp files, atomic commit and the
+//! startup scan. A file at a final path is always complete and verified, because content
+//! only ever reaches one by `rename` from `tmp/` after fsync.
+//!
+//! Layout under `<dir>/v1/`: `blobs/<algo>/<2 hex>/<hex>` (raw bytes),
+//! `manifests/<algo>/<2 hex>/<hex>` (media type, `\n`, exact bytes), `tags/` (see
+//! `tags.rs`) and `tmp/` (fills in progress; emptied at startup).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use crate::digest::Digest;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Blob,
+    Manifest,
+}
+
+impl Kind {
+    fn dir(self) -> &'static str {
+        match self {
+            Kind::Blob => "blobs",
+            Kind::Manifest => "manifests",
+        }
+    }
+}
+
+/// One committed file found by the startup scan.
+#[derive(Debug)]
+pub struct Scanned {
+    pub kind: Kind,
+    pub digest: Digest,
+    pub size: u64,
+    pub modified: SystemTime,
+}
+
+#[derive(Debug)]
+pub struct BlobStore {
+    root: PathBuf,
+    tmp: PathBuf,
+    next_tmp: AtomicU64,
+}
+
+impl BlobStore {
+    /// Creates the layout under `dir/v1`, deletes leftovers of interrupted fills, and lists
+    /// every committed file (names and sizes only: contents are never read here).
+    pub fn open(dir: &Path) -> io::Result<(BlobStore, Vec<Scanned>)> {
+        let root = dir.join("v1");
+        let tmp = root.join("tmp");
+        for sub in ["blobs", "manifests", "tags"] {
+            fs::create_dir_all(root.join(sub))?;
+        }
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)?;
+        }
+        fs::create_dir_all(&tmp)?;
+        let store = BlobStore {
+            root,
+            tmp,
+            next_tmp: AtomicU64::new(0),
+        };
+        let mut found = Vec::new();
+        for kind in [Kind::Blob, Kind::Manifest] {
+            store.scan(kind, &mut found)?;
+        }
+        Ok((store, found))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn scan(&self, kind: Kind, found: &mut Vec<Scanned>) -> io::Result<()> {
+        for algo in fs::read_dir(self.root.join(kind.dir()))? {
+            let algo = algo?;
+            let algo_name = algo.file_name().to_string_lossy().into_owned();
+            if !algo.file_type()?.is_dir() {
+                continue;
+            }
+            for fan in fs::read_dir(algo.path())? {
+                let fan = fan?;
+                if !fan.file_type()?.is_dir() {
+                    continue;
+                }
+                for file in fs::read_dir(fan.path())? {
+                    let file = file?;
+                    let name = file.file_name();
+                    let parsed = name
+                        .to_str()
+                        .and_then(|hex| format!("{algo_name}:{hex}").parse::<Digest>().ok());
+                    let meta = file.metadata()?;
+                    match parsed {
+                        Some(digest) if meta.is_file() => found.push(Scanned {
+                            kind,
+                            digest,
+                            size: meta.len(),
+                            modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                        }),
+                        // Not ours (or a stray directory): never serve it, leave it be.
+                        _ => tracing::warn!(path = %file.path().display(), "ignoring unexpected file in cache"),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn path(&self, kind: Kind, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root
+            .join(kind.dir())
+            .join(digest.algorithm().name())
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    /// A new, empty file in `tmp/`, open for reading and writing.
+    pub fn temp_file(&self) -> io::Result<(PathBuf, File)> {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let path = self.tmp.join(format!("{}-{n}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok((path, file))
+    }
+
+    /// Makes a fully written and verified temp file durable and moves it to its final path.
+    pub fn commit(&self, tmp: &Path, file: &File, kind: Kind, digest: &Digest) -> io::Result<PathBuf> {
+        file.sync_all()?;
+        let dest = self.path(kind, digest);
+        let parent = dest.parent().unwrap_or(&self.root);
+        fs::create_dir_all(parent)?;
+        fs::rename(tmp, &dest)?;
+        // The rename itself must survive a crash too.
+        File::open(parent)?.sync_all()?;
+        Ok(dest)
+    }
+
+    /// Writes small content (a manifest) durably: temp file, fsync, rename.
+    pub fn write_small(&self, kind: Kind, digest: &Digest, parts: &[&[u8]]) -> io::Result<u64> {
+        let (tmp, mut file) = self.temp_file()?;
+        let result = (|| {
+            for part in parts {
+                file.write_all(part)?;
+            }
+            self.commit(&tmp, &file, kind, digest)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result?;
+        Ok(parts.iter().map(|p| p.len() as u64).sum())
+    }
+
+    pub fn remove(&self, kind: Kind, digest: &Digest) {
+        let path = self.path(kind, digest);
+        if let Err(e) = fs::remove_file(&path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "cannot delete evicted cache file");
+            }
+        }
+    }
+
+    /// Opens committed content; `None` when it is not there (never cached, or evicted).
+    pub fn open_file(&self, kind: Kind, digest: &Digest) -> io::Result<Option<(File, u64)>> {
+        match File::open(self.path(kind, digest)) {
+            Ok(f) => {
+                let len = f.metadata()?.len();
+                Ok(Some((f, len)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_scan_and_tmp_cleanup() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, found) = BlobStore::open(dir.path()).unwrap();
+        assert!(found.is_empty());
+        let d = Digest::sha256_of(b"hello");
+        store.write_small(Kind::Blob, &d, &[b"hel", b"lo"]).unwrap();
+        let (_leftover, mut f) = store.temp_file().unwrap();
+        f.write_all(b"partial").unwrap();
+        drop(store);
+
+        let (store, found) = BlobStore::open(dir.path()).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].kind, &found[0].digest, found[0].size), (Kind::Blob, &d, 5));
+        assert_eq!(fs::read_dir(dir.path().join("v1/tmp")).unwrap().count(), 0);
+        let (_, len) = store.open_file(Kind::Blob, &d).unwrap().unwrap();
+        assert_eq!(len, 5);
+        assert!(store.open_file(Kind::Manifest, &d).unwrap().is_none());
+        store.remove(Kind::Blob, &d);
+        assert!(store.open_file(Kind::Blob, &d).unwrap().is_none());
+    }
+}

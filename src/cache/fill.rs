@@ -1,0 +1,411 @@
+//! Fills: one upstream download per digest, however many clients ask at once.
+//!
+//! The first client to miss starts a fill task that is detached from every client: it
+//! hashes and appends each chunk to a temp file and publishes how far it got on a `watch`.
+//! Every client (the first one too) tails that file at its own pace with [`stream_file`],
+//! holding back the last byte of its response until the digest is verified. At the end the
+//! file is fsynced and renamed into place, or deleted when anything is wrong. A broken
+//! upstream connection is resumed from where it broke with a new ranged request.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use tokio::sync::{mpsc, watch};
+
+use super::blob_store::{BlobStore, Kind};
+use super::index::Index;
+use crate::digest::{Digest, Verifier};
+
+pub type SourceBody = http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// An upstream answer to "send me this blob from byte `offset` on".
+pub struct Source {
+    /// Length of the whole blob, when the upstream said.
+    pub total: Option<u64>,
+    /// Position in the blob of the body's first byte (0 when the upstream ignored a Range).
+    pub offset: u64,
+    pub body: SourceBody,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+/// Opens the upstream at a byte offset; called again to resume after a break.
+pub type Opener<E> = Box<dyn Fn(u64) -> BoxFuture<Result<Source, E>> + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FillError<E> {
+    #[error(transparent)]
+    Source(E),
+    #[error("upstream content hashed to {got}, not {expected}")]
+    DigestMismatch { expected: Digest, got: Digest },
+    #[error("upstream sent {got} bytes where it announced {expected}")]
+    WrongLength { expected: u64, got: u64 },
+    #[error("upstream transfer broke after {written} bytes and could not be resumed: {message}")]
+    Broken { written: u64, message: String },
+    #[error("cache disk error: {0}")]
+    Io(#[from] io::Error),
+}
+
+#[derive(Debug)]
+pub enum State<E> {
+    Connecting,
+    Streaming,
+    Done,
+    Failed(Arc<FillError<E>>),
+}
+
+impl<E> Clone for State<E> {
+    fn clone(&self) -> Self {
+        match self {
+            State::Connecting => State::Connecting,
+            State::Streaming => State::Streaming,
+            State::Done => State::Done,
+            State::Failed(e) => State::Failed(e.clone()),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Progress<E> {
+    pub written: u64,
+    pub total: Option<u64>,
+    pub state: State<E>,
+}
+
+impl<E> Clone for Progress<E> {
+    fn clone(&self) -> Self {
+        Progress {
+            written: self.written,
+            total: self.total,
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// A client's view of a fill: the growing file and its progress.
+pub struct Fill<E> {
+    pub file: Arc<File>,
+    pub progress: watch::Receiver<Progress<E>>,
+}
+
+impl<E> Fill<E> {
+    /// Waits until the upstream has answered: the total length is known, or the fill failed.
+    pub async fn started(&mut self) -> Progress<E> {
+        let _ = self
+            .progress
+            .wait_for(|p| !matches!(p.state, State::Connecting))
+            .await;
+        self.progress.borrow().clone()
+    }
+
+    /// Waits for the end of the fill.
+    pub async fn finished(&mut self) -> Progress<E> {
+        let _ = self
+            .progress
+            .wait_for(|p| matches!(p.state, State::Done | State::Failed(_)))
+            .await;
+        self.progress.borrow().clone()
+    }
+}
+
+struct Shared<E> {
+    file: Arc<File>,
+    progress: watch::Receiver<Progress<E>>,
+}
+
+pub struct Fills<E> {
+    store: Arc<BlobStore>,
+    index: Arc<Index>,
+    inflight: Mutex<HashMap<Digest, Shared<E>>>,
+    idle_timeout: Duration,
+    max_resumes: u32,
+}
+
+/// Counters a caller may want after a fill ends.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub resumes: u32,
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
+    pub fn new(store: Arc<BlobStore>, index: Arc<Index>, idle_timeout: Duration) -> Fills<E> {
+        Fills {
+            store,
+            index,
+            inflight: Mutex::default(),
+            idle_timeout,
+            max_resumes: 3,
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Shared<E>>> {
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Joins the fill of `digest`, starting it (with the opener `make` builds) if none runs.
+    /// Returns `Ok(None)` if the content was committed meanwhile: read it from the store.
+    /// `on_end` runs once when a fill this call started ends.
+    pub fn join(
+        self: &Arc<Self>,
+        digest: &Digest,
+        make: impl FnOnce() -> Opener<E>,
+        on_end: impl FnOnce(&Result<Outcome, Arc<FillError<E>>>) + Send + 'static,
+    ) -> io::Result<Option<Fill<E>>> {
+        let mut inflight = self.lock();
+        if let Some(s) = inflight.get(digest) {
+            return Ok(Some(Fill {
+                file: s.file.clone(),
+                progress: s.progress.clone(),
+            }));
+        }
+        // The fill that just ended may have committed it between the caller's miss and now.
+        if self.index.contains(Kind::Blob, digest) {
+            return Ok(None);
+        }
+        let (tmp, file) = self.store.temp_file()?;
+        let file = Arc::new(file);
+        let (tx, rx) = watch::channel(Progress {
+            written: 0,
+            total: None,
+            state: State::Connecting,
+        });
+        inflight.insert(
+            digest.clone(),
+            Shared {
+                file: file.clone(),
+                progress: rx.clone(),
+            },
+        );
+        drop(inflight);
+
+        let fills = self.clone();
+        let digest = digest.clone();
+        let opener = make();
+        let task_file = file.clone();
+        tokio::spawn(async move {
+            let mut resumes = 0;
+            let result = fills
+                .run(&digest, &tmp, &task_file, &opener, &tx, &mut resumes)
+                .await
+                .map(|()| Outcome { resumes })
+                .map_err(Arc::new);
+            if result.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            tx.send_modify(|p| {
+                p.state = match &result {
+                    Ok(_) => State::Done,
+                    Err(e) => State::Failed(e.clone()),
+                }
+            });
+            fills.lock().remove(&digest);
+            on_end(&result);
+        });
+        Ok(Some(Fill { file, progress: rx }))
+    }
+
+    async fn run(
+        &self,
+        digest: &Digest,
+        tmp: &PathBuf,
+        file: &Arc<File>,
+        opener: &Opener<E>,
+        tx: &watch::Sender<Progress<E>>,
+        resumes: &mut u32,
+    ) -> Result<(), FillError<E>> {
+        let mut source = opener(0).await.map_err(FillError::Source)?;
+        let total = source.total;
+        tx.send_modify(|p| {
+            p.total = total;
+            p.state = State::Streaming;
+        });
+        let mut verifier = Verifier::new(digest.algorithm());
+        let mut written = 0u64;
+        loop {
+            let frame = match tokio::time::timeout(self.idle_timeout, source.body.frame()).await {
+                Ok(Some(Ok(frame))) => Ok(frame.into_data().ok()),
+                Ok(None) if total.is_some_and(|t| written < t) => Err("upstream closed early".to_owned()),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => Err(e.to_string()),
+                Err(_) => Err(format!("no data for {:?}", self.idle_timeout)),
+            };
+            let mut data = match frame {
+                Ok(Some(data)) => data,
+                Ok(None) => continue, // trailers
+                Err(message) => {
+                    source = self.resume(opener, written, message, resumes).await?;
+                    continue;
+                }
+            };
+            // A resumed source may start before what we have (upstream ignored Range).
+            let position = source.offset;
+            if position < written {
+                let skip = (written - position).min(data.len() as u64) as usize;
+                source.offset += skip as u64;
+                data = data.slice(skip..);
+            }
+            if data.is_empty() {
+                continue;
+            }
+            source.offset += data.len() as u64;
+            let len = data.len() as u64;
+            if let Some(t) = total {
+                if written + len > t {
+                    return Err(FillError::WrongLength {
+                        expected: t,
+                        got: written + len,
+                    });
+                }
+            }
+            let f = file.clone();
+            let at = written;
+            verifier = tokio::task::spawn_blocking(move || -> io::Result<Verifier> {
+                verifier.update(&data);
+                f.write_all_at(&data, at)?;
+                Ok(verifier)
+            })
+            .await
+            .map_err(io::Error::other)??;
+            written += len;
+            tx.send_modify(|p| p.written = written);
+        }
+        let got = verifier.finish();
+        if got != *digest {
+            return Err(FillError::DigestMismatch {
+                expected: digest.clone(),
+                got,
+            });
+        }
+        if total.is_none() {
+            tx.send_modify(|p| p.total = Some(written));
+        }
+        let (store, index, file, tmp, digest) = (
+            self.store.clone(),
+            self.index.clone(),
+            file.clone(),
+            tmp.clone(),
+            digest.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            index.commit(Kind::Blob, &digest, written, || {
+                store.commit(&tmp, &file, Kind::Blob, &digest)
+            })
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(())
+    }
+
+    async fn resume(
+        &self,
+        opener: &Opener<E>,
+        written: u64,
+        mut message: String,
+        resumes: &mut u32,
+    ) -> Result<Source, FillError<E>> {
+        loop {
+            if *resumes >= self.max_resumes {
+                return Err(FillError::Broken { written, message });
+            }
+            *resumes += 1;
+            tracing::warn!(written, attempt = *resumes, %message, "upstream transfer broke; resuming");
+            tokio::time::sleep(Duration::from_millis(100) * 2u32.pow(*resumes - 1)).await;
+            match opener(written).await {
+                Ok(source) if source.offset <= written => return Ok(source),
+                Ok(source) => message = format!("upstream resumed at {} instead of {written}", source.offset),
+                Err(e) => message = e.to_string(),
+            }
+        }
+    }
+}
+
+const READ_CHUNK: u64 = 256 * 1024;
+
+/// Streams `file[start..end)` into `tx`. With `progress` (a fill), it follows the growing
+/// file, and sends the last byte only once the fill is verified and committed; on failure it
+/// sends an error so that the response is aborted, never completed. `end` is `None` when the
+/// fill's total length is still unknown.
+pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
+    file: Arc<File>,
+    start: u64,
+    end: Option<u64>,
+    mut progress: Option<watch::Receiver<Progress<E>>>,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+) {
+    let mut pos = start;
+    loop {
+        let (allowed, complete_end) = match &mut progress {
+            None => (end.unwrap_or(pos), end.unwrap_or(pos)),
+            Some(rx) => {
+                let p = rx.borrow_and_update().clone();
+                match p.state {
+                    State::Done => {
+                        let e = end.or(p.total).unwrap_or(p.written);
+                        (e, e)
+                    }
+                    State::Failed(e) => {
+                        let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
+                        return;
+                    }
+                    State::Connecting | State::Streaming => {
+                        // Hold back at least the response's last byte until verified.
+                        let allowed = match end {
+                            Some(e) => p.written.min(e.saturating_sub(1)),
+                            None => p.written.saturating_sub(1),
+                        };
+                        (allowed, u64::MAX)
+                    }
+                }
+            }
+        };
+        if pos < allowed {
+            let n = (allowed - pos).min(READ_CHUNK) as usize;
+            let f = file.clone();
+            let read = tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
+                let mut buf = BytesMut::zeroed(n);
+                let mut filled = 0;
+                while filled < n {
+                    match f.read_at(&mut buf[filled..], pos + filled as u64)? {
+                        0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "cache file is shorter than expected")),
+                        k => filled += k,
+                    }
+                }
+                Ok(buf.freeze())
+            })
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)));
+            let failed = read.is_err();
+            match &read {
+                Ok(bytes) => pos += bytes.len() as u64,
+                Err(e) => tracing::error!(error = %e, "reading cached content failed"),
+            }
+            if tx.send(read).await.is_err() || failed {
+                return; // client gone, or error sent
+            }
+            continue;
+        }
+        if pos >= complete_end {
+            return;
+        }
+        if let Some(rx) = &mut progress {
+            if rx.changed().await.is_err() && !matches!(rx.borrow().state, State::Done | State::Failed(_)) {
+                let _ = tx.send(Err(io::Error::other("fill ended unexpectedly"))).await;
+                return;
+            }
+        } else {
+            return;
+        }
+    }
+}

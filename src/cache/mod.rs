@@ -1,0 +1,122 @@
+//! The cache: what regcache has on disk and in memory, and the fills that add to it.
+//! Knows nothing of upstreams: the proxy hands it bytes and upstream bodies.
+
+pub mod blob_store;
+pub mod fill;
+pub mod index;
+pub mod tags;
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::digest::Digest;
+use blob_store::{BlobStore, Kind};
+use index::Index;
+use tags::TagStore;
+
+/// A manifest: its exact bytes, media type and digest.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+pub struct Cache {
+    pub store: Arc<BlobStore>,
+    pub index: Arc<Index>,
+    pub tags: TagStore,
+    manifests: moka::sync::Cache<Digest, Arc<Manifest>>,
+}
+
+impl Cache {
+    /// Opens the store, removes leftovers of interrupted fills, and rebuilds the index
+    /// from file names and sizes (oldest first, so LRU order survives a restart roughly).
+    pub fn open(dir: &Path, max_bytes: u64, memory_manifest_bytes: u64) -> io::Result<Cache> {
+        let (store, mut found) = BlobStore::open(dir)?;
+        let store = Arc::new(store);
+        let index = Arc::new(Index::new(store.clone(), max_bytes));
+        found.sort_by_key(|s| s.modified);
+        for s in found {
+            index.restore(s.kind, &s.digest, s.size);
+        }
+        index.settle();
+        let tags = TagStore::new(store.root());
+        let manifests = moka::sync::Cache::builder()
+            .max_capacity(memory_manifest_bytes)
+            .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len() + m.media_type.len()).unwrap_or(u32::MAX))
+            .build();
+        Ok(Cache {
+            store,
+            index,
+            tags,
+            manifests,
+        })
+    }
+
+    /// A cached blob, opened, with its length.
+    pub fn open_blob(&self, digest: &Digest) -> io::Result<Option<(Arc<File>, u64)>> {
+        if !self.index.contains(Kind::Blob, digest) {
+            return Ok(None);
+        }
+        match self.store.open_file(Kind::Blob, digest)? {
+            Some((f, len)) => Ok(Some((Arc::new(f), len))),
+            None => {
+                self.index.invalidate(Kind::Blob, digest);
+                Ok(None)
+            }
+        }
+    }
+
+    /// A cached manifest: from memory, else from disk (verified, then kept in memory).
+    pub fn manifest(&self, digest: &Digest) -> Option<Arc<Manifest>> {
+        if let Some(m) = self.manifests.get(digest) {
+            self.index.contains(Kind::Manifest, digest); // keep its disk copy recent too
+            return Some(m);
+        }
+        if !self.index.contains(Kind::Manifest, digest) {
+            return None;
+        }
+        let raw = std::fs::read(self.store.path(Kind::Manifest, digest)).ok();
+        let parsed = raw.and_then(|raw| {
+            let nl = raw.iter().position(|&b| b == b'\n')?;
+            let media_type = std::str::from_utf8(&raw[..nl]).ok()?.to_owned();
+            let bytes = Bytes::copy_from_slice(&raw[nl + 1..]);
+            digest.matches(&bytes).then(|| Manifest {
+                bytes,
+                media_type,
+                digest: digest.clone(),
+            })
+        });
+        match parsed {
+            Some(m) => {
+                let m = Arc::new(m);
+                self.manifests.insert(digest.clone(), m.clone());
+                Some(m)
+            }
+            None => {
+                tracing::warn!(%digest, "cached manifest unreadable or corrupt; dropping it");
+                self.index.invalidate(Kind::Manifest, digest);
+                None
+            }
+        }
+    }
+
+    /// Stores a verified manifest on disk and in memory.
+    pub fn put_manifest(&self, m: Arc<Manifest>) -> io::Result<()> {
+        let size = (m.media_type.len() + 1 + m.bytes.len()) as u64;
+        self.index.commit(Kind::Manifest, &m.digest, size, || {
+            self.store.write_small(
+                Kind::Manifest,
+                &m.digest,
+                &[m.media_type.as_bytes(), b"\n", &m.bytes],
+            )
+        })?;
+        self.manifests.insert(m.digest.clone(), m);
+        Ok(())
+    }
+}

@@ -1,0 +1,175 @@
+//! Persistent tag mappings: (upstream, repository, tag, accepted types) -> manifest digest,
+//! with the time the upstream last confirmed it. One small JSON file per mapping, written
+//! atomically, read lazily (startup reads none of them) and kept in a bounded memory cache.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TagKey {
+    pub upstream: String,
+    pub repo: String,
+    pub tag: String,
+    pub accept: u8,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TagRecord {
+    upstream: String,
+    repo: String,
+    tag: String,
+    accept: u8,
+    pub digest: String,
+    pub media_type: String,
+    pub size: u64,
+    /// Unix milliseconds of the last time the upstream confirmed this mapping.
+    pub confirmed_ms: u64,
+}
+
+impl TagRecord {
+    pub fn new(key: &TagKey, digest: &Digest, media_type: &str, size: u64) -> TagRecord {
+        TagRecord {
+            upstream: key.upstream.clone(),
+            repo: key.repo.clone(),
+            tag: key.tag.clone(),
+            accept: key.accept,
+            digest: digest.to_string(),
+            media_type: media_type.to_owned(),
+            size,
+            confirmed_ms: now_ms(),
+        }
+    }
+
+    /// The same mapping, confirmed by the upstream just now.
+    pub fn reconfirmed(&self) -> TagRecord {
+        TagRecord {
+            confirmed_ms: now_ms(),
+            ..self.clone()
+        }
+    }
+
+    pub fn digest(&self) -> Option<Digest> {
+        self.digest.parse().ok()
+    }
+
+    /// How long ago the upstream last confirmed the mapping.
+    pub fn age(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.confirmed_ms))
+    }
+
+    fn key(&self) -> TagKey {
+        TagKey {
+            upstream: self.upstream.clone(),
+            repo: self.repo.clone(),
+            tag: self.tag.clone(),
+            accept: self.accept,
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub struct TagStore {
+    dir: PathBuf,
+    tmp: PathBuf,
+    memory: moka::sync::Cache<TagKey, Arc<TagRecord>>,
+    next_tmp: AtomicU64,
+}
+
+impl TagStore {
+    pub fn new(v1: &std::path::Path) -> TagStore {
+        TagStore {
+            dir: v1.join("tags"),
+            tmp: v1.join("tmp"),
+            memory: moka::sync::Cache::new(100_000),
+            next_tmp: AtomicU64::new(0),
+        }
+    }
+
+    fn path(&self, key: &TagKey) -> PathBuf {
+        let id = Digest::sha256_of(
+            format!("{}\n{}\n{}\n{}", key.upstream, key.repo, key.tag, key.accept).as_bytes(),
+        );
+        let hex = id.hex();
+        self.dir.join(&hex[..2]).join(format!("{hex}.json"))
+    }
+
+    pub fn get(&self, key: &TagKey) -> Option<Arc<TagRecord>> {
+        if let Some(r) = self.memory.get(key) {
+            return Some(r);
+        }
+        let text = fs::read(self.path(key)).ok()?;
+        let record: TagRecord = serde_json::from_slice(&text).ok()?;
+        if record.key() != *key {
+            return None;
+        }
+        let record = Arc::new(record);
+        self.memory.insert(key.clone(), record.clone());
+        Some(record)
+    }
+
+    /// Stores a mapping durably (temp file + rename), then in memory.
+    pub fn put(&self, record: TagRecord) -> io::Result<Arc<TagRecord>> {
+        let key = record.key();
+        let path = self.path(&key);
+        let body = serde_json::to_vec(&record).map_err(io::Error::other)?;
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.tmp.join(format!("tag-{}-{n}", std::process::id()));
+        let write = || -> io::Result<()> {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let record = Arc::new(record);
+        self.memory.insert(key, record.clone());
+        Ok(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_then_get_after_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        let key = TagKey {
+            upstream: "docker.io".into(),
+            repo: "library/alpine".into(),
+            tag: "3".into(),
+            accept: 15,
+        };
+        let d = Digest::sha256_of(b"m");
+        TagStore::new(dir.path())
+            .put(TagRecord::new(&key, &d, "application/vnd.oci.image.index.v1+json", 1))
+            .unwrap();
+        let again = TagStore::new(dir.path());
+        let r = again.get(&key).unwrap();
+        assert_eq!(r.digest(), Some(d));
+        assert!(r.age() < Duration::from_secs(60));
+        let other = TagKey { accept: 1, ..key };
+        assert!(again.get(&other).is_none());
+    }
+}

@@ -1,0 +1,386 @@
+//! Configuration: TOML text -> typed, validated [`Config`]. Unknown keys are rejected, every
+//! default lives here, and `config.example.toml` (embedded) is the default configuration.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The embedded default configuration: the documented example file itself.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config.example.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid config: key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> Error {
+    Error::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default, rename = "upstream")]
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    #[serde(default = "default_cache_dir")]
+    pub dir: PathBuf,
+    #[serde(default = "default_max_size")]
+    pub max_size: ByteSize,
+    #[serde(default = "default_memory_manifests")]
+    pub memory_manifests: ByteSize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            dir: default_cache_dir(),
+            max_size: default_max_size(),
+            memory_manifests: default_memory_manifests(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub url: String,
+    #[serde(default)]
+    pub default: bool,
+    #[serde(default = "default_tag_ttl")]
+    pub tag_ttl: HumanDuration,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 5000))
+}
+fn default_cache_dir() -> PathBuf {
+    PathBuf::from("./regcache-data")
+}
+fn default_max_size() -> ByteSize {
+    ByteSize(20 << 30)
+}
+fn default_memory_manifests() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_tag_ttl() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
+}
+
+impl Config {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, Error> {
+        let config: Config = toml::from_str(text).map_err(|e| Error::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &std::path::Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    pub fn embedded_default() -> Config {
+        Config::from_toml(EMBEDDED_DEFAULT).expect("the embedded default config is valid")
+    }
+
+    /// The effective configuration as TOML, for `check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.cache.max_size.0 < 1024 * 1024 {
+            return Err(invalid("cache.max_size", "must be at least 1MiB"));
+        }
+        if self.cache.dir.as_os_str().is_empty() {
+            return Err(invalid("cache.dir", "must not be empty"));
+        }
+        let mut defaults = 0;
+        for (i, up) in self.upstreams.iter().enumerate() {
+            let key = |k: &str| format!("upstream[{i}].{k}");
+            if !is_registry_host(&up.name) {
+                return Err(invalid(
+                    key("name"),
+                    format!("{:?} is not a registry host name like \"ghcr.io\" or \"registry.lab:5000\"", up.name),
+                ));
+            }
+            if self.upstreams[..i].iter().any(|o| o.name == up.name) {
+                return Err(invalid(key("name"), format!("{:?} is listed twice", up.name)));
+            }
+            let uri: http::Uri = up
+                .url
+                .parse()
+                .map_err(|e| invalid(key("url"), format!("{:?}: {e}", up.url)))?;
+            match uri.scheme_str() {
+                Some("http") | Some("https") => {}
+                _ => return Err(invalid(key("url"), "must start with http:// or https://")),
+            }
+            if uri.host().is_none() {
+                return Err(invalid(key("url"), "has no host"));
+            }
+            if up.default {
+                defaults += 1;
+                if defaults > 1 {
+                    return Err(invalid(key("default"), "only one upstream may be the default"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A registry host as clients write it: DNS labels, optional port. `localhost` counts.
+pub fn is_registry_host(s: &str) -> bool {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    };
+    if let Some(p) = port {
+        if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return false;
+        }
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// A size in bytes, written like "20GiB", "500MB" or a plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len());
+        let (num, unit) = (s[..split].trim(), s[split..].trim());
+        let value: f64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size like \"20GiB\""))?;
+        let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" | "k" => 1_000,
+            "mb" | "m" => 1_000_000,
+            "gb" | "g" => 1_000_000_000,
+            "tb" | "t" => 1_000_000_000_000,
+            "kib" => 1 << 10,
+            "mib" => 1 << 20,
+            "gib" => 1 << 30,
+            "tib" => 1 << 40,
+            _ => return Err(format!("{s:?} has an unknown unit {unit:?}")),
+        };
+        let bytes = value * mult as f64;
+        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+            return Err(format!("{s:?} is out of range"));
+        }
+        Ok(ByteSize(bytes as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        for (unit, size) in UNITS {
+            if self.0 >= size && self.0 % size == 0 {
+                return write!(f, "{}{unit}", self.0 / size);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+/// A duration written like "5m", "30s", "1h30m", "250ms".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a duration like \"5m\", \"30s\" or \"1h30m\"");
+        let mut rest = s.trim();
+        if rest.is_empty() {
+            return Err(bad());
+        }
+        let mut total = Duration::ZERO;
+        while !rest.is_empty() {
+            let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+            if digits == 0 {
+                return Err(bad());
+            }
+            let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+            rest = &rest[digits..];
+            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+            let unit = match &rest[..unit_len] {
+                "ms" => Duration::from_millis(n),
+                "s" => Duration::from_secs(n),
+                "m" => Duration::from_secs(n.saturating_mul(60)),
+                "h" => Duration::from_secs(n.saturating_mul(3600)),
+                "d" => Duration::from_secs(n.saturating_mul(86400)),
+                _ => return Err(bad()),
+            };
+            total = total.saturating_add(unit);
+            rest = &rest[unit_len..];
+        }
+        Ok(HumanDuration(total))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms % 1000 != 0 {
+            return write!(f, "{ms}ms");
+        }
+        let s = ms / 1000;
+        match s {
+            0 => write!(f, "0s"),
+            s if s % 3600 == 0 => write!(f, "{}h", s / 3600),
+            s if s % 60 == 0 => write!(f, "{}m", s / 60),
+            s => write!(f, "{s}s"),
+        }
+    }
+}
+
+macro_rules! string_serde {
+    ($t:ty) => {
+        impl Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                #[derive(Deserialize)]
+                #[serde(untagged)]
+                enum Raw {
+                    Text(String),
+                    Number(u64),
+                }
+                match Raw::deserialize(d)? {
+                    Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+                    Raw::Number(n) => n.to_string().parse().map_err(serde::de::Error::custom),
+                }
+            }
+        }
+    };
+}
+string_serde!(ByteSize);
+string_serde!(HumanDuration);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_file_is_the_embedded_default_and_valid() {
+        let c = Config::embedded_default();
+        assert_eq!(c.server.listen, "0.0.0.0:5000".parse().unwrap());
+        assert_eq!(c.cache.max_size, ByteSize(20 << 30));
+        assert_eq!(c.cache.dir, PathBuf::from("./regcache-data"));
+        let names: Vec<_> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io", "gcr.io", "mcr.microsoft.com", "public.ecr.aws"]
+        );
+        let hub = &c.upstreams[0];
+        assert!(hub.default && hub.url == "https://registry-1.docker.io");
+        assert_eq!(hub.tag_ttl, HumanDuration(Duration::from_secs(300)));
+        // Round trip through check-config's output.
+        let again = Config::from_toml(&c.to_toml()).unwrap();
+        assert_eq!(again.upstreams.len(), 7);
+        assert_eq!(again.cache.max_size, c.cache.max_size);
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!("20GiB".parse::<ByteSize>().unwrap(), ByteSize(20 << 30));
+        assert_eq!("1.5 KiB".parse::<ByteSize>().unwrap(), ByteSize(1536));
+        assert_eq!("500MB".parse::<ByteSize>().unwrap(), ByteSize(500_000_000));
+        assert!("12 parsecs".parse::<ByteSize>().is_err());
+        assert_eq!("1h30m".parse::<HumanDuration>().unwrap().0, Duration::from_secs(5400));
+        assert_eq!("250ms".parse::<HumanDuration>().unwrap().0, Duration::from_millis(250));
+        assert!("5 minutes".parse::<HumanDuration>().is_err());
+        assert!("".parse::<HumanDuration>().is_err());
+        assert_eq!(ByteSize(20 << 30).to_string(), "20GiB");
+        assert_eq!(HumanDuration(Duration::from_secs(300)).to_string(), "5m");
+    }
+
+    fn err_of(text: &str) -> String {
+        Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        assert!(err_of("[cache]\nmax_sise = \"1GiB\"\n").contains("max_sise"));
+        assert!(err_of("[cache]\nmax_size = \"lots\"\n").contains("max_size"));
+        let two_defaults = "[[upstream]]\nname=\"a.io\"\nurl=\"http://127.0.0.1:1\"\ndefault=true\n\
+                            [[upstream]]\nname=\"b.io\"\nurl=\"http://127.0.0.1:2\"\ndefault=true\n";
+        assert!(err_of(two_defaults).contains("upstream[1].default"));
+        let bad_url = "[[upstream]]\nname=\"a.io\"\nurl=\"ftp://x\"\n";
+        assert!(err_of(bad_url).contains("upstream[0].url"));
+        let bad_name = "[[upstream]]\nname=\"a/b\"\nurl=\"http://x\"\n";
+        assert!(err_of(bad_name).contains("upstream[0].name"));
+    }
+
+    #[test]
+    fn registry_hosts() {
+        for ok in ["docker.io", "localhost", "127.0.0.1:5000", "registry.lab:5000", "a-b.c"] {
+            assert!(is_registry_host(ok), "{ok}");
+        }
+        for bad in ["", "a/b", "-a.io", "a..io", "a.io:", "a.io:123456", "A_B"] {
+            assert!(!is_registry_host(bad), "{bad}");
+        }
+    }
+}

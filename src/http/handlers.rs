@@ -1,0 +1,305 @@
+//! Route -> proxy call -> response: headers, HEAD vs GET, `Range`, and the client-facing
+//! view of names (`OCI-Namespace`, `Link` rewritten to the client's own path).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::header::{ACCEPT, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LINK, RANGE};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+
+use super::body::Body;
+use super::error::ApiError;
+use super::routes::{self, query_param, Endpoint};
+use crate::cache::fill::stream_file;
+use crate::digest::Digest;
+use crate::oci::{self, AcceptSet, Reference};
+use crate::proxy::{self, Proxy};
+use crate::upstream::Target;
+
+const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+const OCI_NAMESPACE: HeaderName = HeaderName::from_static("oci-namespace");
+/// Set on answers served from cache because the upstream could not confirm them.
+pub const STALE: HeaderName = HeaderName::from_static("x-regcache-stale");
+
+/// Serves one request; every failure becomes an OCI error response, never a panic.
+pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Result<Response<Body>, Infallible> {
+    let mut resp = dispatch(&proxy, &req).await.unwrap_or_else(ApiError::into_response);
+    resp.headers_mut()
+        .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    if req.method() == Method::HEAD {
+        *resp.body_mut() = Body::empty();
+    }
+    Ok(resp)
+}
+
+async fn dispatch<B>(proxy: &Proxy, req: &Request<B>) -> Result<Response<Body>, ApiError> {
+    let route = routes::parse(req.method(), req.uri().path()).map_err(|e| match e {
+        routes::RouteError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint"),
+        routes::RouteError::MethodNotAllowed => ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            "regcache is a pull-through cache: push and delete are not supported",
+        ),
+    })?;
+    if route.endpoint == Endpoint::Base {
+        return Ok(json_response(b"{}".to_vec()));
+    }
+    let query = req.uri().query();
+    let ns = query_param(query, "ns");
+    let target = proxy
+        .upstreams
+        .route(ns.as_deref(), &route.name)
+        .map_err(proxy::Error::from)?;
+    let head = req.method() == Method::HEAD;
+    let mut resp = match route.endpoint {
+        Endpoint::Manifest(reference) => manifest(proxy, &target, &reference, req.headers()).await?,
+        Endpoint::Blob(digest) => blob(proxy, &target, &parse_digest(&digest)?, req.headers(), head).await?,
+        Endpoint::TagsList => tags_list(proxy, &target, &route.name, ns.as_deref(), query).await?,
+        Endpoint::Referrers(_) => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "UNSUPPORTED",
+                "the referrers API is not proxied yet; use the sha256-<hex> tag schema",
+            ))
+        }
+        Endpoint::Base | Endpoint::Upload => unreachable_route(),
+    };
+    if let Some(v) = ns.and_then(|ns| HeaderValue::from_str(&ns).ok()) {
+        resp.headers_mut().insert(OCI_NAMESPACE, v);
+    }
+    Ok(resp)
+}
+
+fn unreachable_route() -> Response<Body> {
+    ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint").into_response()
+}
+
+fn parse_digest(s: &str) -> Result<Digest, ApiError> {
+    s.parse()
+        .map_err(|e: crate::digest::InvalidDigest| ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", e.to_string()))
+}
+
+fn json_response(body: Vec<u8>) -> Response<Body> {
+    let len = body.len();
+    let mut resp = Response::new(Body::full(body));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(CONTENT_LENGTH, len.into());
+    resp
+}
+
+async fn manifest(proxy: &Proxy, target: &Target, reference: &str, headers: &HeaderMap) -> Result<Response<Body>, ApiError> {
+    let reference = Reference::parse(reference).ok_or_else(|| {
+        if reference.contains(':') {
+            ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", format!("invalid digest {reference:?}"))
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "TAG_INVALID", format!("invalid tag {reference:?}"))
+        }
+    })?;
+    let accept = AcceptSet::from_headers(headers.get_all(ACCEPT).iter().filter_map(|v| v.to_str().ok()));
+    let answer = proxy.manifest(target, &reference, accept).await?;
+    let m = &answer.manifest;
+    let mut resp = Response::new(Body::full(m.bytes.clone()));
+    let h = resp.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_str(&m.media_type).unwrap_or(HeaderValue::from_static(oci::OCI_MANIFEST)),
+    );
+    h.insert(CONTENT_LENGTH, m.bytes.len().into());
+    h.insert(DOCKER_CONTENT_DIGEST, digest_header(&m.digest));
+    if answer.stale {
+        h.insert(STALE, HeaderValue::from_static("1"));
+    }
+    Ok(resp)
+}
+
+fn digest_header(d: &Digest) -> HeaderValue {
+    HeaderValue::from_str(&d.to_string()).unwrap_or(HeaderValue::from_static(""))
+}
+
+async fn blob(proxy: &Proxy, target: &Target, digest: &Digest, headers: &HeaderMap, head: bool) -> Result<Response<Body>, ApiError> {
+    let mut resp = Response::new(Body::empty());
+    let h = resp.headers_mut();
+    h.insert(DOCKER_CONTENT_DIGEST, digest_header(digest));
+    h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    if head {
+        if let Some(len) = proxy.blob_size(target, digest).await? {
+            resp.headers_mut().insert(CONTENT_LENGTH, len.into());
+        }
+        return Ok(resp);
+    }
+    let range = headers
+        .get(RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_range);
+    let mut answer = proxy.blob(target, digest).await?;
+    if range.is_some() && answer.total.is_none() {
+        // Upstream sent no length: a range can only be placed once the fill is done.
+        if let Some(progress) = &mut answer.progress {
+            let _ = progress
+                .wait_for(|p| p.total.is_some() || matches!(p.state, crate::cache::fill::State::Failed(_)))
+                .await;
+            answer.total = progress.borrow().total;
+        }
+    }
+    let (start, end) = match (range, answer.total) {
+        (Some(spec), Some(total)) => match spec.resolve(total) {
+            Some((start, end)) => {
+                *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+                let value = format!("bytes {start}-{}/{total}", end - 1);
+                resp.headers_mut()
+                    .insert(CONTENT_RANGE, HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("")));
+                (start, Some(end))
+            }
+            None => {
+                let mut err = ApiError::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "BLOB_UNKNOWN",
+                    format!("range not satisfiable for a blob of {total} bytes"),
+                )
+                .into_response();
+                let value = format!("bytes */{total}");
+                err.headers_mut()
+                    .insert(CONTENT_RANGE, HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("")));
+                return Ok(err);
+            }
+        },
+        (_, total) => (0, total),
+    };
+    if let Some(end) = end {
+        resp.headers_mut().insert(CONTENT_LENGTH, (end - start).into());
+    }
+    let (tx, body) = Body::channel();
+    tokio::spawn(stream_file(answer.file, start, end, answer.progress, tx));
+    *resp.body_mut() = body;
+    Ok(resp)
+}
+
+/// One `Range: bytes=…` spec; anything else (several ranges, other units) is ignored and
+/// answered with the whole blob, as RFC 9110 allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RangeSpec {
+    From(u64),
+    FromTo(u64, u64),
+    Suffix(u64),
+}
+
+fn parse_range(value: &str) -> Option<RangeSpec> {
+    let spec = value.trim().strip_prefix("bytes=")?.trim();
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    match (a.is_empty(), b.is_empty()) {
+        (true, false) => b.parse().ok().map(RangeSpec::Suffix),
+        (false, true) => a.parse().ok().map(RangeSpec::From),
+        (false, false) => {
+            let (a, b) = (a.parse().ok()?, b.parse().ok()?);
+            (a <= b).then_some(RangeSpec::FromTo(a, b))
+        }
+        (true, true) => None,
+    }
+}
+
+impl RangeSpec {
+    /// `[start, end)` within a blob of `total` bytes; `None` when unsatisfiable (416).
+    fn resolve(self, total: u64) -> Option<(u64, u64)> {
+        match self {
+            RangeSpec::From(a) if a < total => Some((a, total)),
+            RangeSpec::FromTo(a, b) if a < total => Some((a, b.saturating_add(1).min(total))),
+            RangeSpec::Suffix(n) if n > 0 && total > 0 => Some((total.saturating_sub(n), total)),
+            _ => None,
+        }
+    }
+}
+
+async fn tags_list(
+    proxy: &Proxy,
+    target: &Target,
+    client_name: &str,
+    ns: Option<&str>,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let n = query_param(query, "n");
+    let last = query_param(query, "last");
+    if n.as_deref().is_some_and(|n| n.parse::<u32>().is_err()) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID", "n must be a number"));
+    }
+    if last.as_deref().is_some_and(|l| !oci::is_valid_tag(l)) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "TAG_INVALID", "last must be a tag"));
+    }
+    let upstream_query = pagination_query(n.as_deref(), last.as_deref());
+    let (body, link) = proxy.tags_list(target, &upstream_query).await?;
+    let mut resp = json_response(body.to_vec());
+    if let Some(link) = link.and_then(|l| client_link(&l, client_name, ns)) {
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            resp.headers_mut().insert(LINK, v);
+        }
+    }
+    Ok(resp)
+}
+
+fn pagination_query(n: Option<&str>, last: Option<&str>) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = n {
+        parts.push(format!("n={n}"));
+    }
+    if let Some(last) = last {
+        parts.push(format!("last={last}"));
+    }
+    parts.join("&")
+}
+
+/// The upstream's `Link: </v2/<upstream name>/tags/list?…>; rel="next"`, pointing at the
+/// same page through regcache as this client addresses it.
+fn client_link(upstream_link: &str, client_name: &str, ns: Option<&str>) -> Option<String> {
+    let inner = upstream_link.split('>').next()?.trim().strip_prefix('<')?;
+    let query = inner.split_once('?').map(|(_, q)| q);
+    let n = query_param(query, "n").filter(|n| n.parse::<u32>().is_ok());
+    let last = query_param(query, "last").filter(|l| oci::is_valid_tag(l));
+    let mut q = pagination_query(n.as_deref(), last.as_deref());
+    if let Some(ns) = ns {
+        if !q.is_empty() {
+            q.push('&');
+        }
+        q.push_str("ns=");
+        q.push_str(ns);
+    }
+    Some(format!("</v2/{client_name}/tags/list?{q}>; rel=\"next\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=10-"), Some(RangeSpec::From(10)));
+        assert_eq!(parse_range("bytes=0-99"), Some(RangeSpec::FromTo(0, 99)));
+        assert_eq!(parse_range("bytes=-5"), Some(RangeSpec::Suffix(5)));
+        assert_eq!(parse_range("bytes=5-1"), None);
+        assert_eq!(parse_range("bytes=0-1,5-6"), None);
+        assert_eq!(parse_range("items=0-1"), None);
+        assert_eq!(RangeSpec::From(10).resolve(100), Some((10, 100)));
+        assert_eq!(RangeSpec::From(100).resolve(100), None);
+        assert_eq!(RangeSpec::FromTo(90, 500).resolve(100), Some((90, 100)));
+        assert_eq!(RangeSpec::Suffix(500).resolve(100), Some((0, 100)));
+        assert_eq!(RangeSpec::Suffix(0).resolve(100), None);
+    }
+
+    #[test]
+    fn links_point_back_through_regcache() {
+        let up = "</v2/library/alpine/tags/list?last=3.18&n=2>; rel=\"next\"";
+        assert_eq!(
+            client_link(up, "docker.io/library/alpine", None).unwrap(),
+            "</v2/docker.io/library/alpine/tags/list?n=2&last=3.18>; rel=\"next\""
+        );
+        assert_eq!(
+            client_link(up, "library/alpine", Some("docker.io")).unwrap(),
+            "</v2/library/alpine/tags/list?n=2&last=3.18&ns=docker.io>; rel=\"next\""
+        );
+    }
+}

@@ -1,0 +1,154 @@
+//! Request line -> [`Route`]. Repository names contain `/`, so the endpoint is found from the
+//! right. Nothing here is validated beyond its shape; names, tags and digests are checked
+//! by the handlers before they reach anything else.
+
+use http::Method;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v2/`
+    Base,
+    Manifest(String),
+    Blob(String),
+    TagsList,
+    Referrers(String),
+    /// Push endpoints (`blobs/uploads/`): never supported by a pull-through cache.
+    Upload,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub name: String,
+    pub endpoint: Endpoint,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteError {
+    NotFound,
+    MethodNotAllowed,
+}
+
+/// Parses a request path (without query); read methods only.
+pub fn parse(method: &Method, path: &str) -> Result<Route, RouteError> {
+    let route = parse_path(path).ok_or(RouteError::NotFound)?;
+    let read = *method == Method::GET || *method == Method::HEAD;
+    if !read || route.endpoint == Endpoint::Upload {
+        return Err(RouteError::MethodNotAllowed);
+    }
+    Ok(route)
+}
+
+fn parse_path(path: &str) -> Option<Route> {
+    if path == "/v2/" || path == "/v2" {
+        return Some(Route {
+            name: String::new(),
+            endpoint: Endpoint::Base,
+        });
+    }
+    let rest = path.strip_prefix("/v2/")?;
+    let route = |name: &str, endpoint| {
+        (!name.is_empty()).then(|| Route {
+            name: name.to_owned(),
+            endpoint,
+        })
+    };
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return route(name, Endpoint::TagsList);
+    }
+    if let Some(i) = rest.find("/blobs/uploads") {
+        return route(&rest[..i], Endpoint::Upload);
+    }
+    for (marker, make) in [
+        ("/manifests/", Endpoint::Manifest as fn(String) -> Endpoint),
+        ("/blobs/", Endpoint::Blob),
+        ("/referrers/", Endpoint::Referrers),
+    ] {
+        if let Some(i) = rest.rfind(marker) {
+            let last = &rest[i + marker.len()..];
+            if last.is_empty() || last.contains('/') {
+                continue;
+            }
+            return route(&rest[..i], make(last.to_owned()));
+        }
+    }
+    None
+}
+
+/// The value of one query parameter (first occurrence), percent-decoded.
+pub fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == key).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn get(path: &str) -> Result<Route, RouteError> {
+        parse(&Method::GET, path)
+    }
+
+    fn r(name: &str, endpoint: Endpoint) -> Result<Route, RouteError> {
+        Ok(Route {
+            name: name.into(),
+            endpoint,
+        })
+    }
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(get("/v2/"), r("", Endpoint::Base));
+        assert_eq!(get("/v2/library/alpine/manifests/3.19"), r("library/alpine", Endpoint::Manifest("3.19".into())));
+        assert_eq!(get("/v2/docker.io/library/alpine/blobs/sha256:ab"), r("docker.io/library/alpine", Endpoint::Blob("sha256:ab".into())));
+        assert_eq!(get("/v2/a/manifests/b/manifests/c"), r("a/manifests/b", Endpoint::Manifest("c".into())));
+        assert_eq!(get("/v2/org/app/tags/list"), r("org/app", Endpoint::TagsList));
+        assert_eq!(get("/v2/org/app/referrers/sha256:ab"), r("org/app", Endpoint::Referrers("sha256:ab".into())));
+        assert_eq!(get("/v2/org/app/blobs/uploads/"), Err(RouteError::MethodNotAllowed));
+        assert_eq!(parse(&Method::PUT, "/v2/a/manifests/1"), Err(RouteError::MethodNotAllowed));
+        assert_eq!(parse(&Method::DELETE, "/v2/a/blobs/sha256:x"), Err(RouteError::MethodNotAllowed));
+        assert_eq!(get("/v2/a/manifests/"), Err(RouteError::NotFound));
+        assert_eq!(get("/v2//manifests/x"), Err(RouteError::NotFound));
+        assert_eq!(get("/v3/a/manifests/x"), Err(RouteError::NotFound));
+        assert_eq!(get("/metrics"), Err(RouteError::NotFound));
+    }
+
+    #[test]
+    fn query() {
+        assert_eq!(query_param(Some("ns=docker.io&n=2"), "ns").as_deref(), Some("docker.io"));
+        assert_eq!(query_param(Some("ns=registry.lab%3A5000"), "ns").as_deref(), Some("registry.lab:5000"));
+        assert_eq!(query_param(Some("n=2"), "ns"), None);
+        assert_eq!(query_param(None, "ns"), None);
+        assert_eq!(query_param(Some("x=%"), "x").as_deref(), Some("%"));
+        assert_eq!(query_param(Some("x=%4"), "x").as_deref(), Some("%4"));
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(path in "\\PC{0,200}", q in "\\PC{0,50}") {
+            let _ = parse(&Method::GET, &path);
+            let _ = query_param(Some(&q), "ns");
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! The pull-through policy. Digests are immutable: once cached they are served without
+//! asking upstream. Tags are trusted for their upstream's `tag_ttl`, then revalidated with a
+//! HEAD (free on Docker Hub) and fetched again only when the digest changed; if the upstream
+//! cannot be reached, the cached answer is served, marked stale. Blob misses become fills.
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::cache::fill::{FillError, Fills, Opener, Progress, State};
+use crate::cache::tags::{TagKey, TagRecord};
+use crate::cache::{Cache, Manifest};
+use crate::digest::Digest;
+use crate::oci::{self, AcceptSet, Reference};
+use crate::single_flight::SingleFlight;
+use crate::upstream::{self, RouteError, Target, Upstreams};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error("manifest unknown: {0}")]
+    ManifestUnknown(String),
+    #[error("blob unknown: {0}")]
+    BlobUnknown(String),
+    #[error("repository unknown: {0}")]
+    NameUnknown(String),
+    #[error(transparent)]
+    Upstream(#[from] upstream::Error),
+    #[error("upstream {upstream} served bad content: {message}")]
+    BadContent { upstream: String, message: String },
+    #[error("fetching the blob failed: {0}")]
+    Fill(Arc<FillError<upstream::Error>>),
+    #[error("cache storage error: {0}")]
+    Io(Arc<io::Error>),
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Io(Arc::new(e))
+    }
+}
+
+/// Turns an upstream 404 into the error that names what was missing.
+fn not_found(e: upstream::Error, missing: impl FnOnce() -> Error) -> Error {
+    if e.status() == Some(http::StatusCode::NOT_FOUND) {
+        missing()
+    } else {
+        Error::Upstream(e)
+    }
+}
+
+#[derive(Clone)]
+pub struct ManifestAnswer {
+    pub manifest: Arc<Manifest>,
+    /// Served from cache because the upstream could not confirm it.
+    pub stale: bool,
+}
+
+/// A blob to stream: its file and, while it is still being filled, the fill's progress.
+pub struct BlobAnswer {
+    pub file: Arc<File>,
+    pub total: Option<u64>,
+    pub progress: Option<watch::Receiver<Progress<upstream::Error>>>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Flight {
+    Digest(Digest),
+    Tag(TagKey),
+}
+
+pub struct Proxy {
+    pub cache: Arc<Cache>,
+    pub upstreams: Upstreams,
+    fills: Arc<Fills<upstream::Error>>,
+    manifest_flights: SingleFlight<Flight, Result<ManifestAnswer, Error>>,
+}
+
+const FILL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Proxy {
+    pub fn new(cache: Arc<Cache>, upstreams: Upstreams) -> Proxy {
+        let fills = Arc::new(Fills::new(cache.store.clone(), cache.index.clone(), FILL_IDLE_TIMEOUT));
+        Proxy {
+            cache,
+            upstreams,
+            fills,
+            manifest_flights: SingleFlight::default(),
+        }
+    }
+
+    pub fn fills_in_flight(&self) -> usize {
+        self.fills.in_flight()
+    }
+
+    pub async fn manifest(&self, target: &Target, reference: &Reference, accept: AcceptSet) -> Result<ManifestAnswer, Error> {
+        match reference {
+            Reference::Digest(digest) => {
+                if let Some(manifest) = self.cache.manifest(digest) {
+                    return Ok(ManifestAnswer { manifest, stale: false });
+                }
+                self.manifest_flights
+                    .run(Flight::Digest(digest.clone()), || self.fetch_by_digest(target, digest))
+                    .await
+            }
+            Reference::Tag(tag) => {
+                let key = TagKey {
+                    upstream: target.upstream.name.clone(),
+                    repo: target.repo.to_string(),
+                    tag: tag.clone(),
+                    accept: accept.bits(),
+                };
+                if let Some(answer) = self.fresh_tag(&key, target.upstream.tag_ttl) {
+                    return Ok(answer);
+                }
+                self.manifest_flights
+                    .run(Flight::Tag(key.clone()), || self.resolve_tag(target, key, accept))
+                    .await
+            }
+        }
+    }
+
+    fn fresh_tag(&self, key: &TagKey, ttl: Duration) -> Option<ManifestAnswer> {
+        let record = self.cache.tags.get(key)?;
+        if record.age() >= ttl {
+            return None;
+        }
+        let manifest = self.cache.manifest(&record.digest()?)?;
+        Some(ManifestAnswer { manifest, stale: false })
+    }
+
+    async fn fetch_by_digest(&self, target: &Target, digest: &Digest) -> Result<ManifestAnswer, Error> {
+        // Another flight may have stored it while this one queued.
+        if let Some(manifest) = self.cache.manifest(digest) {
+            return Ok(ManifestAnswer { manifest, stale: false });
+        }
+        let up = &target.upstream;
+        let fetched = up
+            .get_manifest(&target.repo, &digest.to_string(), &format!("{}, */*", AcceptSet::ALL.header_value()))
+            .await
+            .map_err(|e| not_found(e, || Error::ManifestUnknown(format!("{}@{digest}", target.repo))))?;
+        let manifest = Arc::new(self.check_manifest(up, fetched, Some(digest))?);
+        self.cache.put_manifest(manifest.clone())?;
+        Ok(ManifestAnswer { manifest, stale: false })
+    }
+
+    async fn resolve_tag(&self, target: &Target, key: TagKey, accept: AcceptSet) -> Result<ManifestAnswer, Error> {
+        let up = &target.upstream;
+        if let Some(answer) = self.fresh_tag(&key, up.tag_ttl) {
+            return Ok(answer);
+        }
+        let accept_header = accept.header_value();
+        let cached = self.cache.tags.get(&key).and_then(|record| {
+            let manifest = self.cache.manifest(&record.digest()?)?;
+            Some((record, manifest))
+        });
+        if let Some((record, manifest)) = cached {
+            match up.head_manifest(&target.repo, &key.tag, &accept_header).await {
+                Ok(head) if head.digest.as_deref() == Some(record.digest.as_str()) => {
+                    if let Err(e) = self.cache.tags.put(record.reconfirmed()) {
+                        tracing::warn!(error = %e, "cannot persist tag revalidation");
+                    }
+                    return Ok(ManifestAnswer { manifest, stale: false });
+                }
+                Ok(_) => {} // moved (or no digest header): fetch it below
+                Err(e) if e.status().is_some_and(|s| s.is_client_error()) => {
+                    return Err(not_found(e, || Error::ManifestUnknown(format!("{}:{}", key.repo, key.tag))));
+                }
+                Err(e) => {
+                    tracing::warn!(upstream = %up.name, repo = %key.repo, tag = %key.tag, error = %e,
+                        "upstream unavailable; serving cached tag");
+                    return Ok(ManifestAnswer { manifest, stale: true });
+                }
+            }
+        }
+        let fetched = up
+            .get_manifest(&target.repo, &key.tag, &accept_header)
+            .await
+            .map_err(|e| not_found(e, || Error::ManifestUnknown(format!("{}:{}", key.repo, key.tag))))?;
+        let manifest = Arc::new(self.check_manifest(up, fetched, None)?);
+        self.cache.put_manifest(manifest.clone())?;
+        let record = TagRecord::new(&key, &manifest.digest, &manifest.media_type, manifest.bytes.len() as u64);
+        if let Err(e) = self.cache.tags.put(record) {
+            tracing::warn!(error = %e, "cannot persist tag mapping");
+        }
+        Ok(ManifestAnswer { manifest, stale: false })
+    }
+
+    /// Checks an upstream manifest: a media type regcache serves (never schema 1) and bytes
+    /// that match the digest asked for, or the upstream's `Docker-Content-Digest`.
+    fn check_manifest(
+        &self,
+        up: &upstream::Upstream,
+        fetched: upstream::client::FetchedManifest,
+        expected: Option<&Digest>,
+    ) -> Result<Manifest, Error> {
+        let bad = |message: String| Error::BadContent {
+            upstream: up.name.clone(),
+            message,
+        };
+        let declared = fetched
+            .content_type
+            .as_deref()
+            .map(|t| t.split(';').next().unwrap_or("").trim().to_owned())
+            .filter(|t| !t.is_empty() && t != "application/json" && t != "text/plain" && t != "application/octet-stream");
+        let media_type = declared
+            .or_else(|| oci::sniff_media_type(&fetched.bytes))
+            .ok_or_else(|| bad("the manifest has no media type".into()))?;
+        if oci::is_schema1(&media_type) {
+            return Err(Error::ManifestUnknown(
+                "the upstream offers only a schema 1 manifest, which regcache does not serve".into(),
+            ));
+        }
+        let digest = match expected {
+            Some(d) if d.matches(&fetched.bytes) => d.clone(),
+            Some(d) => return Err(bad(format!("manifest bytes do not match {d}"))),
+            None => {
+                let computed = Digest::sha256_of(&fetched.bytes);
+                if let Some(header) = &fetched.digest {
+                    match header.parse::<Digest>() {
+                        Ok(h) if h.matches(&fetched.bytes) => {}
+                        _ => return Err(bad(format!("manifest bytes hash to {computed}, not the announced {header}"))),
+                    }
+                }
+                computed
+            }
+        };
+        Ok(Manifest {
+            bytes: fetched.bytes,
+            media_type,
+            digest,
+        })
+    }
+
+    /// A blob to stream: from the cache, or from the fill that fetches it (joined or started).
+    pub async fn blob(&self, target: &Target, digest: &Digest) -> Result<BlobAnswer, Error> {
+        if let Some(answer) = self.cached_blob(digest)? {
+            return Ok(answer);
+        }
+        let joined = self.fills.join(
+            digest,
+            || opener(target, digest),
+            |result| match result {
+                Ok(outcome) => tracing::info!(resumes = outcome.resumes, "fill committed"),
+                Err(e) => tracing::warn!(error = %e, "fill failed"),
+            },
+        )?;
+        let Some(mut fill) = joined else {
+            return self
+                .cached_blob(digest)?
+                .ok_or_else(|| Error::BlobUnknown(digest.to_string()));
+        };
+        let started = fill.started().await;
+        match started.state {
+            State::Failed(e) => Err(fill_error(e, digest)),
+            _ => Ok(BlobAnswer {
+                file: fill.file,
+                total: started.total,
+                progress: Some(fill.progress),
+            }),
+        }
+    }
+
+    fn cached_blob(&self, digest: &Digest) -> Result<Option<BlobAnswer>, Error> {
+        Ok(self.cache.open_blob(digest)?.map(|(file, len)| BlobAnswer {
+            file,
+            total: Some(len),
+            progress: None,
+        }))
+    }
+
+    /// The size of a blob, without fetching it.
+    pub async fn blob_size(&self, target: &Target, digest: &Digest) -> Result<Option<u64>, Error> {
+        if let Some((_, len)) = self.cache.open_blob(digest)? {
+            return Ok(Some(len));
+        }
+        target
+            .upstream
+            .head_blob(&target.repo, digest)
+            .await
+            .map_err(|e| not_found(e, || Error::BlobUnknown(digest.to_string())))
+    }
+
+    pub async fn tags_list(&self, target: &Target, query: &str) -> Result<(Bytes, Option<String>), Error> {
+        target
+            .upstream
+            .tags_list(&target.repo, query)
+            .await
+            .map_err(|e| not_found(e, || Error::NameUnknown(target.repo.to_string())))
+    }
+}
+
+fn fill_error(e: Arc<FillError<upstream::Error>>, digest: &Digest) -> Error {
+    match &*e {
+        FillError::Source(u) if u.status() == Some(http::StatusCode::NOT_FOUND) => Error::BlobUnknown(digest.to_string()),
+        FillError::Source(u) => Error::Upstream(u.clone()),
+        _ => Error::Fill(e),
+    }
+}
+
+fn opener(target: &Target, digest: &Digest) -> Opener<upstream::Error> {
+    let (upstream, repo, digest) = (target.upstream.clone(), target.repo.clone(), digest.clone());
+    Box::new(move |offset| {
+        let (upstream, repo, digest) = (upstream.clone(), repo.clone(), digest.clone());
+        Box::pin(async move { upstream.get_blob(&repo, &digest, offset).await })
+    })
+}

@@ -1,0 +1,7 @@
+//! Upstream registries: the HTTP client and API calls, and the closed routing table.
+
+pub mod client;
+pub mod routing;
+
+pub use client::{Error, Upstream};
+pub use routing::{RouteError, Target, Upstreams};
