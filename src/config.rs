@@ -148,7 +148,10 @@ impl Config {
                 ));
             }
             if self.upstreams[..i].iter().any(|o| o.name == up.name) {
-                return Err(invalid(key("name"), format!("{:?} is listed twice", up.name)));
+                return Err(invalid(
+                    key("name"),
+                    format!("{:?} is listed twice", up.name),
+                ));
             }
             let uri: http::Uri = up
                 .url
@@ -164,7 +167,10 @@ impl Config {
             if up.default {
                 defaults += 1;
                 if defaults > 1 {
-                    return Err(invalid(key("default"), "only one upstream may be the default"));
+                    return Err(invalid(
+                        key("default"),
+                        "only one upstream may be the default",
+                    ));
                 }
             }
         }
@@ -188,7 +194,9 @@ pub fn is_registry_host(s: &str) -> bool {
         && host.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -231,7 +239,12 @@ impl FromStr for ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
         for (unit, size) in UNITS {
             if self.0 >= size && self.0 % size == 0 {
                 return write!(f, "{}{unit}", self.0 / size);
@@ -261,7 +274,9 @@ impl FromStr for HumanDuration {
             }
             let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
             rest = &rest[digits..];
-            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+            let unit_len = rest
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(rest.len());
             let unit = match &rest[..unit_len] {
                 "ms" => Duration::from_millis(n),
                 "s" => Duration::from_secs(n),
@@ -332,7 +347,15 @@ mod tests {
         let names: Vec<_> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
         assert_eq!(
             names,
-            ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io", "gcr.io", "mcr.microsoft.com", "public.ecr.aws"]
+            [
+                "docker.io",
+                "ghcr.io",
+                "quay.io",
+                "registry.k8s.io",
+                "gcr.io",
+                "mcr.microsoft.com",
+                "public.ecr.aws"
+            ]
         );
         let hub = &c.upstreams[0];
         assert!(hub.default && hub.url == "https://registry-1.docker.io");
@@ -349,8 +372,14 @@ mod tests {
         assert_eq!("1.5 KiB".parse::<ByteSize>().unwrap(), ByteSize(1536));
         assert_eq!("500MB".parse::<ByteSize>().unwrap(), ByteSize(500_000_000));
         assert!("12 parsecs".parse::<ByteSize>().is_err());
-        assert_eq!("1h30m".parse::<HumanDuration>().unwrap().0, Duration::from_secs(5400));
-        assert_eq!("250ms".parse::<HumanDuration>().unwrap().0, Duration::from_millis(250));
+        assert_eq!(
+            "1h30m".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(5400)
+        );
+        assert_eq!(
+            "250ms".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(250)
+        );
         assert!("5 minutes".parse::<HumanDuration>().is_err());
         assert!("".parse::<HumanDuration>().is_err());
         assert_eq!(ByteSize(20 << 30).to_string(), "20GiB");
@@ -376,7 +405,13 @@ mod tests {
 
     #[test]
     fn registry_hosts() {
-        for ok in ["docker.io", "localhost", "127.0.0.1:5000", "registry.lab:5000", "a-b.c"] {
+        for ok in [
+            "docker.io",
+            "localhost",
+            "127.0.0.1:5000",
+            "registry.lab:5000",
+            "a-b.c",
+        ] {
             assert!(is_registry_host(ok), "{ok}");
         }
         for bad in ["", "a/b", "-a.io", "a..io", "a.io:", "a.io:123456", "A_B"] {

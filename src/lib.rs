@@ -23,13 +23,21 @@ use proxy::Proxy;
 
 /// Opens the cache (rebuilding its index) and sets up the upstreams.
 pub fn build(config: &Config) -> io::Result<Arc<Proxy>> {
-    let cache = cache::Cache::open(&config.cache.dir, config.cache.max_size.0, config.cache.memory_manifests.0)?;
+    let cache = cache::Cache::open(
+        &config.cache.dir,
+        config.cache.max_size.0,
+        config.cache.memory_manifests.0,
+    )?;
     let upstreams = upstream::Upstreams::new(&config.upstreams, upstream::client::http_client());
     Ok(Arc::new(Proxy::new(Arc::new(cache), upstreams)))
 }
 
 /// Serves the registry API on `listener` until `shutdown` resolves.
-pub async fn run(listener: tokio::net::TcpListener, config: &Config, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    config: &Config,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
     let proxy = build(config)?;
     server::serve(listener, proxy, shutdown).await;
     Ok(())

@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use regcache::Config;
 
 #[derive(Parser)]
-#[command(name = "regcache", version, about = "A pull-through caching proxy for OCI / Docker registries")]
+#[command(
+    name = "regcache",
+    version,
+    about = "A pull-through caching proxy for OCI / Docker registries"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -55,7 +59,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
@@ -76,7 +83,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             print!("{}", config.to_toml());
             Ok(())
         }
-        Command::Serve { config, listen, cache_dir } => {
+        Command::Serve {
+            config,
+            listen,
+            cache_dir,
+        } => {
             let mut config = load(config.as_ref())?;
             if let Some(listen) = listen {
                 config.server.listen = listen;
@@ -87,6 +98,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             config.validate()?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
+                // The cache opens (and cleans up after any crash) before the port is bound.
+                let proxy = regcache::build(&config).with_context(|| {
+                    format!("cannot open cache directory {}", config.cache.dir.display())
+                })?;
                 let listener = tokio::net::TcpListener::bind(config.server.listen)
                     .await
                     .with_context(|| format!("cannot listen on {}", config.server.listen))?;
@@ -96,9 +111,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                     upstreams = config.upstreams.len(),
                     "regcache serving"
                 );
-                regcache::run(listener, &config, shutdown_signal())
-                    .await
-                    .with_context(|| format!("cache directory {}", config.cache.dir.display()))
+                regcache::server::serve(listener, proxy, shutdown_signal()).await;
+                Ok(())
             })
         }
     }
@@ -108,10 +122,11 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return ctrl_c.await.unwrap_or(()),
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},

@@ -85,7 +85,11 @@ const FILL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Proxy {
     pub fn new(cache: Arc<Cache>, upstreams: Upstreams) -> Proxy {
-        let fills = Arc::new(Fills::new(cache.store.clone(), cache.index.clone(), FILL_IDLE_TIMEOUT));
+        let fills = Arc::new(Fills::new(
+            cache.store.clone(),
+            cache.index.clone(),
+            FILL_IDLE_TIMEOUT,
+        ));
         Proxy {
             cache,
             upstreams,
@@ -98,14 +102,24 @@ impl Proxy {
         self.fills.in_flight()
     }
 
-    pub async fn manifest(&self, target: &Target, reference: &Reference, accept: AcceptSet) -> Result<ManifestAnswer, Error> {
+    pub async fn manifest(
+        &self,
+        target: &Target,
+        reference: &Reference,
+        accept: AcceptSet,
+    ) -> Result<ManifestAnswer, Error> {
         match reference {
             Reference::Digest(digest) => {
                 if let Some(manifest) = self.cache.manifest(digest) {
-                    return Ok(ManifestAnswer { manifest, stale: false });
+                    return Ok(ManifestAnswer {
+                        manifest,
+                        stale: false,
+                    });
                 }
                 self.manifest_flights
-                    .run(Flight::Digest(digest.clone()), || self.fetch_by_digest(target, digest))
+                    .run(Flight::Digest(digest.clone()), || {
+                        self.fetch_by_digest(target, digest)
+                    })
                     .await
             }
             Reference::Tag(tag) => {
@@ -119,7 +133,9 @@ impl Proxy {
                     return Ok(answer);
                 }
                 self.manifest_flights
-                    .run(Flight::Tag(key.clone()), || self.resolve_tag(target, key, accept))
+                    .run(Flight::Tag(key.clone()), || {
+                        self.resolve_tag(target, key, accept)
+                    })
                     .await
             }
         }
@@ -131,25 +147,51 @@ impl Proxy {
             return None;
         }
         let manifest = self.cache.manifest(&record.digest()?)?;
-        Some(ManifestAnswer { manifest, stale: false })
+        Some(ManifestAnswer {
+            manifest,
+            stale: false,
+        })
     }
 
-    async fn fetch_by_digest(&self, target: &Target, digest: &Digest) -> Result<ManifestAnswer, Error> {
+    async fn fetch_by_digest(
+        &self,
+        target: &Target,
+        digest: &Digest,
+    ) -> Result<ManifestAnswer, Error> {
         // Another flight may have stored it while this one queued.
         if let Some(manifest) = self.cache.manifest(digest) {
-            return Ok(ManifestAnswer { manifest, stale: false });
+            return Ok(ManifestAnswer {
+                manifest,
+                stale: false,
+            });
         }
         let up = &target.upstream;
         let fetched = up
-            .get_manifest(&target.repo, &digest.to_string(), &format!("{}, */*", AcceptSet::ALL.header_value()))
+            .get_manifest(
+                &target.repo,
+                &digest.to_string(),
+                &format!("{}, */*", AcceptSet::ALL.header_value()),
+            )
             .await
-            .map_err(|e| not_found(e, || Error::ManifestUnknown(format!("{}@{digest}", target.repo))))?;
+            .map_err(|e| {
+                not_found(e, || {
+                    Error::ManifestUnknown(format!("{}@{digest}", target.repo))
+                })
+            })?;
         let manifest = Arc::new(self.check_manifest(up, fetched, Some(digest))?);
         self.cache.put_manifest(manifest.clone())?;
-        Ok(ManifestAnswer { manifest, stale: false })
+        Ok(ManifestAnswer {
+            manifest,
+            stale: false,
+        })
     }
 
-    async fn resolve_tag(&self, target: &Target, key: TagKey, accept: AcceptSet) -> Result<ManifestAnswer, Error> {
+    async fn resolve_tag(
+        &self,
+        target: &Target,
+        key: TagKey,
+        accept: AcceptSet,
+    ) -> Result<ManifestAnswer, Error> {
         let up = &target.upstream;
         if let Some(answer) = self.fresh_tag(&key, up.tag_ttl) {
             return Ok(answer);
@@ -160,35 +202,58 @@ impl Proxy {
             Some((record, manifest))
         });
         if let Some((record, manifest)) = cached {
-            match up.head_manifest(&target.repo, &key.tag, &accept_header).await {
+            match up
+                .head_manifest(&target.repo, &key.tag, &accept_header)
+                .await
+            {
                 Ok(head) if head.digest.as_deref() == Some(record.digest.as_str()) => {
                     if let Err(e) = self.cache.tags.put(record.reconfirmed()) {
                         tracing::warn!(error = %e, "cannot persist tag revalidation");
                     }
-                    return Ok(ManifestAnswer { manifest, stale: false });
+                    return Ok(ManifestAnswer {
+                        manifest,
+                        stale: false,
+                    });
                 }
                 Ok(_) => {} // moved (or no digest header): fetch it below
                 Err(e) if e.status().is_some_and(|s| s.is_client_error()) => {
-                    return Err(not_found(e, || Error::ManifestUnknown(format!("{}:{}", key.repo, key.tag))));
+                    return Err(not_found(e, || {
+                        Error::ManifestUnknown(format!("{}:{}", key.repo, key.tag))
+                    }));
                 }
                 Err(e) => {
                     tracing::warn!(upstream = %up.name, repo = %key.repo, tag = %key.tag, error = %e,
                         "upstream unavailable; serving cached tag");
-                    return Ok(ManifestAnswer { manifest, stale: true });
+                    return Ok(ManifestAnswer {
+                        manifest,
+                        stale: true,
+                    });
                 }
             }
         }
         let fetched = up
             .get_manifest(&target.repo, &key.tag, &accept_header)
             .await
-            .map_err(|e| not_found(e, || Error::ManifestUnknown(format!("{}:{}", key.repo, key.tag))))?;
+            .map_err(|e| {
+                not_found(e, || {
+                    Error::ManifestUnknown(format!("{}:{}", key.repo, key.tag))
+                })
+            })?;
         let manifest = Arc::new(self.check_manifest(up, fetched, None)?);
         self.cache.put_manifest(manifest.clone())?;
-        let record = TagRecord::new(&key, &manifest.digest, &manifest.media_type, manifest.bytes.len() as u64);
+        let record = TagRecord::new(
+            &key,
+            &manifest.digest,
+            &manifest.media_type,
+            manifest.bytes.len() as u64,
+        );
         if let Err(e) = self.cache.tags.put(record) {
             tracing::warn!(error = %e, "cannot persist tag mapping");
         }
-        Ok(ManifestAnswer { manifest, stale: false })
+        Ok(ManifestAnswer {
+            manifest,
+            stale: false,
+        })
     }
 
     /// Checks an upstream manifest: a media type regcache serves (never schema 1) and bytes
@@ -207,13 +272,19 @@ impl Proxy {
             .content_type
             .as_deref()
             .map(|t| t.split(';').next().unwrap_or("").trim().to_owned())
-            .filter(|t| !t.is_empty() && t != "application/json" && t != "text/plain" && t != "application/octet-stream");
+            .filter(|t| {
+                !t.is_empty()
+                    && t != "application/json"
+                    && t != "text/plain"
+                    && t != "application/octet-stream"
+            });
         let media_type = declared
             .or_else(|| oci::sniff_media_type(&fetched.bytes))
             .ok_or_else(|| bad("the manifest has no media type".into()))?;
         if oci::is_schema1(&media_type) {
             return Err(Error::ManifestUnknown(
-                "the upstream offers only a schema 1 manifest, which regcache does not serve".into(),
+                "the upstream offers only a schema 1 manifest, which regcache does not serve"
+                    .into(),
             ));
         }
         let digest = match expected {
@@ -224,7 +295,11 @@ impl Proxy {
                 if let Some(header) = &fetched.digest {
                     match header.parse::<Digest>() {
                         Ok(h) if h.matches(&fetched.bytes) => {}
-                        _ => return Err(bad(format!("manifest bytes hash to {computed}, not the announced {header}"))),
+                        _ => {
+                            return Err(bad(format!(
+                                "manifest bytes hash to {computed}, not the announced {header}"
+                            )))
+                        }
                     }
                 }
                 computed
@@ -286,7 +361,11 @@ impl Proxy {
             .map_err(|e| not_found(e, || Error::BlobUnknown(digest.to_string())))
     }
 
-    pub async fn tags_list(&self, target: &Target, query: &str) -> Result<(Bytes, Option<String>), Error> {
+    pub async fn tags_list(
+        &self,
+        target: &Target,
+        query: &str,
+    ) -> Result<(Bytes, Option<String>), Error> {
         target
             .upstream
             .tags_list(&target.repo, query)
@@ -297,7 +376,9 @@ impl Proxy {
 
 fn fill_error(e: Arc<FillError<upstream::Error>>, digest: &Digest) -> Error {
     match &*e {
-        FillError::Source(u) if u.status() == Some(http::StatusCode::NOT_FOUND) => Error::BlobUnknown(digest.to_string()),
+        FillError::Source(u) if u.status() == Some(http::StatusCode::NOT_FOUND) => {
+            Error::BlobUnknown(digest.to_string())
+        }
         FillError::Source(u) => Error::Upstream(u.clone()),
         _ => Error::Fill(e),
     }

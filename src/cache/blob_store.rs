@@ -101,7 +101,9 @@ impl BlobStore {
                             modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                         }),
                         // Not ours (or a stray directory): never serve it, leave it be.
-                        _ => tracing::warn!(path = %file.path().display(), "ignoring unexpected file in cache"),
+                        _ => {
+                            tracing::warn!(path = %file.path().display(), "ignoring unexpected file in cache")
+                        }
                     }
                 }
             }
@@ -131,7 +133,13 @@ impl BlobStore {
     }
 
     /// Makes a fully written and verified temp file durable and moves it to its final path.
-    pub fn commit(&self, tmp: &Path, file: &File, kind: Kind, digest: &Digest) -> io::Result<PathBuf> {
+    pub fn commit(
+        &self,
+        tmp: &Path,
+        file: &File,
+        kind: Kind,
+        digest: &Digest,
+    ) -> io::Result<PathBuf> {
         file.sync_all()?;
         let dest = self.path(kind, digest);
         let parent = dest.parent().unwrap_or(&self.root);
@@ -197,7 +205,10 @@ mod tests {
 
         let (store, found) = BlobStore::open(dir.path()).unwrap();
         assert_eq!(found.len(), 1);
-        assert_eq!((found[0].kind, &found[0].digest, found[0].size), (Kind::Blob, &d, 5));
+        assert_eq!(
+            (found[0].kind, &found[0].digest, found[0].size),
+            (Kind::Blob, &d, 5)
+        );
         assert_eq!(fs::read_dir(dir.path().join("v1/tmp")).unwrap().count(), 0);
         let (_, len) = store.open_file(Kind::Blob, &d).unwrap().unwrap();
         assert_eq!(len, 5);

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +25,8 @@ use super::blob_store::{BlobStore, Kind};
 use super::index::Index;
 use crate::digest::{Digest, Verifier};
 
-pub type SourceBody = http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+pub type SourceBody =
+    http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// An upstream answer to "send me this blob from byte `offset` on".
 pub struct Source {
@@ -219,7 +220,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
     async fn run(
         &self,
         digest: &Digest,
-        tmp: &PathBuf,
+        tmp: &Path,
         file: &Arc<File>,
         opener: &Opener<E>,
         tx: &watch::Sender<Progress<E>>,
@@ -236,7 +237,9 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         loop {
             let frame = match tokio::time::timeout(self.idle_timeout, source.body.frame()).await {
                 Ok(Some(Ok(frame))) => Ok(frame.into_data().ok()),
-                Ok(None) if total.is_some_and(|t| written < t) => Err("upstream closed early".to_owned()),
+                Ok(None) if total.is_some_and(|t| written < t) => {
+                    Err("upstream closed early".to_owned())
+                }
                 Ok(None) => break,
                 Ok(Some(Err(e))) => Err(e.to_string()),
                 Err(_) => Err(format!("no data for {:?}", self.idle_timeout)),
@@ -295,7 +298,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             self.store.clone(),
             self.index.clone(),
             file.clone(),
-            tmp.clone(),
+            tmp.to_path_buf(),
             digest.clone(),
         );
         tokio::task::spawn_blocking(move || {
@@ -324,7 +327,9 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             tokio::time::sleep(Duration::from_millis(100) * 2u32.pow(*resumes - 1)).await;
             match opener(written).await {
                 Ok(source) if source.offset <= written => return Ok(source),
-                Ok(source) => message = format!("upstream resumed at {} instead of {written}", source.offset),
+                Ok(source) => {
+                    message = format!("upstream resumed at {} instead of {written}", source.offset)
+                }
                 Err(e) => message = e.to_string(),
             }
         }
@@ -378,7 +383,12 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
                 let mut filled = 0;
                 while filled < n {
                     match f.read_at(&mut buf[filled..], pos + filled as u64)? {
-                        0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "cache file is shorter than expected")),
+                        0 => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "cache file is shorter than expected",
+                            ))
+                        }
                         k => filled += k,
                     }
                 }
@@ -400,8 +410,12 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
             return;
         }
         if let Some(rx) = &mut progress {
-            if rx.changed().await.is_err() && !matches!(rx.borrow().state, State::Done | State::Failed(_)) {
-                let _ = tx.send(Err(io::Error::other("fill ended unexpectedly"))).await;
+            if rx.changed().await.is_err()
+                && !matches!(rx.borrow().state, State::Done | State::Failed(_))
+            {
+                let _ = tx
+                    .send(Err(io::Error::other("fill ended unexpectedly")))
+                    .await;
                 return;
             }
         } else {

@@ -52,7 +52,9 @@ impl Index {
                 if cause == RemovalCause::Replaced {
                     return;
                 }
-                let mut gens = listener_generations.lock().unwrap_or_else(|p| p.into_inner());
+                let mut gens = listener_generations
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 if gens.get(&*key) == Some(&entry.generation) {
                     gens.remove(&*key);
                     store.remove(key.0, &key.1);
@@ -140,7 +142,9 @@ mod tests {
     fn put(index: &Index, store: &BlobStore, data: &[u8]) -> Digest {
         let d = Digest::sha256_of(data);
         index
-            .commit(Kind::Blob, &d, data.len() as u64, || store.write_small(Kind::Blob, &d, &[data]))
+            .commit(Kind::Blob, &d, data.len() as u64, || {
+                store.write_small(Kind::Blob, &d, &[data])
+            })
             .unwrap();
         d
     }

@@ -48,7 +48,9 @@ impl Cache {
         let tags = TagStore::new(store.root());
         let manifests = moka::sync::Cache::builder()
             .max_capacity(memory_manifest_bytes)
-            .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len() + m.media_type.len()).unwrap_or(u32::MAX))
+            .weigher(|_, m: &Arc<Manifest>| {
+                u32::try_from(m.bytes.len() + m.media_type.len()).unwrap_or(u32::MAX)
+            })
             .build();
         Ok(Cache {
             store,

@@ -101,7 +101,11 @@ impl TagStore {
 
     fn path(&self, key: &TagKey) -> PathBuf {
         let id = Digest::sha256_of(
-            format!("{}\n{}\n{}\n{}", key.upstream, key.repo, key.tag, key.accept).as_bytes(),
+            format!(
+                "{}\n{}\n{}\n{}",
+                key.upstream, key.repo, key.tag, key.accept
+            )
+            .as_bytes(),
         );
         let hex = id.hex();
         self.dir.join(&hex[..2]).join(format!("{hex}.json"))
@@ -163,7 +167,12 @@ mod tests {
         };
         let d = Digest::sha256_of(b"m");
         TagStore::new(dir.path())
-            .put(TagRecord::new(&key, &d, "application/vnd.oci.image.index.v1+json", 1))
+            .put(TagRecord::new(
+                &key,
+                &d,
+                "application/vnd.oci.image.index.v1+json",
+                1,
+            ))
             .unwrap();
         let again = TagStore::new(dir.path());
         let r = again.get(&key).unwrap();

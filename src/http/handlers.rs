@@ -4,7 +4,9 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use http::header::{ACCEPT, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LINK, RANGE};
+use http::header::{
+    ACCEPT, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LINK, RANGE,
+};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 
 use super::body::Body;
@@ -24,7 +26,9 @@ pub const STALE: HeaderName = HeaderName::from_static("x-regcache-stale");
 
 /// Serves one request; every failure becomes an OCI error response, never a panic.
 pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Result<Response<Body>, Infallible> {
-    let mut resp = dispatch(&proxy, &req).await.unwrap_or_else(ApiError::into_response);
+    let mut resp = dispatch(&proxy, &req)
+        .await
+        .unwrap_or_else(ApiError::into_response);
     resp.headers_mut()
         .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
     if req.method() == Method::HEAD {
@@ -35,7 +39,9 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Result<Response<Bo
 
 async fn dispatch<B>(proxy: &Proxy, req: &Request<B>) -> Result<Response<Body>, ApiError> {
     let route = routes::parse(req.method(), req.uri().path()).map_err(|e| match e {
-        routes::RouteError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint"),
+        routes::RouteError::NotFound => {
+            ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint")
+        }
         routes::RouteError::MethodNotAllowed => ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "UNSUPPORTED",
@@ -53,15 +59,20 @@ async fn dispatch<B>(proxy: &Proxy, req: &Request<B>) -> Result<Response<Body>, 
         .map_err(proxy::Error::from)?;
     let head = req.method() == Method::HEAD;
     let mut resp = match route.endpoint {
-        Endpoint::Manifest(reference) => manifest(proxy, &target, &reference, req.headers()).await?,
-        Endpoint::Blob(digest) => blob(proxy, &target, &parse_digest(&digest)?, req.headers(), head).await?,
+        Endpoint::Manifest(reference) => {
+            manifest(proxy, &target, &reference, req.headers()).await?
+        }
+        Endpoint::Blob(digest) => {
+            blob(proxy, &target, &parse_digest(&digest)?, req.headers(), head).await?
+        }
         Endpoint::TagsList => tags_list(proxy, &target, &route.name, ns.as_deref(), query).await?,
-        Endpoint::Referrers(_) => {
+        Endpoint::Referrers(digest) => {
+            parse_digest(&digest)?;
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "UNSUPPORTED",
                 "the referrers API is not proxied yet; use the sha256-<hex> tag schema",
-            ))
+            ));
         }
         Endpoint::Base | Endpoint::Upload => unreachable_route(),
     };
@@ -76,8 +87,9 @@ fn unreachable_route() -> Response<Body> {
 }
 
 fn parse_digest(s: &str) -> Result<Digest, ApiError> {
-    s.parse()
-        .map_err(|e: crate::digest::InvalidDigest| ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", e.to_string()))
+    s.parse().map_err(|e: crate::digest::InvalidDigest| {
+        ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", e.to_string())
+    })
 }
 
 fn json_response(body: Vec<u8>) -> Response<Body> {
@@ -89,15 +101,33 @@ fn json_response(body: Vec<u8>) -> Response<Body> {
     resp
 }
 
-async fn manifest(proxy: &Proxy, target: &Target, reference: &str, headers: &HeaderMap) -> Result<Response<Body>, ApiError> {
+async fn manifest(
+    proxy: &Proxy,
+    target: &Target,
+    reference: &str,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, ApiError> {
     let reference = Reference::parse(reference).ok_or_else(|| {
         if reference.contains(':') {
-            ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", format!("invalid digest {reference:?}"))
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "DIGEST_INVALID",
+                format!("invalid digest {reference:?}"),
+            )
         } else {
-            ApiError::new(StatusCode::BAD_REQUEST, "TAG_INVALID", format!("invalid tag {reference:?}"))
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "TAG_INVALID",
+                format!("invalid tag {reference:?}"),
+            )
         }
     })?;
-    let accept = AcceptSet::from_headers(headers.get_all(ACCEPT).iter().filter_map(|v| v.to_str().ok()));
+    let accept = AcceptSet::from_headers(
+        headers
+            .get_all(ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
     let answer = proxy.manifest(target, &reference, accept).await?;
     let m = &answer.manifest;
     let mut resp = Response::new(Body::full(m.bytes.clone()));
@@ -118,12 +148,21 @@ fn digest_header(d: &Digest) -> HeaderValue {
     HeaderValue::from_str(&d.to_string()).unwrap_or(HeaderValue::from_static(""))
 }
 
-async fn blob(proxy: &Proxy, target: &Target, digest: &Digest, headers: &HeaderMap, head: bool) -> Result<Response<Body>, ApiError> {
+async fn blob(
+    proxy: &Proxy,
+    target: &Target,
+    digest: &Digest,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response<Body>, ApiError> {
     let mut resp = Response::new(Body::empty());
     let h = resp.headers_mut();
     h.insert(DOCKER_CONTENT_DIGEST, digest_header(digest));
     h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     if head {
         if let Some(len) = proxy.blob_size(target, digest).await? {
             resp.headers_mut().insert(CONTENT_LENGTH, len.into());
@@ -139,7 +178,9 @@ async fn blob(proxy: &Proxy, target: &Target, digest: &Digest, headers: &HeaderM
         // Upstream sent no length: a range can only be placed once the fill is done.
         if let Some(progress) = &mut answer.progress {
             let _ = progress
-                .wait_for(|p| p.total.is_some() || matches!(p.state, crate::cache::fill::State::Failed(_)))
+                .wait_for(|p| {
+                    p.total.is_some() || matches!(p.state, crate::cache::fill::State::Failed(_))
+                })
                 .await;
             answer.total = progress.borrow().total;
         }
@@ -149,8 +190,10 @@ async fn blob(proxy: &Proxy, target: &Target, digest: &Digest, headers: &HeaderM
             Some((start, end)) => {
                 *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
                 let value = format!("bytes {start}-{}/{total}", end - 1);
-                resp.headers_mut()
-                    .insert(CONTENT_RANGE, HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("")));
+                resp.headers_mut().insert(
+                    CONTENT_RANGE,
+                    HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("")),
+                );
                 (start, Some(end))
             }
             None => {
@@ -161,15 +204,18 @@ async fn blob(proxy: &Proxy, target: &Target, digest: &Digest, headers: &HeaderM
                 )
                 .into_response();
                 let value = format!("bytes */{total}");
-                err.headers_mut()
-                    .insert(CONTENT_RANGE, HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("")));
+                err.headers_mut().insert(
+                    CONTENT_RANGE,
+                    HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("")),
+                );
                 return Ok(err);
             }
         },
         (_, total) => (0, total),
     };
     if let Some(end) = end {
-        resp.headers_mut().insert(CONTENT_LENGTH, (end - start).into());
+        resp.headers_mut()
+            .insert(CONTENT_LENGTH, (end - start).into());
     }
     let (tx, body) = Body::channel();
     tokio::spawn(stream_file(answer.file, start, end, answer.progress, tx));
@@ -226,10 +272,18 @@ async fn tags_list(
     let n = query_param(query, "n");
     let last = query_param(query, "last");
     if n.as_deref().is_some_and(|n| n.parse::<u32>().is_err()) {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID", "n must be a number"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "PAGINATION_NUMBER_INVALID",
+            "n must be a number",
+        ));
     }
     if last.as_deref().is_some_and(|l| !oci::is_valid_tag(l)) {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "TAG_INVALID", "last must be a tag"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "TAG_INVALID",
+            "last must be a tag",
+        ));
     }
     let upstream_query = pagination_query(n.as_deref(), last.as_deref());
     let (body, link) = proxy.tags_list(target, &upstream_query).await?;

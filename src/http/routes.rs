@@ -120,14 +120,41 @@ mod tests {
     #[test]
     fn endpoints() {
         assert_eq!(get("/v2/"), r("", Endpoint::Base));
-        assert_eq!(get("/v2/library/alpine/manifests/3.19"), r("library/alpine", Endpoint::Manifest("3.19".into())));
-        assert_eq!(get("/v2/docker.io/library/alpine/blobs/sha256:ab"), r("docker.io/library/alpine", Endpoint::Blob("sha256:ab".into())));
-        assert_eq!(get("/v2/a/manifests/b/manifests/c"), r("a/manifests/b", Endpoint::Manifest("c".into())));
-        assert_eq!(get("/v2/org/app/tags/list"), r("org/app", Endpoint::TagsList));
-        assert_eq!(get("/v2/org/app/referrers/sha256:ab"), r("org/app", Endpoint::Referrers("sha256:ab".into())));
-        assert_eq!(get("/v2/org/app/blobs/uploads/"), Err(RouteError::MethodNotAllowed));
-        assert_eq!(parse(&Method::PUT, "/v2/a/manifests/1"), Err(RouteError::MethodNotAllowed));
-        assert_eq!(parse(&Method::DELETE, "/v2/a/blobs/sha256:x"), Err(RouteError::MethodNotAllowed));
+        assert_eq!(
+            get("/v2/library/alpine/manifests/3.19"),
+            r("library/alpine", Endpoint::Manifest("3.19".into()))
+        );
+        assert_eq!(
+            get("/v2/docker.io/library/alpine/blobs/sha256:ab"),
+            r(
+                "docker.io/library/alpine",
+                Endpoint::Blob("sha256:ab".into())
+            )
+        );
+        assert_eq!(
+            get("/v2/a/manifests/b/manifests/c"),
+            r("a/manifests/b", Endpoint::Manifest("c".into()))
+        );
+        assert_eq!(
+            get("/v2/org/app/tags/list"),
+            r("org/app", Endpoint::TagsList)
+        );
+        assert_eq!(
+            get("/v2/org/app/referrers/sha256:ab"),
+            r("org/app", Endpoint::Referrers("sha256:ab".into()))
+        );
+        assert_eq!(
+            get("/v2/org/app/blobs/uploads/"),
+            Err(RouteError::MethodNotAllowed)
+        );
+        assert_eq!(
+            parse(&Method::PUT, "/v2/a/manifests/1"),
+            Err(RouteError::MethodNotAllowed)
+        );
+        assert_eq!(
+            parse(&Method::DELETE, "/v2/a/blobs/sha256:x"),
+            Err(RouteError::MethodNotAllowed)
+        );
         assert_eq!(get("/v2/a/manifests/"), Err(RouteError::NotFound));
         assert_eq!(get("/v2//manifests/x"), Err(RouteError::NotFound));
         assert_eq!(get("/v3/a/manifests/x"), Err(RouteError::NotFound));
@@ -136,8 +163,14 @@ mod tests {
 
     #[test]
     fn query() {
-        assert_eq!(query_param(Some("ns=docker.io&n=2"), "ns").as_deref(), Some("docker.io"));
-        assert_eq!(query_param(Some("ns=registry.lab%3A5000"), "ns").as_deref(), Some("registry.lab:5000"));
+        assert_eq!(
+            query_param(Some("ns=docker.io&n=2"), "ns").as_deref(),
+            Some("docker.io")
+        );
+        assert_eq!(
+            query_param(Some("ns=registry.lab%3A5000"), "ns").as_deref(),
+            Some("registry.lab:5000")
+        );
         assert_eq!(query_param(Some("n=2"), "ns"), None);
         assert_eq!(query_param(None, "ns"), None);
         assert_eq!(query_param(Some("x=%"), "x").as_deref(), Some("%"));

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderName, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LINK, LOCATION, RANGE};
+use http::header::{
+    HeaderName, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LINK, LOCATION,
+    RANGE,
+};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Incoming;
@@ -60,10 +63,12 @@ pub fn http_client() -> HttpClient {
     let native = rustls_native_certs::load_native_certs();
     let (added, _ignored) = roots.add_parsable_certificates(native.certs);
     tracing::debug!(native_roots = added, "TLS roots loaded");
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-        .unwrap_or_else(|e| panic!("ring supports the default TLS versions: {e}"));
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+    .unwrap_or_else(|e| panic!("ring supports the default TLS versions: {e}"));
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(CONNECT_TIMEOUT));
@@ -101,7 +106,10 @@ pub struct Upstream {
 }
 
 fn header_str(headers: &HeaderMap, name: HeaderName) -> Option<String> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 impl Upstream {
@@ -129,7 +137,12 @@ impl Upstream {
     }
 
     /// Sends one request, following redirects; any answer but 2xx becomes an error.
-    async fn send(&self, method: Method, path: &str, headers: &[(HeaderName, String)]) -> Result<Response<Incoming>, Error> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(HeaderName, String)],
+    ) -> Result<Response<Incoming>, Error> {
         let mut url: Uri = format!("{}{}", self.base, path)
             .parse()
             .map_err(|e| self.protocol(format!("bad URL: {e}")))?;
@@ -158,8 +171,10 @@ impl Upstream {
             };
             let status = resp.status();
             if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
-                let location = header_str(resp.headers(), LOCATION).ok_or_else(|| self.protocol("redirect without Location"))?;
-                url = resolve(&url, &location).ok_or_else(|| self.protocol(format!("bad redirect Location {location:?}")))?;
+                let location = header_str(resp.headers(), LOCATION)
+                    .ok_or_else(|| self.protocol("redirect without Location"))?;
+                url = resolve(&url, &location)
+                    .ok_or_else(|| self.protocol(format!("bad redirect Location {location:?}")))?;
                 continue;
             }
             if !status.is_success() {
@@ -175,11 +190,21 @@ impl Upstream {
         Err(self.protocol(format!("more than {MAX_REDIRECTS} redirects")))
     }
 
-    pub async fn get_manifest(&self, repo: &RepoName, reference: &str, accept: &str) -> Result<FetchedManifest, Error> {
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+        accept: &str,
+    ) -> Result<FetchedManifest, Error> {
         let path = format!("/v2/{repo}/manifests/{reference}");
-        let resp = self.send(Method::GET, &path, &[(ACCEPT, accept.to_owned())]).await?;
+        let resp = self
+            .send(Method::GET, &path, &[(ACCEPT, accept.to_owned())])
+            .await?;
         let content_type = header_str(resp.headers(), CONTENT_TYPE);
-        let digest = header_str(resp.headers(), HeaderName::from_static("docker-content-digest"));
+        let digest = header_str(
+            resp.headers(),
+            HeaderName::from_static("docker-content-digest"),
+        );
         let bytes = read_small(resp, &self.name).await?;
         Ok(FetchedManifest {
             bytes,
@@ -188,9 +213,16 @@ impl Upstream {
         })
     }
 
-    pub async fn head_manifest(&self, repo: &RepoName, reference: &str, accept: &str) -> Result<ManifestHead, Error> {
+    pub async fn head_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+        accept: &str,
+    ) -> Result<ManifestHead, Error> {
         let path = format!("/v2/{repo}/manifests/{reference}");
-        let resp = self.send(Method::HEAD, &path, &[(ACCEPT, accept.to_owned())]).await?;
+        let resp = self
+            .send(Method::HEAD, &path, &[(ACCEPT, accept.to_owned())])
+            .await?;
         let h = resp.headers();
         Ok(ManifestHead {
             digest: header_str(h, HeaderName::from_static("docker-content-digest")),
@@ -200,7 +232,12 @@ impl Upstream {
     }
 
     /// Opens a blob from byte `offset` on, for a fill.
-    pub async fn get_blob(&self, repo: &RepoName, digest: &Digest, offset: u64) -> Result<Source, Error> {
+    pub async fn get_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<Source, Error> {
         let path = format!("/v2/{repo}/blobs/{digest}");
         let mut headers = Vec::new();
         if offset > 0 {
@@ -221,7 +258,9 @@ impl Upstream {
         } else {
             (0, length)
         };
-        let body = resp.into_body().map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
+        let body = resp
+            .into_body()
+            .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
         Ok(Source {
             total,
             offset: start,
@@ -230,12 +269,18 @@ impl Upstream {
     }
 
     pub async fn head_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, Error> {
-        let resp = self.send(Method::HEAD, &format!("/v2/{repo}/blobs/{digest}"), &[]).await?;
+        let resp = self
+            .send(Method::HEAD, &format!("/v2/{repo}/blobs/{digest}"), &[])
+            .await?;
         Ok(header_str(resp.headers(), CONTENT_LENGTH).and_then(|v| v.parse().ok()))
     }
 
     /// `tags/list` with the client's `n`/`last`; returns the body and the upstream's `Link`.
-    pub async fn tags_list(&self, repo: &RepoName, query: &str) -> Result<(Bytes, Option<String>), Error> {
+    pub async fn tags_list(
+        &self,
+        repo: &RepoName,
+        query: &str,
+    ) -> Result<(Bytes, Option<String>), Error> {
         let mut path = format!("/v2/{repo}/tags/list");
         if !query.is_empty() {
             path.push('?');
@@ -299,12 +344,19 @@ mod tests {
 
     #[test]
     fn redirect_resolution() {
-        let base: Uri = "https://registry-1.docker.io/v2/library/alpine/blobs/sha256:x".parse().unwrap();
+        let base: Uri = "https://registry-1.docker.io/v2/library/alpine/blobs/sha256:x"
+            .parse()
+            .unwrap();
         assert_eq!(
-            resolve(&base, "https://cdn.example/abc?sig=1").unwrap().to_string(),
+            resolve(&base, "https://cdn.example/abc?sig=1")
+                .unwrap()
+                .to_string(),
             "https://cdn.example/abc?sig=1"
         );
-        assert_eq!(resolve(&base, "/other/path").unwrap().to_string(), "https://registry-1.docker.io/other/path");
+        assert_eq!(
+            resolve(&base, "/other/path").unwrap().to_string(),
+            "https://registry-1.docker.io/other/path"
+        );
         assert!(resolve(&base, "ftp://x/y").is_none());
         assert!(resolve(&base, "relative").is_none());
     }

@@ -32,7 +32,11 @@ pub struct Target {
 }
 
 const DOCKER_HUB: &str = "docker.io";
-const DOCKER_HUB_ALIASES: [&str; 3] = ["index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"];
+const DOCKER_HUB_ALIASES: [&str; 3] = [
+    "index.docker.io",
+    "registry-1.docker.io",
+    "registry.hub.docker.com",
+];
 
 fn looks_like_host(segment: &str) -> bool {
     segment.contains('.') || segment.contains(':') || segment == "localhost"
@@ -63,23 +67,31 @@ impl Upstreams {
     /// Routes `name` (the path between `/v2/` and the endpoint) given the request's `ns`.
     pub fn route(&self, ns: Option<&str>, name: &str) -> Result<Target, RouteError> {
         let (upstream, repo) = if let Some(ns) = ns {
-            let up = self.find(ns).ok_or_else(|| RouteError::UnknownUpstream(ns.to_owned()))?;
+            let up = self
+                .find(ns)
+                .ok_or_else(|| RouteError::UnknownUpstream(ns.to_owned()))?;
             (up, name)
         } else {
             match name.split_once('/') {
                 Some((first, rest)) if self.find(first).is_some() || looks_like_host(first) => {
-                    let up = self.find(first).ok_or_else(|| RouteError::UnknownUpstream(first.to_owned()))?;
+                    let up = self
+                        .find(first)
+                        .ok_or_else(|| RouteError::UnknownUpstream(first.to_owned()))?;
                     (up, rest)
                 }
                 _ => {
-                    let up = self.default.map(|i| &self.list[i]).ok_or(RouteError::NoDefault)?;
+                    let up = self
+                        .default
+                        .map(|i| &self.list[i])
+                        .ok_or(RouteError::NoDefault)?;
                     (up, name)
                 }
             }
         };
         let repo = RepoName::parse(repo).ok_or_else(|| RouteError::NameInvalid(name.to_owned()))?;
         let repo = if upstream.name == DOCKER_HUB && repo.segments() == 1 {
-            RepoName::parse(&format!("library/{repo}")).ok_or_else(|| RouteError::NameInvalid(name.to_owned()))?
+            RepoName::parse(&format!("library/{repo}"))
+                .ok_or_else(|| RouteError::NameInvalid(name.to_owned()))?
         } else {
             repo
         };
@@ -118,24 +130,60 @@ mod tests {
 
     #[tokio::test]
     async fn three_client_styles() {
-        assert_eq!(routed(Some("docker.io"), "library/alpine"), ok("docker.io", "library/alpine"));
+        assert_eq!(
+            routed(Some("docker.io"), "library/alpine"),
+            ok("docker.io", "library/alpine")
+        );
         assert_eq!(routed(Some("ghcr.io"), "org/app"), ok("ghcr.io", "org/app"));
-        assert_eq!(routed(None, "docker.io/library/alpine"), ok("docker.io", "library/alpine"));
-        assert_eq!(routed(None, "docker.io/alpine"), ok("docker.io", "library/alpine"));
+        assert_eq!(
+            routed(None, "docker.io/library/alpine"),
+            ok("docker.io", "library/alpine")
+        );
+        assert_eq!(
+            routed(None, "docker.io/alpine"),
+            ok("docker.io", "library/alpine")
+        );
         assert_eq!(routed(None, "ghcr.io/org/app"), ok("ghcr.io", "org/app"));
-        assert_eq!(routed(None, "registry.lab:5000/team/app"), ok("registry.lab:5000", "team/app"));
+        assert_eq!(
+            routed(None, "registry.lab:5000/team/app"),
+            ok("registry.lab:5000", "team/app")
+        );
         assert_eq!(routed(None, "alpine"), ok("docker.io", "library/alpine"));
-        assert_eq!(routed(None, "bitnami/redis"), ok("docker.io", "bitnami/redis"));
-        assert_eq!(routed(Some("index.docker.io"), "library/alpine"), ok("docker.io", "library/alpine"));
+        assert_eq!(
+            routed(None, "bitnami/redis"),
+            ok("docker.io", "bitnami/redis")
+        );
+        assert_eq!(
+            routed(Some("index.docker.io"), "library/alpine"),
+            ok("docker.io", "library/alpine")
+        );
     }
 
     #[tokio::test]
     async fn unknown_registries_are_refused() {
-        assert_eq!(routed(Some("evil.example"), "a/b"), Err(RouteError::UnknownUpstream("evil.example".into())));
-        assert_eq!(routed(None, "evil.example/a/b"), Err(RouteError::UnknownUpstream("evil.example".into())));
-        assert_eq!(routed(None, "localhost/a"), Err(RouteError::UnknownUpstream("localhost".into())));
-        assert_eq!(routed(None, "127.0.0.1:22/a"), Err(RouteError::UnknownUpstream("127.0.0.1:22".into())));
-        assert!(matches!(routed(None, "Bad/Name"), Err(RouteError::NameInvalid(_))));
-        assert!(matches!(routed(Some("docker.io"), "a/../b"), Err(RouteError::NameInvalid(_))));
+        assert_eq!(
+            routed(Some("evil.example"), "a/b"),
+            Err(RouteError::UnknownUpstream("evil.example".into()))
+        );
+        assert_eq!(
+            routed(None, "evil.example/a/b"),
+            Err(RouteError::UnknownUpstream("evil.example".into()))
+        );
+        assert_eq!(
+            routed(None, "localhost/a"),
+            Err(RouteError::UnknownUpstream("localhost".into()))
+        );
+        assert_eq!(
+            routed(None, "127.0.0.1:22/a"),
+            Err(RouteError::UnknownUpstream("127.0.0.1:22".into()))
+        );
+        assert!(matches!(
+            routed(None, "Bad/Name"),
+            Err(RouteError::NameInvalid(_))
+        ));
+        assert!(matches!(
+            routed(Some("docker.io"), "a/../b"),
+            Err(RouteError::NameInvalid(_))
+        ));
     }
 }

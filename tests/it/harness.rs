@@ -1,0 +1,190 @@
+//! Test harness: regcache in-process on 127.0.0.1:0 with a temp cache dir, and a small HTTP
+//! client that reports a cut-short body as an error instead of hiding it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::oneshot;
+
+/// A running regcache. Dropping it stops the server.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// One `[[upstream]]` table.
+pub fn upstream_toml(name: &str, url: &str, default: bool, tag_ttl: &str) -> String {
+    format!("[[upstream]]\nname = \"{name}\"\nurl = \"{url}\"\ndefault = {default}\ntag_ttl = \"{tag_ttl}\"\n")
+}
+
+impl TestProxy {
+    /// Starts regcache with cache dir `dir`, a disk budget, and the given upstream tables.
+    pub async fn start(dir: &Path, max_size: &str, upstreams: &str) -> TestProxy {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[cache]\ndir = \"{}\"\nmax_size = \"{max_size}\"\n{upstreams}",
+            dir.display()
+        );
+        let config = regcache::Config::from_toml(&text).expect("test config is valid");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let proxy = regcache::build(&config).expect("cache opens");
+        let task = tokio::spawn(async move {
+            regcache::server::serve(listener, proxy, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        TestProxy {
+            addr,
+            dir: dir.to_owned(),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops the server and waits for it to finish.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// An HTTP answer; `body` is `Err` when the body was cut short or the connection broke.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Result<Bytes, String>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn bytes(&self) -> &Bytes {
+        self.body.as_ref().expect("complete body")
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(self.bytes()).expect("JSON body")
+    }
+    /// The OCI error code of an error answer.
+    pub fn error_code(&self) -> String {
+        self.json()["errors"][0]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+fn client() -> Client<HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http()
+}
+
+/// Sends a request and returns as soon as the response headers are in.
+pub async fn open(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> http::Response<hyper::body::Incoming> {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    client()
+        .request(req.body(Empty::new()).expect("request"))
+        .await
+        .expect("response headers")
+}
+
+pub async fn request(method: Method, url: &str, headers: &[(&str, &str)]) -> Reply {
+    let (parts, body) = open(method, url, headers).await.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| e.to_string());
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(url: &str) -> Reply {
+    request(Method::GET, url, &[]).await
+}
+
+pub async fn get_with(url: &str, headers: &[(&str, &str)]) -> Reply {
+    request(Method::GET, url, headers).await
+}
+
+pub async fn head(url: &str) -> Reply {
+    request(Method::HEAD, url, &[]).await
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so tests need no RNG crate.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    regcache::digest::Digest::sha256_of(bytes).to_string()
+}
+
+/// Files under `dir` (recursively), for asserting what the cache holds.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}

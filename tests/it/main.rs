@@ -1,0 +1,9 @@
+//! The one integration-test binary: regcache in-process against a fake upstream (faults,
+//! counts) and against the real docker-registry with skopeo and containerd's ctr.
+
+mod core_pull;
+mod fake_upstream;
+mod faults;
+mod harness;
+mod peers;
+mod real_peers;

@@ -1,0 +1,1 @@
+//! Real-peer tests: being written.
