@@ -15,10 +15,7 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../config.example.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config: {0}")]
     Parse(String),
     #[error("invalid config: key `{key}`: {message}")]
@@ -38,6 +35,8 @@ pub struct Config {
     #[serde(default)]
     pub server: ServerConfig,
     #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
     pub cache: CacheConfig,
     #[serde(default, rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
@@ -55,6 +54,29 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: default_listen(),
         }
+    }
+}
+
+/// The admin listener: `/metrics`, `/healthz`, `/readyz`, on a port of its own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `""` turns the admin listener off.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+impl AdminConfig {
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.listen.parse().ok()
     }
 }
 
@@ -92,6 +114,9 @@ pub struct UpstreamConfig {
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 5000))
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".to_owned()
 }
 fn default_cache_dir() -> PathBuf {
     PathBuf::from("./regcache-data")
@@ -132,6 +157,12 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), Error> {
+        if !self.admin.listen.is_empty() && self.admin.addr().is_none() {
+            return Err(invalid(
+                "admin.listen",
+                format!("{:?} is not an address like \"127.0.0.1:9090\"", self.admin.listen),
+            ));
+        }
         if self.cache.max_size.0 < 1024 * 1024 {
             return Err(invalid("cache.max_size", "must be at least 1MiB"));
         }
@@ -144,14 +175,14 @@ impl Config {
             if !is_registry_host(&up.name) {
                 return Err(invalid(
                     key("name"),
-                    format!("{:?} is not a registry host name like \"ghcr.io\" or \"registry.lab:5000\"", up.name),
+                    format!(
+                        "{:?} is not a registry host name like \"ghcr.io\" or \"registry.lab:5000\"",
+                        up.name
+                    ),
                 ));
             }
             if self.upstreams[..i].iter().any(|o| o.name == up.name) {
-                return Err(invalid(
-                    key("name"),
-                    format!("{:?} is listed twice", up.name),
-                ));
+                return Err(invalid(key("name"), format!("{:?} is listed twice", up.name)));
             }
             let uri: http::Uri = up
                 .url
@@ -167,10 +198,7 @@ impl Config {
             if up.default {
                 defaults += 1;
                 if defaults > 1 {
-                    return Err(invalid(
-                        key("default"),
-                        "only one upstream may be the default",
-                    ));
+                    return Err(invalid(key("default"), "only one upstream may be the default"));
                 }
             }
         }
@@ -194,9 +222,7 @@ pub fn is_registry_host(s: &str) -> bool {
         && host.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -210,13 +236,9 @@ impl FromStr for ByteSize {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(s.len());
+        let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
         let (num, unit) = (s[..split].trim(), s[split..].trim());
-        let value: f64 = num
-            .parse()
-            .map_err(|_| format!("{s:?} is not a size like \"20GiB\""))?;
+        let value: f64 = num.parse().map_err(|_| format!("{s:?} is not a size like \"20GiB\""))?;
         let mult: u64 = match unit.to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "kb" | "k" => 1_000,
@@ -239,12 +261,7 @@ impl FromStr for ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(&str, u64); 4] = [
-            ("TiB", 1 << 40),
-            ("GiB", 1 << 30),
-            ("MiB", 1 << 20),
-            ("KiB", 1 << 10),
-        ];
+        const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
         for (unit, size) in UNITS {
             if self.0 >= size && self.0 % size == 0 {
                 return write!(f, "{}{unit}", self.0 / size);
@@ -274,9 +291,7 @@ impl FromStr for HumanDuration {
             }
             let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
             rest = &rest[digits..];
-            let unit_len = rest
-                .find(|c: char| c.is_ascii_digit())
-                .unwrap_or(rest.len());
+            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
             let unit = match &rest[..unit_len] {
                 "ms" => Duration::from_millis(n),
                 "s" => Duration::from_secs(n),
@@ -372,14 +387,8 @@ mod tests {
         assert_eq!("1.5 KiB".parse::<ByteSize>().unwrap(), ByteSize(1536));
         assert_eq!("500MB".parse::<ByteSize>().unwrap(), ByteSize(500_000_000));
         assert!("12 parsecs".parse::<ByteSize>().is_err());
-        assert_eq!(
-            "1h30m".parse::<HumanDuration>().unwrap().0,
-            Duration::from_secs(5400)
-        );
-        assert_eq!(
-            "250ms".parse::<HumanDuration>().unwrap().0,
-            Duration::from_millis(250)
-        );
+        assert_eq!("1h30m".parse::<HumanDuration>().unwrap().0, Duration::from_secs(5400));
+        assert_eq!("250ms".parse::<HumanDuration>().unwrap().0, Duration::from_millis(250));
         assert!("5 minutes".parse::<HumanDuration>().is_err());
         assert!("".parse::<HumanDuration>().is_err());
         assert_eq!(ByteSize(20 << 30).to_string(), "20GiB");
@@ -405,13 +414,7 @@ mod tests {
 
     #[test]
     fn registry_hosts() {
-        for ok in [
-            "docker.io",
-            "localhost",
-            "127.0.0.1:5000",
-            "registry.lab:5000",
-            "a-b.c",
-        ] {
+        for ok in ["docker.io", "localhost", "127.0.0.1:5000", "registry.lab:5000", "a-b.c"] {
             assert!(is_registry_host(ok), "{ok}");
         }
         for bad in ["", "a/b", "-a.io", "a..io", "a.io:", "a.io:123456", "A_B"] {

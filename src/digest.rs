@@ -70,9 +70,7 @@ impl FromStr for Digest {
             "sha512" => Algorithm::Sha512,
             _ => return Err(bad()),
         };
-        if hex.len() != algorithm.hex_len()
-            || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
+        if hex.len() != algorithm.hex_len() || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(bad());
         }
         Ok(Digest {
@@ -146,10 +144,7 @@ mod tests {
         let mut v = Verifier::new(Algorithm::Sha512);
         v.update(b"a");
         v.update(b"bc");
-        assert!(v
-            .finish()
-            .to_string()
-            .starts_with("sha512:ddaf35a193617aba"));
+        assert!(v.finish().to_string().starts_with("sha512:ddaf35a193617aba"));
     }
 
     #[test]

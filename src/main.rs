@@ -99,19 +99,28 @@ fn run(command: Command) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
                 // The cache opens (and cleans up after any crash) before the port is bound.
-                let proxy = regcache::build(&config).with_context(|| {
-                    format!("cannot open cache directory {}", config.cache.dir.display())
-                })?;
+                let proxy = regcache::build(&config)
+                    .with_context(|| format!("cannot open cache directory {}", config.cache.dir.display()))?;
                 let listener = tokio::net::TcpListener::bind(config.server.listen)
                     .await
                     .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+                let admin = match config.admin.addr() {
+                    Some(addr) => Some(
+                        tokio::net::TcpListener::bind(addr)
+                            .await
+                            .with_context(|| format!("cannot listen on {addr} (admin.listen)"))?,
+                    ),
+                    None => None,
+                };
+                let admin_addr = admin.as_ref().and_then(|a| a.local_addr().ok());
                 tracing::info!(
                     listen = %listener.local_addr()?,
+                    admin = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
                     cache = %config.cache.dir.display(),
                     upstreams = config.upstreams.len(),
                     "regcache serving"
                 );
-                regcache::server::serve(listener, proxy, shutdown_signal()).await;
+                regcache::run(proxy, listener, admin, shutdown_signal()).await;
                 Ok(())
             })
         }
@@ -122,11 +131,10 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return ctrl_c.await.unwrap_or(()),
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return ctrl_c.await.unwrap_or(()),
+        };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},

@@ -14,12 +14,7 @@ pub const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.man
 
 /// The manifest media types regcache serves, in the order it asks upstreams for them.
 /// Schema 1 is deliberately absent: it is never requested nor served.
-pub const MANIFEST_TYPES: [&str; 4] = [
-    OCI_INDEX,
-    DOCKER_MANIFEST_LIST,
-    OCI_MANIFEST,
-    DOCKER_MANIFEST_V2,
-];
+pub const MANIFEST_TYPES: [&str; 4] = [OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST_V2];
 
 pub fn is_schema1(media_type: &str) -> bool {
     let t = media_type.split(';').next().unwrap_or("").trim();
@@ -146,10 +141,7 @@ impl AcceptSet {
                 if t == "*/*" || t == "application/*" {
                     any = true;
                 }
-                if let Some(i) = MANIFEST_TYPES
-                    .iter()
-                    .position(|m| m.eq_ignore_ascii_case(t))
-                {
+                if let Some(i) = MANIFEST_TYPES.iter().position(|m| m.eq_ignore_ascii_case(t)) {
                     bits |= 1 << i;
                 }
             }
@@ -229,8 +221,7 @@ mod tests {
             assert!(RepoName::parse(ok).is_some(), "{ok}");
         }
         for bad in [
-            "", "Alpine", "a//b", "/a", "a/", "..", "a/../b", "a/./b", "-a", "a-", "a___b", "a_.b",
-            "a b", "a%2fb",
+            "", "Alpine", "a//b", "/a", "a/", "..", "a/../b", "a/./b", "-a", "a-", "a___b", "a_.b", "a b", "a%2fb",
         ] {
             assert!(RepoName::parse(bad).is_none(), "{bad}");
         }
@@ -239,17 +230,12 @@ mod tests {
 
     #[test]
     fn references() {
-        assert_eq!(
-            Reference::parse("3.19"),
-            Some(Reference::Tag("3.19".into()))
-        );
+        assert_eq!(Reference::parse("3.19"), Some(Reference::Tag("3.19".into())));
         assert!(Reference::parse(".hidden").is_none());
         assert!(Reference::parse(&"t".repeat(129)).is_none());
         assert!(Reference::parse("sha256:abc").is_none());
         assert!(matches!(
-            Reference::parse(
-                "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-            ),
+            Reference::parse("sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
             Some(Reference::Digest(_))
         ));
     }
@@ -265,17 +251,13 @@ mod tests {
             "application/vnd.oci.image.index.v1+json",
         ];
         assert_eq!(AcceptSet::from_headers(skopeo.into_iter()), AcceptSet::ALL);
-        let old = AcceptSet::from_headers(
-            ["application/vnd.docker.distribution.manifest.v2+json"].into_iter(),
-        );
+        let old = AcceptSet::from_headers(["application/vnd.docker.distribution.manifest.v2+json"].into_iter());
         assert!(old.contains(DOCKER_MANIFEST_V2));
         assert!(!old.contains(DOCKER_MANIFEST_LIST));
         assert_eq!(old.header_value(), DOCKER_MANIFEST_V2);
         assert_eq!(AcceptSet::from_headers(std::iter::empty()), AcceptSet::ALL);
         assert_eq!(
-            AcceptSet::from_headers(
-                ["application/vnd.oci.image.manifest.v1+json, */*"].into_iter()
-            ),
+            AcceptSet::from_headers(["application/vnd.oci.image.manifest.v1+json, */*"].into_iter()),
             AcceptSet::ALL
         );
         assert!(is_schema1(DOCKER_SCHEMA1_SIGNED));

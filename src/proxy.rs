@@ -15,6 +15,7 @@ use crate::cache::fill::{FillError, Fills, Opener, Progress, State};
 use crate::cache::tags::{TagKey, TagRecord};
 use crate::cache::{Cache, Manifest};
 use crate::digest::Digest;
+use crate::metrics::Metrics;
 use crate::oci::{self, AcceptSet, Reference};
 use crate::single_flight::SingleFlight;
 use crate::upstream::{self, RouteError, Target, Upstreams};
@@ -77,6 +78,7 @@ enum Flight {
 pub struct Proxy {
     pub cache: Arc<Cache>,
     pub upstreams: Upstreams,
+    pub metrics: Arc<Metrics>,
     fills: Arc<Fills<upstream::Error>>,
     manifest_flights: SingleFlight<Flight, Result<ManifestAnswer, Error>>,
 }
@@ -84,15 +86,12 @@ pub struct Proxy {
 const FILL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Proxy {
-    pub fn new(cache: Arc<Cache>, upstreams: Upstreams) -> Proxy {
-        let fills = Arc::new(Fills::new(
-            cache.store.clone(),
-            cache.index.clone(),
-            FILL_IDLE_TIMEOUT,
-        ));
+    pub fn new(cache: Arc<Cache>, upstreams: Upstreams, metrics: Arc<Metrics>) -> Proxy {
+        let fills = Arc::new(Fills::new(cache.store.clone(), cache.index.clone(), FILL_IDLE_TIMEOUT));
         Proxy {
             cache,
             upstreams,
+            metrics,
             fills,
             manifest_flights: SingleFlight::default(),
         }
@@ -111,15 +110,11 @@ impl Proxy {
         match reference {
             Reference::Digest(digest) => {
                 if let Some(manifest) = self.cache.manifest(digest) {
-                    return Ok(ManifestAnswer {
-                        manifest,
-                        stale: false,
-                    });
+                    self.lookup("manifest", "hit");
+                    return Ok(ManifestAnswer { manifest, stale: false });
                 }
                 self.manifest_flights
-                    .run(Flight::Digest(digest.clone()), || {
-                        self.fetch_by_digest(target, digest)
-                    })
+                    .run(Flight::Digest(digest.clone()), || self.fetch_by_digest(target, digest))
                     .await
             }
             Reference::Tag(tag) => {
@@ -130,12 +125,11 @@ impl Proxy {
                     accept: accept.bits(),
                 };
                 if let Some(answer) = self.fresh_tag(&key, target.upstream.tag_ttl) {
+                    self.lookup("tag", "hit");
                     return Ok(answer);
                 }
                 self.manifest_flights
-                    .run(Flight::Tag(key.clone()), || {
-                        self.resolve_tag(target, key, accept)
-                    })
+                    .run(Flight::Tag(key.clone()), || self.resolve_tag(target, key, accept))
                     .await
             }
         }
@@ -147,24 +141,16 @@ impl Proxy {
             return None;
         }
         let manifest = self.cache.manifest(&record.digest()?)?;
-        Some(ManifestAnswer {
-            manifest,
-            stale: false,
-        })
+        Some(ManifestAnswer { manifest, stale: false })
     }
 
-    async fn fetch_by_digest(
-        &self,
-        target: &Target,
-        digest: &Digest,
-    ) -> Result<ManifestAnswer, Error> {
+    async fn fetch_by_digest(&self, target: &Target, digest: &Digest) -> Result<ManifestAnswer, Error> {
         // Another flight may have stored it while this one queued.
         if let Some(manifest) = self.cache.manifest(digest) {
-            return Ok(ManifestAnswer {
-                manifest,
-                stale: false,
-            });
+            self.lookup("manifest", "coalesced");
+            return Ok(ManifestAnswer { manifest, stale: false });
         }
+        self.lookup("manifest", "miss");
         let up = &target.upstream;
         let fetched = up
             .get_manifest(
@@ -173,47 +159,31 @@ impl Proxy {
                 &format!("{}, */*", AcceptSet::ALL.header_value()),
             )
             .await
-            .map_err(|e| {
-                not_found(e, || {
-                    Error::ManifestUnknown(format!("{}@{digest}", target.repo))
-                })
-            })?;
+            .map_err(|e| not_found(e, || Error::ManifestUnknown(format!("{}@{digest}", target.repo))))?;
         let manifest = Arc::new(self.check_manifest(up, fetched, Some(digest))?);
         self.cache.put_manifest(manifest.clone())?;
-        Ok(ManifestAnswer {
-            manifest,
-            stale: false,
-        })
+        Ok(ManifestAnswer { manifest, stale: false })
     }
 
-    async fn resolve_tag(
-        &self,
-        target: &Target,
-        key: TagKey,
-        accept: AcceptSet,
-    ) -> Result<ManifestAnswer, Error> {
+    async fn resolve_tag(&self, target: &Target, key: TagKey, accept: AcceptSet) -> Result<ManifestAnswer, Error> {
         let up = &target.upstream;
         if let Some(answer) = self.fresh_tag(&key, up.tag_ttl) {
+            self.lookup("tag", "coalesced");
             return Ok(answer);
         }
+        self.lookup("tag", "miss");
         let accept_header = accept.header_value();
         let cached = self.cache.tags.get(&key).and_then(|record| {
             let manifest = self.cache.manifest(&record.digest()?)?;
             Some((record, manifest))
         });
         if let Some((record, manifest)) = cached {
-            match up
-                .head_manifest(&target.repo, &key.tag, &accept_header)
-                .await
-            {
+            match up.head_manifest(&target.repo, &key.tag, &accept_header).await {
                 Ok(head) if head.digest.as_deref() == Some(record.digest.as_str()) => {
                     if let Err(e) = self.cache.tags.put(record.reconfirmed()) {
                         tracing::warn!(error = %e, "cannot persist tag revalidation");
                     }
-                    return Ok(ManifestAnswer {
-                        manifest,
-                        stale: false,
-                    });
+                    return Ok(ManifestAnswer { manifest, stale: false });
                 }
                 Ok(_) => {} // moved (or no digest header): fetch it below
                 Err(e) if e.status().is_some_and(|s| s.is_client_error()) => {
@@ -224,21 +194,15 @@ impl Proxy {
                 Err(e) => {
                     tracing::warn!(upstream = %up.name, repo = %key.repo, tag = %key.tag, error = %e,
                         "upstream unavailable; serving cached tag");
-                    return Ok(ManifestAnswer {
-                        manifest,
-                        stale: true,
-                    });
+                    self.lookup("tag", "stale");
+                    return Ok(ManifestAnswer { manifest, stale: true });
                 }
             }
         }
         let fetched = up
             .get_manifest(&target.repo, &key.tag, &accept_header)
             .await
-            .map_err(|e| {
-                not_found(e, || {
-                    Error::ManifestUnknown(format!("{}:{}", key.repo, key.tag))
-                })
-            })?;
+            .map_err(|e| not_found(e, || Error::ManifestUnknown(format!("{}:{}", key.repo, key.tag))))?;
         let manifest = Arc::new(self.check_manifest(up, fetched, None)?);
         self.cache.put_manifest(manifest.clone())?;
         let record = TagRecord::new(
@@ -250,10 +214,7 @@ impl Proxy {
         if let Err(e) = self.cache.tags.put(record) {
             tracing::warn!(error = %e, "cannot persist tag mapping");
         }
-        Ok(ManifestAnswer {
-            manifest,
-            stale: false,
-        })
+        Ok(ManifestAnswer { manifest, stale: false })
     }
 
     /// Checks an upstream manifest: a media type regcache serves (never schema 1) and bytes
@@ -273,18 +234,14 @@ impl Proxy {
             .as_deref()
             .map(|t| t.split(';').next().unwrap_or("").trim().to_owned())
             .filter(|t| {
-                !t.is_empty()
-                    && t != "application/json"
-                    && t != "text/plain"
-                    && t != "application/octet-stream"
+                !t.is_empty() && t != "application/json" && t != "text/plain" && t != "application/octet-stream"
             });
         let media_type = declared
             .or_else(|| oci::sniff_media_type(&fetched.bytes))
             .ok_or_else(|| bad("the manifest has no media type".into()))?;
         if oci::is_schema1(&media_type) {
             return Err(Error::ManifestUnknown(
-                "the upstream offers only a schema 1 manifest, which regcache does not serve"
-                    .into(),
+                "the upstream offers only a schema 1 manifest, which regcache does not serve".into(),
             ));
         }
         let digest = match expected {
@@ -315,21 +272,47 @@ impl Proxy {
     /// A blob to stream: from the cache, or from the fill that fetches it (joined or started).
     pub async fn blob(&self, target: &Target, digest: &Digest) -> Result<BlobAnswer, Error> {
         if let Some(answer) = self.cached_blob(digest)? {
+            self.lookup("blob", "hit");
             return Ok(answer);
         }
+        let mut started_here = false;
+        let metrics = self.metrics.clone();
         let joined = self.fills.join(
             digest,
-            || opener(target, digest),
-            |result| match result {
-                Ok(outcome) => tracing::info!(resumes = outcome.resumes, "fill committed"),
-                Err(e) => tracing::warn!(error = %e, "fill failed"),
+            || {
+                started_here = true;
+                metrics.fills_in_flight.inc();
+                opener(target, digest)
+            },
+            {
+                let (metrics, digest) = (self.metrics.clone(), digest.clone());
+                move |result, resumes| {
+                    metrics.fills_in_flight.dec();
+                    metrics.fill_resumes.inc_by(u64::from(resumes));
+                    let outcome = match result {
+                        Ok(()) => "committed",
+                        Err(e) => match **e {
+                            FillError::DigestMismatch { .. } => "digest_mismatch",
+                            FillError::WrongLength { .. } | FillError::Broken { .. } => "truncated",
+                            FillError::Source(_) => "upstream_error",
+                            FillError::Io(_) => "disk_error",
+                        },
+                    };
+                    metrics.fills.with_label_values(&[outcome]).inc();
+                    match result {
+                        Ok(()) => tracing::info!(%digest, resumes, "fill committed"),
+                        Err(e) => tracing::warn!(%digest, resumes, error = %e, "fill failed"),
+                    }
+                }
             },
         )?;
         let Some(mut fill) = joined else {
+            self.lookup("blob", "hit");
             return self
                 .cached_blob(digest)?
                 .ok_or_else(|| Error::BlobUnknown(digest.to_string()));
         };
+        self.lookup("blob", if started_here { "miss" } else { "coalesced" });
         let started = fill.started().await;
         match started.state {
             State::Failed(e) => Err(fill_error(e, digest)),
@@ -338,6 +321,21 @@ impl Proxy {
                 total: started.total,
                 progress: Some(fill.progress),
             }),
+        }
+    }
+
+    fn lookup(&self, kind: &str, result: &str) {
+        self.metrics.cache_lookups.with_label_values(&[kind, result]).inc();
+    }
+
+    /// Brings the gauges that are read rather than counted up to date, before a scrape.
+    pub fn refresh_metrics(&self) {
+        let m = &self.metrics;
+        m.cache_size.set(self.cache.index.total_bytes() as i64);
+        m.cache_entries.set(self.cache.index.entry_count() as i64);
+        let evictions = self.cache.index.evictions();
+        if evictions > m.cache_evictions.get() {
+            m.cache_evictions.inc_by(evictions - m.cache_evictions.get());
         }
     }
 
@@ -361,11 +359,7 @@ impl Proxy {
             .map_err(|e| not_found(e, || Error::BlobUnknown(digest.to_string())))
     }
 
-    pub async fn tags_list(
-        &self,
-        target: &Target,
-        query: &str,
-    ) -> Result<(Bytes, Option<String>), Error> {
+    pub async fn tags_list(&self, target: &Target, query: &str) -> Result<(Bytes, Option<String>), Error> {
         target
             .upstream
             .tags_list(&target.repo, query)

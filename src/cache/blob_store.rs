@@ -124,22 +124,12 @@ impl BlobStore {
     pub fn temp_file(&self) -> io::Result<(PathBuf, File)> {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
         let path = self.tmp.join(format!("{}-{n}", std::process::id()));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
         Ok((path, file))
     }
 
     /// Makes a fully written and verified temp file durable and moves it to its final path.
-    pub fn commit(
-        &self,
-        tmp: &Path,
-        file: &File,
-        kind: Kind,
-        digest: &Digest,
-    ) -> io::Result<PathBuf> {
+    pub fn commit(&self, tmp: &Path, file: &File, kind: Kind, digest: &Digest) -> io::Result<PathBuf> {
         file.sync_all()?;
         let dest = self.path(kind, digest);
         let parent = dest.parent().unwrap_or(&self.root);
@@ -205,10 +195,7 @@ mod tests {
 
         let (store, found) = BlobStore::open(dir.path()).unwrap();
         assert_eq!(found.len(), 1);
-        assert_eq!(
-            (found[0].kind, &found[0].digest, found[0].size),
-            (Kind::Blob, &d, 5)
-        );
+        assert_eq!((found[0].kind, &found[0].digest, found[0].size), (Kind::Blob, &d, 5));
         assert_eq!(fs::read_dir(dir.path().join("v1/tmp")).unwrap().count(), 0);
         let (_, len) = store.open_file(Kind::Blob, &d).unwrap().unwrap();
         assert_eq!(len, 5);

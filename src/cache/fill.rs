@@ -25,8 +25,7 @@ use super::blob_store::{BlobStore, Kind};
 use super::index::Index;
 use crate::digest::{Digest, Verifier};
 
-pub type SourceBody =
-    http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+pub type SourceBody = http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// An upstream answer to "send me this blob from byte `offset` on".
 pub struct Source {
@@ -100,10 +99,7 @@ pub struct Fill<E> {
 impl<E> Fill<E> {
     /// Waits until the upstream has answered: the total length is known, or the fill failed.
     pub async fn started(&mut self) -> Progress<E> {
-        let _ = self
-            .progress
-            .wait_for(|p| !matches!(p.state, State::Connecting))
-            .await;
+        let _ = self.progress.wait_for(|p| !matches!(p.state, State::Connecting)).await;
         self.progress.borrow().clone()
     }
 
@@ -130,12 +126,6 @@ pub struct Fills<E> {
     max_resumes: u32,
 }
 
-/// Counters a caller may want after a fill ends.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Outcome {
-    pub resumes: u32,
-}
-
 impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
     pub fn new(store: Arc<BlobStore>, index: Arc<Index>, idle_timeout: Duration) -> Fills<E> {
         Fills {
@@ -157,12 +147,12 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
 
     /// Joins the fill of `digest`, starting it (with the opener `make` builds) if none runs.
     /// Returns `Ok(None)` if the content was committed meanwhile: read it from the store.
-    /// `on_end` runs once when a fill this call started ends.
+    /// `on_end` runs once when a fill this call started ends, with the number of resumes.
     pub fn join(
         self: &Arc<Self>,
         digest: &Digest,
         make: impl FnOnce() -> Opener<E>,
-        on_end: impl FnOnce(&Result<Outcome, Arc<FillError<E>>>) + Send + 'static,
+        on_end: impl FnOnce(&Result<(), Arc<FillError<E>>>, u32) + Send + 'static,
     ) -> io::Result<Option<Fill<E>>> {
         let mut inflight = self.lock();
         if let Some(s) = inflight.get(digest) {
@@ -200,7 +190,6 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             let result = fills
                 .run(&digest, &tmp, &task_file, &opener, &tx, &mut resumes)
                 .await
-                .map(|()| Outcome { resumes })
                 .map_err(Arc::new);
             if result.is_err() {
                 let _ = std::fs::remove_file(&tmp);
@@ -212,7 +201,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                 }
             });
             fills.lock().remove(&digest);
-            on_end(&result);
+            on_end(&result, resumes);
         });
         Ok(Some(Fill { file, progress: rx }))
     }
@@ -237,9 +226,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         loop {
             let frame = match tokio::time::timeout(self.idle_timeout, source.body.frame()).await {
                 Ok(Some(Ok(frame))) => Ok(frame.into_data().ok()),
-                Ok(None) if total.is_some_and(|t| written < t) => {
-                    Err("upstream closed early".to_owned())
-                }
+                Ok(None) if total.is_some_and(|t| written < t) => Err("upstream closed early".to_owned()),
                 Ok(None) => break,
                 Ok(Some(Err(e))) => Err(e.to_string()),
                 Err(_) => Err(format!("no data for {:?}", self.idle_timeout)),
@@ -327,9 +314,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             tokio::time::sleep(Duration::from_millis(100) * 2u32.pow(*resumes - 1)).await;
             match opener(written).await {
                 Ok(source) if source.offset <= written => return Ok(source),
-                Ok(source) => {
-                    message = format!("upstream resumed at {} instead of {written}", source.offset)
-                }
+                Ok(source) => message = format!("upstream resumed at {} instead of {written}", source.offset),
                 Err(e) => message = e.to_string(),
             }
         }
@@ -341,14 +326,14 @@ const READ_CHUNK: u64 = 256 * 1024;
 /// Streams `file[start..end)` into `tx`. With `progress` (a fill), it follows the growing
 /// file, and sends the last byte only once the fill is verified and committed; on failure it
 /// sends an error so that the response is aborted, never completed. `end` is `None` when the
-/// fill's total length is still unknown.
+/// fill's total length is still unknown. Returns how many bytes it handed to the client.
 pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
     file: Arc<File>,
     start: u64,
     end: Option<u64>,
     mut progress: Option<watch::Receiver<Progress<E>>>,
     tx: mpsc::Sender<io::Result<Bytes>>,
-) {
+) -> u64 {
     let mut pos = start;
     loop {
         let (allowed, complete_end) = match &mut progress {
@@ -362,7 +347,7 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
                     }
                     State::Failed(e) => {
                         let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
-                        return;
+                        return pos - start;
                     }
                     State::Connecting | State::Streaming => {
                         // Hold back at least the response's last byte until verified.
@@ -396,30 +381,29 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
             })
             .await
             .unwrap_or_else(|e| Err(io::Error::other(e)));
-            let failed = read.is_err();
-            match &read {
-                Ok(bytes) => pos += bytes.len() as u64,
-                Err(e) => tracing::error!(error = %e, "reading cached content failed"),
-            }
-            if tx.send(read).await.is_err() || failed {
-                return; // client gone, or error sent
+            let len = match &read {
+                Ok(bytes) => Some(bytes.len() as u64),
+                Err(e) => {
+                    tracing::error!(error = %e, "reading cached content failed");
+                    None
+                }
+            };
+            match (tx.send(read).await, len) {
+                (Ok(()), Some(len)) => pos += len,
+                _ => return pos - start, // client gone, or error sent
             }
             continue;
         }
         if pos >= complete_end {
-            return;
+            return pos - start;
         }
         if let Some(rx) = &mut progress {
-            if rx.changed().await.is_err()
-                && !matches!(rx.borrow().state, State::Done | State::Failed(_))
-            {
-                let _ = tx
-                    .send(Err(io::Error::other("fill ended unexpectedly")))
-                    .await;
-                return;
+            if rx.changed().await.is_err() && !matches!(rx.borrow().state, State::Done | State::Failed(_)) {
+                let _ = tx.send(Err(io::Error::other("fill ended unexpectedly"))).await;
+                return pos - start;
             }
         } else {
-            return;
+            return pos - start;
         }
     }
 }

@@ -52,9 +52,7 @@ impl Index {
                 if cause == RemovalCause::Replaced {
                     return;
                 }
-                let mut gens = listener_generations
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let mut gens = listener_generations.lock().unwrap_or_else(|p| p.into_inner());
                 if gens.get(&*key) == Some(&entry.generation) {
                     gens.remove(&*key);
                     store.remove(key.0, &key.1);
@@ -86,8 +84,7 @@ impl Index {
             gens.insert((kind, digest.clone()), generation);
             out
         };
-        self.entries
-            .insert((kind, digest.clone()), Entry { size, generation });
+        self.entries.insert((kind, digest.clone()), Entry { size, generation });
         // Apply the budget now rather than at some later write.
         self.entries.run_pending_tasks();
         Ok(out)
@@ -100,8 +97,7 @@ impl Index {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert((kind, digest.clone()), generation);
-        self.entries
-            .insert((kind, digest.clone()), Entry { size, generation });
+        self.entries.insert((kind, digest.clone()), Entry { size, generation });
     }
 
     /// Applies the budget to everything inserted so far.

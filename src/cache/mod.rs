@@ -48,9 +48,7 @@ impl Cache {
         let tags = TagStore::new(store.root());
         let manifests = moka::sync::Cache::builder()
             .max_capacity(memory_manifest_bytes)
-            .weigher(|_, m: &Arc<Manifest>| {
-                u32::try_from(m.bytes.len() + m.media_type.len()).unwrap_or(u32::MAX)
-            })
+            .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len() + m.media_type.len()).unwrap_or(u32::MAX))
             .build();
         Ok(Cache {
             store,
@@ -112,11 +110,8 @@ impl Cache {
     pub fn put_manifest(&self, m: Arc<Manifest>) -> io::Result<()> {
         let size = (m.media_type.len() + 1 + m.bytes.len()) as u64;
         self.index.commit(Kind::Manifest, &m.digest, size, || {
-            self.store.write_small(
-                Kind::Manifest,
-                &m.digest,
-                &[m.media_type.as_bytes(), b"\n", &m.bytes],
-            )
+            self.store
+                .write_small(Kind::Manifest, &m.digest, &[m.media_type.as_bytes(), b"\n", &m.bytes])
         })?;
         self.manifests.insert(m.digest.clone(), m);
         Ok(())

@@ -100,13 +100,7 @@ impl TagStore {
     }
 
     fn path(&self, key: &TagKey) -> PathBuf {
-        let id = Digest::sha256_of(
-            format!(
-                "{}\n{}\n{}\n{}",
-                key.upstream, key.repo, key.tag, key.accept
-            )
-            .as_bytes(),
-        );
+        let id = Digest::sha256_of(format!("{}\n{}\n{}\n{}", key.upstream, key.repo, key.tag, key.accept).as_bytes());
         let hex = id.hex();
         self.dir.join(&hex[..2]).join(format!("{hex}.json"))
     }
@@ -167,12 +161,7 @@ mod tests {
         };
         let d = Digest::sha256_of(b"m");
         TagStore::new(dir.path())
-            .put(TagRecord::new(
-                &key,
-                &d,
-                "application/vnd.oci.image.index.v1+json",
-                1,
-            ))
+            .put(TagRecord::new(&key, &d, "application/vnd.oci.image.index.v1+json", 1))
             .unwrap();
         let again = TagStore::new(dir.path());
         let r = again.get(&key).unwrap();

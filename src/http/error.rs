@@ -28,19 +28,12 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response<Body> {
-        let body =
-            json!({"errors": [{"code": self.code, "message": self.message, "detail": null}]});
+        let body = json!({"errors": [{"code": self.code, "message": self.message, "detail": null}]});
         let mut resp = Response::new(Body::full(body.to_string()));
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if let Some(v) = self
-            .retry_after
-            .and_then(|v| HeaderValue::from_str(&v).ok())
-        {
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(v) = self.retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
             h.insert(header::RETRY_AFTER, v);
         }
         resp
@@ -52,15 +45,9 @@ impl From<Error> for ApiError {
         use StatusCode as S;
         let message = e.to_string();
         match e {
-            Error::Route(RouteError::UnknownUpstream(_)) => {
-                ApiError::new(S::NOT_FOUND, "NAME_UNKNOWN", message)
-            }
-            Error::Route(RouteError::NoDefault) => {
-                ApiError::new(S::NOT_FOUND, "NAME_UNKNOWN", message)
-            }
-            Error::Route(RouteError::NameInvalid(_)) => {
-                ApiError::new(S::BAD_REQUEST, "NAME_INVALID", message)
-            }
+            Error::Route(RouteError::UnknownUpstream(_)) => ApiError::new(S::NOT_FOUND, "NAME_UNKNOWN", message),
+            Error::Route(RouteError::NoDefault) => ApiError::new(S::NOT_FOUND, "NAME_UNKNOWN", message),
+            Error::Route(RouteError::NameInvalid(_)) => ApiError::new(S::BAD_REQUEST, "NAME_INVALID", message),
             Error::ManifestUnknown(_) => ApiError::new(S::NOT_FOUND, "MANIFEST_UNKNOWN", message),
             Error::BlobUnknown(_) => ApiError::new(S::NOT_FOUND, "BLOB_UNKNOWN", message),
             Error::NameUnknown(_) => ApiError::new(S::NOT_FOUND, "NAME_UNKNOWN", message),
@@ -87,9 +74,7 @@ fn upstream_error(e: upstream::Error) -> ApiError {
     let message = e.to_string();
     match e {
         upstream::Error::Status {
-            status,
-            retry_after,
-            ..
+            status, retry_after, ..
         } => {
             let (status, code) = match status.as_u16() {
                 401 => (S::UNAUTHORIZED, "UNAUTHORIZED"),
@@ -107,9 +92,7 @@ fn upstream_error(e: upstream::Error) -> ApiError {
                 ..ApiError::new(status, code, message)
             }
         }
-        upstream::Error::Timeout { .. } => {
-            ApiError::new(S::GATEWAY_TIMEOUT, "UNAVAILABLE", message)
-        }
+        upstream::Error::Timeout { .. } => ApiError::new(S::GATEWAY_TIMEOUT, "UNAVAILABLE", message),
         upstream::Error::Unreachable { .. } | upstream::Error::Protocol { .. } => {
             ApiError::new(S::BAD_GATEWAY, "UNAVAILABLE", message)
         }

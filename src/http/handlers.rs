@@ -3,15 +3,14 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Instant;
 
-use http::header::{
-    ACCEPT, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LINK, RANGE,
-};
+use http::header::{ACCEPT, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LINK, RANGE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 
 use super::body::Body;
 use super::error::ApiError;
-use super::routes::{self, query_param, Endpoint};
+use super::routes::{self, query_param, Endpoint, Route};
 use crate::cache::fill::stream_file;
 use crate::digest::Digest;
 use crate::oci::{self, AcceptSet, Reference};
@@ -26,7 +25,10 @@ pub const STALE: HeaderName = HeaderName::from_static("x-regcache-stale");
 
 /// Serves one request; every failure becomes an OCI error response, never a panic.
 pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Result<Response<Body>, Infallible> {
-    let mut resp = dispatch(&proxy, &req)
+    let started = Instant::now();
+    let route = routes::parse(req.method(), req.uri().path());
+    let label = route_label(&route);
+    let mut resp = dispatch(&proxy, &req, route)
         .await
         .unwrap_or_else(ApiError::into_response);
     resp.headers_mut()
@@ -34,14 +36,41 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Result<Response<Bo
     if req.method() == Method::HEAD {
         *resp.body_mut() = Body::empty();
     }
+    let method = match *req.method() {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        _ => "other",
+    };
+    let m = &proxy.metrics;
+    m.http_requests
+        .with_label_values(&[label, method, resp.status().as_str()])
+        .inc();
+    m.http_duration
+        .with_label_values(&[label, method])
+        .observe(started.elapsed().as_secs_f64());
     Ok(resp)
 }
 
-async fn dispatch<B>(proxy: &Proxy, req: &Request<B>) -> Result<Response<Body>, ApiError> {
-    let route = routes::parse(req.method(), req.uri().path()).map_err(|e| match e {
-        routes::RouteError::NotFound => {
-            ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint")
-        }
+/// A small, fixed set of route names for metric labels (never the raw path).
+fn route_label(route: &Result<Route, routes::RouteError>) -> &'static str {
+    match route.as_ref().map(|r| &r.endpoint) {
+        Ok(Endpoint::Base) => "base",
+        Ok(Endpoint::Manifest(_)) => "manifest",
+        Ok(Endpoint::Blob(_)) => "blob",
+        Ok(Endpoint::TagsList) => "tags_list",
+        Ok(Endpoint::Referrers(_)) => "referrers",
+        Ok(Endpoint::Upload) | Err(routes::RouteError::MethodNotAllowed) => "unsupported",
+        Err(routes::RouteError::NotFound) => "unknown",
+    }
+}
+
+async fn dispatch<B>(
+    proxy: &Proxy,
+    req: &Request<B>,
+    route: Result<Route, routes::RouteError>,
+) -> Result<Response<Body>, ApiError> {
+    let route = route.map_err(|e| match e {
+        routes::RouteError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint"),
         routes::RouteError::MethodNotAllowed => ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "UNSUPPORTED",
@@ -59,12 +88,8 @@ async fn dispatch<B>(proxy: &Proxy, req: &Request<B>) -> Result<Response<Body>, 
         .map_err(proxy::Error::from)?;
     let head = req.method() == Method::HEAD;
     let mut resp = match route.endpoint {
-        Endpoint::Manifest(reference) => {
-            manifest(proxy, &target, &reference, req.headers()).await?
-        }
-        Endpoint::Blob(digest) => {
-            blob(proxy, &target, &parse_digest(&digest)?, req.headers(), head).await?
-        }
+        Endpoint::Manifest(reference) => manifest(proxy, &target, &reference, req.headers()).await?,
+        Endpoint::Blob(digest) => blob(proxy, &target, &parse_digest(&digest)?, req.headers(), head).await?,
         Endpoint::TagsList => tags_list(proxy, &target, &route.name, ns.as_deref(), query).await?,
         Endpoint::Referrers(digest) => {
             parse_digest(&digest)?;
@@ -122,12 +147,7 @@ async fn manifest(
             )
         }
     })?;
-    let accept = AcceptSet::from_headers(
-        headers
-            .get_all(ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok()),
-    );
+    let accept = AcceptSet::from_headers(headers.get_all(ACCEPT).iter().filter_map(|v| v.to_str().ok()));
     let answer = proxy.manifest(target, &reference, accept).await?;
     let m = &answer.manifest;
     let mut resp = Response::new(Body::full(m.bytes.clone()));
@@ -159,28 +179,20 @@ async fn blob(
     let h = resp.headers_mut();
     h.insert(DOCKER_CONTENT_DIGEST, digest_header(digest));
     h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     if head {
         if let Some(len) = proxy.blob_size(target, digest).await? {
             resp.headers_mut().insert(CONTENT_LENGTH, len.into());
         }
         return Ok(resp);
     }
-    let range = headers
-        .get(RANGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_range);
+    let range = headers.get(RANGE).and_then(|v| v.to_str().ok()).and_then(parse_range);
     let mut answer = proxy.blob(target, digest).await?;
     if range.is_some() && answer.total.is_none() {
         // Upstream sent no length: a range can only be placed once the fill is done.
         if let Some(progress) = &mut answer.progress {
             let _ = progress
-                .wait_for(|p| {
-                    p.total.is_some() || matches!(p.state, crate::cache::fill::State::Failed(_))
-                })
+                .wait_for(|p| p.total.is_some() || matches!(p.state, crate::cache::fill::State::Failed(_)))
                 .await;
             answer.total = progress.borrow().total;
         }
@@ -214,11 +226,15 @@ async fn blob(
         (_, total) => (0, total),
     };
     if let Some(end) = end {
-        resp.headers_mut()
-            .insert(CONTENT_LENGTH, (end - start).into());
+        resp.headers_mut().insert(CONTENT_LENGTH, (end - start).into());
     }
     let (tx, body) = Body::channel();
-    tokio::spawn(stream_file(answer.file, start, end, answer.progress, tx));
+    let source = if answer.progress.is_some() { "fill" } else { "cache" };
+    let served = proxy.metrics.bytes_served.with_label_values(&[source]);
+    tokio::spawn(async move {
+        let sent = stream_file(answer.file, start, end, answer.progress, tx).await;
+        served.inc_by(sent);
+    });
     *resp.body_mut() = body;
     Ok(resp)
 }

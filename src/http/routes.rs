@@ -126,27 +126,18 @@ mod tests {
         );
         assert_eq!(
             get("/v2/docker.io/library/alpine/blobs/sha256:ab"),
-            r(
-                "docker.io/library/alpine",
-                Endpoint::Blob("sha256:ab".into())
-            )
+            r("docker.io/library/alpine", Endpoint::Blob("sha256:ab".into()))
         );
         assert_eq!(
             get("/v2/a/manifests/b/manifests/c"),
             r("a/manifests/b", Endpoint::Manifest("c".into()))
         );
-        assert_eq!(
-            get("/v2/org/app/tags/list"),
-            r("org/app", Endpoint::TagsList)
-        );
+        assert_eq!(get("/v2/org/app/tags/list"), r("org/app", Endpoint::TagsList));
         assert_eq!(
             get("/v2/org/app/referrers/sha256:ab"),
             r("org/app", Endpoint::Referrers("sha256:ab".into()))
         );
-        assert_eq!(
-            get("/v2/org/app/blobs/uploads/"),
-            Err(RouteError::MethodNotAllowed)
-        );
+        assert_eq!(get("/v2/org/app/blobs/uploads/"), Err(RouteError::MethodNotAllowed));
         assert_eq!(
             parse(&Method::PUT, "/v2/a/manifests/1"),
             Err(RouteError::MethodNotAllowed)

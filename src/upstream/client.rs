@@ -3,12 +3,11 @@
 //! never follows to another host), and the distribution API calls regcache makes.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{
-    HeaderName, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LINK, LOCATION,
-    RANGE,
+    HeaderName, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LINK, LOCATION, RANGE,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
@@ -18,7 +17,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::cache::fill::Source;
+use crate::config::UpstreamConfig;
 use crate::digest::Digest;
+use crate::metrics::Metrics;
 use crate::oci::RepoName;
 
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
@@ -63,12 +64,10 @@ pub fn http_client() -> HttpClient {
     let native = rustls_native_certs::load_native_certs();
     let (added, _ignored) = roots.add_parsable_certificates(native.certs);
     tracing::debug!(native_roots = added, "TLS roots loaded");
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-    .unwrap_or_else(|e| panic!("ring supports the default TLS versions: {e}"));
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+        .unwrap_or_else(|e| panic!("ring supports the default TLS versions: {e}"));
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(CONNECT_TIMEOUT));
@@ -103,23 +102,34 @@ pub struct Upstream {
     base: String,
     pub tag_ttl: Duration,
     http: HttpClient,
+    metrics: Arc<Metrics>,
 }
 
 fn header_str(headers: &HeaderMap, name: HeaderName) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
 impl Upstream {
-    pub fn new(name: &str, url: &str, tag_ttl: Duration, http: HttpClient) -> Upstream {
+    pub fn new(config: &UpstreamConfig, http: HttpClient, metrics: Arc<Metrics>) -> Upstream {
         Upstream {
-            name: name.to_owned(),
-            base: url.trim_end_matches('/').to_owned(),
-            tag_ttl,
+            name: config.name.clone(),
+            base: config.url.trim_end_matches('/').to_owned(),
+            tag_ttl: config.tag_ttl.0,
             http,
+            metrics,
         }
+    }
+
+    /// Counts one upstream exchange: its status, or `error`/`timeout`.
+    fn observe(&self, method: &Method, outcome: &str, started: Instant) {
+        self.metrics
+            .upstream_requests
+            .with_label_values(&[&self.name, method.as_str(), outcome])
+            .inc();
+        self.metrics
+            .upstream_duration
+            .with_label_values(&[&self.name, method.as_str()])
+            .observe(started.elapsed().as_secs_f64());
     }
 
     fn unreachable(&self, message: impl ToString) -> Error {
@@ -160,19 +170,25 @@ impl Upstream {
             let req = req
                 .body(Empty::new())
                 .map_err(|e| self.protocol(format!("cannot build request: {e}")))?;
+            let started = Instant::now();
             let resp = match tokio::time::timeout(RESPONSE_TIMEOUT, self.http.request(req)).await {
                 Err(_) => {
+                    self.observe(&method, "timeout", started);
                     return Err(Error::Timeout {
                         upstream: self.name.clone(),
-                    })
+                    });
                 }
-                Ok(Err(e)) => return Err(self.unreachable(error_chain(&e))),
+                Ok(Err(e)) => {
+                    self.observe(&method, "error", started);
+                    return Err(self.unreachable(error_chain(&e)));
+                }
                 Ok(Ok(resp)) => resp,
             };
             let status = resp.status();
+            self.observe(&method, status.as_str(), started);
             if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
-                let location = header_str(resp.headers(), LOCATION)
-                    .ok_or_else(|| self.protocol("redirect without Location"))?;
+                let location =
+                    header_str(resp.headers(), LOCATION).ok_or_else(|| self.protocol("redirect without Location"))?;
                 url = resolve(&url, &location)
                     .ok_or_else(|| self.protocol(format!("bad redirect Location {location:?}")))?;
                 continue;
@@ -190,21 +206,11 @@ impl Upstream {
         Err(self.protocol(format!("more than {MAX_REDIRECTS} redirects")))
     }
 
-    pub async fn get_manifest(
-        &self,
-        repo: &RepoName,
-        reference: &str,
-        accept: &str,
-    ) -> Result<FetchedManifest, Error> {
+    pub async fn get_manifest(&self, repo: &RepoName, reference: &str, accept: &str) -> Result<FetchedManifest, Error> {
         let path = format!("/v2/{repo}/manifests/{reference}");
-        let resp = self
-            .send(Method::GET, &path, &[(ACCEPT, accept.to_owned())])
-            .await?;
+        let resp = self.send(Method::GET, &path, &[(ACCEPT, accept.to_owned())]).await?;
         let content_type = header_str(resp.headers(), CONTENT_TYPE);
-        let digest = header_str(
-            resp.headers(),
-            HeaderName::from_static("docker-content-digest"),
-        );
+        let digest = header_str(resp.headers(), HeaderName::from_static("docker-content-digest"));
         let bytes = read_small(resp, &self.name).await?;
         Ok(FetchedManifest {
             bytes,
@@ -213,16 +219,9 @@ impl Upstream {
         })
     }
 
-    pub async fn head_manifest(
-        &self,
-        repo: &RepoName,
-        reference: &str,
-        accept: &str,
-    ) -> Result<ManifestHead, Error> {
+    pub async fn head_manifest(&self, repo: &RepoName, reference: &str, accept: &str) -> Result<ManifestHead, Error> {
         let path = format!("/v2/{repo}/manifests/{reference}");
-        let resp = self
-            .send(Method::HEAD, &path, &[(ACCEPT, accept.to_owned())])
-            .await?;
+        let resp = self.send(Method::HEAD, &path, &[(ACCEPT, accept.to_owned())]).await?;
         let h = resp.headers();
         Ok(ManifestHead {
             digest: header_str(h, HeaderName::from_static("docker-content-digest")),
@@ -232,12 +231,7 @@ impl Upstream {
     }
 
     /// Opens a blob from byte `offset` on, for a fill.
-    pub async fn get_blob(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        offset: u64,
-    ) -> Result<Source, Error> {
+    pub async fn get_blob(&self, repo: &RepoName, digest: &Digest, offset: u64) -> Result<Source, Error> {
         let path = format!("/v2/{repo}/blobs/{digest}");
         let mut headers = Vec::new();
         if offset > 0 {
@@ -276,11 +270,7 @@ impl Upstream {
     }
 
     /// `tags/list` with the client's `n`/`last`; returns the body and the upstream's `Link`.
-    pub async fn tags_list(
-        &self,
-        repo: &RepoName,
-        query: &str,
-    ) -> Result<(Bytes, Option<String>), Error> {
+    pub async fn tags_list(&self, repo: &RepoName, query: &str) -> Result<(Bytes, Option<String>), Error> {
         let mut path = format!("/v2/{repo}/tags/list");
         if !query.is_empty() {
             path.push('?');
@@ -348,9 +338,7 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(
-            resolve(&base, "https://cdn.example/abc?sig=1")
-                .unwrap()
-                .to_string(),
+            resolve(&base, "https://cdn.example/abc?sig=1").unwrap().to_string(),
             "https://cdn.example/abc?sig=1"
         );
         assert_eq!(

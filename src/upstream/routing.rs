@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::client::{HttpClient, Upstream};
 use crate::config::UpstreamConfig;
+use crate::metrics::Metrics;
 use crate::oci::RepoName;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,21 +33,21 @@ pub struct Target {
 }
 
 const DOCKER_HUB: &str = "docker.io";
-const DOCKER_HUB_ALIASES: [&str; 3] = [
-    "index.docker.io",
-    "registry-1.docker.io",
-    "registry.hub.docker.com",
-];
+const DOCKER_HUB_ALIASES: [&str; 3] = ["index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"];
 
 fn looks_like_host(segment: &str) -> bool {
     segment.contains('.') || segment.contains(':') || segment == "localhost"
 }
 
 impl Upstreams {
-    pub fn new(configs: &[UpstreamConfig], http: HttpClient) -> Upstreams {
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Upstream>> {
+        self.list.iter()
+    }
+
+    pub fn new(configs: &[UpstreamConfig], http: HttpClient, metrics: Arc<Metrics>) -> Upstreams {
         let list = configs
             .iter()
-            .map(|c| Arc::new(Upstream::new(&c.name, &c.url, c.tag_ttl.0, http.clone())))
+            .map(|c| Arc::new(Upstream::new(c, http.clone(), metrics.clone())))
             .collect();
         Upstreams {
             list,
@@ -80,18 +81,14 @@ impl Upstreams {
                     (up, rest)
                 }
                 _ => {
-                    let up = self
-                        .default
-                        .map(|i| &self.list[i])
-                        .ok_or(RouteError::NoDefault)?;
+                    let up = self.default.map(|i| &self.list[i]).ok_or(RouteError::NoDefault)?;
                     (up, name)
                 }
             }
         };
         let repo = RepoName::parse(repo).ok_or_else(|| RouteError::NameInvalid(name.to_owned()))?;
         let repo = if upstream.name == DOCKER_HUB && repo.segments() == 1 {
-            RepoName::parse(&format!("library/{repo}"))
-                .ok_or_else(|| RouteError::NameInvalid(name.to_owned()))?
+            RepoName::parse(&format!("library/{repo}")).ok_or_else(|| RouteError::NameInvalid(name.to_owned()))?
         } else {
             repo
         };
@@ -115,7 +112,8 @@ mod tests {
             default: false,
             tag_ttl: c.upstreams[0].tag_ttl,
         });
-        Upstreams::new(&c.upstreams, super::super::client::http_client())
+        let metrics = Arc::new(Metrics::new(prometheus::Registry::new()));
+        Upstreams::new(&c.upstreams, super::super::client::http_client(), metrics)
     }
 
     fn routed(ns: Option<&str>, name: &str) -> Result<(String, String), RouteError> {
@@ -139,20 +137,14 @@ mod tests {
             routed(None, "docker.io/library/alpine"),
             ok("docker.io", "library/alpine")
         );
-        assert_eq!(
-            routed(None, "docker.io/alpine"),
-            ok("docker.io", "library/alpine")
-        );
+        assert_eq!(routed(None, "docker.io/alpine"), ok("docker.io", "library/alpine"));
         assert_eq!(routed(None, "ghcr.io/org/app"), ok("ghcr.io", "org/app"));
         assert_eq!(
             routed(None, "registry.lab:5000/team/app"),
             ok("registry.lab:5000", "team/app")
         );
         assert_eq!(routed(None, "alpine"), ok("docker.io", "library/alpine"));
-        assert_eq!(
-            routed(None, "bitnami/redis"),
-            ok("docker.io", "bitnami/redis")
-        );
+        assert_eq!(routed(None, "bitnami/redis"), ok("docker.io", "bitnami/redis"));
         assert_eq!(
             routed(Some("index.docker.io"), "library/alpine"),
             ok("docker.io", "library/alpine")
@@ -177,10 +169,7 @@ mod tests {
             routed(None, "127.0.0.1:22/a"),
             Err(RouteError::UnknownUpstream("127.0.0.1:22".into()))
         );
-        assert!(matches!(
-            routed(None, "Bad/Name"),
-            Err(RouteError::NameInvalid(_))
-        ));
+        assert!(matches!(routed(None, "Bad/Name"), Err(RouteError::NameInvalid(_))));
         assert!(matches!(
             routed(Some("docker.io"), "a/../b"),
             Err(RouteError::NameInvalid(_))

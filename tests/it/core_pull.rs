@@ -41,16 +41,16 @@ async fn base_endpoint_and_unsupported_methods() {
     let (up, proxy, _dir) = setup("5m").await;
     let r = get(&proxy.url("/v2/")).await;
     assert_eq!(r.status, 200);
-    assert_eq!(
-        r.header("docker-distribution-api-version"),
-        Some("registry/2.0")
-    );
+    assert_eq!(r.header("docker-distribution-api-version"), Some("registry/2.0"));
     for (method, path) in [
         (Method::PUT, "/v2/library/alpine/manifests/3"),
         (Method::POST, "/v2/library/alpine/blobs/uploads/"),
         (Method::PATCH, "/v2/library/alpine/blobs/uploads/abc"),
         (Method::DELETE, "/v2/library/alpine/manifests/3"),
-        (Method::DELETE, "/v2/library/alpine/blobs/sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
+        (
+            Method::DELETE,
+            "/v2/library/alpine/blobs/sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        ),
     ] {
         let r = request(method.clone(), &proxy.url(path), &[]).await;
         assert_eq!(r.status, 405, "{method} {path}");
@@ -69,27 +69,16 @@ async fn manifest_by_tag_is_exact_and_cached_within_ttl() {
     let bytes = image_manifest(&layer, 5);
     let digest = up.add_manifest("library/alpine", "3", DOCKER_V2, &bytes);
 
-    let r = get_with(
-        &proxy.url("/v2/library/alpine/manifests/3"),
-        &[("accept", ALL_TYPES)],
-    )
-    .await;
+    let r = get_with(&proxy.url("/v2/library/alpine/manifests/3"), &[("accept", ALL_TYPES)]).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.bytes().as_ref(), bytes.as_slice());
     assert_eq!(r.header("content-type"), Some(DOCKER_V2));
     assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
-    assert_eq!(
-        r.header("content-length"),
-        Some(bytes.len().to_string().as_str())
-    );
+    assert_eq!(r.header("content-length"), Some(bytes.len().to_string().as_str()));
 
     // Within the TTL: tag, HEAD, short name and digest are all answered without upstream.
     let before = up.total_requests();
-    let again = get_with(
-        &proxy.url("/v2/library/alpine/manifests/3"),
-        &[("accept", ALL_TYPES)],
-    )
-    .await;
+    let again = get_with(&proxy.url("/v2/library/alpine/manifests/3"), &[("accept", ALL_TYPES)]).await;
     assert_eq!(again.bytes(), r.bytes());
     let h = request(
         Method::HEAD,
@@ -99,10 +88,7 @@ async fn manifest_by_tag_is_exact_and_cached_within_ttl() {
     .await;
     assert_eq!(h.status, 200);
     assert_eq!(h.header("docker-content-digest"), Some(digest.as_str()));
-    assert_eq!(
-        h.header("content-length"),
-        Some(bytes.len().to_string().as_str())
-    );
+    assert_eq!(h.header("content-length"), Some(bytes.len().to_string().as_str()));
     assert_eq!(h.header("content-type"), Some(DOCKER_V2));
     assert!(h.bytes().is_empty());
     let d = get(&proxy.url(&format!("/v2/library/alpine/manifests/{digest}"))).await;
@@ -119,19 +105,13 @@ async fn expired_tags_revalidate_with_head_and_refetch_only_on_change() {
     let url = proxy.url("/v2/library/app/manifests/latest");
     assert_eq!(get(&url).await.bytes().as_ref(), v1);
     assert_eq!(
-        (
-            up.count("GET", "/manifests/"),
-            up.count("HEAD", "/manifests/")
-        ),
+        (up.count("GET", "/manifests/"), up.count("HEAD", "/manifests/")),
         (1, 0)
     );
 
     assert_eq!(get(&url).await.bytes().as_ref(), v1);
     assert_eq!(
-        (
-            up.count("GET", "/manifests/"),
-            up.count("HEAD", "/manifests/")
-        ),
+        (up.count("GET", "/manifests/"), up.count("HEAD", "/manifests/")),
         (1, 1)
     );
 
@@ -141,10 +121,7 @@ async fn expired_tags_revalidate_with_head_and_refetch_only_on_change() {
     assert_eq!(r.bytes().as_ref(), v2);
     assert_eq!(r.header("docker-content-digest"), Some(d2.as_str()));
     assert_eq!(
-        (
-            up.count("GET", "/manifests/"),
-            up.count("HEAD", "/manifests/")
-        ),
+        (up.count("GET", "/manifests/"), up.count("HEAD", "/manifests/")),
         (2, 2)
     );
 }
@@ -153,7 +130,8 @@ async fn expired_tags_revalidate_with_head_and_refetch_only_on_change() {
 async fn tag_answers_follow_the_client_accept_list() {
     let (up, proxy, _dir) = setup("5m").await;
     let index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
-    let single = br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","layers":[]}"#;
+    let single =
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","layers":[]}"#;
     up.add_manifest("library/multi", "1", OCI_INDEX, index);
     up.add_manifest("library/multi", "1", DOCKER_V2, single);
     let url = proxy.url("/v2/library/multi/manifests/1");
@@ -170,25 +148,15 @@ async fn tag_answers_follow_the_client_accept_list() {
         &url,
         &[
             ("accept", "application/vnd.oci.image.manifest.v1+json"),
-            (
-                "accept",
-                "application/vnd.docker.distribution.manifest.v1+prettyjws",
-            ),
+            ("accept", "application/vnd.docker.distribution.manifest.v1+prettyjws"),
             ("accept", DOCKER_V2),
             ("accept", OCI_INDEX),
-            (
-                "accept",
-                "application/vnd.docker.distribution.manifest.list.v2+json",
-            ),
+            ("accept", "application/vnd.docker.distribution.manifest.list.v2+json"),
         ],
     )
     .await;
     assert_eq!(many.bytes().as_ref(), index);
-    assert_eq!(
-        up.count("GET", "/manifests/"),
-        2,
-        "one upstream fetch per accept set"
-    );
+    assert_eq!(up.count("GET", "/manifests/"), 2, "one upstream fetch per accept set");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,10 +192,7 @@ async fn concurrent_cold_gets_make_one_upstream_fetch() {
             let resp = open(Method::GET, &url, &[]).await;
             headers_in.send(()).await.unwrap();
             let status = resp.status();
-            let len = resp.headers()["content-length"]
-                .to_str()
-                .unwrap()
-                .to_owned();
+            let len = resp.headers()["content-length"].to_str().unwrap().to_owned();
             let body = resp.into_body().collect().await.map(|c| c.to_bytes());
             (status, len, body)
         }));
@@ -266,10 +231,7 @@ async fn warm_blobs_and_ranges_come_from_disk() {
     assert_eq!(warm.bytes().as_ref(), data.as_slice());
     let part = get_with(&url, &[("range", "bytes=1000-1999")]).await;
     assert_eq!(part.status, 206);
-    assert_eq!(
-        part.header("content-range"),
-        Some("bytes 1000-1999/1000000")
-    );
+    assert_eq!(part.header("content-range"), Some("bytes 1000-1999/1000000"));
     assert_eq!(part.bytes().as_ref(), &data[1000..2000]);
     let tail = get_with(&url, &[("range", "bytes=999990-")]).await;
     assert_eq!(tail.status, 206);
@@ -329,14 +291,9 @@ async fn restart_keeps_blobs_manifests_and_tags_even_with_upstream_gone() {
     let layer = up.add_blob(&data);
     let manifest = image_manifest(&layer, data.len());
     let digest = up.add_manifest("library/app", "v1", DOCKER_V2, &manifest);
+    assert_eq!(get(&proxy.url("/v2/library/app/manifests/v1")).await.status, 200);
     assert_eq!(
-        get(&proxy.url("/v2/library/app/manifests/v1")).await.status,
-        200
-    );
-    assert_eq!(
-        get(&proxy.url(&format!("/v2/library/app/blobs/{layer}")))
-            .await
-            .status,
+        get(&proxy.url(&format!("/v2/library/app/blobs/{layer}"))).await.status,
         200
     );
     proxy.stop().await;
@@ -357,12 +314,7 @@ async fn restart_keeps_blobs_manifests_and_tags_even_with_upstream_gone() {
 async fn eviction_keeps_the_cache_under_its_budget() {
     let up = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = TestProxy::start(
-        dir.path(),
-        "1MiB",
-        &upstream_toml("docker.io", &up.url(), true, "5m"),
-    )
-    .await;
+    let proxy = TestProxy::start(dir.path(), "1MiB", &upstream_toml("docker.io", &up.url(), true, "5m")).await;
     let blobs: Vec<Vec<u8>> = (0..4).map(|i| random_bytes(400 * 1024, 10 + i)).collect();
     let digests: Vec<String> = blobs.iter().map(|b| up.add_blob(b)).collect();
     for d in &digests {
@@ -372,10 +324,7 @@ async fn eviction_keeps_the_cache_under_its_budget() {
             .iter()
             .map(|p| std::fs::metadata(p).unwrap().len())
             .sum();
-        assert!(
-            on_disk <= 1 << 20,
-            "{on_disk} bytes on disk over a 1 MiB budget"
-        );
+        assert!(on_disk <= 1 << 20, "{on_disk} bytes on disk over a 1 MiB budget");
     }
     // The oldest went first; asking again goes upstream again and still succeeds.
     assert_eq!(files_under(&dir.path().join("v1/blobs")).len(), 2);
@@ -397,33 +346,16 @@ async fn three_routing_styles_and_a_closed_upstream_list() {
     );
     let proxy = TestProxy::start(dir.path(), "1GiB", &upstreams).await;
     let m = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#;
-    hub.add_manifest(
-        "library/alpine",
-        "3",
-        "application/vnd.oci.image.manifest.v1+json",
-        m,
-    );
-    ghcr.add_manifest(
-        "org/app",
-        "1",
-        "application/vnd.oci.image.manifest.v1+json",
-        m,
-    );
+    hub.add_manifest("library/alpine", "3", "application/vnd.oci.image.manifest.v1+json", m);
+    ghcr.add_manifest("org/app", "1", "application/vnd.oci.image.manifest.v1+json", m);
 
     let r = get(&proxy.url("/v2/org/app/manifests/1?ns=ghcr.io")).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("oci-namespace"), Some("ghcr.io"));
-    assert_eq!(
-        get(&proxy.url("/v2/ghcr.io/org/app/manifests/1"))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(get(&proxy.url("/v2/ghcr.io/org/app/manifests/1")).await.status, 200);
     assert_eq!(get(&proxy.url("/v2/alpine/manifests/3")).await.status, 200);
     assert_eq!(
-        get(&proxy.url("/v2/docker.io/library/alpine/manifests/3"))
-            .await
-            .status,
+        get(&proxy.url("/v2/docker.io/library/alpine/manifests/3")).await.status,
         200
     );
     assert_eq!(
@@ -446,10 +378,7 @@ async fn three_routing_styles_and_a_closed_upstream_list() {
         assert_eq!(r.status, 404, "{path}");
         assert_eq!(r.error_code(), "NAME_UNKNOWN", "{path}");
     }
-    assert_eq!(
-        (hub.total_requests(), ghcr.total_requests()),
-        (hub_before, ghcr_before)
-    );
+    assert_eq!((hub.total_requests(), ghcr.total_requests()), (hub_before, ghcr_before));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -462,18 +391,13 @@ async fn tags_list_paginates_with_links_through_regcache() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["tags"], serde_json::json!(["a", "b"]));
     let link = r.header("link").unwrap().to_owned();
-    assert_eq!(
-        link,
-        "</v2/docker.io/library/app/tags/list?n=2&last=b>; rel=\"next\""
-    );
+    assert_eq!(link, "</v2/docker.io/library/app/tags/list?n=2&last=b>; rel=\"next\"");
     let next = link.trim_start_matches('<').split('>').next().unwrap();
     let r2 = get(&proxy.url(next)).await;
     assert_eq!(r2.json()["tags"], serde_json::json!(["c"]));
     assert!(r2.header("link").is_none());
     assert_eq!(
-        get(&proxy.url("/v2/library/nope/tags/list"))
-            .await
-            .error_code(),
+        get(&proxy.url("/v2/library/nope/tags/list")).await.error_code(),
         "NAME_UNKNOWN"
     );
 }
@@ -503,24 +427,12 @@ async fn bad_input_gets_oci_errors_and_never_reaches_upstream_or_disk() {
         ("/v2/library/../../etc/manifests/3", 400, "NAME_INVALID"),
         ("/v2/library/%2e%2e/manifests/3", 400, "NAME_INVALID"),
         ("/v2/a//b/manifests/3", 400, "NAME_INVALID"),
-        (
-            "/v2/library/alpine/tags/list?n=many",
-            400,
-            "PAGINATION_NUMBER_INVALID",
-        ),
-        (
-            "/v2/library/alpine/referrers/sha256:abc",
-            400,
-            "DIGEST_INVALID",
-        ),
+        ("/v2/library/alpine/tags/list?n=many", 400, "PAGINATION_NUMBER_INVALID"),
+        ("/v2/library/alpine/referrers/sha256:abc", 400, "DIGEST_INVALID"),
     ];
     for (path, status, code) in cases {
         let r = get(&proxy.url(path)).await;
-        assert_eq!(
-            (r.status.as_u16(), r.error_code().as_str()),
-            (status, code),
-            "{path}"
-        );
+        assert_eq!((r.status.as_u16(), r.error_code().as_str()), (status, code), "{path}");
     }
     let long = format!("/v2/{}/manifests/1", "a".repeat(300));
     assert_eq!(get(&proxy.url(&long)).await.status, 400);

@@ -59,9 +59,7 @@ impl Drop for FakeUpstream {
 
 impl FakeUpstream {
     pub async fn start() -> FakeUpstream {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let state: Arc<Mutex<State>> = Arc::default();
         let shared = state.clone();
@@ -75,8 +73,7 @@ impl FakeUpstream {
                 let mut watch = watch.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| serve(state.clone(), req));
-                    let builder =
-                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
                     tokio::select! {
                         _ = conn => {}
@@ -104,9 +101,7 @@ impl FakeUpstream {
     /// Adds a blob; returns its digest.
     pub fn add_blob(&self, bytes: &[u8]) -> String {
         let digest = crate::harness::sha256(bytes);
-        self.lock()
-            .blobs
-            .insert(digest.clone(), Bytes::copy_from_slice(bytes));
+        self.lock().blobs.insert(digest.clone(), Bytes::copy_from_slice(bytes));
         digest
     }
 
@@ -118,24 +113,16 @@ impl FakeUpstream {
         let entry = (media_type.to_owned(), Bytes::copy_from_slice(bytes));
         s.manifests
             .insert((repo.to_owned(), digest.clone()), vec![entry.clone()]);
-        let at_tag = s
-            .manifests
-            .entry((repo.to_owned(), tag.to_owned()))
-            .or_default();
+        let at_tag = s.manifests.entry((repo.to_owned(), tag.to_owned())).or_default();
         at_tag.retain(|(t, _)| t != media_type);
         at_tag.push(entry);
-        s.tags
-            .entry(repo.to_owned())
-            .or_default()
-            .insert(tag.to_owned(), ());
+        s.tags.entry(repo.to_owned()).or_default().insert(tag.to_owned(), ());
         digest
     }
 
     /// Moves a tag to new content of one media type (dropping the others).
     pub fn retag(&self, repo: &str, tag: &str, media_type: &str, bytes: &[u8]) -> String {
-        self.lock()
-            .manifests
-            .remove(&(repo.to_owned(), tag.to_owned()));
+        self.lock().manifests.remove(&(repo.to_owned(), tag.to_owned()));
         self.add_manifest(repo, tag, media_type, bytes)
     }
 
@@ -149,11 +136,7 @@ impl FakeUpstream {
 
     /// Queues faults for the next GETs of a blob.
     pub fn fault(&self, digest: &str, faults: impl IntoIterator<Item = Fault>) {
-        self.lock()
-            .faults
-            .entry(digest.to_owned())
-            .or_default()
-            .extend(faults);
+        self.lock().faults.entry(digest.to_owned()).or_default().extend(faults);
     }
 
     /// How many requests with this method had a path containing `path_part`.
@@ -184,10 +167,7 @@ fn error(status: u16, code: &str) -> Response<Body> {
     r
 }
 
-async fn serve(
-    state: Arc<Mutex<State>>,
-    req: Request<hyper::body::Incoming>,
-) -> Result<Response<Body>, Infallible> {
+async fn serve(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     state.lock().unwrap().seen.push(Seen {
         method: req.method().clone(),
@@ -198,20 +178,11 @@ async fn serve(
     let head = req.method() == Method::HEAD;
     let mut resp = if path == "/v2/" {
         Response::new(Body::full("{}"))
-    } else if let Some(repo) = path
-        .strip_prefix("/v2/")
-        .and_then(|p| p.strip_suffix("/tags/list"))
-    {
+    } else if let Some(repo) = path.strip_prefix("/v2/").and_then(|p| p.strip_suffix("/tags/list")) {
         tags_list(&state, repo, req.uri().query())
-    } else if let Some((repo, reference)) = path
-        .strip_prefix("/v2/")
-        .and_then(|p| p.rsplit_once("/manifests/"))
-    {
+    } else if let Some((repo, reference)) = path.strip_prefix("/v2/").and_then(|p| p.rsplit_once("/manifests/")) {
         manifest(&state, repo, reference, &req)
-    } else if let Some((_, digest)) = path
-        .strip_prefix("/v2/")
-        .and_then(|p| p.rsplit_once("/blobs/"))
-    {
+    } else if let Some((_, digest)) = path.strip_prefix("/v2/").and_then(|p| p.rsplit_once("/blobs/")) {
         blob(&state, digest, &req, head)
     } else {
         error(404, "NOT_FOUND")
@@ -222,22 +193,13 @@ async fn serve(
     Ok(resp)
 }
 
-fn manifest(
-    state: &Mutex<State>,
-    repo: &str,
-    reference: &str,
-    req: &Request<hyper::body::Incoming>,
-) -> Response<Body> {
+fn manifest(state: &Mutex<State>, repo: &str, reference: &str, req: &Request<hyper::body::Incoming>) -> Response<Body> {
     let accept: Vec<String> = req
         .headers()
         .get_all("accept")
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| {
-            v.split(',')
-                .map(|t| t.trim().to_owned())
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_owned()).collect::<Vec<_>>())
         .collect();
     let s = state.lock().unwrap();
     let Some(candidates) = s.manifests.get(&(repo.to_owned(), reference.to_owned())) else {
@@ -253,10 +215,7 @@ fn manifest(
     let h = r.headers_mut();
     h.insert("content-type", media_type.parse().unwrap());
     h.insert("content-length", bytes.len().into());
-    h.insert(
-        "docker-content-digest",
-        crate::harness::sha256(bytes).parse().unwrap(),
-    );
+    h.insert("docker-content-digest", crate::harness::sha256(bytes).parse().unwrap());
     r
 }
 
@@ -270,18 +229,11 @@ fn tags_list(state: &Mutex<State>, repo: &str, query: Option<&str>) -> Response<
             .split('&')
             .find_map(|p| p.strip_prefix(&format!("{k}=")).map(str::to_owned))
     };
-    let n: usize = param("n")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(usize::MAX);
+    let n: usize = param("n").and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
     let last = param("last");
-    let all: Vec<&String> = tags
-        .keys()
-        .filter(|t| last.as_ref().is_none_or(|l| *t > l))
-        .collect();
+    let all: Vec<&String> = tags.keys().filter(|t| last.as_ref().is_none_or(|l| *t > l)).collect();
     let page: Vec<&String> = all.iter().take(n).copied().collect();
-    let mut r = Response::new(Body::full(
-        serde_json::json!({"name": repo, "tags": page}).to_string(),
-    ));
+    let mut r = Response::new(Body::full(serde_json::json!({"name": repo, "tags": page}).to_string()));
     if all.len() > page.len() {
         let link = format!(
             "</v2/{repo}/tags/list?last={}&n={n}>; rel=\"next\"",
@@ -294,12 +246,7 @@ fn tags_list(state: &Mutex<State>, repo: &str, query: Option<&str>) -> Response<
     r
 }
 
-fn blob(
-    state: &Mutex<State>,
-    digest: &str,
-    req: &Request<hyper::body::Incoming>,
-    head: bool,
-) -> Response<Body> {
+fn blob(state: &Mutex<State>, digest: &str, req: &Request<hyper::body::Incoming>, head: bool) -> Response<Body> {
     let (bytes, fault) = {
         let mut s = state.lock().unwrap();
         let Some(bytes) = s.blobs.get(digest).cloned() else {

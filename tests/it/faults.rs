@@ -37,20 +37,13 @@ async fn corrupt_upstream_blob_is_never_cached_nor_served_complete() {
     up.fault(&digest, [Fault::Corrupt]);
     let url = proxy.url(&format!("/v2/library/x/blobs/{digest}"));
     let bad = get(&url).await;
-    assert!(
-        bad.body.is_err(),
-        "a corrupt blob must not arrive as a complete body"
-    );
+    assert!(bad.body.is_err(), "a corrupt blob must not arrive as a complete body");
     assert_eq!(cached_blobs(dir.path()), 0);
     assert!(files_under(&dir.path().join("v1/tmp")).is_empty());
 
     let good = get(&url).await;
     assert_eq!(good.bytes().as_ref(), data.as_slice());
-    assert_eq!(
-        up.count("GET", "/blobs/"),
-        2,
-        "the next request fetched again"
-    );
+    assert_eq!(up.count("GET", "/blobs/"), 2, "the next request fetched again");
     assert_eq!(cached_blobs(dir.path()), 1);
 }
 
@@ -81,11 +74,7 @@ async fn a_broken_transfer_is_resumed_with_a_range_request() {
     up.fault(&digest, [Fault::Truncate(700_000)]);
     let r = get(&proxy.url(&format!("/v2/library/x/blobs/{digest}"))).await;
     assert_eq!(r.bytes().as_ref(), data.as_slice());
-    let gets: Vec<_> = up
-        .seen()
-        .into_iter()
-        .filter(|s| s.path.contains("/blobs/"))
-        .collect();
+    let gets: Vec<_> = up.seen().into_iter().filter(|s| s.path.contains("/blobs/")).collect();
     assert_eq!(gets.len(), 2);
     assert!(gets[0].headers.get("range").is_none());
     let resumed_at: u64 = gets[1].headers["range"]
@@ -95,10 +84,7 @@ async fn a_broken_transfer_is_resumed_with_a_range_request() {
         .trim_end_matches('-')
         .parse()
         .unwrap();
-    assert!(
-        resumed_at > 0 && resumed_at <= 700_000,
-        "resumed at {resumed_at}"
-    );
+    assert!(resumed_at > 0 && resumed_at <= 700_000, "resumed at {resumed_at}");
     assert_eq!(cached_blobs(dir.path()), 1);
 }
 
@@ -160,26 +146,14 @@ async fn upstream_errors_map_to_oci_errors() {
     );
     let url = proxy.url(&format!("/v2/library/x/blobs/{digest}"));
     let r = get(&url).await;
-    assert_eq!(
-        (r.status.as_u16(), r.error_code().as_str()),
-        (429, "TOOMANYREQUESTS")
-    );
+    assert_eq!((r.status.as_u16(), r.error_code().as_str()), (429, "TOOMANYREQUESTS"));
     assert!(r.header("retry-after").is_some());
     let r = get(&url).await;
-    assert_eq!(
-        (r.status.as_u16(), r.error_code().as_str()),
-        (502, "UNAVAILABLE")
-    );
+    assert_eq!((r.status.as_u16(), r.error_code().as_str()), (502, "UNAVAILABLE"));
     let r = get(&url).await;
-    assert_eq!(
-        (r.status.as_u16(), r.error_code().as_str()),
-        (401, "UNAUTHORIZED")
-    );
+    assert_eq!((r.status.as_u16(), r.error_code().as_str()), (401, "UNAUTHORIZED"));
     let r = get(&url).await;
-    assert_eq!(
-        (r.status.as_u16(), r.error_code().as_str()),
-        (403, "DENIED")
-    );
+    assert_eq!((r.status.as_u16(), r.error_code().as_str()), (403, "DENIED"));
     assert_eq!(get(&url).await.bytes().as_ref(), b"some blob");
 
     let unknown = get(&proxy.url(&format!("/v2/library/x/blobs/{}", sha256(b"absent")))).await;
@@ -198,12 +172,7 @@ async fn upstream_errors_map_to_oci_errors() {
 async fn a_dead_upstream_serves_cached_tags_stale_and_refuses_the_rest() {
     let (up, proxy, _dir) = setup("0s").await;
     let m = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#;
-    let digest = up.add_manifest(
-        "library/app",
-        "1",
-        "application/vnd.oci.image.manifest.v1+json",
-        m,
-    );
+    let digest = up.add_manifest("library/app", "1", "application/vnd.oci.image.manifest.v1+json", m);
     let url = proxy.url("/v2/library/app/manifests/1");
     let fresh = get(&url).await;
     assert_eq!(fresh.status, 200);
@@ -296,10 +265,7 @@ async fn kill_9_during_a_fill_leaves_nothing_partial_behind() {
     drop(body);
 
     let second = Process::start(dir.path(), &up.url());
-    assert!(
-        files_under(&tmp).is_empty(),
-        "leftovers are removed at startup"
-    );
+    assert!(files_under(&tmp).is_empty(), "leftovers are removed at startup");
     assert!(files_under(&dir.path().join("cache/v1/blobs")).is_empty());
     let r = get(&second.url(&format!("/v2/library/x/blobs/{digest}"))).await;
     assert_eq!(r.bytes().as_ref(), data.as_slice());

@@ -32,9 +32,7 @@ impl TestProxy {
             dir.display()
         );
         let config = regcache::Config::from_toml(&text).expect("test config is valid");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let proxy = regcache::build(&config).expect("cache opens");
@@ -95,10 +93,7 @@ impl Reply {
     }
     /// The OCI error code of an error answer.
     pub fn error_code(&self) -> String {
-        self.json()["errors"][0]["code"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
+        self.json()["errors"][0]["code"].as_str().unwrap_or_default().to_owned()
     }
 }
 
@@ -109,11 +104,7 @@ fn client() -> Client<HttpConnector, Empty<Bytes>> {
 }
 
 /// Sends a request and returns as soon as the response headers are in.
-pub async fn open(
-    method: Method,
-    url: &str,
-    headers: &[(&str, &str)],
-) -> http::Response<hyper::body::Incoming> {
+pub async fn open(method: Method, url: &str, headers: &[(&str, &str)]) -> http::Response<hyper::body::Incoming> {
     let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -126,11 +117,7 @@ pub async fn open(
 
 pub async fn request(method: Method, url: &str, headers: &[(&str, &str)]) -> Reply {
     let (parts, body) = open(method, url, headers).await.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| e.to_string());
+    let body = body.collect().await.map(|c| c.to_bytes()).map_err(|e| e.to_string());
     Reply {
         status: parts.status,
         headers: parts.headers,

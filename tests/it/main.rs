@@ -2,6 +2,7 @@
 //! counts) and against the real docker-registry with skopeo and containerd's ctr.
 
 mod core_pull;
+mod deploy_files;
 mod fake_upstream;
 mod faults;
 mod harness;
