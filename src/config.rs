@@ -89,6 +89,9 @@ pub struct CacheConfig {
     pub max_size: ByteSize,
     #[serde(default = "default_memory_manifests")]
     pub memory_manifests: ByteSize,
+    /// Never contact any upstream: serve what is cached, tags regardless of their TTL.
+    #[serde(default)]
+    pub offline: bool,
 }
 
 impl Default for CacheConfig {
@@ -97,6 +100,7 @@ impl Default for CacheConfig {
             dir: default_cache_dir(),
             max_size: default_max_size(),
             memory_manifests: default_memory_manifests(),
+            offline: false,
         }
     }
 }
@@ -110,6 +114,96 @@ pub struct UpstreamConfig {
     pub default: bool,
     #[serde(default = "default_tag_ttl")]
     pub tag_ttl: HumanDuration,
+    /// How old (since the upstream last confirmed it) a cached tag may be when it is served
+    /// because the upstream is failing. Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_stale: Option<HumanDuration>,
+    /// Never contact this upstream; serve what is cached.
+    #[serde(default)]
+    pub offline: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Redacted>,
+    /// A file holding the password (trailing newline ignored), e.g. a mounted secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Token realm hosts that may receive the credentials besides the upstream's own
+    /// registrable domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_realms: Vec<String>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// How long to wait for response headers.
+    #[serde(default = "default_response_timeout")]
+    pub response_timeout: HumanDuration,
+    /// Consecutive failures (connect errors, timeouts, 5xx) that open the circuit.
+    #[serde(default = "default_circuit_failures")]
+    pub circuit_failures: u32,
+    /// How often a background probe checks an open circuit's upstream.
+    #[serde(default = "default_circuit_cooldown")]
+    pub circuit_cooldown: HumanDuration,
+}
+
+/// A secret in the config: read as text, printed as `<redacted>`.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Redacted(pub String);
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Redacted {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// The environment variable prefix for an upstream's credentials:
+/// `REGCACHE_UPSTREAM_DOCKER_IO` for `docker.io`, then `_USERNAME` / `_PASSWORD`.
+pub fn credentials_env_prefix(name: &str) -> String {
+    let mangled: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("REGCACHE_UPSTREAM_{mangled}")
+}
+
+impl UpstreamConfig {
+    /// The username and password to use, if any: the environment
+    /// (`REGCACHE_UPSTREAM_<NAME>_USERNAME` / `_PASSWORD`) wins over `password_file`, which
+    /// wins over `password`.
+    pub fn credentials(&self) -> Result<Option<(String, String)>, String> {
+        let prefix = credentials_env_prefix(&self.name);
+        let env_user = std::env::var(format!("{prefix}_USERNAME")).ok();
+        let env_pass = std::env::var(format!("{prefix}_PASSWORD")).ok();
+        let password = match (env_pass, &self.password_file, &self.password) {
+            (Some(p), _, _) => Some(p),
+            (None, Some(file), _) => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| format!("cannot read password_file {}: {e}", file.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+            ),
+            (None, None, Some(p)) => Some(p.0.clone()),
+            (None, None, None) => None,
+        };
+        match (env_user.or_else(|| self.username.clone()), password) {
+            (Some(u), Some(p)) => Ok(Some((u, p))),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err("a username needs a password (password, password_file or the environment)".into()),
+            (None, Some(_)) => Err("a password needs a username".into()),
+        }
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -129,6 +223,18 @@ fn default_memory_manifests() -> ByteSize {
 }
 fn default_tag_ttl() -> HumanDuration {
     HumanDuration(Duration::from_secs(300))
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_response_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_circuit_failures() -> u32 {
+    5
+}
+fn default_circuit_cooldown() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
 
 impl Config {
@@ -194,6 +300,13 @@ impl Config {
             }
             if uri.host().is_none() {
                 return Err(invalid(key("url"), "has no host"));
+            }
+            up.credentials().map_err(|m| invalid(key("password"), m))?;
+            if up.circuit_failures == 0 {
+                return Err(invalid(key("circuit_failures"), "must be at least 1"));
+            }
+            if up.connect_timeout.0.is_zero() || up.response_timeout.0.is_zero() {
+                return Err(invalid(key("response_timeout"), "timeouts must be above zero"));
             }
             if up.default {
                 defaults += 1;
@@ -410,6 +523,42 @@ mod tests {
         assert!(err_of(bad_url).contains("upstream[0].url"));
         let bad_name = "[[upstream]]\nname=\"a/b\"\nurl=\"http://x\"\n";
         assert!(err_of(bad_name).contains("upstream[0].name"));
+    }
+
+    #[test]
+    fn secrets_are_redacted_and_credentials_resolved() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let text = format!(
+            "[[upstream]]\nname=\"private.example\"\nurl=\"https://private.example\"\n\
+             username=\"bob\"\npassword=\"hunter2\"\n\
+             [[upstream]]\nname=\"other.example\"\nurl=\"https://other.example\"\n\
+             username=\"amy\"\npassword_file=\"{}\"\n",
+            file.display()
+        );
+        let c = Config::from_toml(&text).unwrap();
+        let shown = c.to_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("<redacted>"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert_eq!(
+            c.upstreams[0].credentials().unwrap(),
+            Some(("bob".into(), "hunter2".into()))
+        );
+        assert_eq!(
+            c.upstreams[1].credentials().unwrap(),
+            Some(("amy".into(), "from-file".into()))
+        );
+        assert_eq!(
+            credentials_env_prefix("registry.lab:5000"),
+            "REGCACHE_UPSTREAM_REGISTRY_LAB_5000"
+        );
+        let missing =
+            "[[upstream]]\nname=\"a.io\"\nurl=\"https://a.io\"\nusername=\"x\"\npassword_file=\"/nonexistent/pw\"\n";
+        assert!(err_of(missing).contains("upstream[0].password"));
+        let no_pass = "[[upstream]]\nname=\"a.io\"\nurl=\"https://a.io\"\nusername=\"x\"\n";
+        assert!(err_of(no_pass).contains("needs a password"));
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub fn build(config: &Config) -> io::Result<Arc<Proxy>> {
         config.cache.max_size.0,
         config.cache.memory_manifests.0,
     )?;
-    let upstreams = upstream::Upstreams::new(&config.upstreams, upstream::client::http_client(), metrics.clone());
+    let upstreams = upstream::Upstreams::new(&config.upstreams, metrics.clone(), config.cache.offline);
     Ok(Arc::new(Proxy::new(Arc::new(cache), upstreams, metrics)))
 }
 

@@ -124,7 +124,7 @@ impl Proxy {
                     tag: tag.clone(),
                     accept: accept.bits(),
                 };
-                if let Some(answer) = self.fresh_tag(&key, target.upstream.tag_ttl) {
+                if let Some(answer) = self.fresh_tag(&key, &target.upstream) {
                     self.lookup("tag", "hit");
                     return Ok(answer);
                 }
@@ -135,9 +135,11 @@ impl Proxy {
         }
     }
 
-    fn fresh_tag(&self, key: &TagKey, ttl: Duration) -> Option<ManifestAnswer> {
+    /// A cached tag answer that needs no upstream: within its TTL, or any age when the
+    /// upstream is offline by configuration.
+    fn fresh_tag(&self, key: &TagKey, up: &upstream::Upstream) -> Option<ManifestAnswer> {
         let record = self.cache.tags.get(key)?;
-        if record.age() >= ttl {
+        if record.age() >= up.tag_ttl && !up.offline {
             return None;
         }
         let manifest = self.cache.manifest(&record.digest()?)?;
@@ -167,7 +169,7 @@ impl Proxy {
 
     async fn resolve_tag(&self, target: &Target, key: TagKey, accept: AcceptSet) -> Result<ManifestAnswer, Error> {
         let up = &target.upstream;
-        if let Some(answer) = self.fresh_tag(&key, up.tag_ttl) {
+        if let Some(answer) = self.fresh_tag(&key, up) {
             self.lookup("tag", "coalesced");
             return Ok(answer);
         }
@@ -177,32 +179,41 @@ impl Proxy {
             let manifest = self.cache.manifest(&record.digest()?)?;
             Some((record, manifest))
         });
-        if let Some((record, manifest)) = cached {
+        let unknown = || Error::ManifestUnknown(format!("{}:{}", key.repo, key.tag));
+        // Serves the cached answer when the upstream cannot give one, within max_stale.
+        let stale_or = |e: upstream::Error| -> Result<ManifestAnswer, Error> {
+            match &cached {
+                Some((record, manifest)) if e.is_unavailable() && up.max_stale.is_none_or(|max| record.age() < max) => {
+                    tracing::warn!(upstream = %up.name, repo = %key.repo, tag = %key.tag, error = %e,
+                        "upstream unavailable; serving cached tag");
+                    self.lookup("tag", "stale");
+                    Ok(ManifestAnswer {
+                        manifest: manifest.clone(),
+                        stale: true,
+                    })
+                }
+                _ => Err(not_found(e, unknown)),
+            }
+        };
+        if let Some((record, manifest)) = &cached {
             match up.head_manifest(&target.repo, &key.tag, &accept_header).await {
                 Ok(head) if head.digest.as_deref() == Some(record.digest.as_str()) => {
                     if let Err(e) = self.cache.tags.put(record.reconfirmed()) {
                         tracing::warn!(error = %e, "cannot persist tag revalidation");
                     }
-                    return Ok(ManifestAnswer { manifest, stale: false });
+                    return Ok(ManifestAnswer {
+                        manifest: manifest.clone(),
+                        stale: false,
+                    });
                 }
                 Ok(_) => {} // moved (or no digest header): fetch it below
-                Err(e) if e.status().is_some_and(|s| s.is_client_error()) => {
-                    return Err(not_found(e, || {
-                        Error::ManifestUnknown(format!("{}:{}", key.repo, key.tag))
-                    }));
-                }
-                Err(e) => {
-                    tracing::warn!(upstream = %up.name, repo = %key.repo, tag = %key.tag, error = %e,
-                        "upstream unavailable; serving cached tag");
-                    self.lookup("tag", "stale");
-                    return Ok(ManifestAnswer { manifest, stale: true });
-                }
+                Err(e) => return stale_or(e),
             }
         }
-        let fetched = up
-            .get_manifest(&target.repo, &key.tag, &accept_header)
-            .await
-            .map_err(|e| not_found(e, || Error::ManifestUnknown(format!("{}:{}", key.repo, key.tag))))?;
+        let fetched = match up.get_manifest(&target.repo, &key.tag, &accept_header).await {
+            Ok(f) => f,
+            Err(e) => return stale_or(e),
+        };
         let manifest = Arc::new(self.check_manifest(up, fetched, None)?);
         self.cache.put_manifest(manifest.clone())?;
         let record = TagRecord::new(
@@ -213,6 +224,96 @@ impl Proxy {
         );
         if let Err(e) = self.cache.tags.put(record) {
             tracing::warn!(error = %e, "cannot persist tag mapping");
+        }
+        Ok(ManifestAnswer { manifest, stale: false })
+    }
+
+    /// The referrers of `digest` (OCI 1.1) as an image index, filtered by `artifact_type`
+    /// when given. Upstreams without the API are asked for the `sha256-<hex>` tag instead;
+    /// with neither, the answer is an empty index. Cached like a tag, for `tag_ttl`.
+    pub async fn referrers(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<ManifestAnswer, Error> {
+        let key = TagKey {
+            upstream: target.upstream.name.clone(),
+            repo: target.repo.to_string(),
+            tag: format!("referrers/{digest}/{}", artifact_type.unwrap_or("")),
+            accept: 0,
+        };
+        if let Some(answer) = self.fresh_tag(&key, &target.upstream) {
+            self.lookup("tag", "hit");
+            return Ok(answer);
+        }
+        self.manifest_flights
+            .run(Flight::Tag(key.clone()), || {
+                self.fetch_referrers(target, digest, artifact_type, key)
+            })
+            .await
+    }
+
+    async fn fetch_referrers(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+        key: TagKey,
+    ) -> Result<ManifestAnswer, Error> {
+        let up = &target.upstream;
+        if let Some(answer) = self.fresh_tag(&key, up) {
+            self.lookup("tag", "coalesced");
+            return Ok(answer);
+        }
+        self.lookup("tag", "miss");
+        let index = match up.referrers(&target.repo, digest, artifact_type).await {
+            Ok((bytes, filtered)) => {
+                let index = parse_index(&bytes).ok_or_else(|| Error::BadContent {
+                    upstream: up.name.clone(),
+                    message: "the referrers answer is not an image index".into(),
+                })?;
+                if filtered {
+                    index
+                } else {
+                    filter_index(index, artifact_type)
+                }
+            }
+            Err(e) if e.status() == Some(http::StatusCode::NOT_FOUND) => {
+                // No referrers API upstream: the tag schema fallback.
+                let tag = Reference::Tag(format!("{}-{}", digest.algorithm().name(), digest.hex()));
+                match self.manifest(target, &tag, AcceptSet::ALL).await {
+                    Ok(answer) => filter_index(parse_index(&answer.manifest.bytes).unwrap_or_default(), artifact_type),
+                    Err(Error::ManifestUnknown(_)) => serde_json::Map::new(),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => {
+                let cached = self
+                    .cache
+                    .tags
+                    .get(&key)
+                    .filter(|r| e.is_unavailable() && up.max_stale.is_none_or(|max| r.age() < max))
+                    .and_then(|r| self.cache.manifest(&r.digest()?));
+                return match cached {
+                    Some(manifest) => {
+                        self.lookup("tag", "stale");
+                        Ok(ManifestAnswer { manifest, stale: true })
+                    }
+                    None => Err(Error::Upstream(e)),
+                };
+            }
+        };
+        let bytes = Bytes::from(serde_json::to_vec(&index_document(index)).unwrap_or_default());
+        let manifest = Arc::new(Manifest {
+            digest: Digest::sha256_of(&bytes),
+            bytes,
+            media_type: oci::OCI_INDEX.to_owned(),
+        });
+        self.cache.put_manifest(manifest.clone())?;
+        let record = TagRecord::new(&key, &manifest.digest, oci::OCI_INDEX, manifest.bytes.len() as u64);
+        if let Err(e) = self.cache.tags.put(record) {
+            tracing::warn!(error = %e, "cannot persist referrers answer");
         }
         Ok(ManifestAnswer { manifest, stale: false })
     }
@@ -383,5 +484,36 @@ fn opener(target: &Target, digest: &Digest) -> Opener<upstream::Error> {
     Box::new(move |offset| {
         let (upstream, repo, digest) = (upstream.clone(), repo.clone(), digest.clone());
         Box::pin(async move { upstream.get_blob(&repo, &digest, offset).await })
+    })
+}
+
+type JsonObject = serde_json::Map<String, serde_json::Value>;
+
+/// An image index's JSON object, if `bytes` is one.
+fn parse_index(bytes: &[u8]) -> Option<JsonObject> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let object = value.as_object()?;
+    object.get("manifests")?.as_array()?;
+    Some(object.clone())
+}
+
+/// Keeps the descriptors of one artifact type (all of them without a filter).
+fn filter_index(mut index: JsonObject, artifact_type: Option<&str>) -> JsonObject {
+    if let (Some(t), Some(serde_json::Value::Array(list))) = (artifact_type, index.get_mut("manifests")) {
+        list.retain(|d| d.get("artifactType").and_then(|v| v.as_str()) == Some(t));
+    }
+    index
+}
+
+/// The referrers answer: always an OCI image index, `manifests` possibly empty.
+fn index_document(index: JsonObject) -> serde_json::Value {
+    let manifests = index
+        .get("manifests")
+        .cloned()
+        .unwrap_or_else(|| serde_json::Value::Array(Vec::new()));
+    serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": oci::OCI_INDEX,
+        "manifests": manifests,
     })
 }

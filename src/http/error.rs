@@ -93,6 +93,9 @@ fn upstream_error(e: upstream::Error) -> ApiError {
             }
         }
         upstream::Error::Timeout { .. } => ApiError::new(S::GATEWAY_TIMEOUT, "UNAVAILABLE", message),
+        upstream::Error::Down { .. } | upstream::Error::Offline { .. } => {
+            ApiError::new(S::SERVICE_UNAVAILABLE, "UNAVAILABLE", message)
+        }
         upstream::Error::Unreachable { .. } | upstream::Error::Protocol { .. } => {
             ApiError::new(S::BAD_GATEWAY, "UNAVAILABLE", message)
         }

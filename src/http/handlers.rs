@@ -92,12 +92,8 @@ async fn dispatch<B>(
         Endpoint::Blob(digest) => blob(proxy, &target, &parse_digest(&digest)?, req.headers(), head).await?,
         Endpoint::TagsList => tags_list(proxy, &target, &route.name, ns.as_deref(), query).await?,
         Endpoint::Referrers(digest) => {
-            parse_digest(&digest)?;
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "UNSUPPORTED",
-                "the referrers API is not proxied yet; use the sha256-<hex> tag schema",
-            ));
+            let artifact_type = query_param(query, "artifactType");
+            referrers(proxy, &target, &parse_digest(&digest)?, artifact_type.as_deref()).await?
         }
         Endpoint::Base | Endpoint::Upload => unreachable_route(),
     };
@@ -158,6 +154,30 @@ async fn manifest(
     );
     h.insert(CONTENT_LENGTH, m.bytes.len().into());
     h.insert(DOCKER_CONTENT_DIGEST, digest_header(&m.digest));
+    if answer.stale {
+        h.insert(STALE, HeaderValue::from_static("1"));
+    }
+    Ok(resp)
+}
+
+async fn referrers(
+    proxy: &Proxy,
+    target: &Target,
+    digest: &Digest,
+    artifact_type: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let answer = proxy.referrers(target, digest, artifact_type).await?;
+    let m = &answer.manifest;
+    let mut resp = Response::new(Body::full(m.bytes.clone()));
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(oci::OCI_INDEX));
+    h.insert(CONTENT_LENGTH, m.bytes.len().into());
+    if artifact_type.is_some() {
+        h.insert(
+            HeaderName::from_static("oci-filters-applied"),
+            HeaderValue::from_static("artifactType"),
+        );
+    }
     if answer.stale {
         h.insert(STALE, HeaderValue::from_static("1"));
     }

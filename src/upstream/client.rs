@@ -1,13 +1,16 @@
-//! Talking to one upstream registry: the shared hyper-util client over rustls (webpki and
-//! native roots, HTTP/1.1 and h2 by ALPN), timeouts, redirects (bounded; `Authorization`
-//! never follows to another host), and the distribution API calls regcache makes.
+//! Talking to one upstream registry: a hyper-util client over rustls (webpki and native
+//! roots, HTTP/1.1 and h2 by ALPN), timeouts, redirects (bounded; `Authorization` never
+//! follows to another host), authentication (see `auth.rs`), rate-limit headers, the
+//! `Retry-After` back-off, the circuit breaker and offline mode; and the distribution API
+//! calls regcache makes.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{
-    HeaderName, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LINK, LOCATION, RANGE,
+    HeaderName, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LINK, LOCATION, RANGE, RETRY_AFTER,
+    WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
@@ -16,20 +19,22 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use super::auth::{self, Challenge, Credentials, Secret, TokenCache};
 use crate::cache::fill::Source;
 use crate::config::UpstreamConfig;
 use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::oci::RepoName;
+use crate::single_flight::SingleFlight;
 
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
 const MAX_REDIRECTS: usize = 5;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Manifests and tag lists are small; anything larger is refused, not buffered.
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// Without a usable `Retry-After`, a 429 keeps an upstream alone for this long.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -42,10 +47,14 @@ pub enum Error {
     },
     #[error("cannot reach upstream {upstream}: {message}")]
     Unreachable { upstream: String, message: String },
-    #[error("upstream {upstream} did not answer within {0:?}", RESPONSE_TIMEOUT)]
+    #[error("upstream {upstream} did not answer in time")]
     Timeout { upstream: String },
     #[error("upstream {upstream} sent a bad answer: {message}")]
     Protocol { upstream: String, message: String },
+    #[error("upstream {upstream} is down (circuit open after repeated failures); not contacting it")]
+    Down { upstream: String },
+    #[error("upstream {upstream} is offline by configuration")]
+    Offline { upstream: String },
 }
 
 impl Error {
@@ -55,22 +64,36 @@ impl Error {
             _ => None,
         }
     }
+
+    /// The upstream could not give an answer (as opposed to answering "no"): the cases in
+    /// which a cached answer is served instead.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Status { status, .. } => status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS,
+            Error::Unreachable { .. } | Error::Timeout { .. } | Error::Down { .. } | Error::Offline { .. } => true,
+            Error::Protocol { .. } => false,
+        }
+    }
 }
 
-/// Builds the one HTTP client shared by every upstream (one pool, one TLS config).
-pub fn http_client() -> HttpClient {
+/// The TLS client configuration shared by upstreams: webpki roots plus the system's.
+pub fn tls_config() -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let native = rustls_native_certs::load_native_certs();
     let (added, _ignored) = roots.add_parsable_certificates(native.certs);
     tracing::debug!(native_roots = added, "TLS roots loaded");
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-        .unwrap_or_else(|e| panic!("ring supports the default TLS versions: {e}"));
+        .unwrap_or_else(|e| panic!("ring supports the default TLS versions: {e}"))
+}
+
+/// An HTTP client (its own connection pool) for one upstream.
+pub fn http_client(tls: rustls::ClientConfig, connect_timeout: Duration) -> HttpClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
-    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
@@ -97,27 +120,96 @@ pub struct ManifestHead {
     pub length: Option<u64>,
 }
 
+/// The upstream's health as regcache sees it.
+#[derive(Default)]
+struct Health {
+    consecutive_failures: u32,
+    circuit_open: bool,
+    probing: bool,
+    /// A 429's `Retry-After`: no request before then.
+    quiet_until: Option<Instant>,
+}
+
 pub struct Upstream {
     pub name: String,
     base: String,
     pub tag_ttl: Duration,
+    pub max_stale: Option<Duration>,
+    pub offline: bool,
     http: HttpClient,
     metrics: Arc<Metrics>,
+    credentials: Option<Credentials>,
+    trusted_realms: Vec<String>,
+    response_timeout: Duration,
+    circuit_failures: u32,
+    circuit_cooldown: Duration,
+    health: Arc<Mutex<Health>>,
+    tokens: TokenCache,
+    token_flights: SingleFlight<String, Result<Secret, Error>>,
+    /// The upstream asked for Basic auth once: send it up front from then on.
+    basic_only: std::sync::atomic::AtomicBool,
 }
 
 fn header_str(headers: &HeaderMap, name: HeaderName) -> Option<String> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
+/// The `pull` scope of a repository, as token services expect it.
+fn pull_scope(repo: &RepoName) -> String {
+    format!("repository:{repo}:pull")
+}
+
+/// Query-string encoding of one value (RFC 3986 unreserved characters pass through).
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, http: HttpClient, metrics: Arc<Metrics>) -> Upstream {
+    pub fn new(
+        config: &UpstreamConfig,
+        tls: rustls::ClientConfig,
+        metrics: Arc<Metrics>,
+        offline_everywhere: bool,
+    ) -> Upstream {
+        let credentials = config
+            .credentials()
+            .ok()
+            .flatten()
+            .map(|(username, password)| Credentials {
+                username,
+                password: Secret(password),
+            });
+        metrics.circuit_open.with_label_values(&[&config.name]).set(0);
         Upstream {
             name: config.name.clone(),
             base: config.url.trim_end_matches('/').to_owned(),
             tag_ttl: config.tag_ttl.0,
-            http,
+            max_stale: config.max_stale.map(|d| d.0),
+            offline: config.offline || offline_everywhere,
+            http: http_client(tls, config.connect_timeout.0),
             metrics,
+            credentials,
+            trusted_realms: config.trusted_realms.iter().map(|r| r.to_ascii_lowercase()).collect(),
+            response_timeout: config.response_timeout.0,
+            circuit_failures: config.circuit_failures,
+            circuit_cooldown: config.circuit_cooldown.0,
+            health: Arc::default(),
+            tokens: TokenCache::default(),
+            token_flights: SingleFlight::default(),
+            basic_only: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    pub fn circuit_is_open(&self) -> bool {
+        self.health.lock().unwrap_or_else(|p| p.into_inner()).circuit_open
     }
 
     /// Counts one upstream exchange: its status, or `error`/`timeout`.
@@ -146,16 +238,113 @@ impl Upstream {
         }
     }
 
-    /// Sends one request, following redirects; any answer but 2xx becomes an error.
-    async fn send(
+    /// Refuses at once when the upstream must not be contacted now.
+    fn admit(&self) -> Result<(), Error> {
+        if self.offline {
+            return Err(Error::Offline {
+                upstream: self.name.clone(),
+            });
+        }
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if health.circuit_open {
+            return Err(Error::Down {
+                upstream: self.name.clone(),
+            });
+        }
+        if let Some(until) = health.quiet_until {
+            let left = until.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                return Err(Error::Status {
+                    upstream: self.name.clone(),
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    retry_after: Some(left.as_secs().max(1).to_string()),
+                    what: "a request (still within its Retry-After)".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Records how an exchange went, for the circuit breaker and the 429 back-off.
+    fn record(self: &Arc<Self>, outcome: &Result<Response<Incoming>, Error>) {
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let failed = match outcome {
+            Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS => {
+                let wait = header_str(resp.headers(), RETRY_AFTER)
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map_or(DEFAULT_RETRY_AFTER, Duration::from_secs);
+                health.quiet_until = Some(Instant::now() + wait);
+                tracing::warn!(upstream = %self.name, ?wait, "upstream rate limit hit; backing off");
+                false
+            }
+            Ok(resp) => resp.status().is_server_error(),
+            Err(Error::Unreachable { .. } | Error::Timeout { .. }) => true,
+            Err(_) => false,
+        };
+        if !failed {
+            health.consecutive_failures = 0;
+            return;
+        }
+        health.consecutive_failures += 1;
+        if health.consecutive_failures >= self.circuit_failures && !health.circuit_open {
+            health.circuit_open = true;
+            self.metrics.circuit_open.with_label_values(&[&self.name]).set(1);
+            tracing::warn!(upstream = %self.name, failures = health.consecutive_failures,
+                "upstream marked down; answering from cache until a probe succeeds");
+            if !health.probing {
+                health.probing = true;
+                tokio::spawn(self.clone().probe());
+            }
+        }
+    }
+
+    /// While the circuit is open: every cool-down, ask `/v2/`; any answer below 500 closes it.
+    async fn probe(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.circuit_cooldown).await;
+            let url = format!("{}/v2/", self.base);
+            let Ok(req) = Request::get(url).body(Empty::new()) else {
+                return;
+            };
+            let up = matches!(
+                tokio::time::timeout(self.response_timeout, self.http.request(req)).await,
+                Ok(Ok(resp)) if !resp.status().is_server_error()
+            );
+            if up {
+                let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+                health.circuit_open = false;
+                health.probing = false;
+                health.consecutive_failures = 0;
+                self.metrics.circuit_open.with_label_values(&[&self.name]).set(0);
+                tracing::info!(upstream = %self.name, "upstream answers again; circuit closed");
+                return;
+            }
+        }
+    }
+
+    fn note_rate_limit(&self, headers: &HeaderMap) {
+        // "100;w=21600": the number before any parameter.
+        let value =
+            |name: &str| -> Option<i64> { headers.get(name)?.to_str().ok()?.split(';').next()?.trim().parse().ok() };
+        if let Some(limit) = value("ratelimit-limit") {
+            self.metrics.ratelimit_limit.with_label_values(&[&self.name]).set(limit);
+        }
+        if let Some(remaining) = value("ratelimit-remaining") {
+            self.metrics
+                .ratelimit_remaining
+                .with_label_values(&[&self.name])
+                .set(remaining);
+        }
+    }
+
+    /// One request, following redirects; returns whatever status the last hop answered.
+    async fn exchange(
         &self,
-        method: Method,
-        path: &str,
+        method: &Method,
+        url: &str,
         headers: &[(HeaderName, String)],
     ) -> Result<Response<Incoming>, Error> {
-        let mut url: Uri = format!("{}{}", self.base, path)
-            .parse()
-            .map_err(|e| self.protocol(format!("bad URL: {e}")))?;
+        let mut url: Uri = url.parse().map_err(|e| self.protocol(format!("bad URL: {e}")))?;
         let origin = url.authority().cloned();
         for _hop in 0..=MAX_REDIRECTS {
             let same_host = url.authority() == origin.as_ref();
@@ -171,21 +360,22 @@ impl Upstream {
                 .body(Empty::new())
                 .map_err(|e| self.protocol(format!("cannot build request: {e}")))?;
             let started = Instant::now();
-            let resp = match tokio::time::timeout(RESPONSE_TIMEOUT, self.http.request(req)).await {
+            let resp = match tokio::time::timeout(self.response_timeout, self.http.request(req)).await {
                 Err(_) => {
-                    self.observe(&method, "timeout", started);
+                    self.observe(method, "timeout", started);
                     return Err(Error::Timeout {
                         upstream: self.name.clone(),
                     });
                 }
                 Ok(Err(e)) => {
-                    self.observe(&method, "error", started);
+                    self.observe(method, "error", started);
                     return Err(self.unreachable(error_chain(&e)));
                 }
                 Ok(Ok(resp)) => resp,
             };
             let status = resp.status();
-            self.observe(&method, status.as_str(), started);
+            self.observe(method, status.as_str(), started);
+            self.note_rate_limit(resp.headers());
             if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
                 let location =
                     header_str(resp.headers(), LOCATION).ok_or_else(|| self.protocol("redirect without Location"))?;
@@ -193,25 +383,185 @@ impl Upstream {
                     .ok_or_else(|| self.protocol(format!("bad redirect Location {location:?}")))?;
                 continue;
             }
-            if !status.is_success() {
-                return Err(Error::Status {
-                    upstream: self.name.clone(),
-                    status,
-                    retry_after: header_str(resp.headers(), http::header::RETRY_AFTER),
-                    what: format!("{method} {path}"),
-                });
-            }
             return Ok(resp);
         }
         Err(self.protocol(format!("more than {MAX_REDIRECTS} redirects")))
     }
 
-    pub async fn get_manifest(&self, repo: &RepoName, reference: &str, accept: &str) -> Result<FetchedManifest, Error> {
+    /// The `Authorization` to send up front for a scope: a cached token, or Basic for a
+    /// registry known to want it.
+    fn authorization(&self, scope: &str) -> Option<String> {
+        if let Some(token) = self.tokens.get(scope, Instant::now()) {
+            return Some(format!("Bearer {}", token.0));
+        }
+        if self.basic_only.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.credentials.as_ref().map(Credentials::basic_header);
+        }
+        None
+    }
+
+    /// Sends a request for `scope`, answering an auth challenge once; any answer but 2xx
+    /// becomes an error.
+    async fn send(
+        self: &Arc<Self>,
+        method: Method,
+        path: &str,
+        headers: &[(HeaderName, String)],
+        scope: &str,
+    ) -> Result<Response<Incoming>, Error> {
+        self.admit()?;
+        let url = format!("{}{path}", self.base);
+        let mut all = headers.to_vec();
+        let sent_auth = self.authorization(scope);
+        if let Some(a) = &sent_auth {
+            all.push((AUTHORIZATION, a.clone()));
+        }
+        let mut result = self.exchange(&method, &url, &all).await;
+        if let Ok(resp) = &result {
+            if resp.status() == StatusCode::UNAUTHORIZED {
+                let challenge = header_str(resp.headers(), WWW_AUTHENTICATE).and_then(|h| auth::parse_challenge(&h));
+                if let Some(authorization) = self.answer(challenge, scope, sent_auth.is_some()).await? {
+                    all.retain(|(n, _)| *n != AUTHORIZATION);
+                    all.push((AUTHORIZATION, authorization));
+                    result = self.exchange(&method, &url, &all).await;
+                }
+            }
+        }
+        self.record(&result);
+        let resp = result?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            self.tokens.forget(scope);
+        }
+        Err(Error::Status {
+            upstream: self.name.clone(),
+            status,
+            retry_after: header_str(resp.headers(), RETRY_AFTER),
+            what: format!("{method} {path}"),
+        })
+    }
+
+    /// What to send after a 401: a fresh token for a Bearer challenge, Basic credentials for
+    /// a Basic one; `None` when there is nothing better to try.
+    async fn answer(&self, challenge: Option<Challenge>, scope: &str, had_auth: bool) -> Result<Option<String>, Error> {
+        match challenge {
+            Some(Challenge::Bearer {
+                realm,
+                service,
+                scope: asked,
+            }) => {
+                if had_auth {
+                    self.tokens.forget(scope);
+                }
+                let scope_key = scope.to_owned();
+                let token = self
+                    .token_flights
+                    .run(scope_key, || {
+                        self.fetch_token(&realm, service.as_deref(), asked.as_deref().unwrap_or(scope), scope)
+                    })
+                    .await?;
+                Ok(Some(format!("Bearer {}", token.0)))
+            }
+            Some(Challenge::Basic) => {
+                let Some(c) = &self.credentials else { return Ok(None) };
+                // Basic already went with this request: the credentials are wrong.
+                let was_basic = self.basic_only.swap(true, std::sync::atomic::Ordering::Relaxed);
+                let sent_basic = had_auth && was_basic;
+                Ok((!sent_basic).then(|| c.basic_header()))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Whether credentials may be sent to this token realm.
+    fn trusts_realm(&self, realm: &Uri) -> bool {
+        let Some(realm_host) = realm.host() else { return false };
+        let realm_host = realm_host.to_ascii_lowercase();
+        if self.trusted_realms.contains(&realm_host) {
+            return true;
+        }
+        let Some(own) = self.base.parse::<Uri>().ok().and_then(|u| u.host().map(str::to_owned)) else {
+            return false;
+        };
+        // No credentials over plain HTTP to a realm unless the upstream itself is plain HTTP.
+        let downgrade = realm.scheme_str() == Some("http") && self.base.starts_with("https://");
+        !downgrade && auth::registrable_domain(&realm_host) == auth::registrable_domain(&own)
+    }
+
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+        cache_key: &str,
+    ) -> Result<Secret, Error> {
+        if let Some(token) = self.tokens.get(cache_key, Instant::now()) {
+            return Ok(token);
+        }
+        let realm_uri: Uri = realm
+            .parse()
+            .map_err(|_| self.protocol(format!("bad token realm {realm:?}")))?;
+        if !matches!(realm_uri.scheme_str(), Some("http" | "https")) {
+            return Err(self.protocol(format!("bad token realm {realm:?}")));
+        }
+        let mut query = Vec::new();
+        if let Some(service) = service {
+            query.push(format!("service={}", encode(service)));
+        }
+        if !scope.is_empty() {
+            query.push(format!("scope={}", encode(scope)));
+        }
+        let sep = if realm.contains('?') { '&' } else { '?' };
+        let url = if query.is_empty() {
+            realm.to_owned()
+        } else {
+            format!("{realm}{sep}{}", query.join("&"))
+        };
+        let mut headers = Vec::new();
+        match &self.credentials {
+            Some(c) if self.trusts_realm(&realm_uri) => headers.push((AUTHORIZATION, c.basic_header())),
+            Some(_) => tracing::warn!(upstream = %self.name, realm_host = ?realm_uri.host(),
+                "token realm is not on the upstream's domain nor in trusted_realms; asking it anonymously"),
+            None => {}
+        }
+        let resp = self.exchange(&Method::GET, &url, &headers).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(Error::Status {
+                upstream: self.name.clone(),
+                status: if status == StatusCode::FORBIDDEN {
+                    StatusCode::FORBIDDEN
+                } else {
+                    StatusCode::UNAUTHORIZED
+                },
+                retry_after: None,
+                what: format!("the token request (token service answered {status})"),
+            });
+        }
+        let body = read_small(resp, &self.name, self.response_timeout).await?;
+        let token = auth::parse_token_response(&body, Instant::now())
+            .ok_or_else(|| self.protocol("the token service's answer has no token"))?;
+        self.metrics.tokens_fetched.with_label_values(&[&self.name]).inc();
+        self.tokens.put(cache_key, token.clone());
+        Ok(token.value)
+    }
+
+    pub async fn get_manifest(
+        self: &Arc<Self>,
+        repo: &RepoName,
+        reference: &str,
+        accept: &str,
+    ) -> Result<FetchedManifest, Error> {
         let path = format!("/v2/{repo}/manifests/{reference}");
-        let resp = self.send(Method::GET, &path, &[(ACCEPT, accept.to_owned())]).await?;
+        let resp = self
+            .send(Method::GET, &path, &[(ACCEPT, accept.to_owned())], &pull_scope(repo))
+            .await?;
         let content_type = header_str(resp.headers(), CONTENT_TYPE);
         let digest = header_str(resp.headers(), HeaderName::from_static("docker-content-digest"));
-        let bytes = read_small(resp, &self.name).await?;
+        let bytes = read_small(resp, &self.name, self.response_timeout).await?;
         Ok(FetchedManifest {
             bytes,
             content_type,
@@ -219,9 +569,16 @@ impl Upstream {
         })
     }
 
-    pub async fn head_manifest(&self, repo: &RepoName, reference: &str, accept: &str) -> Result<ManifestHead, Error> {
+    pub async fn head_manifest(
+        self: &Arc<Self>,
+        repo: &RepoName,
+        reference: &str,
+        accept: &str,
+    ) -> Result<ManifestHead, Error> {
         let path = format!("/v2/{repo}/manifests/{reference}");
-        let resp = self.send(Method::HEAD, &path, &[(ACCEPT, accept.to_owned())]).await?;
+        let resp = self
+            .send(Method::HEAD, &path, &[(ACCEPT, accept.to_owned())], &pull_scope(repo))
+            .await?;
         let h = resp.headers();
         Ok(ManifestHead {
             digest: header_str(h, HeaderName::from_static("docker-content-digest")),
@@ -231,13 +588,13 @@ impl Upstream {
     }
 
     /// Opens a blob from byte `offset` on, for a fill.
-    pub async fn get_blob(&self, repo: &RepoName, digest: &Digest, offset: u64) -> Result<Source, Error> {
+    pub async fn get_blob(self: &Arc<Self>, repo: &RepoName, digest: &Digest, offset: u64) -> Result<Source, Error> {
         let path = format!("/v2/{repo}/blobs/{digest}");
         let mut headers = Vec::new();
         if offset > 0 {
             headers.push((RANGE, format!("bytes={offset}-")));
         }
-        let resp = self.send(Method::GET, &path, &headers).await?;
+        let resp = self.send(Method::GET, &path, &headers, &pull_scope(repo)).await?;
         let h = resp.headers();
         let length: Option<u64> = header_str(h, CONTENT_LENGTH).and_then(|v| v.parse().ok());
         let (start, total) = if resp.status() == StatusCode::PARTIAL_CONTENT {
@@ -252,8 +609,15 @@ impl Upstream {
         } else {
             (0, length)
         };
+        let received = self.metrics.upstream_bytes.with_label_values(&[&self.name]);
         let body = resp
             .into_body()
+            .map_frame(move |frame| {
+                if let Some(data) = frame.data_ref() {
+                    received.inc_by(data.len() as u64);
+                }
+                frame
+            })
             .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
         Ok(Source {
             total,
@@ -262,29 +626,53 @@ impl Upstream {
         })
     }
 
-    pub async fn head_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, Error> {
+    pub async fn head_blob(self: &Arc<Self>, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, Error> {
         let resp = self
-            .send(Method::HEAD, &format!("/v2/{repo}/blobs/{digest}"), &[])
+            .send(
+                Method::HEAD,
+                &format!("/v2/{repo}/blobs/{digest}"),
+                &[],
+                &pull_scope(repo),
+            )
             .await?;
         Ok(header_str(resp.headers(), CONTENT_LENGTH).and_then(|v| v.parse().ok()))
     }
 
     /// `tags/list` with the client's `n`/`last`; returns the body and the upstream's `Link`.
-    pub async fn tags_list(&self, repo: &RepoName, query: &str) -> Result<(Bytes, Option<String>), Error> {
+    pub async fn tags_list(self: &Arc<Self>, repo: &RepoName, query: &str) -> Result<(Bytes, Option<String>), Error> {
         let mut path = format!("/v2/{repo}/tags/list");
         if !query.is_empty() {
             path.push('?');
             path.push_str(query);
         }
-        let resp = self.send(Method::GET, &path, &[]).await?;
+        let resp = self.send(Method::GET, &path, &[], &pull_scope(repo)).await?;
         let link = header_str(resp.headers(), LINK);
-        Ok((read_small(resp, &self.name).await?, link))
+        Ok((read_small(resp, &self.name, self.response_timeout).await?, link))
+    }
+
+    /// The referrers API (OCI 1.1). Returns the index bytes and whether the upstream applied
+    /// the `artifactType` filter.
+    pub async fn referrers(
+        self: &Arc<Self>,
+        repo: &RepoName,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<(Bytes, bool), Error> {
+        let mut path = format!("/v2/{repo}/referrers/{digest}");
+        if let Some(t) = artifact_type {
+            path.push_str(&format!("?artifactType={}", encode(t)));
+        }
+        let accept = (ACCEPT, crate::oci::OCI_INDEX.to_owned());
+        let resp = self.send(Method::GET, &path, &[accept], &pull_scope(repo)).await?;
+        let filtered = header_str(resp.headers(), HeaderName::from_static("oci-filters-applied"))
+            .is_some_and(|v| v.split(',').any(|f| f.trim() == "artifactType"));
+        Ok((read_small(resp, &self.name, self.response_timeout).await?, filtered))
     }
 }
 
-async fn read_small(resp: Response<Incoming>, upstream: &str) -> Result<Bytes, Error> {
+async fn read_small(resp: Response<Incoming>, upstream: &str, timeout: Duration) -> Result<Bytes, Error> {
     let limited = Limited::new(resp.into_body(), MAX_MANIFEST_BYTES);
-    match tokio::time::timeout(RESPONSE_TIMEOUT, limited.collect()).await {
+    match tokio::time::timeout(timeout, limited.collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) => Err(Error::Protocol {
             upstream: upstream.to_owned(),
@@ -347,5 +735,14 @@ mod tests {
         );
         assert!(resolve(&base, "ftp://x/y").is_none());
         assert!(resolve(&base, "relative").is_none());
+    }
+
+    #[test]
+    fn query_encoding() {
+        assert_eq!(
+            encode("repository:library/alpine:pull"),
+            "repository%3Alibrary%2Falpine%3Apull"
+        );
+        assert_eq!(encode("registry.docker.io"), "registry.docker.io");
     }
 }

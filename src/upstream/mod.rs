@@ -1,5 +1,6 @@
 //! Upstream registries: the HTTP client and API calls, and the closed routing table.
 
+pub mod auth;
 pub mod client;
 pub mod routing;
 

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::client::{HttpClient, Upstream};
+use super::client::Upstream;
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 use crate::oci::RepoName;
@@ -44,10 +44,11 @@ impl Upstreams {
         self.list.iter()
     }
 
-    pub fn new(configs: &[UpstreamConfig], http: HttpClient, metrics: Arc<Metrics>) -> Upstreams {
+    pub fn new(configs: &[UpstreamConfig], metrics: Arc<Metrics>, offline_everywhere: bool) -> Upstreams {
+        let tls = super::client::tls_config();
         let list = configs
             .iter()
-            .map(|c| Arc::new(Upstream::new(c, http.clone(), metrics.clone())))
+            .map(|c| Arc::new(Upstream::new(c, tls.clone(), metrics.clone(), offline_everywhere)))
             .collect();
         Upstreams {
             list,
@@ -106,14 +107,12 @@ mod tests {
 
     fn upstreams() -> Upstreams {
         let mut c = Config::embedded_default();
-        c.upstreams.push(UpstreamConfig {
-            name: "registry.lab:5000".into(),
-            url: "http://127.0.0.1:1".into(),
-            default: false,
-            tag_ttl: c.upstreams[0].tag_ttl,
-        });
+        let mut lab = c.upstreams[1].clone();
+        lab.name = "registry.lab:5000".into();
+        lab.url = "http://127.0.0.1:1".into();
+        c.upstreams.push(lab);
         let metrics = Arc::new(Metrics::new(prometheus::Registry::new()));
-        Upstreams::new(&c.upstreams, super::super::client::http_client(), metrics)
+        Upstreams::new(&c.upstreams, metrics, false)
     }
 
     fn routed(ns: Option<&str>, name: &str) -> Result<(String, String), RouteError> {

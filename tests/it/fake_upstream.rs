@@ -33,6 +33,18 @@ pub struct Seen {
     pub headers: http::HeaderMap,
 }
 
+/// How the fake wants clients to authenticate.
+#[derive(Clone)]
+pub enum AuthMode {
+    /// Bearer tokens from `realm` (a URL; `/token` on a fake with `serve_tokens` issues them).
+    Token { realm: String },
+    /// Plain Basic auth with these credentials.
+    Basic(String, String),
+}
+
+/// Who may get tokens from `/token` (anyone when `None`), and the lifetime it announces.
+type TokenService = (Option<(String, String)>, Option<u64>);
+
 #[derive(Default)]
 struct State {
     /// (repo, tag or digest) -> the manifests served there, by media type (first = preferred).
@@ -41,6 +53,16 @@ struct State {
     blobs: HashMap<String, Bytes>,
     faults: HashMap<String, VecDeque<Fault>>,
     seen: Vec<Seen>,
+    auth: Option<AuthMode>,
+    /// Tokens this fake's `/token` endpoint issued and still honours.
+    tokens: Vec<String>,
+    /// What `/token` checks credentials against, and the lifetime it announces.
+    token_service: Option<TokenService>,
+    ratelimit: Option<(u32, u32)>,
+    /// Blob GETs are redirected to this base URL (another fake).
+    redirect_blobs: Option<String>,
+    /// (repo, subject digest) -> referrer descriptors; `None` = no referrers API (404).
+    referrers: Option<HashMap<(String, String), Vec<serde_json::Value>>>,
 }
 
 pub struct FakeUpstream {
@@ -59,7 +81,12 @@ impl Drop for FakeUpstream {
 
 impl FakeUpstream {
     pub async fn start() -> FakeUpstream {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        FakeUpstream::start_on("127.0.0.1:0").await
+    }
+
+    /// Starts on a given address (to bring a "dead" upstream back at the same place).
+    pub async fn start_on(addr: &str) -> FakeUpstream {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let state: Arc<Mutex<State>> = Arc::default();
         let shared = state.clone();
@@ -148,6 +175,39 @@ impl FakeUpstream {
             .count()
     }
 
+    /// Requires authentication on every `/v2/` request.
+    pub fn require_auth(&self, mode: AuthMode) {
+        self.lock().auth = Some(mode);
+    }
+
+    /// Makes this fake's `/token` endpoint issue tokens (to anyone, or to these credentials).
+    pub fn serve_tokens(&self, credentials: Option<(String, String)>, expires_in: Option<u64>) {
+        self.lock().token_service = Some((credentials, expires_in));
+    }
+
+    /// Invalidates every issued token, as if they had expired.
+    pub fn expire_tokens(&self) {
+        self.lock().tokens.clear();
+    }
+
+    pub fn set_ratelimit(&self, limit: u32, remaining: u32) {
+        self.lock().ratelimit = Some((limit, remaining));
+    }
+
+    pub fn redirect_blobs_to(&self, base_url: &str) {
+        self.lock().redirect_blobs = Some(base_url.to_owned());
+    }
+
+    /// Turns the referrers API on and adds a referrer descriptor for `subject`.
+    pub fn add_referrer(&self, repo: &str, subject: &str, descriptor: serde_json::Value) {
+        self.lock()
+            .referrers
+            .get_or_insert_with(HashMap::new)
+            .entry((repo.to_owned(), subject.to_owned()))
+            .or_default()
+            .push(descriptor);
+    }
+
     pub fn total_requests(&self) -> usize {
         self.lock().seen.len()
     }
@@ -176,8 +236,16 @@ async fn serve(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) ->
         headers: req.headers().clone(),
     });
     let head = req.method() == Method::HEAD;
+    if path == "/token" {
+        return Ok(token(&state, &req));
+    }
+    if let Some(challenge) = unauthorized(&state, &req) {
+        return Ok(challenge);
+    }
     let mut resp = if path == "/v2/" {
         Response::new(Body::full("{}"))
+    } else if let Some((repo, subject)) = path.strip_prefix("/v2/").and_then(|p| p.rsplit_once("/referrers/")) {
+        referrers(&state, repo, subject, req.uri().query())
     } else if let Some(repo) = path.strip_prefix("/v2/").and_then(|p| p.strip_suffix("/tags/list")) {
         tags_list(&state, repo, req.uri().query())
     } else if let Some((repo, reference)) = path.strip_prefix("/v2/").and_then(|p| p.rsplit_once("/manifests/")) {
@@ -190,7 +258,114 @@ async fn serve(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) ->
     if head {
         *resp.body_mut() = Body::empty();
     }
+    if let Some((limit, remaining)) = state.lock().unwrap().ratelimit {
+        let h = resp.headers_mut();
+        h.insert("ratelimit-limit", format!("{limit};w=21600").parse().unwrap());
+        h.insert("ratelimit-remaining", format!("{remaining};w=21600").parse().unwrap());
+    }
     Ok(resp)
+}
+
+fn basic(user: &str, pass: &str) -> String {
+    let text = format!("{user}:{pass}");
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in text.as_bytes().chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    format!("Basic {out}")
+}
+
+/// A 401 with a challenge when the request lacks acceptable credentials.
+fn unauthorized(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> Option<Response<Body>> {
+    let s = state.lock().unwrap();
+    let given = req.headers().get("authorization").and_then(|v| v.to_str().ok());
+    let challenge = match s.auth.as_ref()? {
+        AuthMode::Basic(user, pass) => {
+            if given == Some(basic(user, pass).as_str()) {
+                return None;
+            }
+            "Basic realm=\"fake\"".to_owned()
+        }
+        AuthMode::Token { realm, .. } => {
+            if let Some(t) = given.and_then(|g| g.strip_prefix("Bearer ")) {
+                if s.tokens.iter().any(|issued| issued == t) {
+                    return None;
+                }
+            }
+            let repo = req
+                .uri()
+                .path()
+                .strip_prefix("/v2/")
+                .and_then(|p| {
+                    p.rsplit_once("/manifests/")
+                        .or(p.rsplit_once("/blobs/"))
+                        .or(p.rsplit_once("/tags/"))
+                })
+                .map(|(r, _)| r.to_owned())
+                .unwrap_or_default();
+            format!("Bearer realm=\"{realm}\",service=\"fake-registry\",scope=\"repository:{repo}:pull\"")
+        }
+    };
+    let mut r = error(401, "UNAUTHORIZED");
+    r.headers_mut().insert("www-authenticate", challenge.parse().unwrap());
+    Some(r)
+}
+
+/// The token endpoint: issues `tok-N` to anyone, or only to the configured credentials.
+fn token(state: &Mutex<State>, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+    let mut s = state.lock().unwrap();
+    let Some((credentials, expires_in)) = s.token_service.clone() else {
+        return error(404, "NOT_FOUND");
+    };
+    let given = req.headers().get("authorization").and_then(|v| v.to_str().ok());
+    if let Some((user, pass)) = &credentials {
+        if given != Some(basic(user, pass).as_str()) {
+            return error(401, "UNAUTHORIZED");
+        }
+    }
+    let token = format!("tok-{}", s.tokens.len() + s.seen.len());
+    s.tokens.push(token.clone());
+    let mut body = serde_json::json!({"token": token});
+    if let Some(e) = expires_in {
+        body["expires_in"] = e.into();
+    }
+    Response::new(Body::full(body.to_string()))
+}
+
+fn referrers(state: &Mutex<State>, repo: &str, subject: &str, query: Option<&str>) -> Response<Body> {
+    let s = state.lock().unwrap();
+    let Some(all) = &s.referrers else {
+        return error(404, "NOT_FOUND");
+    };
+    let mut list = all
+        .get(&(repo.to_owned(), subject.to_owned()))
+        .cloned()
+        .unwrap_or_default();
+    let filter = query.and_then(|q| q.split('&').find_map(|p| p.strip_prefix("artifactType=")));
+    if let Some(t) = filter {
+        let t = t.replace("%2F", "/").replace("%2B", "+");
+        list.retain(|d| d["artifactType"] == t.as_str());
+    }
+    let body = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": list});
+    let mut r = Response::new(Body::full(body.to_string()));
+    r.headers_mut().insert(
+        "content-type",
+        "application/vnd.oci.image.index.v1+json".parse().unwrap(),
+    );
+    if filter.is_some() {
+        r.headers_mut()
+            .insert("oci-filters-applied", "artifactType".parse().unwrap());
+    }
+    r
 }
 
 fn manifest(state: &Mutex<State>, repo: &str, reference: &str, req: &Request<hyper::body::Incoming>) -> Response<Body> {
@@ -249,6 +424,13 @@ fn tags_list(state: &Mutex<State>, repo: &str, query: Option<&str>) -> Response<
 fn blob(state: &Mutex<State>, digest: &str, req: &Request<hyper::body::Incoming>, head: bool) -> Response<Body> {
     let (bytes, fault) = {
         let mut s = state.lock().unwrap();
+        if let Some(base) = &s.redirect_blobs {
+            let mut r = Response::new(Body::empty());
+            *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+            let location = format!("{base}/v2/cdn/blobs/{digest}?signature=abc");
+            r.headers_mut().insert("location", location.parse().unwrap());
+            return r;
+        }
         let Some(bytes) = s.blobs.get(digest).cloned() else {
             return error(404, "BLOB_UNKNOWN");
         };
@@ -260,7 +442,11 @@ fn blob(state: &Mutex<State>, digest: &str, req: &Request<hyper::body::Incoming>
         (bytes, fault)
     };
     if let Some(Fault::Status(code)) = fault {
-        return error(code, "UNAVAILABLE");
+        let mut r = error(code, "UNAVAILABLE");
+        if code == 429 {
+            r.headers_mut().insert("retry-after", "30".parse().unwrap());
+        }
+        return r;
     }
     let total = bytes.len();
     let start = req

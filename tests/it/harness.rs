@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 /// A running regcache. Dropping it stops the server.
 pub struct TestProxy {
     pub addr: SocketAddr,
-    pub dir: PathBuf,
+    pub proxy: std::sync::Arc<regcache::proxy::Proxy>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -27,8 +27,13 @@ pub fn upstream_toml(name: &str, url: &str, default: bool, tag_ttl: &str) -> Str
 impl TestProxy {
     /// Starts regcache with cache dir `dir`, a disk budget, and the given upstream tables.
     pub async fn start(dir: &Path, max_size: &str, upstreams: &str) -> TestProxy {
+        TestProxy::start_with(dir, &format!("max_size = \"{max_size}\""), upstreams).await
+    }
+
+    /// Starts regcache with extra `[cache]` keys (one per line) and the upstream tables.
+    pub async fn start_with(dir: &Path, cache_keys: &str, upstreams: &str) -> TestProxy {
         let text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[cache]\ndir = \"{}\"\nmax_size = \"{max_size}\"\n{upstreams}",
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{cache_keys}\n{upstreams}",
             dir.display()
         );
         let config = regcache::Config::from_toml(&text).expect("test config is valid");
@@ -36,15 +41,16 @@ impl TestProxy {
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let proxy = regcache::build(&config).expect("cache opens");
+        let served = proxy.clone();
         let task = tokio::spawn(async move {
-            regcache::server::serve(listener, proxy, async {
+            regcache::server::serve(listener, served, async {
                 let _ = stopped.await;
             })
             .await;
         });
         TestProxy {
             addr,
-            dir: dir.to_owned(),
+            proxy,
             stop: Some(stop),
             task: Some(task),
         }
@@ -52,6 +58,15 @@ impl TestProxy {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The value of one metric sample, e.g. `regcache_fills_total{result="committed"}`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        self.proxy.refresh_metrics();
+        let text = String::from_utf8(self.proxy.metrics.render()).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
     }
 
     /// Stops the server and waits for it to finish.

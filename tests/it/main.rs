@@ -8,3 +8,4 @@ mod faults;
 mod harness;
 mod peers;
 mod real_peers;
+mod upstream_reality;
