@@ -1,9 +1,10 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process answers) and
-//! `/readyz` (the cache directory is writable), on a port of its own.
+//! `/readyz` (the cache index is loaded and the cache directory is writable), on a port of
+//! its own. It starts before the cache index is rebuilt, so liveness never waits for it.
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -11,6 +12,11 @@ use tokio::net::TcpListener;
 
 use crate::http::body::Body;
 use crate::proxy::Proxy;
+
+/// The proxy, once the cache index is loaded.
+pub type Loaded = Arc<OnceLock<Arc<Proxy>>>;
+
+const PLAIN: &str = "text/plain; charset=utf-8";
 
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>, content_type: &'static str) -> Response<Body> {
     let mut resp = Response::new(Body::full(body));
@@ -21,19 +27,20 @@ fn text(status: StatusCode, body: impl Into<bytes::Bytes>, content_type: &'stati
 }
 
 /// Whether the cache can take new content: a file can be created and removed in its tmp dir.
-fn ready(proxy: &Proxy) -> Result<(), String> {
+fn writable(proxy: &Proxy) -> Result<(), String> {
     let (path, file) = proxy.cache.store.temp_file().map_err(|e| e.to_string())?;
     drop(file);
     std::fs::remove_file(path).map_err(|e| e.to_string())
 }
 
-pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Result<Response<Body>, Infallible> {
-    const PLAIN: &str = "text/plain; charset=utf-8";
+pub async fn handle<B>(loaded: Loaded, req: Request<B>) -> Result<Response<Body>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n", PLAIN));
     }
-    Ok(match req.uri().path() {
-        "/metrics" => {
+    Ok(match (req.uri().path(), loaded.get()) {
+        ("/healthz", _) => text(StatusCode::OK, "ok\n", PLAIN),
+        ("/metrics" | "/readyz", None) => text(StatusCode::SERVICE_UNAVAILABLE, "loading the cache index\n", PLAIN),
+        ("/metrics", Some(proxy)) => {
             proxy.refresh_metrics();
             text(
                 StatusCode::OK,
@@ -41,8 +48,7 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Result<Response<Bo
                 "text/plain; version=0.0.4; charset=utf-8",
             )
         }
-        "/healthz" => text(StatusCode::OK, "ok\n", PLAIN),
-        "/readyz" => match ready(&proxy) {
+        ("/readyz", Some(proxy)) => match writable(proxy) {
             Ok(()) => text(StatusCode::OK, "ready\n", PLAIN),
             Err(e) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -55,7 +61,7 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Result<Response<Bo
 }
 
 /// Serves the admin endpoints until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
+pub async fn serve(listener: TcpListener, loaded: Loaded, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -65,9 +71,9 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             },
             () = &mut shutdown => return,
         };
-        let proxy = proxy.clone();
+        let loaded = loaded.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| handle(proxy.clone(), req));
+            let service = hyper::service::service_fn(move |req| handle(loaded.clone(), req));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;

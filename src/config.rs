@@ -38,6 +38,10 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub cache: CacheConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
     #[serde(default, rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
 }
@@ -47,13 +51,99 @@ pub struct Config {
 pub struct ServerConfig {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// On SIGTERM/SIGINT: how long in-flight responses and fills may take to finish.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: HumanDuration,
+    /// Serve HTTPS (HTTP/1.1 and h2 by ALPN) instead of plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: default_listen(),
+            shutdown_grace: default_shutdown_grace(),
+            tls: None,
         }
+    }
+}
+
+/// PEM files; `cert` may hold the whole chain. Re-read on SIGHUP and when they change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Bounds that keep one bad client (or upstream) from exhausting the server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest request head (request line and headers) accepted.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: ByteSize,
+    /// A client must send its whole request head within this time (against slowloris).
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: HumanDuration,
+    /// Open client connections at once; more wait in the kernel's accept queue.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Upstream blob downloads at once; more wait for a slot.
+    #[serde(default = "default_max_concurrent_fills")]
+    pub max_concurrent_fills: usize,
+    /// An upstream blob transfer that sends nothing for this long is broken (and resumed).
+    #[serde(default = "default_upstream_idle_timeout")]
+    pub upstream_idle_timeout: HumanDuration,
+    /// Largest manifest (or tag list, or referrers answer) taken from an upstream.
+    #[serde(default = "default_max_manifest_size")]
+    pub max_manifest_size: ByteSize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_header_bytes: default_max_header_bytes(),
+            header_read_timeout: default_header_read_timeout(),
+            max_connections: default_max_connections(),
+            max_concurrent_fills: default_max_concurrent_fills(),
+            upstream_idle_timeout: default_upstream_idle_timeout(),
+            max_manifest_size: default_max_manifest_size(),
+        }
+    }
+}
+
+/// Client access control. With no users, pulls are anonymous.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Whether clients without credentials may pull; defaults to true only when no users
+    /// are configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous: Option<bool>,
+    /// What anonymous clients may pull, as `<upstream>/<repository>` patterns (`*` matches
+    /// any run of characters). Empty: everything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anonymous_allow: Vec<String>,
+    #[serde(default, rename = "user", skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<UserConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// A bcrypt hash (`regcache hash-password` makes one).
+    pub password_hash: Redacted,
+    /// What this user may pull, as `<upstream>/<repository>` patterns. Empty: everything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+}
+
+impl AuthConfig {
+    pub fn anonymous_allowed(&self) -> bool {
+        self.anonymous.unwrap_or(self.users.is_empty())
     }
 }
 
@@ -143,6 +233,12 @@ pub struct UpstreamConfig {
     /// How often a background probe checks an open circuit's upstream.
     #[serde(default = "default_circuit_cooldown")]
     pub circuit_cooldown: HumanDuration,
+    /// Extra CA certificates (PEM) to trust for this upstream, e.g. a private CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate from this upstream. Dangerous; logged loudly.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
 }
 
 /// A secret in the config: read as text, printed as `<redacted>`.
@@ -209,6 +305,27 @@ impl UpstreamConfig {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 5000))
 }
+fn default_shutdown_grace() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_max_header_bytes() -> ByteSize {
+    ByteSize(64 << 10)
+}
+fn default_header_read_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_max_concurrent_fills() -> usize {
+    64
+}
+fn default_upstream_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_max_manifest_size() -> ByteSize {
+    ByteSize(4 << 20)
+}
 fn default_admin_listen() -> String {
     "127.0.0.1:9090".to_owned()
 }
@@ -263,6 +380,45 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), Error> {
+        if self.limits.max_header_bytes.0 < 8192 {
+            return Err(invalid("limits.max_header_bytes", "must be at least 8KiB"));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        if self.limits.max_concurrent_fills == 0 {
+            return Err(invalid("limits.max_concurrent_fills", "must be at least 1"));
+        }
+        if self.limits.header_read_timeout.0.is_zero() || self.limits.upstream_idle_timeout.0.is_zero() {
+            return Err(invalid("limits", "timeouts must be above zero"));
+        }
+        if let Some(tls) = &self.server.tls {
+            for (k, path) in [("server.tls.cert", &tls.cert), ("server.tls.key", &tls.key)] {
+                if let Err(e) = std::fs::metadata(path) {
+                    return Err(invalid(k, format!("{}: {e}", path.display())));
+                }
+            }
+        }
+        for (i, user) in self.auth.users.iter().enumerate() {
+            if user.name.is_empty() || user.name.contains(':') {
+                return Err(invalid(
+                    format!("auth.user[{i}].name"),
+                    "must be non-empty and contain no ':'",
+                ));
+            }
+            if !user.password_hash.0.starts_with("$2") {
+                return Err(invalid(
+                    format!("auth.user[{i}].password_hash"),
+                    "must be a bcrypt hash; make one with `regcache hash-password`",
+                ));
+            }
+            if self.auth.users[..i].iter().any(|u| u.name == user.name) {
+                return Err(invalid(
+                    format!("auth.user[{i}].name"),
+                    format!("{:?} is listed twice", user.name),
+                ));
+            }
+        }
         if !self.admin.listen.is_empty() && self.admin.addr().is_none() {
             return Err(invalid(
                 "admin.listen",
@@ -302,6 +458,11 @@ impl Config {
                 return Err(invalid(key("url"), "has no host"));
             }
             up.credentials().map_err(|m| invalid(key("password"), m))?;
+            if let Some(ca) = &up.ca_file {
+                if let Err(e) = std::fs::metadata(ca) {
+                    return Err(invalid(key("ca_file"), format!("{}: {e}", ca.display())));
+                }
+            }
             if up.circuit_failures == 0 {
                 return Err(invalid(key("circuit_failures"), "must be at least 1"));
             }

@@ -1,9 +1,10 @@
 //! regcache: a pull-through caching proxy for OCI / Docker registries.
 //!
-//! Wiring only: [`build`] makes the cache, the upstreams and the proxy from a [`Config`];
-//! [`run`] serves them on a listener until shutdown.
+//! Wiring only: [`build`] makes the cache, upstreams, proxy, access control and TLS from a
+//! [`Config`]; [`run`] serves them until shutdown.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod cache;
 pub mod config;
@@ -14,17 +15,34 @@ pub mod oci;
 pub mod proxy;
 pub mod server;
 pub mod single_flight;
+pub mod tls;
 pub mod upstream;
 
 use std::future::Future;
-use std::io;
 use std::sync::Arc;
 
 pub use config::Config;
 use proxy::Proxy;
 
-/// Opens the cache (rebuilding its index) and sets up the upstreams and metrics.
-pub fn build(config: &Config) -> io::Result<Arc<Proxy>> {
+/// Everything a running regcache serves with.
+pub struct App {
+    pub proxy: Arc<Proxy>,
+    pub access: access::Access,
+    pub limits: config::LimitsConfig,
+    pub shutdown_grace: std::time::Duration,
+    pub tls: Option<Arc<tls::Reloader>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot open the cache directory {0}: {1}")]
+    Cache(std::path::PathBuf, std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::Error),
+}
+
+/// Opens the cache (rebuilding its index) and sets up upstreams, metrics, access and TLS.
+pub fn build(config: &Config) -> Result<Arc<App>, BuildError> {
     let metrics = Arc::new(metrics::Metrics::new(prometheus::Registry::new()));
     metrics
         .cache_budget
@@ -33,25 +51,36 @@ pub fn build(config: &Config) -> io::Result<Arc<Proxy>> {
         &config.cache.dir,
         config.cache.max_size.0,
         config.cache.memory_manifests.0,
-    )?;
-    let upstreams = upstream::Upstreams::new(&config.upstreams, metrics.clone(), config.cache.offline);
-    Ok(Arc::new(Proxy::new(Arc::new(cache), upstreams, metrics)))
+    )
+    .map_err(|e| BuildError::Cache(config.cache.dir.clone(), e))?;
+    let upstreams = upstream::Upstreams::new(config, metrics.clone())?;
+    let proxy = Arc::new(Proxy::new(Arc::new(cache), upstreams, metrics, &config.limits));
+    let tls = match &config.server.tls {
+        Some(t) => Some(tls::Reloader::new(&t.cert, &t.key)?),
+        None => None,
+    };
+    Ok(Arc::new(App {
+        proxy,
+        access: access::Access::new(&config.auth),
+        limits: config.limits.clone(),
+        shutdown_grace: config.server.shutdown_grace.0,
+        tls,
+    }))
 }
 
-/// Serves the registry API on `listener` (and the admin endpoints on `admin`, if given)
-/// until `shutdown` resolves.
-pub async fn run(
-    proxy: Arc<Proxy>,
-    listener: tokio::net::TcpListener,
-    admin: Option<tokio::net::TcpListener>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    if let Some(admin) = admin {
-        tokio::spawn(admin::serve(admin, proxy.clone(), async {
-            let _ = admin_stopped.await;
-        }));
-    }
-    server::serve(listener, proxy, shutdown).await;
-    let _ = stop_admin.send(());
+/// Starts the admin endpoints on `listener` before the cache is opened (`/healthz`
+/// answers at once, `/readyz` once `loaded` is set); they stop when the returned sender is
+/// dropped.
+pub fn start_admin(listener: tokio::net::TcpListener, loaded: admin::Loaded) -> tokio::sync::oneshot::Sender<()> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(admin::serve(listener, loaded, async {
+        let _ = stopped.await;
+    }));
+    stop
+}
+
+/// Serves the registry API on `listener` until `shutdown` resolves, then drains within the
+/// shutdown grace.
+pub async fn run(app: Arc<App>, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()>) {
+    server::serve(listener, app, shutdown).await;
 }

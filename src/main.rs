@@ -40,11 +40,20 @@ enum Command {
         /// Overrides [cache] dir.
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        /// Overrides [admin] listen ("" turns the admin listener off).
+        #[arg(long)]
+        admin_listen: Option<String>,
     },
-    /// Validate a configuration and print it as regcache understands it.
+    /// Validate a configuration and print it as regcache understands it (secrets redacted).
     CheckConfig {
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Read a password from standard input and print its bcrypt hash for [[auth.user]].
+    HashPassword {
+        /// bcrypt cost (4 to 31).
+        #[arg(long, default_value_t = 12)]
+        cost: u32,
     },
 }
 
@@ -83,10 +92,23 @@ fn run(command: Command) -> anyhow::Result<()> {
             print!("{}", config.to_toml());
             Ok(())
         }
+        Command::HashPassword { cost } => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\n', '\r']);
+            if password.is_empty() {
+                anyhow::bail!("empty password");
+            }
+            println!("{}", bcrypt::hash(password, cost)?);
+            Ok(())
+        }
         Command::Serve {
             config,
             listen,
             cache_dir,
+            admin_listen,
         } => {
             let mut config = load(config.as_ref())?;
             if let Some(listen) = listen {
@@ -95,52 +117,80 @@ fn run(command: Command) -> anyhow::Result<()> {
             if let Some(dir) = cache_dir {
                 config.cache.dir = dir;
             }
+            if let Some(admin) = admin_listen {
+                config.admin.listen = admin;
+            }
             config.validate()?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(async {
-                // The cache opens (and cleans up after any crash) before the port is bound.
-                let proxy = regcache::build(&config)
-                    .with_context(|| format!("cannot open cache directory {}", config.cache.dir.display()))?;
-                let listener = tokio::net::TcpListener::bind(config.server.listen)
-                    .await
-                    .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-                let admin = match config.admin.addr() {
-                    Some(addr) => Some(
-                        tokio::net::TcpListener::bind(addr)
-                            .await
-                            .with_context(|| format!("cannot listen on {addr} (admin.listen)"))?,
-                    ),
-                    None => None,
-                };
-                let admin_addr = admin.as_ref().and_then(|a| a.local_addr().ok());
-                tracing::info!(
-                    listen = %listener.local_addr()?,
-                    admin = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
-                    cache = %config.cache.dir.display(),
-                    upstreams = config.upstreams.len(),
-                    "regcache serving"
-                );
-                regcache::run(proxy, listener, admin, shutdown_signal()).await;
-                Ok(())
-            })
+            runtime.block_on(serve(config))
         }
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return ctrl_c.await.unwrap_or(()),
-        };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
+async fn serve(config: Config) -> anyhow::Result<()> {
+    // Liveness first: the admin port answers /healthz while the cache index is rebuilt.
+    let loaded = regcache::admin::Loaded::default();
+    let _admin = match config.admin.addr() {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (admin.listen)"))?;
+            tracing::info!(admin = %listener.local_addr()?, "admin endpoints: /metrics /healthz /readyz");
+            Some(regcache::start_admin(listener, loaded.clone()))
         }
-    }
+        None => None,
+    };
+    // The cache opens (and cleans up after any crash) before the registry port is bound.
+    let app = regcache::build(&config)?;
+    let _ = loaded.set(app.proxy.clone());
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        tls = app.tls.is_some(),
+        cache = %config.cache.dir.display(),
+        upstreams = config.upstreams.len(),
+        "regcache serving"
+    );
+    regcache::run(app, listener, shutdown_signal()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The first SIGTERM or SIGINT starts the graceful drain; a second one exits at once.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    #[cfg(unix)]
+    let terminated = async {
+        match term.as_mut() {
+            Some(t) => t.recv().await,
+            None => std::future::pending().await,
+        }
+    };
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down: draining in-flight requests");
+    let terminated = std::future::pending::<Option<()>>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = terminated => {},
+    }
+    tracing::info!("shutting down: draining in-flight requests (a second signal stops at once)");
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let again = async {
+            match term.as_mut() {
+                Some(t) => t.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let again = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = again => {},
+        }
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
 }

@@ -6,7 +6,6 @@
 use std::fs::File;
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -14,6 +13,7 @@ use tokio::sync::watch;
 use crate::cache::fill::{FillError, Fills, Opener, Progress, State};
 use crate::cache::tags::{TagKey, TagRecord};
 use crate::cache::{Cache, Manifest};
+use crate::config::LimitsConfig;
 use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::oci::{self, AcceptSet, Reference};
@@ -83,11 +83,14 @@ pub struct Proxy {
     manifest_flights: SingleFlight<Flight, Result<ManifestAnswer, Error>>,
 }
 
-const FILL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
 impl Proxy {
-    pub fn new(cache: Arc<Cache>, upstreams: Upstreams, metrics: Arc<Metrics>) -> Proxy {
-        let fills = Arc::new(Fills::new(cache.store.clone(), cache.index.clone(), FILL_IDLE_TIMEOUT));
+    pub fn new(cache: Arc<Cache>, upstreams: Upstreams, metrics: Arc<Metrics>, limits: &LimitsConfig) -> Proxy {
+        let fills = Arc::new(Fills::new(
+            cache.store.clone(),
+            cache.index.clone(),
+            limits.upstream_idle_timeout.0,
+            limits.max_concurrent_fills,
+        ));
         Proxy {
             cache,
             upstreams,
@@ -427,6 +430,7 @@ impl Proxy {
 
     fn lookup(&self, kind: &str, result: &str) {
         self.metrics.cache_lookups.with_label_values(&[kind, result]).inc();
+        tracing::Span::current().record("cache", result);
     }
 
     /// Brings the gauges that are read rather than counted up to date, before a scrape.

@@ -70,6 +70,15 @@ impl BlobStore {
         Ok((store, found))
     }
 
+    /// Removes whatever interrupted fills left in `tmp/` (at shutdown, when none runs).
+    pub fn clear_tmp(&self) {
+        if let Ok(entries) = fs::read_dir(&self.tmp) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

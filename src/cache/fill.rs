@@ -124,16 +124,19 @@ pub struct Fills<E> {
     inflight: Mutex<HashMap<Digest, Shared<E>>>,
     idle_timeout: Duration,
     max_resumes: u32,
+    /// Upstream downloads at once; a fill waits for a slot before it contacts the upstream.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
-    pub fn new(store: Arc<BlobStore>, index: Arc<Index>, idle_timeout: Duration) -> Fills<E> {
+    pub fn new(store: Arc<BlobStore>, index: Arc<Index>, idle_timeout: Duration, max_concurrent: usize) -> Fills<E> {
         Fills {
             store,
             index,
             inflight: Mutex::default(),
             idle_timeout,
             max_resumes: 3,
+            slots: Arc::new(tokio::sync::Semaphore::new(max_concurrent.max(1))),
         }
     }
 
@@ -186,6 +189,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         let opener = make();
         let task_file = file.clone();
         tokio::spawn(async move {
+            let _slot = fills.slots.clone().acquire_owned().await;
             let mut resumes = 0;
             let result = fills
                 .run(&digest, &tmp, &task_file, &opener, &tx, &mut resumes)

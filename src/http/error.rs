@@ -15,6 +15,7 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after: Option<String>,
+    pub www_authenticate: Option<HeaderValue>,
 }
 
 impl ApiError {
@@ -24,6 +25,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            www_authenticate: None,
         }
     }
 
@@ -35,6 +37,9 @@ impl ApiError {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(v) = self.retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
             h.insert(header::RETRY_AFTER, v);
+        }
+        if let Some(v) = self.www_authenticate {
+            h.insert(header::WWW_AUTHENTICATE, v);
         }
         resp
     }

@@ -8,6 +8,9 @@ use std::time::Instant;
 use http::header::{ACCEPT, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LINK, RANGE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 
+use tracing::Instrument;
+
+use super::auth;
 use super::body::Body;
 use super::error::ApiError;
 use super::routes::{self, query_param, Endpoint, Route};
@@ -16,6 +19,7 @@ use crate::digest::Digest;
 use crate::oci::{self, AcceptSet, Reference};
 use crate::proxy::{self, Proxy};
 use crate::upstream::Target;
+use crate::App;
 
 const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
 const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
@@ -24,11 +28,23 @@ const OCI_NAMESPACE: HeaderName = HeaderName::from_static("oci-namespace");
 pub const STALE: HeaderName = HeaderName::from_static("x-regcache-stale");
 
 /// Serves one request; every failure becomes an OCI error response, never a panic.
-pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Result<Response<Body>, Infallible> {
+pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
+    if req.uri().path() == "/token" {
+        return Ok(auth::token_endpoint(&app, &req));
+    }
     let route = routes::parse(req.method(), req.uri().path());
     let label = route_label(&route);
-    let mut resp = dispatch(&proxy, &req, route)
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        route = label,
+        repo = tracing::field::Empty,
+        reference = tracing::field::Empty,
+        cache = tracing::field::Empty,
+    );
+    let mut resp = dispatch(&app, &req, route)
+        .instrument(span.clone())
         .await
         .unwrap_or_else(ApiError::into_response);
     resp.headers_mut()
@@ -41,13 +57,21 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Result<Response<Bo
         Method::HEAD => "HEAD",
         _ => "other",
     };
-    let m = &proxy.metrics;
+    let elapsed = started.elapsed();
+    let m = &app.proxy.metrics;
     m.http_requests
         .with_label_values(&[label, method, resp.status().as_str()])
         .inc();
     m.http_duration
         .with_label_values(&[label, method])
-        .observe(started.elapsed().as_secs_f64());
+        .observe(elapsed.as_secs_f64());
+    let bytes = resp
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info!(target: "regcache::access", parent: &span, status = resp.status().as_u16(), bytes,
+        duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
     Ok(resp)
 }
 
@@ -65,10 +89,11 @@ fn route_label(route: &Result<Route, routes::RouteError>) -> &'static str {
 }
 
 async fn dispatch<B>(
-    proxy: &Proxy,
+    app: &App,
     req: &Request<B>,
     route: Result<Route, routes::RouteError>,
 ) -> Result<Response<Body>, ApiError> {
+    let proxy = &*app.proxy;
     let route = route.map_err(|e| match e {
         routes::RouteError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint"),
         routes::RouteError::MethodNotAllowed => ApiError::new(
@@ -78,6 +103,7 @@ async fn dispatch<B>(
         ),
     })?;
     if route.endpoint == Endpoint::Base {
+        auth::check(app, req, None)?;
         return Ok(json_response(b"{}".to_vec()));
     }
     let query = req.uri().query();
@@ -86,6 +112,12 @@ async fn dispatch<B>(
         .upstreams
         .route(ns.as_deref(), &route.name)
         .map_err(proxy::Error::from)?;
+    let span = tracing::Span::current();
+    span.record("repo", tracing::field::display(&target.repo));
+    if let Endpoint::Manifest(r) | Endpoint::Blob(r) | Endpoint::Referrers(r) = &route.endpoint {
+        span.record("reference", r.as_str());
+    }
+    auth::check(app, req, Some((&target.upstream.name, target.repo.as_str())))?;
     let head = req.method() == Method::HEAD;
     let mut resp = match route.endpoint {
         Endpoint::Manifest(reference) => manifest(proxy, &target, &reference, req.headers()).await?,

@@ -21,7 +21,7 @@ use hyper_util::rt::TokioExecutor;
 
 use super::auth::{self, Challenge, Credentials, Secret, TokenCache};
 use crate::cache::fill::Source;
-use crate::config::UpstreamConfig;
+use crate::config::{Config, UpstreamConfig};
 use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::oci::RepoName;
@@ -31,8 +31,6 @@ pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<
 
 const MAX_REDIRECTS: usize = 5;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Manifests and tag lists are small; anything larger is refused, not buffered.
-pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 /// Without a usable `Retry-After`, a 429 keeps an upstream alone for this long.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
 
@@ -74,19 +72,6 @@ impl Error {
             Error::Protocol { .. } => false,
         }
     }
-}
-
-/// The TLS client configuration shared by upstreams: webpki roots plus the system's.
-pub fn tls_config() -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let native = rustls_native_certs::load_native_certs();
-    let (added, _ignored) = roots.add_parsable_certificates(native.certs);
-    tracing::debug!(native_roots = added, "TLS roots loaded");
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-        .unwrap_or_else(|e| panic!("ring supports the default TLS versions: {e}"))
 }
 
 /// An HTTP client (its own connection pool) for one upstream.
@@ -141,6 +126,8 @@ pub struct Upstream {
     credentials: Option<Credentials>,
     trusted_realms: Vec<String>,
     response_timeout: Duration,
+    /// Largest manifest, tag list or referrers answer accepted.
+    max_body: usize,
     circuit_failures: u32,
     circuit_cooldown: Duration,
     health: Arc<Mutex<Health>>,
@@ -173,12 +160,7 @@ fn encode(s: &str) -> String {
 }
 
 impl Upstream {
-    pub fn new(
-        config: &UpstreamConfig,
-        tls: rustls::ClientConfig,
-        metrics: Arc<Metrics>,
-        offline_everywhere: bool,
-    ) -> Upstream {
+    pub fn new(config: &UpstreamConfig, tls: rustls::ClientConfig, metrics: Arc<Metrics>, all: &Config) -> Upstream {
         let credentials = config
             .credentials()
             .ok()
@@ -193,7 +175,8 @@ impl Upstream {
             base: config.url.trim_end_matches('/').to_owned(),
             tag_ttl: config.tag_ttl.0,
             max_stale: config.max_stale.map(|d| d.0),
-            offline: config.offline || offline_everywhere,
+            offline: config.offline || all.cache.offline,
+            max_body: all.limits.max_manifest_size.0.min(usize::MAX as u64) as usize,
             http: http_client(tls, config.connect_timeout.0),
             metrics,
             credentials,
@@ -541,7 +524,7 @@ impl Upstream {
                 what: format!("the token request (token service answered {status})"),
             });
         }
-        let body = read_small(resp, &self.name, self.response_timeout).await?;
+        let body = read_small(resp, &self.name, self.response_timeout, self.max_body).await?;
         let token = auth::parse_token_response(&body, Instant::now())
             .ok_or_else(|| self.protocol("the token service's answer has no token"))?;
         self.metrics.tokens_fetched.with_label_values(&[&self.name]).inc();
@@ -561,7 +544,7 @@ impl Upstream {
             .await?;
         let content_type = header_str(resp.headers(), CONTENT_TYPE);
         let digest = header_str(resp.headers(), HeaderName::from_static("docker-content-digest"));
-        let bytes = read_small(resp, &self.name, self.response_timeout).await?;
+        let bytes = read_small(resp, &self.name, self.response_timeout, self.max_body).await?;
         Ok(FetchedManifest {
             bytes,
             content_type,
@@ -647,7 +630,10 @@ impl Upstream {
         }
         let resp = self.send(Method::GET, &path, &[], &pull_scope(repo)).await?;
         let link = header_str(resp.headers(), LINK);
-        Ok((read_small(resp, &self.name, self.response_timeout).await?, link))
+        Ok((
+            read_small(resp, &self.name, self.response_timeout, self.max_body).await?,
+            link,
+        ))
     }
 
     /// The referrers API (OCI 1.1). Returns the index bytes and whether the upstream applied
@@ -666,12 +652,15 @@ impl Upstream {
         let resp = self.send(Method::GET, &path, &[accept], &pull_scope(repo)).await?;
         let filtered = header_str(resp.headers(), HeaderName::from_static("oci-filters-applied"))
             .is_some_and(|v| v.split(',').any(|f| f.trim() == "artifactType"));
-        Ok((read_small(resp, &self.name, self.response_timeout).await?, filtered))
+        Ok((
+            read_small(resp, &self.name, self.response_timeout, self.max_body).await?,
+            filtered,
+        ))
     }
 }
 
-async fn read_small(resp: Response<Incoming>, upstream: &str, timeout: Duration) -> Result<Bytes, Error> {
-    let limited = Limited::new(resp.into_body(), MAX_MANIFEST_BYTES);
+async fn read_small(resp: Response<Incoming>, upstream: &str, timeout: Duration, max: usize) -> Result<Bytes, Error> {
+    let limited = Limited::new(resp.into_body(), max);
     match tokio::time::timeout(timeout, limited.collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) => Err(Error::Protocol {

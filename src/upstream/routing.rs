@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::client::Upstream;
-use crate::config::UpstreamConfig;
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::oci::RepoName;
 
@@ -44,16 +44,18 @@ impl Upstreams {
         self.list.iter()
     }
 
-    pub fn new(configs: &[UpstreamConfig], metrics: Arc<Metrics>, offline_everywhere: bool) -> Upstreams {
-        let tls = super::client::tls_config();
-        let list = configs
-            .iter()
-            .map(|c| Arc::new(Upstream::new(c, tls.clone(), metrics.clone(), offline_everywhere)))
-            .collect();
-        Upstreams {
-            list,
-            default: configs.iter().position(|c| c.default),
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Upstreams, crate::tls::Error> {
+        let roots = crate::tls::default_roots();
+        let mut list = Vec::new();
+        for c in &config.upstreams {
+            let tls =
+                crate::tls::upstream_client_config(&roots, c.ca_file.as_deref(), c.insecure_skip_verify, &c.name)?;
+            list.push(Arc::new(Upstream::new(c, tls, metrics.clone(), config)));
         }
+        Ok(Upstreams {
+            list,
+            default: config.upstreams.iter().position(|c| c.default),
+        })
     }
 
     fn find(&self, host: &str) -> Option<&Arc<Upstream>> {
@@ -103,7 +105,6 @@ impl Upstreams {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
 
     fn upstreams() -> Upstreams {
         let mut c = Config::embedded_default();
@@ -112,7 +113,7 @@ mod tests {
         lab.url = "http://127.0.0.1:1".into();
         c.upstreams.push(lab);
         let metrics = Arc::new(Metrics::new(prometheus::Registry::new()));
-        Upstreams::new(&c.upstreams, metrics, false)
+        Upstreams::new(&c, metrics).unwrap()
     }
 
     fn routed(ns: Option<&str>, name: &str) -> Result<(String, String), RouteError> {

@@ -40,10 +40,10 @@ impl TestProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        let proxy = regcache::build(&config).expect("cache opens");
-        let served = proxy.clone();
+        let app = regcache::build(&config).expect("cache opens");
+        let proxy = app.proxy.clone();
         let task = tokio::spawn(async move {
-            regcache::server::serve(listener, served, async {
+            regcache::server::serve(listener, app, async {
                 let _ = stopped.await;
             })
             .await;

@@ -7,5 +7,6 @@ mod fake_upstream;
 mod faults;
 mod harness;
 mod peers;
+mod real_auth;
 mod real_peers;
 mod upstream_reality;

@@ -234,15 +234,31 @@ pub struct Registry {
     child: Option<Child>,
     log: Arc<ProcessLog>,
     sync_seq: AtomicU64,
+    /// What the marker requests of [`Registry::sync_log`] are answered (401 with `auth:`).
+    sync_status: StatusCode,
     _dir: TempDir,
 }
 
 impl Registry {
     pub async fn start() -> Registry {
-        let bin = require_binary("docker-registry");
         let dir = tempfile::tempdir().expect("tempdir");
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage).expect("storage dir");
+        Registry::launch(dir, &storage, "").await
+    }
+
+    /// A registry on the given storage directory (which outlives it: stop one registry and
+    /// start another on the same storage to change its configuration, e.g. seed an open
+    /// registry, then serve the same content with authentication), with `extra_yaml`
+    /// appended to the config (top-level sections such as `auth:`).
+    pub async fn start_with(storage: &Path, extra_yaml: &str) -> Registry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(storage).expect("storage dir");
+        Registry::launch(dir, storage, extra_yaml).await
+    }
+
+    async fn launch(dir: TempDir, storage: &Path, extra_yaml: &str) -> Registry {
+        let bin = require_binary("docker-registry");
         let config = dir.path().join("config.yml");
         std::fs::write(
             &config,
@@ -250,7 +266,7 @@ impl Registry {
                 "version: 0.1\n\
                  log:\n  level: info\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: 127.0.0.1:0\n  secret: regcache-test-secret\n",
+                 http:\n  addr: 127.0.0.1:0\n  secret: regcache-test-secret\n{extra_yaml}",
                 storage.display()
             ),
         )
@@ -272,13 +288,21 @@ impl Registry {
                 log.text()
             );
         };
-        Registry {
+        let mut registry = Registry {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child: Some(child),
             log,
             sync_seq: AtomicU64::new(0),
+            sync_status: StatusCode::OK,
             _dir: dir,
+        };
+        if !extra_yaml.is_empty() {
+            // With `auth:` configured the marker requests of `sync_log` are answered 401:
+            // expect whatever `/v2/` answers an anonymous client now.
+            let probe = format!("{}/v2/?regcache-test-sync=start", registry.url());
+            registry.sync_status = harness::get(&probe).await.status;
         }
+        registry
     }
 
     /// `http://127.0.0.1:PORT`
@@ -293,7 +317,7 @@ impl Registry {
         let n = self.sync_seq.fetch_add(1, Ordering::SeqCst);
         let marker = format!("/v2/?regcache-test-sync={n}");
         let reply = harness::get(&format!("{}{marker}", self.url())).await;
-        assert_eq!(reply.status, 200, "registry sync request");
+        assert_eq!(reply.status, self.sync_status, "registry sync request");
         let found = self
             .log
             .wait_for(STARTUP_TIMEOUT, |line| {
@@ -326,6 +350,12 @@ impl Registry {
             .iter()
             .filter(|e| e.method == method && e.uri.contains(path_part))
             .count()
+    }
+
+    /// Everything the registry wrote to stdout and stderr so far, for assertion messages
+    /// (token verification failures, for one, are only in its error log).
+    pub fn log_text(&self) -> String {
+        self.log.text()
     }
 
     /// The access log as text, one request a line, for assertion messages.
