@@ -126,6 +126,15 @@ async fn serve_connection(
     let service = hyper::service::service_fn(move |req| handle(handler.clone(), req));
     let result = match acceptor {
         None => {
+            // hyper's header timeout starts with the first byte; a client that connects and
+            // sends nothing must not hold a connection slot forever either.
+            let mut first = [0u8; 1];
+            if !matches!(
+                tokio::time::timeout(app.limits.header_read_timeout.0, stream.peek(&mut first)).await,
+                Ok(Ok(1))
+            ) {
+                return;
+            }
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             watcher.watch(conn.into_owned()).await
         }

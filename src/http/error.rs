@@ -89,6 +89,10 @@ fn upstream_error(e: upstream::Error) -> ApiError {
                 _ => (S::BAD_GATEWAY, "UNAVAILABLE"),
             };
             ApiError {
+                // A 401 must carry a challenge; this one says the upstream refused regcache's
+                // own credentials, which the client cannot fix by sending its own.
+                www_authenticate: (status == S::UNAUTHORIZED)
+                    .then(|| HeaderValue::from_static("Basic realm=\"regcache (upstream refused its credentials)\"")),
                 retry_after: if status == S::TOO_MANY_REQUESTS {
                     Some(retry_after.unwrap_or_else(|| "60".into()))
                 } else {

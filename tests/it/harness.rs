@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 pub struct TestProxy {
     pub addr: SocketAddr,
     pub proxy: std::sync::Arc<regcache::proxy::Proxy>,
+    pub app: std::sync::Arc<regcache::App>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -32,8 +33,20 @@ impl TestProxy {
 
     /// Starts regcache with extra `[cache]` keys (one per line) and the upstream tables.
     pub async fn start_with(dir: &Path, cache_keys: &str, upstreams: &str) -> TestProxy {
+        TestProxy::start_sections(dir, "", cache_keys, "", upstreams).await
+    }
+
+    /// Starts regcache with extra keys for `[server]` and `[cache]`, other whole sections
+    /// (`[limits]`, `[auth]`, `[server.tls]` …), and the upstream tables.
+    pub async fn start_sections(
+        dir: &Path,
+        server_keys: &str,
+        cache_keys: &str,
+        sections: &str,
+        upstreams: &str,
+    ) -> TestProxy {
         let text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{cache_keys}\n{upstreams}",
+            "[server]\nlisten = \"127.0.0.1:0\"\n{server_keys}\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{cache_keys}\n{sections}\n{upstreams}",
             dir.display()
         );
         let config = regcache::Config::from_toml(&text).expect("test config is valid");
@@ -42,8 +55,9 @@ impl TestProxy {
         let (stop, stopped) = oneshot::channel::<()>();
         let app = regcache::build(&config).expect("cache opens");
         let proxy = app.proxy.clone();
+        let served = app.clone();
         let task = tokio::spawn(async move {
-            regcache::server::serve(listener, app, async {
+            regcache::server::serve(listener, served, async {
                 let _ = stopped.await;
             })
             .await;
@@ -51,6 +65,7 @@ impl TestProxy {
         TestProxy {
             addr,
             proxy,
+            app,
             stop: Some(stop),
             task: Some(task),
         }

@@ -6,6 +6,7 @@ mod deploy_files;
 mod fake_upstream;
 mod faults;
 mod harness;
+mod operate;
 mod peers;
 mod real_auth;
 mod real_peers;
