@@ -17,6 +17,7 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub fills_in_flight: IntGauge,
     pub fills: IntCounterVec,
+    pub fill_duration: HistogramVec,
     pub fill_resumes: IntCounter,
     pub tokens_fetched: IntCounterVec,
     pub ratelimit_limit: IntGaugeVec,
@@ -40,6 +41,7 @@ pub const NAMES: &[&str] = &[
     "regcache_upstream_request_duration_seconds",
     "regcache_fills_in_flight",
     "regcache_fills_total",
+    "regcache_fill_duration_seconds",
     "regcache_fill_resumes_total",
     "regcache_upstream_tokens_fetched_total",
     "regcache_upstream_ratelimit_limit",
@@ -103,6 +105,7 @@ impl Metrics {
             upstream_duration: histogram_vec(r, "regcache_upstream_request_duration_seconds", "Time to the response headers of upstream requests.", &["upstream", "method"]),
             fills_in_flight: gauge(r, "regcache_fills_in_flight", "Blob downloads from upstreams in progress."),
             fills: counter_vec(r, "regcache_fills_total", "Finished blob downloads, by result (committed, digest_mismatch, truncated, upstream_error, disk_error).", &["result"]),
+            fill_duration: histogram_vec(r, "regcache_fill_duration_seconds", "Time from the start of a blob download to its commit or failure, by result.", &["result"]),
             fill_resumes: counter(r, "regcache_fill_resumes_total", "Broken upstream transfers resumed with a Range request."),
             tokens_fetched: counter_vec(r, "regcache_upstream_tokens_fetched_total", "Bearer tokens fetched from upstream token services.", &["upstream"]),
             ratelimit_limit: gauge_vec(r, "regcache_upstream_ratelimit_limit", "The upstream's announced pull limit per window (ratelimit-limit).", &["upstream"]),
@@ -148,6 +151,7 @@ mod tests {
             .with_label_values(&["docker.io", "GET"])
             .observe(0.1);
         m.fills.with_label_values(&["committed"]).inc();
+        m.fill_duration.with_label_values(&["committed"]).observe(1.0);
         m.tokens_fetched.with_label_values(&["docker.io"]).inc();
         m.ratelimit_limit.with_label_values(&["docker.io"]).set(100);
         m.ratelimit_remaining.with_label_values(&["docker.io"]).set(99);

@@ -389,7 +389,7 @@ impl Proxy {
                 opener(target, digest)
             },
             {
-                let (metrics, digest) = (self.metrics.clone(), digest.clone());
+                let (metrics, digest, started) = (self.metrics.clone(), digest.clone(), std::time::Instant::now());
                 move |result, resumes| {
                     metrics.fills_in_flight.dec();
                     metrics.fill_resumes.inc_by(u64::from(resumes));
@@ -403,6 +403,10 @@ impl Proxy {
                         },
                     };
                     metrics.fills.with_label_values(&[outcome]).inc();
+                    metrics
+                        .fill_duration
+                        .with_label_values(&[outcome])
+                        .observe(started.elapsed().as_secs_f64());
                     match result {
                         Ok(()) => tracing::info!(%digest, resumes, "fill committed"),
                         Err(e) => tracing::warn!(%digest, resumes, error = %e, "fill failed"),
