@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::cache::fill::{FillError, Fills, Opener, Progress, State};
+use crate::cache::fill::{FillError, Fills, Opener, Progress, Source, State};
 use crate::cache::tags::{TagKey, TagRecord};
 use crate::cache::{Cache, Manifest};
 use crate::config::LimitsConfig;
@@ -63,10 +63,14 @@ pub struct ManifestAnswer {
 }
 
 /// A blob to stream: its file and, while it is still being filled, the fill's progress.
-pub struct BlobAnswer {
-    pub file: Arc<File>,
-    pub total: Option<u64>,
-    pub progress: Option<watch::Receiver<Progress<upstream::Error>>>,
+pub enum BlobAnswer {
+    File {
+        file: Arc<File>,
+        total: Option<u64>,
+        progress: Option<watch::Receiver<Progress<upstream::Error>>>,
+    },
+    /// The cache disk cannot take it: streamed from the upstream, verified on the way.
+    PassThrough(Source),
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -381,7 +385,7 @@ impl Proxy {
         }
         let mut started_here = false;
         let metrics = self.metrics.clone();
-        let joined = self.fills.join(
+        let joined = match self.fills.join(
             digest,
             || {
                 started_here = true;
@@ -413,7 +417,19 @@ impl Proxy {
                     }
                 }
             },
-        )?;
+        ) {
+            Ok(joined) => joined,
+            Err(e) => {
+                tracing::warn!(error = %e, %digest, "cache disk unusable; passing the blob through uncached");
+                self.lookup("blob", "miss");
+                let source = target
+                    .upstream
+                    .get_blob(&target.repo, digest, 0)
+                    .await
+                    .map_err(|e| not_found(e, || Error::BlobUnknown(digest.to_string())))?;
+                return Ok(BlobAnswer::PassThrough(source));
+            }
+        };
         let Some(mut fill) = joined else {
             self.lookup("blob", "hit");
             return self
@@ -424,7 +440,7 @@ impl Proxy {
         let started = fill.started().await;
         match started.state {
             State::Failed(e) => Err(fill_error(e, digest)),
-            _ => Ok(BlobAnswer {
+            _ => Ok(BlobAnswer::File {
                 file: fill.file,
                 total: started.total,
                 progress: Some(fill.progress),
@@ -449,7 +465,7 @@ impl Proxy {
     }
 
     fn cached_blob(&self, digest: &Digest) -> Result<Option<BlobAnswer>, Error> {
-        Ok(self.cache.open_blob(digest)?.map(|(file, len)| BlobAnswer {
+        Ok(self.cache.open_blob(digest)?.map(|(file, len)| BlobAnswer::File {
             file,
             total: Some(len),
             progress: None,

@@ -411,3 +411,42 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
         }
     }
 }
+
+/// Streams an upstream body straight to a client, for when the cache disk cannot take it:
+/// the bytes are hashed on the way, and the last chunk is held back until the digest
+/// matches, so bad content never arrives complete. Returns the bytes handed over.
+pub async fn stream_verified(mut source: Source, digest: Digest, tx: mpsc::Sender<io::Result<Bytes>>) -> u64 {
+    let mut verifier = Verifier::new(digest.algorithm());
+    let mut held: Option<Bytes> = None;
+    let mut sent = 0u64;
+    loop {
+        match source.body.frame().await {
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else { continue };
+                verifier.update(&data);
+                if let Some(previous) = held.replace(data) {
+                    sent += previous.len() as u64;
+                    if tx.send(Ok(previous)).await.is_err() {
+                        return sent;
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
+                return sent;
+            }
+            None => break,
+        }
+    }
+    let got = verifier.finish();
+    if got != digest {
+        tracing::warn!(%digest, %got, "pass-through content does not match its digest; response aborted");
+        let _ = tx.send(Err(io::Error::other("digest mismatch"))).await;
+        return sent;
+    }
+    if let Some(last) = held {
+        sent += last.len() as u64;
+        let _ = tx.send(Ok(last)).await;
+    }
+    sent
+}

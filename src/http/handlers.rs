@@ -14,10 +14,10 @@ use super::auth;
 use super::body::Body;
 use super::error::ApiError;
 use super::routes::{self, query_param, Endpoint, Route};
-use crate::cache::fill::stream_file;
+use crate::cache::fill::{stream_file, stream_verified};
 use crate::digest::Digest;
 use crate::oci::{self, AcceptSet, Reference};
-use crate::proxy::{self, Proxy};
+use crate::proxy::{self, BlobAnswer, Proxy};
 use crate::upstream::Target;
 use crate::App;
 
@@ -239,17 +239,33 @@ async fn blob(
         return Ok(resp);
     }
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok()).and_then(parse_range);
-    let mut answer = proxy.blob(target, digest).await?;
-    if range.is_some() && answer.total.is_none() {
+    let (file, mut total, mut progress) = match proxy.blob(target, digest).await? {
+        BlobAnswer::File { file, total, progress } => (file, total, progress),
+        BlobAnswer::PassThrough(source) => {
+            // No file to seek in: the whole blob (RFC 9110 lets a server ignore Range).
+            if let Some(total) = source.total {
+                resp.headers_mut().insert(CONTENT_LENGTH, total.into());
+            }
+            let (tx, body) = Body::channel();
+            let served = proxy.metrics.bytes_served.with_label_values(&["upstream"]);
+            let digest = digest.clone();
+            tokio::spawn(async move {
+                served.inc_by(stream_verified(source, digest, tx).await);
+            });
+            *resp.body_mut() = body;
+            return Ok(resp);
+        }
+    };
+    if range.is_some() && total.is_none() {
         // Upstream sent no length: a range can only be placed once the fill is done.
-        if let Some(progress) = &mut answer.progress {
+        if let Some(progress) = &mut progress {
             let _ = progress
                 .wait_for(|p| p.total.is_some() || matches!(p.state, crate::cache::fill::State::Failed(_)))
                 .await;
-            answer.total = progress.borrow().total;
+            total = progress.borrow().total;
         }
     }
-    let (start, end) = match (range, answer.total) {
+    let (start, end) = match (range, total) {
         (Some(spec), Some(total)) => match spec.resolve(total) {
             Some((start, end)) => {
                 *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
@@ -281,10 +297,10 @@ async fn blob(
         resp.headers_mut().insert(CONTENT_LENGTH, (end - start).into());
     }
     let (tx, body) = Body::channel();
-    let source = if answer.progress.is_some() { "fill" } else { "cache" };
+    let source = if progress.is_some() { "fill" } else { "cache" };
     let served = proxy.metrics.bytes_served.with_label_values(&[source]);
     tokio::spawn(async move {
-        let sent = stream_file(answer.file, start, end, answer.progress, tx).await;
+        let sent = stream_file(file, start, end, progress, tx).await;
         served.inc_by(sent);
     });
     *resp.body_mut() = body;

@@ -270,3 +270,32 @@ async fn kill_9_during_a_fill_leaves_nothing_partial_behind() {
     assert_eq!(cached.len(), 1);
     assert_eq!(sha256(&std::fs::read(&cached[0]).unwrap()), digest);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_cache_disk_passes_blobs_through_verified_and_uncached() {
+    let (up, proxy, dir) = setup("5m").await;
+    let data = random_bytes(600_000, 25);
+    let digest = up.add_blob(&data);
+    let bad = up.add_blob(&random_bytes(300_000, 26));
+    up.fault(&bad, [Fault::Corrupt]);
+    // The cache can no longer create files: its tmp dir is gone, a file in its place.
+    let tmp = dir.path().join("v1/tmp");
+    std::fs::remove_dir_all(&tmp).unwrap();
+    std::fs::write(&tmp, b"not a directory").unwrap();
+
+    let url = proxy.url(&format!("/v2/library/x/blobs/{digest}"));
+    let r = get(&url).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.bytes().as_ref(), data.as_slice());
+    assert_eq!(r.header("content-length"), Some("600000"));
+    assert_eq!(get(&url).await.bytes().as_ref(), data.as_slice());
+    assert_eq!(up.count("GET", &digest), 2, "nothing was cached");
+    assert_eq!(cached_blobs(dir.path()), 0);
+    assert_eq!(
+        proxy.metric(r#"regcache_bytes_served_total{source="upstream"}"#),
+        1_200_000.0
+    );
+    // Bad bytes are still never handed over as a complete body.
+    let r = get(&proxy.url(&format!("/v2/library/x/blobs/{bad}"))).await;
+    assert!(r.body.is_err());
+}
