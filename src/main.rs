@@ -158,10 +158,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The first SIGTERM or SIGINT starts the graceful drain; a second one exits at once.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+/// Resolves on SIGINT or SIGTERM.
+async fn interrupted(#[cfg(unix)] term: &mut Option<tokio::signal::unix::Signal>) {
     #[cfg(unix)]
     let terminated = async {
         match term.as_mut() {
@@ -175,21 +173,24 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         _ = terminated => {},
     }
+}
+
+/// The first SIGTERM or SIGINT starts the graceful drain; a second one exits at once.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    interrupted(
+        #[cfg(unix)]
+        &mut term,
+    )
+    .await;
     tracing::info!("shutting down: draining in-flight requests (a second signal stops at once)");
     tokio::spawn(async move {
-        #[cfg(unix)]
-        let again = async {
-            match term.as_mut() {
-                Some(t) => t.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let again = std::future::pending::<Option<()>>();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = again => {},
-        }
+        interrupted(
+            #[cfg(unix)]
+            &mut term,
+        )
+        .await;
         tracing::warn!("second signal: exiting now");
         std::process::exit(130);
     });

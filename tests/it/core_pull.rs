@@ -13,18 +13,6 @@ const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const DOCKER_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const ALL_TYPES: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 
-async fn setup(tag_ttl: &str) -> (FakeUpstream, TestProxy, tempfile::TempDir) {
-    let up = FakeUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = TestProxy::start(
-        dir.path(),
-        "1GiB",
-        &upstream_toml("docker.io", &up.url(), true, tag_ttl),
-    )
-    .await;
-    (up, proxy, dir)
-}
-
 fn image_manifest(layer: &str, size: usize) -> Vec<u8> {
     serde_json::json!({
         "schemaVersion": 2,

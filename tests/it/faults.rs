@@ -2,9 +2,7 @@
 //! outages, and `kill -9` in the middle of a fill. Nothing bad is ever cached or handed to a
 //! client as a complete response.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use http::Method;
@@ -12,18 +10,6 @@ use http_body_util::BodyExt;
 
 use crate::fake_upstream::{FakeUpstream, Fault};
 use crate::harness::*;
-
-async fn setup(tag_ttl: &str) -> (FakeUpstream, TestProxy, tempfile::TempDir) {
-    let up = FakeUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = TestProxy::start(
-        dir.path(),
-        "1GiB",
-        &upstream_toml("docker.io", &up.url(), true, tag_ttl),
-    )
-    .await;
-    (up, proxy, dir)
-}
 
 fn cached_blobs(dir: &Path) -> usize {
     files_under(&dir.join("v1/blobs")).len()
@@ -189,56 +175,6 @@ async fn a_dead_upstream_serves_cached_tags_stale_and_refuses_the_rest() {
     );
 }
 
-/// A regcache process of its own, so that it can be killed with SIGKILL.
-struct Process {
-    child: Child,
-    addr: String,
-}
-
-impl Process {
-    fn start(dir: &Path, upstream: &str) -> Process {
-        let config = dir.join("regcache.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\n[cache]\ndir = \"{}\"\n{}",
-                dir.join("cache").display(),
-                upstream_toml("docker.io", upstream, true, "5m")
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_regcache"))
-            .args(["--log-format", "json", "serve", "--config"])
-            .arg(&config)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("regcache binary starts");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines.next().expect("regcache logged its address").unwrap();
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if let Some(listen) = v["fields"]["listen"].as_str() {
-                break listen.to_owned();
-            }
-        };
-        // Keep draining its log so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Process { child, addr }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_fill_leaves_nothing_partial_behind() {
     let up = FakeUpstream::start().await;
@@ -248,7 +184,7 @@ async fn kill_9_during_a_fill_leaves_nothing_partial_behind() {
     let gate = Arc::new(tokio::sync::Notify::new());
     up.fault(&digest, [Fault::Gate(1 << 20, gate)]); // never opened: the fill hangs mid-blob
 
-    let mut first = Process::start(dir.path(), &up.url());
+    let mut first = Process::start(dir.path(), &up.url(), "");
     let url = first.url(&format!("/v2/library/x/blobs/{digest}"));
     let resp = open(Method::GET, &url, &[]).await;
     let mut body = resp.into_body();
@@ -260,7 +196,7 @@ async fn kill_9_during_a_fill_leaves_nothing_partial_behind() {
     first.child.wait().unwrap();
     drop(body);
 
-    let second = Process::start(dir.path(), &up.url());
+    let second = Process::start(dir.path(), &up.url(), "");
     assert!(files_under(&tmp).is_empty(), "leftovers are removed at startup");
     assert!(files_under(&dir.path().join("cache/v1/blobs")).is_empty());
     let r = get(&second.url(&format!("/v2/library/x/blobs/{digest}"))).await;

@@ -205,3 +205,77 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// regcache as a process of its own (the built binary), to kill it or send it signals.
+/// Its cache lives in `<dir>/cache`; `server_keys` go into `[server]`.
+pub struct Process {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Process {
+    pub fn start(dir: &Path, upstream: &str, server_keys: &str) -> Process {
+        use std::io::BufRead;
+        let config = dir.join("regcache.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n{server_keys}\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}",
+                dir.join("cache").display(),
+                upstream_toml("docker.io", upstream, true, "5m")
+            ),
+        )
+        .expect("config written");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+            .args(["--log-format", "json", "serve", "--config"])
+            .arg(&config)
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("regcache binary starts");
+        let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let addr = loop {
+            let line = lines.next().expect("regcache logged its address").expect("log line");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if let Some(listen) = v["fields"]["listen"].as_str() {
+                break listen.to_owned();
+            }
+        };
+        // Keep draining its log so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Process { child, addr }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends a signal by name (`TERM`, `HUP`, …).
+    pub fn signal(&self, name: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(ok.success());
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fake upstream, a regcache in front of it with `tag_ttl`, and the cache's temp dir.
+pub async fn setup(tag_ttl: &str) -> (crate::fake_upstream::FakeUpstream, TestProxy, tempfile::TempDir) {
+    let up = crate::fake_upstream::FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let proxy = TestProxy::start(
+        dir.path(),
+        "1GiB",
+        &upstream_toml("docker.io", &up.url(), true, tag_ttl),
+    )
+    .await;
+    (up, proxy, dir)
+}

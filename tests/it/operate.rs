@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 
 use http::Method;
@@ -483,59 +483,6 @@ async fn wait_for(mut condition: impl FnMut() -> bool) {
     panic!("condition not reached within 10 s");
 }
 
-/// regcache as its own process, to send it signals.
-struct Daemon {
-    child: Child,
-    addr: String,
-}
-
-impl Daemon {
-    fn start(dir: &Path, upstream: &str) -> Daemon {
-        let config = dir.join("regcache.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"60s\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}",
-                dir.join("cache").display(),
-                upstream_toml("docker.io", upstream, true, "5m")
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_regcache"))
-            .args(["--log-format", "json", "serve", "--config"])
-            .arg(&config)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("regcache binary starts");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines.next().expect("regcache logged its address").unwrap();
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if let Some(listen) = v["fields"]["listen"].as_str() {
-                break listen.to_owned();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        Daemon { child, addr }
-    }
-
-    fn signal(&self, name: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_download_in_flight_finish_and_exits_cleanly() {
     let up = FakeUpstream::start().await;
@@ -544,7 +491,7 @@ async fn sigterm_lets_a_download_in_flight_finish_and_exits_cleanly() {
     let gate = Arc::new(tokio::sync::Notify::new());
     up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Daemon::start(dir.path(), &up.url());
+    let mut daemon = Process::start(dir.path(), &up.url(), "shutdown_grace = \"60s\"");
     let url = format!("http://{}/v2/library/x/blobs/{digest}", daemon.addr);
     let resp = open(Method::GET, &url, &[]).await;
     assert_eq!(resp.status(), 200);
