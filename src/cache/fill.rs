@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use tokio::sync::{mpsc, watch};
 
@@ -326,6 +326,43 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
 }
 
 const READ_CHUNK: u64 = 256 * 1024;
+/// A reader of a fill waits up to this long for a full chunk before sending what there is,
+/// so a fast fill is read in big pieces and a slow one still reaches clients promptly.
+const BATCH_WAIT: Duration = Duration::from_millis(20);
+
+/// A handle of its own on an open file (its own offset), even if the file has since been
+/// renamed or unlinked. Linux: through /proc/self/fd.
+fn private_handle(file: &File) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
+    File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// Reads the next `n` bytes at the file's offset into fresh memory. `read_to_end` fills
+/// spare capacity directly, so the buffer is never zeroed first (one pass over the bytes,
+/// not two).
+fn read_next(file: &File, n: usize) -> io::Result<Bytes> {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(n);
+    file.take(n as u64).read_to_end(&mut buf)?;
+    if buf.len() < n {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "cache file is shorter than expected",
+        ));
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// How far a reader may read into a fill: everything written, except that the response's
+/// last byte waits for verification.
+fn readable_until<E>(p: &Progress<E>, end: Option<u64>) -> u64 {
+    match (&p.state, end) {
+        (State::Done, Some(e)) => e,
+        (State::Done, None) => p.total.unwrap_or(p.written),
+        (_, Some(e)) => p.written.min(e.saturating_sub(1)),
+        (_, None) => p.written.saturating_sub(1),
+    }
+}
 
 /// Streams `file[start..end)` into `tx`. With `progress` (a fill), it follows the growing
 /// file, and sends the last byte only once the fill is verified and committed; on failure it
@@ -338,77 +375,65 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
     mut progress: Option<watch::Receiver<Progress<E>>>,
     tx: mpsc::Sender<io::Result<Bytes>>,
 ) -> u64 {
+    use std::io::{Seek, SeekFrom};
+    // A fill's file is shared by all its readers: each needs its own offset.
+    let file = match progress.is_some() {
+        true => private_handle(&file).map(Arc::new),
+        false => Ok(file),
+    };
+    let file = match file.and_then(|f| (&*f).seek(SeekFrom::Start(start)).map(|_| f)) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read cached content");
+            let _ = tx.send(Err(e)).await;
+            return 0;
+        }
+    };
     let mut pos = start;
     loop {
-        let (allowed, complete_end) = match &mut progress {
-            None => (end.unwrap_or(pos), end.unwrap_or(pos)),
+        let limit = match &mut progress {
+            None => end.unwrap_or(pos),
             Some(rx) => {
-                let p = rx.borrow_and_update().clone();
-                match p.state {
-                    State::Done => {
-                        let e = end.or(p.total).unwrap_or(p.written);
-                        (e, e)
-                    }
-                    State::Failed(e) => {
-                        let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
-                        return pos - start;
-                    }
-                    State::Connecting | State::Streaming => {
-                        // Hold back at least the response's last byte until verified.
-                        let allowed = match end {
-                            Some(e) => p.written.min(e.saturating_sub(1)),
-                            None => p.written.saturating_sub(1),
-                        };
-                        (allowed, u64::MAX)
-                    }
+                let cap = end.map_or(u64::MAX, |e| e.saturating_sub(1));
+                let want = (pos + READ_CHUNK).min(cap);
+                let terminal = |p: &Progress<E>| matches!(p.state, State::Done | State::Failed(_));
+                let batched = rx.wait_for(|p| terminal(p) || readable_until(p, end) >= want.max(pos + 1));
+                if tokio::time::timeout(BATCH_WAIT, batched).await.is_err() {
+                    let _ = rx.wait_for(|p| terminal(p) || readable_until(p, end) > pos).await;
                 }
+                let p = rx.borrow_and_update().clone();
+                if let State::Failed(e) = &p.state {
+                    let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
+                    return pos - start;
+                }
+                if !terminal(&p) && readable_until(&p, end) <= pos {
+                    // The fill task went away without an outcome.
+                    let _ = tx.send(Err(io::Error::other("fill ended unexpectedly"))).await;
+                    return pos - start;
+                }
+                readable_until(&p, end)
             }
         };
-        if pos < allowed {
-            let n = (allowed - pos).min(READ_CHUNK) as usize;
-            let f = file.clone();
-            let read = tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
-                let mut buf = BytesMut::zeroed(n);
-                let mut filled = 0;
-                while filled < n {
-                    match f.read_at(&mut buf[filled..], pos + filled as u64)? {
-                        0 => {
-                            return Err(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "cache file is shorter than expected",
-                            ))
-                        }
-                        k => filled += k,
-                    }
-                }
-                Ok(buf.freeze())
-            })
+        if pos >= limit {
+            return pos - start;
+        }
+        let n = (limit - pos).min(READ_CHUNK) as usize;
+        let f = file.clone();
+        let read = tokio::task::spawn_blocking(move || read_next(&f, n))
             .await
             .unwrap_or_else(|e| Err(io::Error::other(e)));
-            let len = match &read {
-                Ok(bytes) => Some(bytes.len() as u64),
-                Err(e) => {
-                    tracing::error!(error = %e, "reading cached content failed");
-                    None
-                }
-            };
-            match (tx.send(read).await, len) {
-                (Ok(()), Some(len)) => pos += len,
-                _ => return pos - start, // client gone, or error sent
-            }
-            continue;
-        }
-        if pos >= complete_end {
-            return pos - start;
-        }
-        if let Some(rx) = &mut progress {
-            if rx.changed().await.is_err() && !matches!(rx.borrow().state, State::Done | State::Failed(_)) {
-                let _ = tx.send(Err(io::Error::other("fill ended unexpectedly"))).await;
+        let len = match &read {
+            Ok(bytes) => bytes.len() as u64,
+            Err(e) => {
+                tracing::error!(error = %e, "reading cached content failed");
+                let _ = tx.send(read).await;
                 return pos - start;
             }
-        } else {
-            return pos - start;
+        };
+        if tx.send(read).await.is_err() {
+            return pos - start; // the client went away
         }
+        pos += len;
     }
 }
 
