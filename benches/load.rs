@@ -1,1 +1,1865 @@
-fn main() {}
+//! Load benchmark: regcache (the release binary) against its peers on 127.0.0.1.
+//!
+//! Sets up a seeded upstream (`docker-registry` with a temp storage root, seeded through its
+//! push API), regcache in front of it, Distribution's proxy mode in front of the same
+//! upstream, and nginx serving the same blob and manifest as static files; then measures
+//! warm blob throughput, warm manifest GETs, cold `skopeo copy` pulls, a 32-client herd on
+//! one cold blob, and regcache's startup time with a large cache. Prints ONE markdown table
+//! (median of `BENCH_RUNS` runs per measure, and regcache ÷ peer ratios) and writes it to
+//! `<target dir>/bench-report.md`.
+//!
+//! Knobs (environment):
+//! - `BENCH_QUICK=1`: 64 MiB blob, 1 run, 10 000 startup blobs, short wrk runs;
+//! - `BENCH_RUNS=N`: runs per measure (default 3, or 1 with `BENCH_QUICK`);
+//! - `BENCH_ONLY=blob,manifest,pull,herd,startup`: a subset of the phases;
+//! - `BENCH_BLOB_MIB`, `BENCH_STARTUP_BLOBS`, `BENCH_SECS` (wrk seconds per run);
+//! - `BENCH_DIR`: where the data goes (default `/dev/shm`, else the target dir);
+//! - `BENCH_ACCESS_LOG=0`: no per-request logging in any server (default: as shipped);
+//! - `BENCH_REPORT=path`: where the report goes instead of `<target dir>/bench-report.md`;
+//! - `BENCH_HOLD=secs`: after seeding, keep the upstream and nginx up that long (profiling).
+//!
+//! Everything listens on 127.0.0.1 only; every loop is bounded in count and time; every child
+//! process is killed when its guard drops (also on panic or Ctrl-C).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use regcache::digest::Digest;
+
+const MIB: u64 = 1 << 20;
+const REPO: &str = "library/bench";
+const TAG: &str = "1";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+/// Layers of the cold-pull image, in MiB of content (about 75 MiB in all).
+const IMAGE_LAYERS_MIB: [u64; 3] = [40, 25, 10];
+const HERD_CLIENTS: usize = 32;
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+const PULL_TIMEOUT: Duration = Duration::from_secs(300);
+/// The most log lines kept per child process (the rest are counted, not stored).
+const MAX_LOG_LINES: usize = 2_000_000;
+/// Whether the servers under test log every request, as they do by default (regcache's
+/// `regcache::access` lines at info, Distribution's access log and info level, nginx's
+/// access_log); `BENCH_ACCESS_LOG=0` turns request logging off everywhere.
+static ACCESS_LOG: AtomicBool = AtomicBool::new(true);
+
+fn access_log() -> bool {
+    ACCESS_LOG.load(Ordering::Relaxed)
+}
+
+// ---------------------------------------------------------------------------------------
+// Settings
+// ---------------------------------------------------------------------------------------
+
+struct Settings {
+    quick: bool,
+    access_log: bool,
+    runs: usize,
+    blob_size: u64,
+    startup_blobs: usize,
+    blob_secs: u64,
+    manifest_secs: u64,
+    phases: Vec<String>,
+    data_root: PathBuf,
+    report: PathBuf,
+}
+
+fn env_num(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    match v.trim().parse() {
+        Ok(n) => Some(n),
+        Err(_) => panic!("{name}={v:?} is not a number"),
+    }
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+        let runs = env_num("BENCH_RUNS").unwrap_or(if quick { 1 } else { 3 }).max(1) as usize;
+        let blob_size = env_num("BENCH_BLOB_MIB").unwrap_or(if quick { 64 } else { 512 }) * MIB;
+        let startup_blobs = env_num("BENCH_STARTUP_BLOBS").unwrap_or(if quick { 10_000 } else { 100_000 }) as usize;
+        let secs = env_num("BENCH_SECS");
+        let all = ["blob", "manifest", "pull", "herd", "startup"];
+        let phases: Vec<String> = match std::env::var("BENCH_ONLY") {
+            Ok(list) if !list.trim().is_empty() => list
+                .split(',')
+                .map(|p| p.trim().to_owned())
+                .inspect(|p| {
+                    assert!(
+                        all.contains(&p.as_str()),
+                        "BENCH_ONLY: unknown phase {p:?}; phases: {all:?}"
+                    )
+                })
+                .collect(),
+            _ => all.iter().map(|s| s.to_string()).collect(),
+        };
+        // The target dir: this executable is <target>/<profile>/deps/load-<hash>.
+        let target = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
+            .filter(|t| t.join("CACHEDIR.TAG").exists() || t.ends_with("target"))
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+        let data_root = match std::env::var_os("BENCH_DIR") {
+            Some(d) => PathBuf::from(d),
+            None if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
+            None => target.clone(),
+        };
+        Settings {
+            quick,
+            access_log: std::env::var("BENCH_ACCESS_LOG").map_or(true, |v| v.trim() != "0"),
+            runs,
+            blob_size,
+            startup_blobs,
+            blob_secs: secs.unwrap_or(if quick { 3 } else { 8 }),
+            manifest_secs: secs.unwrap_or(if quick { 3 } else { 5 }),
+            phases,
+            data_root,
+            report: std::env::var_os("BENCH_REPORT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| target.join("bench-report.md")),
+        }
+    }
+
+    fn phase(&self, name: &str) -> bool {
+        self.phases.iter().any(|p| p == name)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tools
+// ---------------------------------------------------------------------------------------
+
+fn find_binary(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
+        .map(|d| d.join(name))
+        .find(|c| c.is_file())
+}
+
+/// The peers' binaries; installs the Debian packages if any is missing.
+fn ensure_tools() -> BTreeMap<&'static str, PathBuf> {
+    let needed = [
+        ("docker-registry", "docker-registry"),
+        ("skopeo", "skopeo"),
+        ("nginx", "nginx-light"),
+        ("wrk", "wrk"),
+    ];
+    let missing: Vec<&str> = needed
+        .iter()
+        .filter(|(bin, _)| find_binary(bin).is_none())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("installing {missing:?} (apt-get)");
+        let ok = Command::new("apt-get")
+            .arg("update")
+            .status()
+            .is_ok_and(|s| s.success())
+            && Command::new("apt-get")
+                .args(["install", "-y"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .is_ok_and(|s| s.success());
+        assert!(ok, "apt-get install -y {missing:?} failed");
+    }
+    needed
+        .iter()
+        .map(|(bin, pkg)| {
+            let path = find_binary(bin).unwrap_or_else(|| panic!("`{bin}` (package {pkg}) is still not installed"));
+            (*bin, path)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Child processes
+// ---------------------------------------------------------------------------------------
+
+/// The lines a child wrote to stdout and stderr, collected by reader threads.
+struct Log {
+    state: Mutex<LogState>,
+    changed: tokio::sync::Notify,
+    /// When false, output is read and thrown away (cheaply) instead of kept line by line.
+    keep: AtomicBool,
+}
+
+#[derive(Default)]
+struct LogState {
+    lines: Vec<(bool, String)>,
+    dropped: usize,
+    closed: usize,
+}
+
+impl Log {
+    fn follow(self: &Arc<Self>, is_stdout: bool, pipe: impl Read + Send + 'static) {
+        let log = self.clone();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::with_capacity(1 << 16, pipe);
+            let mut buf = Vec::new();
+            loop {
+                if !log.keep.load(Ordering::Relaxed) {
+                    let n = match reader.fill_buf() {
+                        Ok([]) | Err(_) => break,
+                        Ok(data) => data.len(),
+                    };
+                    reader.consume(n);
+                    continue;
+                }
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
+                        let mut s = log.state.lock().unwrap();
+                        if s.lines.len() < MAX_LOG_LINES {
+                            s.lines.push((is_stdout, line));
+                        } else {
+                            s.dropped += 1;
+                        }
+                        drop(s);
+                        log.changed.notify_waiters();
+                    }
+                }
+            }
+            log.state.lock().unwrap().closed += 1;
+            log.changed.notify_waiters();
+        });
+    }
+
+    /// Stops keeping lines: for a server under load whose requests are logged.
+    fn discard(&self) {
+        self.keep.store(false, Ordering::Relaxed);
+    }
+
+    fn len(&self) -> usize {
+        self.state.lock().unwrap().lines.len()
+    }
+
+    /// stdout lines from index `from` on.
+    fn stdout_since(&self, from: usize) -> Vec<String> {
+        let s = self.state.lock().unwrap();
+        s.lines
+            .iter()
+            .skip(from)
+            .filter(|(out, _)| *out)
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    fn tail(&self, n: usize) -> String {
+        let s = self.state.lock().unwrap();
+        let start = s.lines.len().saturating_sub(n);
+        s.lines[start..].iter().map(|(_, l)| format!("  {l}\n")).collect()
+    }
+
+    /// Waits until a line from index `from` on satisfies `find`, the child closes both
+    /// streams, or `timeout` passes.
+    async fn wait_for<T>(&self, from: usize, timeout: Duration, find: impl Fn(&str) -> Option<T>) -> Option<T> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut seen = from;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let s = self.state.lock().unwrap();
+                for (_, line) in s.lines.iter().skip(seen) {
+                    if let Some(found) = find(line) {
+                        return Some(found);
+                    }
+                }
+                seen = s.lines.len().max(seen);
+                if s.closed == 2 {
+                    return None;
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+/// A child process that is stopped when dropped: SIGTERM (then SIGKILL after 5 s) when
+/// `graceful`, else SIGKILL; children it forked (nginx workers) are killed too.
+struct Daemon {
+    name: String,
+    child: Child,
+    log: Arc<Log>,
+    graceful: bool,
+}
+
+impl Daemon {
+    fn spawn(name: &str, mut cmd: Command, graceful: bool) -> Daemon {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        let log = Arc::new(Log {
+            state: Mutex::default(),
+            changed: tokio::sync::Notify::new(),
+            keep: AtomicBool::new(true),
+        });
+        log.follow(true, child.stdout.take().expect("stdout pipe"));
+        log.follow(false, child.stderr.take().expect("stderr pipe"));
+        Daemon {
+            name: name.to_owned(),
+            child,
+            log,
+            graceful,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Direct children of the process (nginx workers).
+    fn children(&self) -> Vec<u32> {
+        let pid = self.pid();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    /// Peak resident set size in MiB (`VmHWM`), the largest among the process and its
+    /// children.
+    fn peak_rss_mib(&self) -> Option<f64> {
+        std::iter::once(self.pid())
+            .chain(self.children())
+            .filter_map(vm_hwm_kib)
+            .max()
+            .map(|kib| kib as f64 / 1024.0)
+    }
+
+    fn fail(&self, what: &str) -> String {
+        format!("{}: {what}; last lines of its log:\n{}", self.name, self.log.tail(30))
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let children = self.children();
+        if self.graceful && !self.exited() {
+            signal(self.pid(), "TERM");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && !self.exited() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in children {
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                signal(pid, "KILL");
+            }
+        }
+    }
+}
+
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Bytes the process has written (sockets included), from `/proc/PID/io`.
+fn written_bytes(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let line = io.lines().find(|l| l.starts_with("wchar:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A free port on 127.0.0.1 (bound once, then released) for daemons that cannot report the
+/// port they picked without logging every request.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP client
+// ---------------------------------------------------------------------------------------
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http()
+}
+
+async fn send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+    timeout: Duration,
+) -> Result<(StatusCode, HeaderMap, Bytes), String> {
+    let mut req = Request::builder().method(method.clone()).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
+    let work = async {
+        let resp = client()
+            .request(req)
+            .await
+            .map_err(|e| format!("{method} {url}: {e}"))?;
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("{method} {url}: body: {e}"))?
+            .to_bytes();
+        Ok((parts.status, parts.headers, body))
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| format!("{method} {url}: no answer within {timeout:?}"))?
+}
+
+async fn get(url: &str, headers: &[(&str, &str)]) -> Result<(StatusCode, Bytes), String> {
+    let (status, _, body) = send(Method::GET, url, headers, Bytes::new(), Duration::from_secs(300)).await?;
+    Ok((status, body))
+}
+
+/// GETs `url` on a connection of its own, reads and discards the body; returns its length.
+async fn get_discard(url: &str) -> Result<u64, String> {
+    let req = Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = client().request(req).await.map_err(|e| format!("GET {url}: {e}"))?;
+    if resp.status() != StatusCode::OK {
+        return Err(format!("GET {url}: status {}", resp.status()));
+    }
+    let mut body = resp.into_body();
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("GET {url}: body broke after {n} bytes: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            n += data.len() as u64;
+        }
+    }
+    Ok(n)
+}
+
+/// Polls `url` until it answers 200.
+async fn wait_ready(url: &str, daemon: &mut Daemon, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok((StatusCode::OK, _, _)) = send(Method::GET, url, &[], Bytes::new(), Duration::from_secs(2)).await {
+            return Ok(());
+        }
+        if daemon.exited() {
+            return Err(daemon.fail(&format!("exited before {url} answered")));
+        }
+        if Instant::now() > deadline {
+            return Err(daemon.fail(&format!("{url} did not answer 200 within {timeout:?}")));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Content
+// ---------------------------------------------------------------------------------------
+
+/// Deterministic pseudo-random bytes (xorshift64).
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    Digest::sha256_of(bytes).to_string()
+}
+
+/// A ustar archive holding one regular file.
+fn tar_with_one_file(file_name: &str, content: &[u8]) -> Vec<u8> {
+    let mut header = [0u8; 512];
+    let mut put = |offset: usize, bytes: &[u8]| {
+        header[offset..offset + bytes.len()].copy_from_slice(bytes);
+    };
+    put(0, file_name.as_bytes());
+    put(100, b"0000644\0");
+    put(108, b"0000000\0");
+    put(116, b"0000000\0");
+    put(124, format!("{:011o}\0", content.len()).as_bytes());
+    put(136, b"14544400200\0");
+    put(148, b"        ");
+    put(156, b"0");
+    put(257, b"ustar\0");
+    put(263, b"00");
+    let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
+    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    let mut out = Vec::with_capacity(512 + content.len() + 1536);
+    out.extend_from_slice(&header);
+    out.extend_from_slice(content);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+/// A valid gzip member of `data` made of stored (uncompressed) deflate blocks.
+fn gzip_stored(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + data.len() / 65535 * 5 + 32);
+    out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255]);
+    let mut chunks = data.chunks(65535).peekable();
+    if chunks.peek().is_none() {
+        out.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
+    }
+    while let Some(chunk) = chunks.next() {
+        out.push(u8::from(chunks.peek().is_none()));
+        let len = chunk.len() as u16;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out.extend_from_slice(&crc32(data).to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut table = [0u32; 256];
+    for (i, entry) in table.iter_mut().enumerate() {
+        let mut c = i as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+        }
+        *entry = c;
+    }
+    let mut crc = !0u32;
+    for &b in data {
+        crc = table[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
+    }
+    !crc
+}
+
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// docker-registry: the upstream and Distribution's proxy mode
+// ---------------------------------------------------------------------------------------
+
+/// One line of Distribution's access log (combined log format on stdout).
+struct Access {
+    method: String,
+    uri: String,
+    bytes: u64,
+}
+
+impl Access {
+    /// `127.0.0.1 - - [date] "GET /v2/ HTTP/1.1" 200 2 "" "agent"`
+    fn parse(line: &str) -> Option<Access> {
+        let start = line.find("] \"")? + 3;
+        let rest = &line[start..];
+        let end = rest.find('"')?;
+        let mut request = rest[..end].split(' ');
+        let method = request.next()?.to_owned();
+        let uri = request.next()?.to_owned();
+        let mut after = rest[end + 1..].split_whitespace();
+        let _status = after.next()?;
+        let bytes = after.next()?.parse().unwrap_or(0);
+        Some(Access { method, uri, bytes })
+    }
+}
+
+struct Registry {
+    daemon: Daemon,
+    addr: SocketAddr,
+    sync_seq: AtomicU64,
+}
+
+impl Registry {
+    /// Starts `docker-registry serve` with storage under `dir`; a proxy of `remote` if given.
+    /// The upstream logs warnings and its access log (read to count what it served); the
+    /// proxy logs as by default (info and access log; thrown away) unless `BENCH_ACCESS_LOG=0`.
+    async fn start(bin: &Path, name: &str, dir: &Path, remote: Option<&str>) -> Result<Registry, String> {
+        let storage = dir.join("storage");
+        std::fs::create_dir_all(&storage).map_err(|e| e.to_string())?;
+        let mut last_error = String::new();
+        for _attempt in 0..3 {
+            let port = free_port();
+            let (level, access_off) = match remote {
+                Some(_) if access_log() => ("info", false),
+                Some(_) => ("error", true),
+                None => ("warn", false),
+            };
+            let mut config = format!(
+                "version: 0.1\n\
+                 log:\n  level: {level}\n  accesslog:\n    disabled: {access_off}\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  \
+                 cache:\n    blobdescriptor: inmemory\n\
+                 http:\n  addr: 127.0.0.1:{port}\n  secret: regcache-bench-secret\n",
+                storage.display()
+            );
+            if let Some(remote) = remote {
+                let _ = write!(config, "proxy:\n  remoteurl: {remote}\n");
+            }
+            let config_path = dir.join("config.yml");
+            std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+            let mut cmd = Command::new(bin);
+            cmd.arg("serve").arg(&config_path).current_dir(dir);
+            let mut daemon = Daemon::spawn(name, cmd, false);
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            match wait_ready(&format!("http://{addr}/v2/"), &mut daemon, STARTUP_TIMEOUT).await {
+                Ok(()) => {
+                    if remote.is_some() {
+                        daemon.log.discard();
+                    }
+                    return Ok(Registry {
+                        daemon,
+                        addr,
+                        sync_seq: AtomicU64::new(0),
+                    });
+                }
+                Err(e) => last_error = e, // port taken meanwhile? try another
+            }
+        }
+        Err(last_error)
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Makes sure every request answered so far is in the log we hold: sends a marker
+    /// request and waits for its access-log line.
+    async fn sync_log(&self) -> Result<(), String> {
+        let n = self.sync_seq.fetch_add(1, Ordering::SeqCst);
+        let marker = format!("/v2/?bench-sync={n}");
+        get(&format!("{}{marker}", self.url()), &[]).await?;
+        self.daemon
+            .log
+            .wait_for(0, Duration::from_secs(20), |line| {
+                Access::parse(line).filter(|a| a.uri == marker).map(|_| ())
+            })
+            .await
+            .ok_or_else(|| self.daemon.fail(&format!("{marker} never reached the access log")))
+    }
+
+    /// Waits until the registry has stopped sending (nothing written for 1 s), then returns
+    /// (GETs, bytes sent) of blob `digest` in the access log from line `from` on.
+    async fn blob_gets_since(&self, from: usize, digest: &str) -> Result<(u64, u64), String> {
+        let pid = self.daemon.pid();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut last = written_bytes(pid);
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = written_bytes(pid);
+            if now.is_none() || now == last || Instant::now() > deadline {
+                break;
+            }
+            last = now;
+        }
+        self.sync_log().await?;
+        let path = format!("/blobs/{digest}");
+        Ok(self
+            .daemon
+            .log
+            .stdout_since(from)
+            .iter()
+            .filter_map(|l| Access::parse(l))
+            .filter(|a| a.method == "GET" && a.uri.contains(&path))
+            .fold((0, 0), |(n, b), a| (n + 1, b + a.bytes)))
+    }
+}
+
+async fn push_blob(registry: &Registry, bytes: Bytes) -> Result<String, String> {
+    let digest = sha256(&bytes);
+    let url = format!("{}/v2/{REPO}/blobs/uploads/", registry.url());
+    let t = Duration::from_secs(300);
+    let (status, headers, body) = send(Method::POST, &url, &[], Bytes::new(), t).await?;
+    if status != StatusCode::ACCEPTED {
+        return Err(format!("POST {url}: {status} {}", String::from_utf8_lossy(&body)));
+    }
+    let location = headers
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .ok_or("upload without Location")?;
+    let location = if location.starts_with('/') {
+        format!("{}{location}", registry.url())
+    } else {
+        location.to_owned()
+    };
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let put = format!("{location}{sep}digest={}", digest.replace(':', "%3A"));
+    let ctype = [("content-type", "application/octet-stream")];
+    let (status, _, body) = send(Method::PUT, &put, &ctype, bytes, t).await?;
+    if status != StatusCode::CREATED {
+        return Err(format!(
+            "PUT blob {digest}: {status} {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    Ok(digest)
+}
+
+async fn push_manifest(registry: &Registry, reference: &str, bytes: &[u8]) -> Result<(), String> {
+    let url = format!("{}/v2/{REPO}/manifests/{reference}", registry.url());
+    let ctype = [("content-type", DOCKER_MANIFEST)];
+    let body = Bytes::copy_from_slice(bytes);
+    let (status, _, body) = send(Method::PUT, &url, &ctype, body, Duration::from_secs(60)).await?;
+    if status != StatusCode::CREATED {
+        return Err(format!("PUT {url}: {status} {}", String::from_utf8_lossy(&body)));
+    }
+    Ok(())
+}
+
+/// What the upstream holds.
+struct Seeded {
+    blob_digest: String,
+    manifest_digest: String,
+    manifest: Vec<u8>,
+}
+
+/// Pushes the big blob and the 3-layer image `library/bench:1`; writes nginx's copies.
+async fn seed(upstream: &Registry, blob_size: u64, nginx_root: &Path) -> Result<Seeded, String> {
+    let blob = Bytes::from(random_bytes(blob_size as usize, 7));
+    let blob_digest = sha256(&blob);
+    let dir = nginx_root.join(format!("v2/{REPO}"));
+    std::fs::create_dir_all(dir.join("blobs")).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(dir.join("manifests")).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join(format!("blobs/{blob_digest}")), &blob).map_err(|e| e.to_string())?;
+    let pushed = push_blob(upstream, blob).await?;
+    assert_eq!(pushed, blob_digest);
+
+    let mut layers = Vec::new();
+    let mut diff_ids = Vec::new();
+    for (i, mib) in IMAGE_LAYERS_MIB.iter().enumerate() {
+        let content = random_bytes((mib * MIB) as usize, 100 + i as u64);
+        let tar = tar_with_one_file(&format!("layer{i}.bin"), &content);
+        diff_ids.push(sha256(&tar));
+        let layer = Bytes::from(gzip_stored(&tar));
+        let size = layer.len();
+        let digest = push_blob(upstream, layer).await?;
+        layers.push(serde_json::json!({"mediaType": DOCKER_LAYER_GZIP, "size": size, "digest": digest}));
+    }
+    let config = serde_json::json!({
+        "architecture": host_arch(),
+        "os": "linux",
+        "created": "2024-01-01T00:00:00Z",
+        "config": {"Cmd": ["/layer0.bin"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    })
+    .to_string();
+    let config_size = config.len();
+    let config_digest = push_blob(upstream, Bytes::from(config)).await?;
+    let manifest = serde_json::to_vec_pretty(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": {"mediaType": DOCKER_CONFIG, "size": config_size, "digest": config_digest},
+        "layers": layers,
+    }))
+    .map_err(|e| e.to_string())?;
+    let manifest_digest = sha256(&manifest);
+    push_manifest(upstream, TAG, &manifest).await?;
+    for name in [manifest_digest.as_str(), TAG] {
+        std::fs::write(dir.join(format!("manifests/{name}")), &manifest).map_err(|e| e.to_string())?;
+    }
+    Ok(Seeded {
+        blob_digest,
+        manifest_digest,
+        manifest,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// regcache and nginx
+// ---------------------------------------------------------------------------------------
+
+struct Regcache {
+    daemon: Daemon,
+    addr: SocketAddr,
+}
+
+impl Regcache {
+    /// Spawns the release binary on 127.0.0.1:0 with cache `cache_dir`; returns once it has
+    /// logged its address, with the time from spawn to that line.
+    async fn start(config_dir: &Path, cache_dir: &Path, upstream: &str) -> Result<Regcache, String> {
+        std::fs::create_dir_all(config_dir).map_err(|e| e.to_string())?;
+        let config = config_dir.join("regcache.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n\
+                 [cache]\ndir = \"{}\"\nmax_size = \"20GiB\"\n\
+                 [[upstream]]\nname = \"docker.io\"\nurl = \"{upstream}\"\ndefault = true\ntag_ttl = \"5m\"\n",
+                cache_dir.display()
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_regcache"));
+        cmd.args(["--log-format", "json", "serve", "--config"])
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                if access_log() {
+                    "info"
+                } else {
+                    "info,regcache::access=warn"
+                },
+            );
+        let daemon = Daemon::spawn("regcache", cmd, false);
+        let addr = daemon
+            .log
+            .wait_for(0, Duration::from_secs(120), |line| {
+                let v: serde_json::Value = serde_json::from_str(line).ok()?;
+                v["fields"]["listen"].as_str()?.parse::<SocketAddr>().ok()
+            })
+            .await
+            .ok_or_else(|| daemon.fail("never logged its listen address"))?;
+        daemon.log.discard();
+        Ok(Regcache { daemon, addr })
+    }
+}
+
+struct Nginx {
+    daemon: Daemon,
+    addr: SocketAddr,
+}
+
+impl Nginx {
+    async fn start(bin: &Path, prefix: &Path, root: &Path) -> Result<Nginx, String> {
+        let mut last_error = String::new();
+        for _attempt in 0..3 {
+            let port = free_port();
+            let user = if is_root() { "user root;\n" } else { "" };
+            let access = if access_log() {
+                format!("{}/access.log", prefix.display())
+            } else {
+                "off".to_owned()
+            };
+            let conf = format!(
+                "{user}daemon off;\nmaster_process on;\nworker_processes auto;\n\
+                 pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n\
+                 events {{ worker_connections 1024; }}\n\
+                 http {{\n  access_log {access};\n  sendfile on;\n  tcp_nopush on;\n  tcp_nodelay on;\n  \
+                 keepalive_requests 10000000;\n  keepalive_timeout 60s;\n  \
+                 client_body_temp_path {prefix}/tmp;\n  proxy_temp_path {prefix}/tmp;\n  \
+                 fastcgi_temp_path {prefix}/tmp;\n  uwsgi_temp_path {prefix}/tmp;\n  scgi_temp_path {prefix}/tmp;\n  \
+                 types {{ }}\n  default_type application/octet-stream;\n  \
+                 server {{\n    listen 127.0.0.1:{port};\n    root {root};\n    \
+                 location /v2/{REPO}/manifests/ {{ default_type {DOCKER_MANIFEST}; }}\n  }}\n}}\n",
+                prefix = prefix.display(),
+                root = root.display(),
+            );
+            std::fs::create_dir_all(prefix.join("tmp")).map_err(|e| e.to_string())?;
+            let conf_path = prefix.join("nginx.conf");
+            std::fs::write(&conf_path, conf).map_err(|e| e.to_string())?;
+            let mut cmd = Command::new(bin);
+            cmd.arg("-p")
+                .arg(prefix)
+                .arg("-c")
+                .arg(&conf_path)
+                .arg("-e")
+                .arg(prefix.join("error.log"));
+            let mut daemon = Daemon::spawn("nginx", cmd, true);
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let probe = format!("http://{addr}/v2/{REPO}/manifests/{TAG}");
+            match wait_ready(&probe, &mut daemon, STARTUP_TIMEOUT).await {
+                Ok(()) => return Ok(Nginx { daemon, addr }),
+                Err(e) => {
+                    let errors = std::fs::read_to_string(prefix.join("error.log")).unwrap_or_default();
+                    last_error = format!("{e}\nerror.log:\n{errors}");
+                }
+            }
+        }
+        Err(last_error)
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("Uid:"))?.to_owned();
+            line.split_whitespace().nth(2).map(|euid| euid == "0")
+        })
+        .unwrap_or(false)
+}
+
+// ---------------------------------------------------------------------------------------
+// Load tools: wrk, skopeo, the herd
+// ---------------------------------------------------------------------------------------
+
+const WRK_SCRIPT: &str = r#"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRKJSON {\"requests\":%.0f,\"bytes\":%.0f,\"duration_us\":%.0f,\"p50_us\":%.0f,\"p99_us\":%.0f,\"socket_errors\":%.0f,\"non2xx\":%.0f}\n",
+    summary.requests, summary.bytes, summary.duration,
+    latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout, e.status))
+end
+"#;
+
+#[derive(Debug, Clone, Copy)]
+struct WrkResult {
+    requests: f64,
+    bytes: f64,
+    secs: f64,
+    p99_ms: f64,
+}
+
+impl WrkResult {
+    fn rps(&self) -> f64 {
+        self.requests / self.secs
+    }
+    fn mib_per_s(&self) -> f64 {
+        self.bytes / MIB as f64 / self.secs
+    }
+}
+
+/// One wrk run: 2 threads, `conns` keep-alive connections, `secs` seconds, `--latency`.
+async fn wrk(
+    bin: &Path,
+    script: &Path,
+    url: &str,
+    conns: usize,
+    secs: u64,
+    headers: &[&str],
+) -> Result<WrkResult, String> {
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(["-t", "2", "-c", &conns.to_string(), "-d", &format!("{secs}s")])
+        .args(["--timeout", "60s", "--latency", "-s"])
+        .arg(script);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    cmd.arg(url).stdin(Stdio::null()).kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(secs + 90), cmd.output())
+        .await
+        .map_err(|_| format!("wrk {url} did not finish"))?
+        .map_err(|e| format!("cannot run wrk: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = stdout.lines().find_map(|l| l.strip_prefix("WRKJSON ")).ok_or_else(|| {
+        format!(
+            "wrk {url}: no summary ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let num = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    if num("non2xx") > 0.0 || num("socket_errors") > 0.0 {
+        return Err(format!(
+            "wrk {url}: {} non-2xx answers, {} socket errors of {} requests",
+            num("non2xx"),
+            num("socket_errors"),
+            num("requests")
+        ));
+    }
+    Ok(WrkResult {
+        requests: num("requests"),
+        bytes: num("bytes"),
+        secs: num("duration_us") / 1e6,
+        p99_ms: num("p99_us") / 1e3,
+    })
+}
+
+/// `skopeo copy` of `library/bench:1` from `host` into a fresh `dir:`; returns its seconds.
+async fn skopeo_pull(bin: &Path, host: &str, sandbox: &Path, manifest_digest: &str) -> Result<f64, String> {
+    let _ = std::fs::remove_dir_all(sandbox);
+    for d in ["home", "run", "config", "registries.d", "tmp"] {
+        std::fs::create_dir_all(sandbox.join(d)).map_err(|e| e.to_string())?;
+    }
+    std::fs::write(sandbox.join("auth.json"), "{}").map_err(|e| e.to_string())?;
+    let policy = r#"{"default":[{"type":"insecureAcceptAnything"}]}"#;
+    std::fs::write(sandbox.join("policy.json"), policy).map_err(|e| e.to_string())?;
+    std::fs::write(sandbox.join("registries.conf"), "").map_err(|e| e.to_string())?;
+    let out_dir = sandbox.join("out");
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.env("HOME", sandbox.join("home"))
+        .env("XDG_RUNTIME_DIR", sandbox.join("run"))
+        .env("XDG_CONFIG_HOME", sandbox.join("config"))
+        .env("TMPDIR", sandbox.join("tmp"))
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env_remove("CONTAINERS_REGISTRIES_CONF")
+        .arg("--policy")
+        .arg(sandbox.join("policy.json"))
+        .arg("--registries.d")
+        .arg(sandbox.join("registries.d"))
+        .arg("--tmpdir")
+        .arg(sandbox.join("tmp"))
+        .arg("copy")
+        .arg("--registries-conf")
+        .arg(sandbox.join("registries.conf"))
+        .arg("--src-authfile")
+        .arg(sandbox.join("auth.json"))
+        .arg("--src-tls-verify=false")
+        .arg(format!("docker://{host}/{REPO}:{TAG}"))
+        .arg(format!("dir:{}", out_dir.display()))
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let start = Instant::now();
+    let out = tokio::time::timeout(PULL_TIMEOUT, cmd.output())
+        .await
+        .map_err(|_| format!("skopeo copy from {host} did not finish within {PULL_TIMEOUT:?}"))?
+        .map_err(|e| format!("cannot run skopeo: {e}"))?;
+    let secs = start.elapsed().as_secs_f64();
+    if !out.status.success() {
+        return Err(format!(
+            "skopeo copy from {host} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let manifest = std::fs::read(out_dir.join("manifest.json")).map_err(|e| e.to_string())?;
+    if sha256(&manifest) != manifest_digest {
+        return Err(format!("skopeo copy from {host}: wrong manifest.json"));
+    }
+    let _ = std::fs::remove_dir_all(sandbox);
+    Ok(secs)
+}
+
+/// `clients` GETs of `url` at once, each on its own connection, reading and discarding the
+/// body; returns the wall time once every one of them has its `expected` bytes.
+async fn herd(url: &str, clients: usize, expected: u64) -> Result<f64, String> {
+    let barrier = Arc::new(tokio::sync::Barrier::new(clients + 1));
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (barrier, url) = (barrier.clone(), url.to_owned());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                get_discard(&url).await
+            })
+        })
+        .collect();
+    barrier.wait().await;
+    let start = Instant::now();
+    let limit = Duration::from_secs(120 + expected / (4 * MIB));
+    let all = tokio::time::timeout(limit, futures_join(tasks))
+        .await
+        .map_err(|_| format!("herd on {url} did not finish within {limit:?}"))?;
+    let secs = start.elapsed().as_secs_f64();
+    for (i, r) in all.into_iter().enumerate() {
+        match r {
+            Ok(Ok(n)) if n == expected => {}
+            Ok(Ok(n)) => return Err(format!("herd client {i}: {n} bytes, expected {expected}")),
+            Ok(Err(e)) => return Err(format!("herd client {i}: {e}")),
+            Err(e) => return Err(format!("herd client {i}: {e}")),
+        }
+    }
+    Ok(secs)
+}
+
+async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<Result<T, tokio::task::JoinError>> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Machine load: CPU used by processes that are not part of the benchmark
+// ---------------------------------------------------------------------------------------
+
+/// Clock ticks per second of `/proc` times (USER_HZ; 100 on Linux).
+const TICKS: f64 = 100.0;
+
+/// CPU time of the whole machine and of this process tree at one moment.
+struct CpuMark {
+    busy: u64,
+    own: u64,
+    at: Instant,
+}
+
+impl CpuMark {
+    fn now() -> CpuMark {
+        CpuMark {
+            busy: machine_busy_ticks(),
+            own: own_tree_ticks(),
+            at: Instant::now(),
+        }
+    }
+
+    /// (CPU-seconds used by other processes since the mark, wall seconds since the mark).
+    fn foreign_since(&self) -> (f64, f64) {
+        let busy = machine_busy_ticks().saturating_sub(self.busy);
+        let own = own_tree_ticks().saturating_sub(self.own);
+        (busy.saturating_sub(own) as f64 / TICKS, self.at.elapsed().as_secs_f64())
+    }
+}
+
+/// Busy ticks of all CPUs (`/proc/stat`: user, nice, system, irq, softirq, steal).
+fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0;
+    };
+    let v: Vec<u64> = cpu.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum()
+}
+
+/// `(ppid, utime + stime + cutime + cstime)` of a process, from `/proc/PID/stat`.
+fn proc_times(pid: u32) -> Option<(u32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain anything.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ppid = f.get(1)?.parse().ok()?;
+    let ticks = f.get(11..15)?.iter().filter_map(|x| x.parse::<u64>().ok()).sum();
+    Some((ppid, ticks))
+}
+
+/// CPU ticks of this process, its reaped children, and every live descendant.
+fn own_tree_ticks() -> u64 {
+    let me = std::process::id();
+    let mut procs: Vec<(u32, u32, u64)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some((ppid, ticks)) = proc_times(pid) {
+                procs.push((pid, ppid, ticks));
+            }
+        }
+    }
+    let mut tree = vec![me];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(procs.iter().filter(|p| p.1 == parent).map(|p| p.0));
+        i += 1;
+    }
+    procs.iter().filter(|p| tree.contains(&p.0)).map(|p| p.2).sum()
+}
+
+// ---------------------------------------------------------------------------------------
+// Results
+// ---------------------------------------------------------------------------------------
+
+const RC: &str = "regcache";
+const DIST: &str = "distribution";
+const NGINX: &str = "nginx";
+const DIRECT: &str = "direct";
+
+#[derive(Default)]
+struct Results {
+    samples: BTreeMap<(&'static str, &'static str), Vec<f64>>,
+    failures: Vec<String>,
+    /// Per phase: how much CPU processes outside the benchmark used meanwhile.
+    load: Vec<String>,
+}
+
+impl Results {
+    fn note_load(&mut self, phase: &str, mark: &CpuMark) {
+        let (foreign, wall) = mark.foreign_since();
+        let note = format!(
+            "{phase}: {wall:.1} s; other processes used {foreign:.1} CPU-s ({:.0} % of one core)",
+            100.0 * foreign / wall.max(0.001)
+        );
+        eprintln!("  {note}");
+        self.load.push(note);
+    }
+
+    fn add(&mut self, measure: &'static str, peer: &'static str, value: f64) {
+        self.samples.entry((measure, peer)).or_default().push(value);
+    }
+
+    fn fail(&mut self, measure: &'static str, peer: &'static str, error: String) {
+        eprintln!("  FAILED {measure} / {peer}: {error}");
+        self.failures.push(format!("{measure} / {peer}: {error}"));
+    }
+
+    fn record(&mut self, measure: &'static str, peer: &'static str, value: Result<f64, String>) {
+        match value {
+            Ok(v) => {
+                eprintln!("  {measure:<14} {peer:<13} {v:.3}");
+                self.add(measure, peer, v)
+            }
+            Err(e) => self.fail(measure, peer, e),
+        }
+    }
+
+    fn median(&self, measure: &str, peer: &str) -> Option<f64> {
+        let mut v = self
+            .samples
+            .iter()
+            .find(|((m, p), _)| *m == measure && *p == peer)?
+            .1
+            .clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        Some(if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        })
+    }
+}
+
+/// What a row compares against.
+enum Target {
+    None,
+    /// regcache ÷ the peer column must be at least / at most this.
+    AtLeast(&'static str, f64),
+    AtMost(&'static str, f64),
+    /// regcache's value itself must be at most / exactly this.
+    ValueAtMost(f64, &'static str),
+    ValueExactly(f64, &'static str),
+    /// regcache's value ÷ regcache's value of another measure must be at least this.
+    RelativeAtLeast(&'static str, f64, &'static str),
+}
+
+struct Row {
+    measure: &'static str,
+    label: String,
+    decimals: usize,
+    target: Target,
+}
+
+fn fmt_value(v: Option<f64>, decimals: usize) -> String {
+    match v {
+        Some(v) => format!("{v:.decimals$}"),
+        None => "–".to_owned(),
+    }
+}
+
+fn render_table(results: &Results, settings: &Settings) -> String {
+    let blob = format!("{} MiB", settings.blob_size / MIB);
+    let rows = vec![
+        Row {
+            measure: "blob_mibs",
+            label: format!("Warm blob {blob}, 8 conns (MiB/s ↑)"),
+            decimals: 0,
+            target: Target::AtLeast(NGINX, 0.9),
+        },
+        Row {
+            measure: "mdig_rps",
+            label: "Warm manifest by digest, 16 conns (req/s ↑)".into(),
+            decimals: 0,
+            target: Target::AtLeast(NGINX, 1.0),
+        },
+        Row {
+            measure: "mdig_p99",
+            label: "Warm manifest by digest p99 (ms ↓)".into(),
+            decimals: 2,
+            target: Target::None,
+        },
+        Row {
+            measure: "mtag_rps",
+            label: "Warm manifest by tag, 16 conns (req/s ↑)".into(),
+            decimals: 0,
+            target: Target::RelativeAtLeast("mdig_rps", 0.95, "by digest"),
+        },
+        Row {
+            measure: "mtag_p99",
+            label: "Warm manifest by tag p99 (ms ↓)".into(),
+            decimals: 2,
+            target: Target::None,
+        },
+        Row {
+            measure: "warm_upstream",
+            label: "Warm runs above: requests the proxy sent upstream (↓)".into(),
+            decimals: 0,
+            target: Target::ValueExactly(0.0, "requests"),
+        },
+        Row {
+            measure: "pull_s",
+            label: "Cold skopeo pull, 3 layers ~75 MiB (s ↓)".into(),
+            decimals: 2,
+            target: Target::AtMost(DIRECT, 1.1),
+        },
+        Row {
+            measure: "herd_s",
+            label: format!("Herd: {HERD_CLIENTS} clients, cold {blob} blob, wall (s ↓)"),
+            decimals: 2,
+            target: Target::AtMost(NGINX, 1.5),
+        },
+        Row {
+            measure: "herd_up",
+            label: "Herd: upstream bytes (× blob size ↓)".into(),
+            decimals: 2,
+            target: Target::ValueExactly(1.0, "× blob"),
+        },
+        Row {
+            measure: "herd_gets",
+            label: "Herd: upstream blob GETs (↓)".into(),
+            decimals: 0,
+            target: Target::None,
+        },
+        Row {
+            measure: "herd_rss",
+            label: "Herd: peak RSS of the server (MiB ↓)".into(),
+            decimals: 1,
+            target: Target::ValueAtMost(64.0, "MiB"),
+        },
+        Row {
+            measure: "startup_big",
+            label: format!(
+                "Startup to first 200, {} cached blobs (s ↓)",
+                group_digits(settings.startup_blobs)
+            ),
+            decimals: 3,
+            target: Target::ValueAtMost(2.0, "s"),
+        },
+        Row {
+            measure: "startup_empty",
+            label: "Startup to first 200, empty cache (s ↓)".into(),
+            decimals: 3,
+            target: Target::None,
+        },
+    ];
+    let peers = [RC, DIST, NGINX, DIRECT];
+    let mut out = String::new();
+    out.push_str(
+        "| Measure | regcache | Distribution proxy | nginx | direct upstream \
+         | ÷ Distribution | ÷ nginx | ÷ direct | Target | Met |\n",
+    );
+    out.push_str("|---|--:|--:|--:|--:|--:|--:|--:|---|:-:|\n");
+    for row in rows {
+        let values: Vec<Option<f64>> = peers.iter().map(|p| results.median(row.measure, p)).collect();
+        if values.iter().all(Option::is_none) {
+            continue; // phase not run
+        }
+        let rc = values[0];
+        let ratio = |i: usize| match (rc, values[i]) {
+            (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+            _ => None,
+        };
+        let ratio_text = |i: usize| ratio(i).map_or("–".to_owned(), |r| format!("{r:.2}×"));
+        let verdict = |ok: Option<bool>| match ok {
+            Some(true) => "yes",
+            Some(false) => "**NO**",
+            None => "?",
+        };
+        let col = |p: &str| peers.iter().position(|q| *q == p).unwrap_or(0);
+        let (target, met) = match row.target {
+            Target::None => ("–".to_owned(), "".to_owned()),
+            Target::AtLeast(peer, r) => (
+                format!("≥ {r}× {peer}"),
+                verdict(ratio(col(peer)).map(|x| x >= r)).to_owned(),
+            ),
+            Target::AtMost(peer, r) => (
+                format!("≤ {r}× {peer}"),
+                verdict(ratio(col(peer)).map(|x| x <= r)).to_owned(),
+            ),
+            Target::ValueAtMost(v, unit) => (format!("≤ {v} {unit}"), verdict(rc.map(|x| x <= v)).to_owned()),
+            Target::ValueExactly(v, unit) => (
+                format!("= {v} {unit}"),
+                verdict(rc.map(|x| (x - v).abs() < 1e-9)).to_owned(),
+            ),
+            Target::RelativeAtLeast(other, r, name) => {
+                let rel = rc.zip(results.median(other, RC)).map(|(a, b)| a / b);
+                (
+                    format!(
+                        "≥ {r}× regcache {name} (is {})",
+                        rel.map_or("–".to_owned(), |x| format!("{x:.2}×"))
+                    ),
+                    verdict(rel.map(|x| x >= r)).to_owned(),
+                )
+            }
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.label,
+            fmt_value(values[0], row.decimals),
+            fmt_value(values[1], row.decimals),
+            fmt_value(values[2], row.decimals),
+            fmt_value(values[3], row.decimals),
+            ratio_text(1),
+            ratio_text(2),
+            ratio_text(3),
+            target,
+            met
+        );
+    }
+    out
+}
+
+fn group_digits(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------
+// The phases
+// ---------------------------------------------------------------------------------------
+
+struct Env {
+    tools: BTreeMap<&'static str, PathBuf>,
+    work: PathBuf,
+    script: PathBuf,
+    upstream: Registry,
+    seeded: Seeded,
+    nginx: Nginx,
+}
+
+impl Env {
+    fn tool(&self, name: &str) -> &Path {
+        &self.tools[name]
+    }
+    fn blob_path(&self) -> String {
+        format!("/v2/{REPO}/blobs/{}", self.seeded.blob_digest)
+    }
+}
+
+/// Warm blob throughput and warm manifests, against long-lived warm instances.
+async fn warm_phases(env: &Env, settings: &Settings, results: &mut Results) -> Result<(), String> {
+    let rc = Regcache::start(
+        &env.work.join("rc-warm"),
+        &env.work.join("rc-warm/cache"),
+        &env.upstream.url(),
+    )
+    .await?;
+    let dist = Registry::start(
+        env.tool("docker-registry"),
+        "distribution-proxy",
+        &env.work.join("dist-warm"),
+        Some(&env.upstream.url()),
+    )
+    .await?;
+    let accept = format!("Accept: {DOCKER_MANIFEST}");
+    let accept_h = [("accept", DOCKER_MANIFEST)];
+    let m = &env.seeded;
+    let peers: [(&'static str, SocketAddr); 4] = [
+        (RC, rc.addr),
+        (DIST, dist.addr),
+        (NGINX, env.nginx.addr),
+        (DIRECT, env.upstream.addr),
+    ];
+    // Warm every path on every peer (twice: Distribution stores a blob in the background).
+    for (peer, addr) in peers {
+        for _ in 0..2 {
+            if settings.phase("blob") {
+                let n = get_discard(&format!("http://{addr}{}", env.blob_path())).await?;
+                if n != settings.blob_size {
+                    return Err(format!("{peer}: warm-up blob GET gave {n} bytes"));
+                }
+            }
+            for reference in [m.manifest_digest.as_str(), TAG] {
+                let url = format!("http://{addr}/v2/{REPO}/manifests/{reference}");
+                let (status, body) = get(&url, &accept_h).await?;
+                if status != StatusCode::OK || body.as_ref() != m.manifest.as_slice() {
+                    return Err(format!("{peer}: warm-up GET {url}: {status}"));
+                }
+            }
+        }
+    }
+    if settings.phase("blob") {
+        // Distribution stores the blob in the background; wait until it serves it locally.
+        wait_stored(&env.work.join("dist-warm/storage"), &m.blob_digest).await;
+    }
+    for run in 0..settings.runs {
+        eprintln!("warm run {}/{}", run + 1, settings.runs);
+        for (peer, addr) in peers {
+            env.upstream.sync_log().await?;
+            let upstream_from = env.upstream.daemon.log.len();
+            if settings.phase("blob") {
+                let url = format!("http://{addr}{}", env.blob_path());
+                let r = wrk(env.tool("wrk"), &env.script, &url, 8, settings.blob_secs, &[]).await;
+                results.record("blob_mibs", peer, r.map(|r| r.mib_per_s()));
+            }
+            if settings.phase("manifest") {
+                for (reference, rps, p99) in [
+                    (m.manifest_digest.as_str(), "mdig_rps", "mdig_p99"),
+                    (TAG, "mtag_rps", "mtag_p99"),
+                ] {
+                    let url = format!("http://{addr}/v2/{REPO}/manifests/{reference}");
+                    let r = wrk(
+                        env.tool("wrk"),
+                        &env.script,
+                        &url,
+                        16,
+                        settings.manifest_secs,
+                        &[&accept],
+                    )
+                    .await;
+                    results.record(rps, peer, r.as_ref().map(|r| r.rps()).map_err(String::clone));
+                    results.record(p99, peer, r.map(|r| r.p99_ms));
+                }
+            }
+            if peer == RC || peer == DIST {
+                // What the proxy asked the upstream while it served warm content.
+                env.upstream.sync_log().await?;
+                let asked = env
+                    .upstream
+                    .daemon
+                    .log
+                    .stdout_since(upstream_from)
+                    .iter()
+                    .filter_map(|l| Access::parse(l))
+                    .filter(|a| !a.uri.contains("bench-sync="))
+                    .count();
+                results.record("warm_upstream", peer, Ok(asked as f64));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits (at most 60 s) until Distribution's storage under `root` holds blob `digest`.
+async fn wait_stored(root: &Path, digest: &str) {
+    let hex = digest.trim_start_matches("sha256:");
+    let data = root.join(format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !data.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The file appears when the upload is committed; give its scheduler entry a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+/// Cold pulls: regcache and Distribution each with fresh storage per run, and direct.
+async fn pull_phase(env: &Env, settings: &Settings, results: &mut Results) -> Result<(), String> {
+    let skopeo = env.tool("skopeo");
+    let sandbox = env.work.join("skopeo");
+    let digest = &env.seeded.manifest_digest;
+    for run in 0..settings.runs {
+        eprintln!("cold pull run {}/{}", run + 1, settings.runs);
+        let dir = env.work.join(format!("rc-pull-{run}"));
+        let rc = Regcache::start(&dir, &dir.join("cache"), &env.upstream.url()).await?;
+        let r = skopeo_pull(skopeo, &rc.addr.to_string(), &sandbox, digest).await;
+        results.record("pull_s", RC, r);
+        drop(rc);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let dir = env.work.join(format!("dist-pull-{run}"));
+        let dist = Registry::start(
+            env.tool("docker-registry"),
+            "distribution-proxy",
+            &dir,
+            Some(&env.upstream.url()),
+        )
+        .await?;
+        let r = skopeo_pull(skopeo, &dist.addr.to_string(), &sandbox, digest).await;
+        results.record("pull_s", DIST, r);
+        drop(dist);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let r = skopeo_pull(skopeo, &env.upstream.addr.to_string(), &sandbox, digest).await;
+        results.record("pull_s", DIRECT, r);
+    }
+    Ok(())
+}
+
+/// The herd: 32 clients on one cold blob through a fresh regcache / Distribution proxy, and
+/// the same 32 clients on nginx (warm).
+async fn herd_phase(env: &Env, settings: &Settings, results: &mut Results) -> Result<(), String> {
+    let size = settings.blob_size;
+    let digest = &env.seeded.blob_digest;
+    for run in 0..settings.runs {
+        eprintln!("herd run {}/{}", run + 1, settings.runs);
+        for peer in [RC, DIST] {
+            let dir = env.work.join(format!("{peer}-herd-{run}"));
+            let (daemon, addr) = if peer == RC {
+                let rc = Regcache::start(&dir, &dir.join("cache"), &env.upstream.url()).await?;
+                (rc.daemon, rc.addr)
+            } else {
+                let d = Registry::start(
+                    env.tool("docker-registry"),
+                    "distribution-proxy",
+                    &dir,
+                    Some(&env.upstream.url()),
+                )
+                .await?;
+                (d.daemon, d.addr)
+            };
+            env.upstream.sync_log().await?;
+            let from = env.upstream.daemon.log.len();
+            let url = format!("http://{addr}{}", env.blob_path());
+            let wall = herd(&url, HERD_CLIENTS, size).await;
+            let ok = wall.is_ok();
+            results.record("herd_s", peer, wall);
+            if ok {
+                match env.upstream.blob_gets_since(from, digest).await {
+                    Ok((gets, bytes)) => {
+                        results.add("herd_gets", peer, gets as f64);
+                        results.add("herd_up", peer, bytes as f64 / size as f64);
+                        eprintln!("  upstream: {gets} GETs, {bytes} bytes");
+                    }
+                    Err(e) => results.fail("herd_up", peer, e),
+                }
+                match daemon.peak_rss_mib() {
+                    Some(rss) => results.record("herd_rss", peer, Ok(rss)),
+                    None => results.fail("herd_rss", peer, "no VmHWM".into()),
+                }
+            }
+            drop(daemon);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let url = format!("http://{}{}", env.nginx.addr, env.blob_path());
+        let wall = herd(&url, HERD_CLIENTS, size).await;
+        results.record("herd_s", NGINX, wall);
+        if let Some(rss) = env.nginx.daemon.peak_rss_mib() {
+            results.add("herd_rss", NGINX, rss);
+        }
+    }
+    Ok(())
+}
+
+/// Startup: from spawning regcache to its first 200 on `GET /v2/`, with a cache of many
+/// small blobs, and with an empty one.
+async fn startup_phase(env: &Env, settings: &Settings, results: &mut Results) -> Result<(), String> {
+    let big = env.work.join("startup-big");
+    let blobs = big.join("cache/v1/blobs/sha256");
+    let t = Instant::now();
+    for fan in 0..256 {
+        std::fs::create_dir_all(blobs.join(format!("{fan:02x}"))).map_err(|e| e.to_string())?;
+    }
+    for i in 0..settings.startup_blobs {
+        let content = i.to_string();
+        let hex = Digest::sha256_of(content.as_bytes()).hex().to_owned();
+        std::fs::write(blobs.join(&hex[..2]).join(&hex), &content).map_err(|e| e.to_string())?;
+    }
+    eprintln!(
+        "created {} cached blobs in {:.1} s",
+        settings.startup_blobs,
+        t.elapsed().as_secs_f64()
+    );
+    let empty = env.work.join("startup-empty");
+    for run in 0..settings.runs {
+        eprintln!("startup run {}/{}", run + 1, settings.runs);
+        for (measure, dir) in [("startup_big", &big), ("startup_empty", &empty)] {
+            let r = time_startup(dir, &env.upstream.url()).await;
+            results.record(measure, RC, r);
+        }
+    }
+    Ok(())
+}
+
+async fn time_startup(dir: &Path, upstream: &str) -> Result<f64, String> {
+    let start = Instant::now();
+    let rc = Regcache::start(dir, &dir.join("cache"), upstream).await?;
+    let (status, _) = get(&format!("http://{}/v2/", rc.addr), &[]).await?;
+    let secs = start.elapsed().as_secs_f64();
+    if status != StatusCode::OK {
+        return Err(format!("GET /v2/: {status}"));
+    }
+    Ok(secs)
+}
+
+async fn run(settings: &Settings, results: &mut Results) -> Result<(), String> {
+    let tools = ensure_tools();
+    std::fs::create_dir_all(&settings.data_root).map_err(|e| e.to_string())?;
+    let work_dir = tempfile::Builder::new()
+        .prefix("regcache-bench-")
+        .tempdir_in(&settings.data_root)
+        .map_err(|e| format!("temp dir in {}: {e}", settings.data_root.display()))?;
+    let work = work_dir.path().to_path_buf();
+    // nginx workers run as another user unless we are root; let them read the files.
+    let _ = Command::new("chmod").arg("755").arg(&work).status();
+    let script = work.join("report.lua");
+    std::fs::write(&script, WRK_SCRIPT).map_err(|e| e.to_string())?;
+
+    eprintln!(
+        "starting the upstream and seeding it ({} MiB blob + image)",
+        settings.blob_size / MIB
+    );
+    let upstream = Registry::start(&tools["docker-registry"], "upstream", &work.join("upstream"), None).await?;
+    let nginx_root = work.join("nginx-root");
+    let seeded = seed(&upstream, settings.blob_size, &nginx_root).await?;
+    let nginx = Nginx::start(&tools["nginx"], &work.join("nginx"), &nginx_root).await?;
+    let env = Env {
+        tools,
+        work: work.clone(),
+        script,
+        upstream,
+        seeded,
+        nginx,
+    };
+    if let Some(secs) = env_num("BENCH_HOLD") {
+        // A debugging aid: keep the seeded upstream and nginx up for profiling by hand.
+        eprintln!(
+            "holding for {secs} s: upstream {} (library/bench:1, blob {}), nginx http://{}, work dir {}",
+            env.upstream.url(),
+            env.seeded.blob_digest,
+            env.nginx.addr,
+            env.work.display()
+        );
+        tokio::time::sleep(Duration::from_secs(secs.min(3600))).await;
+    }
+    if settings.phase("blob") || settings.phase("manifest") {
+        let mark = CpuMark::now();
+        warm_phases(&env, settings, results).await?;
+        results.note_load("warm blob + manifests", &mark);
+    }
+    if settings.phase("pull") {
+        let mark = CpuMark::now();
+        pull_phase(&env, settings, results).await?;
+        results.note_load("cold pull", &mark);
+    }
+    if settings.phase("herd") {
+        let mark = CpuMark::now();
+        herd_phase(&env, settings, results).await?;
+        results.note_load("herd", &mark);
+    }
+    if settings.phase("startup") {
+        let mark = CpuMark::now();
+        startup_phase(&env, settings, results).await?;
+        results.note_load("startup", &mark);
+    }
+    drop(env); // every daemon stops before the directory goes
+    drop(work_dir);
+    Ok(())
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument is not meaningful here.
+    let settings = Settings::from_env();
+    ACCESS_LOG.store(settings.access_log, Ordering::Relaxed);
+    let load_before = loadavg();
+    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]);
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    eprintln!(
+        "regcache load bench: runs={}, blob={} MiB, startup blobs={}, data in {}",
+        settings.runs,
+        settings.blob_size / MIB,
+        settings.startup_blobs,
+        settings.data_root.display()
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut results = Results::default();
+    let started = Instant::now();
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            r = run(&settings, &mut results) => r,
+            _ = tokio::signal::ctrl_c() => Err("interrupted".to_owned()),
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(5));
+    if let Err(e) = &outcome {
+        results.failures.push(format!("aborted: {e}"));
+    }
+    let load_after = loadavg();
+
+    let mut report = String::new();
+    let _ = writeln!(report, "# regcache load benchmark\n");
+    let _ = writeln!(
+        report,
+        "{date}; nproc {nproc}; load average before {load_before}, after {load_after}; \
+         took {:.0} s.  ",
+        started.elapsed().as_secs_f64()
+    );
+    let _ = writeln!(
+        report,
+        "Median of {} run(s) per cell; blob {} MiB; wrk 2 threads, {} s (blob) / {} s (manifest) \
+         per run; per-request logging {}; data in {}{}.\n",
+        settings.runs,
+        settings.blob_size / MIB,
+        settings.blob_secs,
+        settings.manifest_secs,
+        if settings.access_log {
+            "on (as shipped: regcache access log at info, Distribution access log + info, nginx access_log)"
+        } else {
+            "off (BENCH_ACCESS_LOG=0)"
+        },
+        settings.data_root.display(),
+        if settings.quick { "; BENCH_QUICK" } else { "" }
+    );
+    report.push_str(&render_table(&results, &settings));
+    report.push_str("\nRatios are regcache ÷ peer: above 1 is better for ↑ rows, below 1 for ↓ rows.\n");
+    if !results.load.is_empty() {
+        report.push_str("\nMachine load outside the benchmark, per phase (100 % = one core busy):\n\n");
+        for note in &results.load {
+            let _ = writeln!(report, "- {note}");
+        }
+    }
+    report.push_str("\nAll samples:\n\n");
+    for ((measure, peer), values) in &results.samples {
+        let list: Vec<String> = values.iter().map(|v| format!("{v:.3}")).collect();
+        let _ = writeln!(report, "- {measure} / {peer}: {}", list.join(", "));
+    }
+    if !results.failures.is_empty() {
+        report.push_str("\nFailures:\n\n");
+        for f in &results.failures {
+            let _ = writeln!(report, "- {}", f.replace('\n', "\n  "));
+        }
+    }
+    println!("\n{report}");
+    if results.samples.is_empty() {
+        eprintln!("no results: {} left as it was", settings.report.display());
+        std::process::exit(1);
+    }
+    if let Some(parent) = settings.report.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    match std::fs::write(&settings.report, &report) {
+        Ok(()) => eprintln!("report written to {}", settings.report.display()),
+        Err(e) => eprintln!("cannot write {}: {e}", settings.report.display()),
+    }
+    if outcome.is_err() {
+        std::process::exit(1);
+    }
+}

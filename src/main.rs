@@ -66,17 +66,13 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().init(),
-    }
-    match run(cli.command) {
+    regcache::logging::init(match cli.log_format {
+        LogFormat::Text => regcache::logging::Format::Text,
+        LogFormat::Json => regcache::logging::Format::Json,
+    });
+    let result = run(cli.command);
+    regcache::logging::flush();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("regcache: {e:#}");
@@ -192,6 +188,7 @@ async fn shutdown_signal() {
         )
         .await;
         tracing::warn!("second signal: exiting now");
+        regcache::logging::flush();
         std::process::exit(130);
     });
 }

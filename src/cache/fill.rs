@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::sync::{mpsc, watch};
 
@@ -191,70 +192,80 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         tokio::spawn(async move {
             let _slot = fills.slots.clone().acquire_owned().await;
             let mut resumes = 0;
-            let result = fills
-                .run(&digest, &tmp, &task_file, &opener, &tx, &mut resumes)
-                .await
-                .map_err(Arc::new);
+            // Committed before clients get their last byte: a complete response means the
+            // blob is in the cache (an offline pull right after works).
+            let result = match fills.run(&digest, &task_file, &opener, &tx, &mut resumes).await {
+                Ok(written) => fills.commit(&digest, &tmp, &task_file, written).await.map(|()| written),
+                Err(e) => Err(Arc::new(e)),
+            };
+            tx.send_modify(|p| match &result {
+                Ok(written) => {
+                    p.total = Some(*written);
+                    p.state = State::Done;
+                }
+                Err(e) => p.state = State::Failed(e.clone()),
+            });
+            let result = result.map(|_| ());
             if result.is_err() {
                 let _ = std::fs::remove_file(&tmp);
             }
-            tx.send_modify(|p| {
-                p.state = match &result {
-                    Ok(_) => State::Done,
-                    Err(e) => State::Failed(e.clone()),
-                }
-            });
             fills.lock().remove(&digest);
             on_end(&result, resumes);
         });
         Ok(Some(Fill { file, progress: rx }))
     }
 
+    /// Downloads into `file`, hashing as it goes; returns the verified length.
     async fn run(
         &self,
         digest: &Digest,
-        tmp: &Path,
         file: &Arc<File>,
         opener: &Opener<E>,
         tx: &watch::Sender<Progress<E>>,
         resumes: &mut u32,
-    ) -> Result<(), FillError<E>> {
-        let mut source = opener(0).await.map_err(FillError::Source)?;
+    ) -> Result<u64, FillError<E>> {
+        let source = opener(0).await.map_err(FillError::Source)?;
         let total = source.total;
         tx.send_modify(|p| {
             p.total = total;
             p.state = State::Streaming;
         });
+        let mut batches = Batches::new(source, self.idle_timeout);
         let mut verifier = Verifier::new(digest.algorithm());
         let mut written = 0u64;
         loop {
-            let frame = match tokio::time::timeout(self.idle_timeout, source.body.frame()).await {
-                Ok(Some(Ok(frame))) => Ok(frame.into_data().ok()),
-                Ok(None) if total.is_some_and(|t| written < t) => Err("upstream closed early".to_owned()),
+            let batch = match batches.next().await {
+                Ok(Some(batch)) => batch,
+                Ok(None) if total.is_some_and(|t| written < t) => {
+                    batches.source = self
+                        .resume(opener, written, "upstream closed early".into(), resumes)
+                        .await?;
+                    continue;
+                }
                 Ok(None) => break,
-                Ok(Some(Err(e))) => Err(e.to_string()),
-                Err(_) => Err(format!("no data for {:?}", self.idle_timeout)),
-            };
-            let mut data = match frame {
-                Ok(Some(data)) => data,
-                Ok(None) => continue, // trailers
                 Err(message) => {
-                    source = self.resume(opener, written, message, resumes).await?;
+                    batches.source = self.resume(opener, written, message, resumes).await?;
                     continue;
                 }
             };
             // A resumed source may start before what we have (upstream ignored Range).
-            let position = source.offset;
-            if position < written {
-                let skip = (written - position).min(data.len() as u64) as usize;
-                source.offset += skip as u64;
-                data = data.slice(skip..);
+            let mut parts = Vec::with_capacity(batch.len());
+            for mut data in batch {
+                let position = batches.source.offset;
+                if position < written {
+                    let skip = (written - position).min(data.len() as u64) as usize;
+                    batches.source.offset += skip as u64;
+                    data = data.slice(skip..);
+                }
+                batches.source.offset += data.len() as u64;
+                if !data.is_empty() {
+                    parts.push(data);
+                }
             }
-            if data.is_empty() {
+            let len: u64 = parts.iter().map(|d| d.len() as u64).sum();
+            if len == 0 {
                 continue;
             }
-            source.offset += data.len() as u64;
-            let len = data.len() as u64;
             if let Some(t) = total {
                 if written + len > t {
                     return Err(FillError::WrongLength {
@@ -266,8 +277,12 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             let f = file.clone();
             let at = written;
             verifier = tokio::task::spawn_blocking(move || -> io::Result<Verifier> {
-                verifier.update(&data);
-                f.write_all_at(&data, at)?;
+                let mut at = at;
+                for data in parts {
+                    verifier.update(&data);
+                    f.write_all_at(&data, at)?;
+                    at += data.len() as u64;
+                }
                 Ok(verifier)
             })
             .await
@@ -282,9 +297,17 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                 got,
             });
         }
-        if total.is_none() {
-            tx.send_modify(|p| p.total = Some(written));
-        }
+        Ok(written)
+    }
+
+    /// Makes the verified temp file durable, moves it into place and indexes it.
+    async fn commit(
+        &self,
+        digest: &Digest,
+        tmp: &Path,
+        file: &Arc<File>,
+        written: u64,
+    ) -> Result<(), Arc<FillError<E>>> {
         let (store, index, file, tmp, digest) = (
             self.store.clone(),
             self.index.clone(),
@@ -298,8 +321,13 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             })
         })
         .await
-        .map_err(io::Error::other)??;
-        Ok(())
+        .map_err(io::Error::other)
+        .and_then(|r| r)
+        .map(|_| ())
+        .map_err(|e| {
+            tracing::error!(error = %e, "verified blob could not be committed to the cache");
+            Arc::new(FillError::Io(e))
+        })
     }
 
     async fn resume(
@@ -322,6 +350,70 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                 Err(e) => message = e.to_string(),
             }
         }
+    }
+}
+
+/// Upstream frames gathered into one disk write (and one hand-off to a blocking thread).
+const WRITE_BATCH: usize = 256 * 1024;
+
+/// Reads a source in batches: one frame (waited for, up to the idle timeout) plus every
+/// frame already waiting, up to `WRITE_BATCH` bytes. An end or error met while gathering is
+/// kept for the next call, after the batch before it.
+struct Batches {
+    source: Source,
+    idle: Duration,
+    later: Option<Result<(), String>>,
+}
+
+impl Batches {
+    fn new(source: Source, idle: Duration) -> Batches {
+        Batches {
+            source,
+            idle,
+            later: None,
+        }
+    }
+
+    /// `Ok(None)` at the end of the body; `Err` when it broke.
+    async fn next(&mut self) -> Result<Option<Vec<Bytes>>, String> {
+        use std::task::Poll;
+        if let Some(outcome) = self.later.take() {
+            return outcome.map(|()| None);
+        }
+        let first = match tokio::time::timeout(self.idle, self.source.body.frame()).await {
+            Ok(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+            Ok(None) => return Ok(None),
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Err(_) => return Err(format!("no data for {:?}", self.idle)),
+        };
+        let mut size = first.len();
+        let mut batch = vec![first];
+        while size < WRITE_BATCH {
+            let body = &mut self.source.body;
+            let ready = std::future::poll_fn(|cx| match std::pin::Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Pending => Poll::Ready(None),
+                Poll::Ready(frame) => Poll::Ready(Some(frame)),
+            })
+            .await;
+            match ready {
+                None => break,
+                Some(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        size += data.len();
+                        batch.push(data);
+                    }
+                }
+                Some(None) => {
+                    self.later = Some(Ok(()));
+                    break;
+                }
+                Some(Some(Err(e))) => {
+                    self.later = Some(Err(e.to_string()));
+                    break;
+                }
+            }
+        }
+        Ok(Some(batch))
     }
 }
 
