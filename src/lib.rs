@@ -2,7 +2,7 @@
 //!
 //! Wiring only: [`build`] makes the cache, upstreams, proxy, access control and TLS from a
 //! [`Config`]; [`run`] serves them until shutdown.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod access;
 pub mod admin;

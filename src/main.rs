@@ -1,5 +1,7 @@
 //! The `regcache` command: `serve` and `check-config`; logging set-up, signals, exit codes.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -55,6 +55,22 @@ fn not_found(e: upstream::Error, missing: impl FnOnce() -> Error) -> Error {
     }
 }
 
+tokio::task_local! {
+    /// The cache result of the request being served (hit, miss, coalesced, stale), for its
+    /// access log line.
+    static LOOKUP_RESULT: std::cell::Cell<&'static str>;
+}
+
+/// Runs a request's work and says what the cache did for it ("-" when nothing was looked up).
+pub async fn with_lookup_result<T>(work: impl std::future::Future<Output = T>) -> (T, &'static str) {
+    LOOKUP_RESULT
+        .scope(std::cell::Cell::new("-"), async {
+            let out = work.await;
+            (out, LOOKUP_RESULT.with(|r| r.get()))
+        })
+        .await
+}
+
 #[derive(Clone)]
 pub struct ManifestAnswer {
     pub manifest: Arc<Manifest>,
@@ -448,9 +464,9 @@ impl Proxy {
         }
     }
 
-    fn lookup(&self, kind: &str, result: &str) {
+    fn lookup(&self, kind: &str, result: &'static str) {
         self.metrics.cache_lookups.with_label_values(&[kind, result]).inc();
-        tracing::Span::current().record("cache", result);
+        let _ = LOOKUP_RESULT.try_with(|r| r.set(result));
     }
 
     /// Brings the gauges that are read rather than counted up to date, before a scrape.

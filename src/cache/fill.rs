@@ -468,6 +468,9 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
     tx: mpsc::Sender<io::Result<Bytes>>,
 ) -> u64 {
     use std::io::{Seek, SeekFrom};
+    if progress.is_none() {
+        return stream_mapped(&file, start, end.unwrap_or(start), tx).await;
+    }
     // A fill's file is shared by all its readers: each needs its own offset.
     let file = match progress.is_some() {
         true => private_handle(&file).map(Arc::new),
@@ -528,6 +531,33 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
         pos += len;
     }
 }
+
+/// Streams a committed file's `[start..end)` from a memory map: slices of it go to the socket
+/// as they are, with no copy in between.
+async fn stream_mapped(file: &File, start: u64, end: u64, tx: mpsc::Sender<io::Result<Bytes>>) -> u64 {
+    let mapped = match super::mapped::map(file) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot map cached content");
+            let _ = tx.send(Err(e)).await;
+            return 0;
+        }
+    };
+    let end = (end as usize).min(mapped.len());
+    let mut pos = (start as usize).min(end);
+    while pos < end {
+        let next = (pos + MAPPED_CHUNK).min(end);
+        if tx.send(Ok(mapped.slice(pos..next))).await.is_err() {
+            break; // the client went away
+        }
+        pos = next;
+    }
+    (pos as u64).saturating_sub(start)
+}
+
+/// Slices of a mapped blob handed to the connection at a time (no memory is copied; this
+/// only bounds how much of the file one write covers).
+const MAPPED_CHUNK: usize = 1024 * 1024;
 
 /// Streams an upstream body straight to a client, for when the cache disk cannot take it:
 /// the bytes are hashed on the way, and the last chunk is held back until the digest

@@ -4,6 +4,7 @@
 pub mod blob_store;
 pub mod fill;
 pub mod index;
+pub mod mapped;
 pub mod tags;
 
 use std::fs::File;
