@@ -490,7 +490,7 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
             None => end.unwrap_or(pos),
             Some(rx) => {
                 let cap = end.map_or(u64::MAX, |e| e.saturating_sub(1));
-                let want = (pos + READ_CHUNK).min(cap);
+                let want = (pos + MAP_WINDOW).min(cap);
                 let terminal = |p: &Progress<E>| matches!(p.state, State::Done | State::Failed(_));
                 let batched = rx.wait_for(|p| terminal(p) || readable_until(p, end) >= want.max(pos + 1));
                 if tokio::time::timeout(BATCH_WAIT, batched).await.is_err() {
@@ -511,6 +511,23 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
         };
         if pos >= limit {
             return pos - start;
+        }
+        if limit - pos >= MAP_WINDOW {
+            // Far enough behind the fill (a herd catching up): map what is written instead of
+            // copying it through a buffer.
+            let len = (limit - pos) as usize;
+            let sent = match super::mapped::map_written(&file, pos, len) {
+                Ok(window) => send_slices(window, &tx).await,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return pos - start;
+                }
+            };
+            pos += sent as u64;
+            if sent < len || (&*file).seek(SeekFrom::Start(pos)).is_err() {
+                return pos - start;
+            }
+            continue;
         }
         let n = (limit - pos).min(READ_CHUNK) as usize;
         let f = file.clone();
@@ -544,20 +561,28 @@ async fn stream_mapped(file: &File, start: u64, end: u64, tx: mpsc::Sender<io::R
         }
     };
     let end = (end as usize).min(mapped.len());
-    let mut pos = (start as usize).min(end);
-    while pos < end {
-        let next = (pos + MAPPED_CHUNK).min(end);
-        if tx.send(Ok(mapped.slice(pos..next))).await.is_err() {
+    let start = (start as usize).min(end);
+    send_slices(mapped.slice(start..end), &tx).await as u64
+}
+
+/// Sends mapped bytes in slices; returns how many the client took.
+async fn send_slices(bytes: Bytes, tx: &mpsc::Sender<io::Result<Bytes>>) -> usize {
+    let mut pos = 0;
+    while pos < bytes.len() {
+        let next = (pos + MAPPED_CHUNK).min(bytes.len());
+        if tx.send(Ok(bytes.slice(pos..next))).await.is_err() {
             break; // the client went away
         }
         pos = next;
     }
-    (pos as u64).saturating_sub(start)
+    pos
 }
 
 /// Slices of a mapped blob handed to the connection at a time (no memory is copied; this
 /// only bounds how much of the file one write covers).
 const MAPPED_CHUNK: usize = 1024 * 1024;
+/// A fill's reader this far behind maps the written part instead of reading it.
+const MAP_WINDOW: u64 = 4 * 1024 * 1024;
 
 /// Streams an upstream body straight to a client, for when the cache disk cannot take it:
 /// the bytes are hashed on the way, and the last chunk is held back until the digest

@@ -23,3 +23,17 @@ pub fn map(file: &File) -> io::Result<Bytes> {
     let map = unsafe { memmap2::Mmap::map(file)? };
     Ok(Bytes::from_owner(map))
 }
+
+/// Maps `len` bytes at `offset` of a fill's temp file that are already written. A fill
+/// only appends: it writes each byte once, before publishing it as written, and never
+/// rewrites, truncates or shortens the file (a failed fill is unlinked), so the range stays
+/// exactly as mapped.
+pub fn map_written(file: &File, offset: u64, len: usize) -> io::Result<Bytes> {
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    // SAFETY: read-only, and the range is immutable for as long as the file exists (see
+    // above); unlinking leaves the mapping valid.
+    let map = unsafe { memmap2::MmapOptions::new().offset(offset).len(len).map(file)? };
+    Ok(Bytes::from_owner(map))
+}
