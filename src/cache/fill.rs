@@ -513,18 +513,11 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
             return pos - start;
         }
         if limit - pos >= MAP_WINDOW {
-            // Far enough behind the fill (a herd catching up): map what is written instead of
-            // copying it through a buffer.
-            let len = (limit - pos) as usize;
-            let sent = match super::mapped::map_written(&file, pos, len) {
-                Ok(window) => send_slices(window, &tx).await,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return pos - start;
-                }
-            };
-            pos += sent as u64;
-            if sent < len || (&*file).seek(SeekFrom::Start(pos)).is_err() {
+            // Whole windows are written: map them rather than copy them through a buffer.
+            let until = limit - (limit - pos) % MAP_WINDOW;
+            let reached = send_mapped(&file, pos, until, &tx).await;
+            pos = reached;
+            if reached < until || (&*file).seek(SeekFrom::Start(pos)).is_err() {
                 return pos - start;
             }
             continue;
@@ -549,40 +542,33 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
     }
 }
 
-/// Streams a committed file's `[start..end)` from a memory map: slices of it go to the socket
-/// as they are, with no copy in between.
+/// Streams a committed file's `[start..end)` from memory maps: window after window goes to
+/// the socket as it is, with no copy in between.
 async fn stream_mapped(file: &File, start: u64, end: u64, tx: mpsc::Sender<io::Result<Bytes>>) -> u64 {
-    let mapped = match super::mapped::map(file) {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot map cached content");
-            let _ = tx.send(Err(e)).await;
-            return 0;
-        }
-    };
-    let end = (end as usize).min(mapped.len());
-    let start = (start as usize).min(end);
-    send_slices(mapped.slice(start..end), &tx).await as u64
+    send_mapped(file, start, end, &tx).await - start
 }
 
-/// Sends mapped bytes in slices; returns how many the client took.
-async fn send_slices(bytes: Bytes, tx: &mpsc::Sender<io::Result<Bytes>>) -> usize {
-    let mut pos = 0;
-    while pos < bytes.len() {
-        let next = (pos + MAPPED_CHUNK).min(bytes.len());
-        if tx.send(Ok(bytes.slice(pos..next))).await.is_err() {
-            break; // the client went away
+/// Sends `file[pos..end)` in mapped windows; returns where it stopped (`end` unless the
+/// client went away or mapping failed).
+async fn send_mapped(file: &File, mut pos: u64, end: u64, tx: &mpsc::Sender<io::Result<Bytes>>) -> u64 {
+    while pos < end {
+        let len = (end - pos).min(MAP_WINDOW);
+        let window = super::mapped::map_range(file, pos, len as usize);
+        if let Err(e) = &window {
+            tracing::error!(error = %e, "cannot map cached content");
         }
-        pos = next;
+        let failed = window.is_err();
+        if tx.send(window).await.is_err() || failed {
+            break; // the client went away, or was told of the error
+        }
+        pos += len;
     }
     pos
 }
 
-/// Slices of a mapped blob handed to the connection at a time (no memory is copied; this
-/// only bounds how much of the file one write covers).
-const MAPPED_CHUNK: usize = 1024 * 1024;
-/// A fill's reader this far behind maps the written part instead of reading it.
-const MAP_WINDOW: u64 = 4 * 1024 * 1024;
+/// How much of a file one mapping covers: big enough that mapping costs little per byte,
+/// small enough that a client holds only a few MiB of the file mapped.
+const MAP_WINDOW: u64 = 1024 * 1024;
 
 /// Streams an upstream body straight to a client, for when the cache disk cannot take it:
 /// the bytes are hashed on the way, and the last chunk is held back until the digest
