@@ -331,7 +331,10 @@ impl Upstream {
         let origin = url.authority().cloned();
         for _hop in 0..=MAX_REDIRECTS {
             let same_host = url.authority() == origin.as_ref();
-            let mut req = Request::builder().method(method.clone()).uri(url.clone());
+            let mut req = Request::builder().method(method.clone()).uri(url.clone()).header(
+                http::header::USER_AGENT,
+                concat!("regcache/", env!("CARGO_PKG_VERSION")),
+            );
             for (name, value) in headers {
                 // Credentials belong to the upstream's own host only (S3 and CDNs reject them).
                 if *name == AUTHORIZATION && !same_host {
