@@ -176,6 +176,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             total: None,
             state: State::Connecting,
         });
+        let tx = Arc::new(tx);
         inflight.insert(
             digest.clone(),
             Shared {
@@ -221,7 +222,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         digest: &Digest,
         file: &Arc<File>,
         opener: &Opener<E>,
-        tx: &watch::Sender<Progress<E>>,
+        tx: &Arc<watch::Sender<Progress<E>>>,
         resumes: &mut u32,
     ) -> Result<u64, FillError<E>> {
         let source = opener(0).await.map_err(FillError::Source)?;
@@ -231,7 +232,11 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             p.state = State::Streaming;
         });
         let mut batches = Batches::new(source, self.idle_timeout);
-        let mut verifier = Verifier::new(digest.algorithm());
+        // One hash+write runs on a blocking thread while the next batch is received, so
+        // hashing overlaps the download instead of pausing it. The write publishes its own
+        // progress when its bytes are on disk.
+        let mut verifier = Some(Verifier::new(digest.algorithm()));
+        let mut pending: Option<tokio::task::JoinHandle<io::Result<Verifier>>> = None;
         let mut written = 0u64;
         loop {
             let batch = match batches.next().await {
@@ -274,22 +279,27 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                     });
                 }
             }
-            let f = file.clone();
-            let at = written;
-            verifier = tokio::task::spawn_blocking(move || -> io::Result<Verifier> {
+            if let Some(previous) = pending.take() {
+                verifier = Some(previous.await.map_err(io::Error::other)??);
+            }
+            let (f, tx, at) = (file.clone(), tx.clone(), written);
+            let mut hashing = verifier.take().unwrap_or_else(|| Verifier::new(digest.algorithm()));
+            pending = Some(tokio::task::spawn_blocking(move || -> io::Result<Verifier> {
                 let mut at = at;
                 for data in parts {
-                    verifier.update(&data);
+                    hashing.update(&data);
                     f.write_all_at(&data, at)?;
                     at += data.len() as u64;
                 }
-                Ok(verifier)
-            })
-            .await
-            .map_err(io::Error::other)??;
+                tx.send_modify(|p| p.written = p.written.max(at));
+                Ok(hashing)
+            }));
             written += len;
-            tx.send_modify(|p| p.written = written);
         }
+        if let Some(previous) = pending.take() {
+            verifier = Some(previous.await.map_err(io::Error::other)??);
+        }
+        let verifier = verifier.unwrap_or_else(|| Verifier::new(digest.algorithm()));
         let got = verifier.finish();
         if got != *digest {
             return Err(FillError::DigestMismatch {
