@@ -30,8 +30,10 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response<Body> {
-        let body = json!({"errors": [{"code": self.code, "message": self.message, "detail": null}]});
-        let mut resp = Response::new(Body::full(body.to_string()));
+        let body = json!({"errors": [{"code": self.code, "message": self.message, "detail": null}]}).to_string();
+        let len = body.len();
+        let mut resp = Response::new(Body::full(body));
+        resp.headers_mut().insert(header::CONTENT_LENGTH, len.into());
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
