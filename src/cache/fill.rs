@@ -199,6 +199,14 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                 Ok(written) => fills.commit(&digest, &tmp, &task_file, written).await.map(|()| written),
                 Err(e) => Err(Arc::new(e)),
             };
+            // Everything about the fill is settled (temp file gone or blob indexed, counters
+            // updated) by the time its clients hear how it ended.
+            if result.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            fills.lock().remove(&digest);
+            let outcome = result.as_ref().map(|_| ()).map_err(Arc::clone);
+            on_end(&outcome, resumes);
             tx.send_modify(|p| match &result {
                 Ok(written) => {
                     p.total = Some(*written);
@@ -206,12 +214,6 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                 }
                 Err(e) => p.state = State::Failed(e.clone()),
             });
-            let result = result.map(|_| ());
-            if result.is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
-            fills.lock().remove(&digest);
-            on_end(&result, resumes);
         });
         Ok(Some(Fill { file, progress: rx }))
     }
