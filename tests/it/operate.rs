@@ -17,6 +17,11 @@ use crate::peers::skopeo_copy;
 
 const DOCKER_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
+/// regcache in front of `up` (the default upstream, tag_ttl 5m) with one extra section.
+async fn behind(up: &FakeUpstream, dir: &Path, section: &str) -> TestProxy {
+    TestProxy::start_sections(dir, "", "", section, &upstream_toml("docker.io", &up.url(), true, "5m")).await
+}
+
 /// A 3-layer image on the fake upstream; returns (manifest digest, layer digests, sizes).
 fn image(up: &FakeUpstream, repo: &str, tag: &str) -> (String, Vec<String>, u64) {
     let layers: Vec<Vec<u8>> = (0..3)
@@ -218,14 +223,7 @@ async fn tls_serves_h2_to_clients_and_skopeo_and_reloads_its_certificate() {
         served_cert.display(),
         served_key.display()
     );
-    let proxy = TestProxy::start_sections(
-        dir.path(),
-        "",
-        "",
-        &tls,
-        &upstream_toml("docker.io", &up.url(), true, "5m"),
-    )
-    .await;
+    let proxy = behind(&up, dir.path(), &tls).await;
     let base = format!("https://127.0.0.1:{}", proxy.addr.port());
 
     let client = tls_client(&ca);
@@ -282,14 +280,7 @@ async fn client_access_control_with_basic_and_tokens() {
     let (digest, _, _) = image(&up, "library/app", "1");
     let dir = tempfile::tempdir().unwrap();
     let hash = bcrypt::hash("s3cret", 4).unwrap();
-    let proxy = TestProxy::start_sections(
-        dir.path(),
-        "",
-        "",
-        &users_section(&hash),
-        &upstream_toml("docker.io", &up.url(), true, "5m"),
-    )
-    .await;
+    let proxy = behind(&up, dir.path(), &users_section(&hash)).await;
     let manifest = proxy.url("/v2/library/app/manifests/1");
 
     // Anonymous: 401 with the challenge clients follow.
@@ -370,14 +361,7 @@ async fn slow_and_idle_clients_are_cut_off_while_others_are_served() {
     let (_, layers, _) = image(&up, "library/app", "1");
     let dir = tempfile::tempdir().unwrap();
     let limits = "[limits]\nheader_read_timeout = \"500ms\"\nmax_connections = 8\n";
-    let proxy = TestProxy::start_sections(
-        dir.path(),
-        "",
-        "",
-        limits,
-        &upstream_toml("docker.io", &up.url(), true, "5m"),
-    )
-    .await;
+    let proxy = behind(&up, dir.path(), limits).await;
     let addr = proxy.addr;
 
     // A flood of connections that never send a byte, and slowloris ones that never finish
@@ -414,14 +398,7 @@ async fn huge_headers_and_huge_manifests_are_refused() {
     let (_, layers, _) = image(&up, "library/app", "1");
     let dir = tempfile::tempdir().unwrap();
     let limits = "[limits]\nmax_header_bytes = \"8KiB\"\nmax_manifest_size = \"16KiB\"\n";
-    let proxy = TestProxy::start_sections(
-        dir.path(),
-        "",
-        "",
-        limits,
-        &upstream_toml("docker.io", &up.url(), true, "5m"),
-    )
-    .await;
+    let proxy = behind(&up, dir.path(), limits).await;
     let r = get(&proxy.url("/v2/library/big/manifests/1")).await;
     assert_eq!((r.status.as_u16(), r.error_code().as_str()), (502, "UNAVAILABLE"));
     assert!(files_under(&dir.path().join("v1/manifests")).is_empty());
@@ -447,14 +424,7 @@ async fn concurrent_fills_are_bounded() {
     up.fault(&a, [Fault::Gate(1 << 20, gate.clone())]);
     let dir = tempfile::tempdir().unwrap();
     let limits = "[limits]\nmax_concurrent_fills = 1\n";
-    let proxy = TestProxy::start_sections(
-        dir.path(),
-        "",
-        "",
-        limits,
-        &upstream_toml("docker.io", &up.url(), true, "5m"),
-    )
-    .await;
+    let proxy = behind(&up, dir.path(), limits).await;
     let (url_a, url_b) = (
         proxy.url(&format!("/v2/library/x/blobs/{a}")),
         proxy.url(&format!("/v2/library/x/blobs/{b}")),
