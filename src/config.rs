@@ -357,7 +357,26 @@ fn default_circuit_cooldown() -> HumanDuration {
 impl Config {
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Config, Error> {
-        let config: Config = toml::from_str(text).map_err(|e| Error::Parse(e.to_string()))?;
+        let config: Config = serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            // One line naming the key and the place, not toml's multi-line snippet.
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let place = inner
+                .span()
+                .map(|span| {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!(" (line {line}, column {column})")
+                })
+                .unwrap_or_default();
+            let message = inner.message().trim().replace('\n', " ");
+            if key.is_empty() || key == "." {
+                Error::Parse(format!("{message}{place}"))
+            } else {
+                invalid(key, format!("{message}{place}"))
+            }
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -537,7 +556,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
         for (unit, size) in UNITS {
-            if self.0 >= size && self.0 % size == 0 {
+            if self.0 >= size && self.0.is_multiple_of(size) {
                 return write!(f, "{}{unit}", self.0 / size);
             }
         }
@@ -584,7 +603,7 @@ impl FromStr for HumanDuration {
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 1000 != 0 {
+        if !ms.is_multiple_of(1000) {
             return write!(f, "{ms}ms");
         }
         let s = ms / 1000;

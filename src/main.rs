@@ -66,14 +66,26 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     })
 }
 
+/// The log worker's handle, taken by whoever ends the process first (the end of `main`, or
+/// a second signal) to write out what is queued.
+static LOGGING: std::sync::Mutex<Option<regcache::logging::Logging>> = std::sync::Mutex::new(None);
+
+fn finish_logging() {
+    let taken = LOGGING.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(logging) = taken {
+        logging.finish();
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    regcache::logging::init(match cli.log_format {
+    let logging = regcache::logging::init(match cli.log_format {
         LogFormat::Text => regcache::logging::Format::Text,
         LogFormat::Json => regcache::logging::Format::Json,
     });
+    *LOGGING.lock().unwrap_or_else(|p| p.into_inner()) = Some(logging);
     let result = run(cli.command);
-    regcache::logging::flush();
+    finish_logging();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -120,7 +132,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             config.validate()?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(serve(config))
+            let result = runtime.block_on(serve(config));
+            // Whatever still runs (a blocking disk task, a probe) must not keep a failing
+            // process from exiting.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
         }
     }
 }
@@ -190,7 +206,7 @@ async fn shutdown_signal() {
         )
         .await;
         tracing::warn!("second signal: exiting now");
-        regcache::logging::flush();
+        finish_logging();
         std::process::exit(130);
     });
 }

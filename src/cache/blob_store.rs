@@ -43,6 +43,47 @@ pub struct BlobStore {
     root: PathBuf,
     tmp: PathBuf,
     next_tmp: AtomicU64,
+    /// Held (locked) for as long as the store is open: one process owns a cache dir.
+    _lock: File,
+}
+
+/// The name of the lock file under `<dir>/v1/`.
+pub const LOCK_FILE: &str = "lock";
+
+/// Takes the cache dir's lock, or says which process holds it. The lock is the kernel's
+/// (flock), so it is released however the owner dies; the pid inside is only for the message.
+fn lock(root: &Path) -> io::Result<File> {
+    let path = root.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0)?;
+            writeln!(file, "{}", std::process::id())?;
+            Ok(file)
+        }
+        Err(fs::TryLockError::WouldBlock) => {
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            let who = if holder.is_empty() {
+                "another process".to_owned()
+            } else {
+                format!("process {holder}")
+            };
+            Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "it is in use by {who} (lock file {}); one regcache owns a cache dir",
+                    path.display()
+                ),
+            ))
+        }
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
 }
 
 impl BlobStore {
@@ -54,6 +95,8 @@ impl BlobStore {
         for sub in ["blobs", "manifests", "tags"] {
             fs::create_dir_all(root.join(sub))?;
         }
+        // Before anything is cleaned up: tmp/ may hold another live process's fills.
+        let lock = lock(&root)?;
         if tmp.exists() {
             fs::remove_dir_all(&tmp)?;
         }
@@ -62,6 +105,7 @@ impl BlobStore {
             root,
             tmp,
             next_tmp: AtomicU64::new(0),
+            _lock: lock,
         };
         let mut found = Vec::new();
         for kind in [Kind::Blob, Kind::Manifest] {

@@ -159,20 +159,15 @@ async fn manifest(
     reference: &str,
     headers: &HeaderMap,
 ) -> Result<Response<Body>, ApiError> {
+    // A reference that is neither a tag nor a digest names a manifest that cannot exist:
+    // 404 MANIFEST_UNKNOWN, as Distribution answers and the conformance suite expects
+    // (it asks for `.INVALID_MANIFEST_NAME`). Nothing reaches the upstream or the disk.
     let reference = Reference::parse(reference).ok_or_else(|| {
-        if reference.contains(':') {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "DIGEST_INVALID",
-                format!("invalid digest {reference:?}"),
-            )
-        } else {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "TAG_INVALID",
-                format!("invalid tag {reference:?}"),
-            )
-        }
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            format!("{reference:?} is neither a tag nor a digest"),
+        )
     })?;
     let accept = AcceptSet::from_headers(headers.get_all(ACCEPT).iter().filter_map(|v| v.to_str().ok()));
     let answer = proxy.manifest(target, &reference, accept).await?;

@@ -396,10 +396,16 @@ async fn bad_input_gets_oci_errors_and_never_reaches_upstream_or_disk() {
     let cases = [
         (
             "/v2/library/alpine/manifests/sha256:totallywrong",
-            400,
-            "DIGEST_INVALID",
+            404,
+            "MANIFEST_UNKNOWN",
         ),
-        ("/v2/library/alpine/manifests/.hidden", 400, "TAG_INVALID"),
+        ("/v2/library/alpine/manifests/.hidden", 404, "MANIFEST_UNKNOWN"),
+        // What the OCI conformance suite's pull workflow asks for.
+        (
+            "/v2/library/alpine/manifests/.INVALID_MANIFEST_NAME",
+            404,
+            "MANIFEST_UNKNOWN",
+        ),
         ("/v2/library/alpine/blobs/sha256:abc", 400, "DIGEST_INVALID"),
         (
             "/v2/library/alpine/blobs/sha256:../../../../etc/passwd",

@@ -51,7 +51,7 @@ fn b64url(input: &[u8]) -> String {
 /// Standard base64 with padding (a Basic `Authorization` value).
 fn b64std(input: &[u8]) -> String {
     let mut s = b64url(input).replace('-', "+").replace('_', "/");
-    while s.len() % 4 != 0 {
+    while !s.len().is_multiple_of(4) {
         s.push('=');
     }
     s

@@ -1,0 +1,424 @@
+//! The shipped binary as a user runs it: every command, its flags, exit codes and messages,
+//! startup failures (each must end the process at once with one line naming the cause),
+//! signals, and the cache-dir lock. Every wait is bounded, so a hang is a failure.
+
+use std::io::{BufRead, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::Method;
+use http_body_util::BodyExt;
+
+use crate::fake_upstream::{FakeUpstream, Fault};
+use crate::harness::{get, open, random_bytes, upstream_toml, Process};
+
+/// Far longer than any of these commands needs; reaching it means the binary hung.
+const HANG: Duration = Duration::from_secs(20);
+
+fn regcache() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_regcache"));
+    cmd.env_remove("RUST_LOG");
+    cmd
+}
+
+/// Runs to the end (stdin from `input`), or panics if it does not end within [`HANG`].
+fn run(mut cmd: Command, input: &[u8]) -> Output {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("regcache starts");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(input).expect("stdin written");
+    drop(stdin);
+    wait_output(child, &what)
+}
+
+fn wait_output(mut child: Child, what: &str) -> Output {
+    let started = Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if started.elapsed() > HANG {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "{what} hung for {HANG:?}; stderr so far:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A failure: exit code 1, and its last stderr line is `regcache: …` containing `cause`.
+fn assert_fails_naming(out: &Output, cause: &str) {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit code; stderr:\n{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("regcache: ") && last.contains(cause),
+        "last stderr line should name {cause:?}; stderr:\n{stderr}"
+    );
+}
+
+fn write_config(dir: &Path, body: &str) -> std::path::PathBuf {
+    let path = dir.join("regcache.toml");
+    std::fs::write(&path, body).expect("config written");
+    path
+}
+
+fn minimal_config(dir: &Path, server_keys: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server_keys}\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}",
+        dir.join("cache").display(),
+        upstream_toml("docker.io", "http://127.0.0.1:9", true, "5m")
+    )
+}
+
+#[test]
+fn check_config_names_the_bad_key_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    for (body, cause) in [
+        ("[cache]\nmax_size = \"lots\"\n", "max_size"),
+        ("[cache]\nnot_a_key = 1\n", "not_a_key"),
+        ("[server\n", "invalid config"),
+        ("[limits]\nheader_read_timeout = \"soon\"\n", "header_read_timeout"),
+    ] {
+        let config = write_config(dir.path(), body);
+        let mut cmd = regcache();
+        cmd.args(["check-config", "--config"]).arg(&config);
+        assert_fails_naming(&run(cmd, b""), cause);
+    }
+    let mut cmd = regcache();
+    cmd.args(["check-config", "--config"])
+        .arg(dir.path().join("missing.toml"));
+    assert_fails_naming(&run(cmd, b""), "missing.toml");
+}
+
+#[test]
+fn check_config_prints_the_config_it_understood() {
+    let mut cmd = regcache();
+    cmd.arg("check-config");
+    let out = run(cmd, b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed: toml::Value = toml::from_str(&text(&out.stdout)).expect("check-config prints TOML");
+    assert!(printed.get("server").is_some() && printed.get("cache").is_some());
+    // What it printed is itself a valid config.
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &text(&out.stdout));
+    let mut again = regcache();
+    again.args(["check-config", "--config"]).arg(&config);
+    assert!(run(again, b"").status.success());
+}
+
+#[test]
+fn hash_password_prints_a_bcrypt_hash_of_stdin() {
+    let mut cmd = regcache();
+    cmd.args(["hash-password", "--cost", "4"]);
+    let out = run(cmd, b"s3cret\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let hash = text(&out.stdout).trim().to_owned();
+    assert!(bcrypt::verify("s3cret", &hash).unwrap(), "{hash}");
+    assert!(!bcrypt::verify("other", &hash).unwrap());
+
+    let mut empty = regcache();
+    empty.args(["hash-password", "--cost", "4"]);
+    assert_fails_naming(&run(empty, b"\n"), "empty password");
+    let mut bad_cost = regcache();
+    bad_cost.args(["hash-password", "--cost", "99"]);
+    assert_eq!(run(bad_cost, b"pw\n").status.code(), Some(1));
+}
+
+#[test]
+fn unknown_commands_and_flags_are_usage_errors() {
+    let mut cmd = regcache();
+    cmd.arg("frobnicate");
+    let out = run(cmd, b"");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("frobnicate"));
+    let mut cmd = regcache();
+    cmd.args(["serve", "--listen", "not-an-address"]);
+    assert_eq!(run(cmd, b"").status.code(), Some(2));
+    let mut cmd = regcache();
+    cmd.arg("--version");
+    let out = run(cmd, b"");
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn serve_startup_failures_exit_at_once_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    // A bad config.
+    let config = write_config(dir.path(), "[cache]\nmax_size = \"-1\"\n");
+    let mut cmd = regcache();
+    cmd.args(["serve", "--config"]).arg(&config);
+    assert_fails_naming(&run(cmd, b""), "max_size");
+
+    // The registry port is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let config = write_config(dir.path(), &minimal_config(dir.path(), ""));
+    let mut cmd = regcache();
+    cmd.args(["serve", "--config"]).arg(&config).args(["--listen", &port]);
+    assert_fails_naming(&run(cmd, b""), &port);
+
+    // The admin port is taken.
+    let mut cmd = regcache();
+    cmd.args(["serve", "--config"])
+        .arg(&config)
+        .args(["--admin-listen", &port]);
+    assert_fails_naming(&run(cmd, b""), "admin.listen");
+
+    // The cache dir cannot be a directory (a file is in the way).
+    let blocked = dir.path().join("a-file");
+    std::fs::write(&blocked, b"x").unwrap();
+    let mut cmd = regcache();
+    cmd.args(["serve", "--config"])
+        .arg(&config)
+        .arg("--cache-dir")
+        .arg(&blocked);
+    assert_fails_naming(&run(cmd, b""), "a-file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_the_same_cache_dir_refuses_and_leaves_the_first_alone() {
+    let up = FakeUpstream::start().await;
+    let digest = up.add_blob(&random_bytes(1 << 20, 70));
+    let gate = Arc::new(tokio::sync::Notify::new());
+    up.fault(&digest, [Fault::Gate(256 << 10, gate.clone())]);
+    let dir = tempfile::tempdir().unwrap();
+    let first = Process::start(dir.path(), &up.url(), "");
+    // A fill in flight: its temp file is what a second process used to wipe.
+    let resp = open(Method::GET, &first.url(&format!("/v2/library/x/blobs/{digest}")), &[]).await;
+    assert_eq!(resp.status(), 200);
+    let tmp = dir.path().join("cache/v1/tmp");
+    assert_eq!(crate::harness::files_under(&tmp).len(), 1);
+
+    let config = dir.path().join("regcache.toml");
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = regcache();
+        cmd.args(["serve", "--config"]).arg(&config);
+        run(cmd, b"")
+    })
+    .await
+    .unwrap();
+    assert_fails_naming(&out, &format!("in use by process {}", first.child.id()));
+    assert_eq!(
+        crate::harness::files_under(&tmp).len(),
+        1,
+        "the first one's fill is intact"
+    );
+
+    gate.notify_one();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("the first one's download completes");
+    assert_eq!(crate::harness::sha256(&body.to_bytes()), digest);
+    assert_eq!(get(&first.url("/v2/")).await.status, 200);
+}
+
+/// regcache serving on a port it reports, with every stderr line kept.
+struct Logged {
+    child: Child,
+    addr: String,
+    lines: Arc<Mutex<Vec<String>>>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl Logged {
+    fn start(dir: &Path, upstream: &str, format: &str, rust_log: Option<&str>) -> Logged {
+        let config = dir.join("regcache.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}",
+                dir.join("cache").display(),
+                upstream_toml("docker.io", upstream, true, "5m")
+            ),
+        )
+        .unwrap();
+        let mut cmd = regcache();
+        cmd.args(["--log-format", format, "serve", "--config"]).arg(&config);
+        if let Some(filter) = rust_log {
+            cmd.env("RUST_LOG", filter);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("regcache starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let kept = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Both formats carry the address as `listen`.
+                if let Some(rest) = line.split("listen").nth(1) {
+                    let addr: String = rest
+                        .trim_start_matches(['"', ':', '='])
+                        .chars()
+                        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                        .collect();
+                    if addr.contains(':') {
+                        let _ = addr_tx.send(addr);
+                    }
+                }
+                kept.lock().unwrap().push(line);
+            }
+            let _ = done_tx.send(());
+        });
+        let addr = addr_rx.recv_timeout(HANG).expect("regcache logged its address");
+        Logged {
+            child,
+            addr,
+            lines,
+            done,
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(ok.success());
+    }
+
+    /// Waits for the exit (bounded) and returns its code and every stderr line.
+    fn wait(mut self) -> (Option<i32>, Vec<String>) {
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(started.elapsed() < HANG, "regcache did not exit within {HANG:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        self.done.recv_timeout(HANG).expect("stderr closed");
+        let lines = self.lines.lock().unwrap().clone();
+        (status.code(), lines)
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_rust_log_and_sigint() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Logged::start(dir.path(), &up.url(), "json", None);
+    assert_eq!(get(&format!("http://{}/v2/", server.addr)).await.status, 200);
+    server.signal("INT");
+    let (code, lines) = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    assert_eq!(code, Some(0), "{lines:#?}");
+    let parsed: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    assert!(parsed
+        .iter()
+        .any(|v| v["target"] == "regcache::access" && v["fields"]["path"] == "/v2/"));
+    assert!(parsed.iter().any(|v| v["fields"]["message"] == "stopped"));
+
+    // RUST_LOG selects what is written: here the access log is off, the rest is on.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Logged::start(dir.path(), &up.url(), "text", Some("info,regcache::access=off"));
+    assert_eq!(get(&format!("http://{}/v2/", server.addr)).await.status, 200);
+    server.signal("TERM");
+    let (code, lines) = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    assert_eq!(code, Some(0), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.contains("regcache serving")), "{lines:#?}");
+    assert!(!lines.iter().any(|l| l.contains("regcache::access")), "{lines:#?}");
+    assert!(lines
+        .iter()
+        .all(|l| serde_json::from_str::<serde_json::Value>(l).is_err()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once_with_130() {
+    let up = FakeUpstream::start().await;
+    let digest = up.add_blob(&random_bytes(1 << 20, 71));
+    let gate = Arc::new(tokio::sync::Notify::new());
+    up.fault(&digest, [Fault::Gate(256 << 10, gate.clone())]);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Logged::start(dir.path(), &up.url(), "text", None);
+    // A download that cannot finish keeps the graceful drain waiting.
+    let resp = open(
+        Method::GET,
+        &format!("http://{}/v2/library/x/blobs/{digest}", server.addr),
+        &[],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    server.signal("TERM");
+    // The drain has begun once the listener is closed.
+    let addr = server.addr.clone();
+    let started = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_ok() {
+        assert!(started.elapsed() < HANG, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.signal("TERM");
+    let (code, lines) = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    assert_eq!(code, Some(130), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.contains("second signal")), "{lines:#?}");
+    drop(resp);
+    gate.notify_one();
+}
+
+#[test]
+fn embedded_default_serves_with_overrides() {
+    // `regcache serve` with no config runs the embedded default; the flags override it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = regcache()
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "",
+        ])
+        .arg("--cache-dir")
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut seen = String::new();
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    while !seen.contains("regcache serving") {
+        assert!(started.elapsed() < HANG, "no start line: {seen}");
+        let n = stderr.read(&mut buf).unwrap();
+        assert!(n > 0, "regcache exited: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(dir.path().join("v1/lock").exists());
+    let _ = child.kill();
+    let _ = child.wait();
+}
