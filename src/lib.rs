@@ -55,7 +55,15 @@ pub fn build(config: &Config) -> Result<Arc<App>, BuildError> {
     )
     .map_err(|e| BuildError::Cache(config.cache.dir.clone(), e))?;
     let upstreams = upstream::Upstreams::new(config, metrics.clone())?;
-    let proxy = Arc::new(Proxy::new(Arc::new(cache), upstreams, metrics, &config.limits));
+    // Only access rules that limit repositories make rights differ between clients.
+    let restricted = !config.auth.anonymous_allow.is_empty() || config.auth.users.iter().any(|u| !u.allow.is_empty());
+    let proxy = Arc::new(Proxy::new(
+        Arc::new(cache),
+        upstreams,
+        metrics,
+        &config.limits,
+        restricted,
+    ));
     let tls = match &config.server.tls {
         Some(t) => Some(tls::Reloader::new(&t.cert, &t.key)?),
         None => None,

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     pub cache_evictions: IntCounter,
     pub auth_failures: IntCounter,
+    pub access_confirmations: IntCounterVec,
 }
 
 /// Every metric name regcache exports (the dashboard test checks its queries against it).
@@ -52,6 +53,7 @@ pub const NAMES: &[&str] = &[
     "regcache_cache_entries",
     "regcache_cache_evictions_total",
     "regcache_auth_failures_total",
+    "regcache_access_confirmations_total",
 ];
 
 const DURATION_BUCKETS: &[f64] = &[
@@ -116,6 +118,7 @@ impl Metrics {
             cache_entries: gauge(r, "regcache_cache_entries", "Blobs and manifests in the disk cache."),
             cache_evictions: counter(r, "regcache_cache_evictions_total", "Cache entries evicted to stay under the budget."),
             auth_failures: counter(r, "regcache_auth_failures_total", "Client requests refused for missing or wrong credentials."),
+            access_confirmations: counter_vec(r, "regcache_access_confirmations_total", "Cached content asked for under a repository not yet known to hold it, checked with an upstream HEAD first, by result (confirmed, refused).", &["result"]),
             registry,
         }
     }
@@ -156,6 +159,7 @@ mod tests {
         m.ratelimit_limit.with_label_values(&["docker.io"]).set(100);
         m.ratelimit_remaining.with_label_values(&["docker.io"]).set(99);
         m.circuit_open.with_label_values(&["docker.io"]).set(0);
+        m.access_confirmations.with_label_values(&["confirmed"]).inc();
         let text = String::from_utf8(m.render()).unwrap();
         for name in NAMES {
             assert!(

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use crate::cache::associations::Pair;
 use crate::cache::fill::{FillError, Fills, Opener, Progress, Source, State};
 use crate::cache::tags::{TagKey, TagRecord};
 use crate::cache::{Cache, Manifest};
@@ -91,8 +92,16 @@ pub enum BlobAnswer {
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum Flight {
-    Digest(Digest),
+    /// By (upstream, repository, digest): a flight's answer is that pair's to give.
+    Digest(String, String, Digest),
     Tag(TagKey),
+}
+
+/// What kind of content an access confirmation asks the upstream about.
+#[derive(Clone, Copy)]
+enum Content {
+    Manifest,
+    Blob,
 }
 
 pub struct Proxy {
@@ -101,10 +110,19 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     fills: Arc<Fills<upstream::Error>>,
     manifest_flights: SingleFlight<Flight, Result<ManifestAnswer, Error>>,
+    /// Access rules limit who may pull which repository: cached content is then served to
+    /// an (upstream, repository) only when that pair is known to hold it.
+    restricted: bool,
 }
 
 impl Proxy {
-    pub fn new(cache: Arc<Cache>, upstreams: Upstreams, metrics: Arc<Metrics>, limits: &LimitsConfig) -> Proxy {
+    pub fn new(
+        cache: Arc<Cache>,
+        upstreams: Upstreams,
+        metrics: Arc<Metrics>,
+        limits: &LimitsConfig,
+        restricted: bool,
+    ) -> Proxy {
         let fills = Arc::new(Fills::new(
             cache.store.clone(),
             cache.index.clone(),
@@ -117,7 +135,49 @@ impl Proxy {
             metrics,
             fills,
             manifest_flights: SingleFlight::default(),
+            restricted,
         }
+    }
+
+    /// Lets `target` have cached content `digest` only if its (upstream, repository) is
+    /// known to hold it, or the upstream confirms with one HEAD under that very target
+    /// (free on Docker Hub; then recorded). Offline, or with the circuit open, the HEAD
+    /// fails and only known pairs are served. Without access rules every admitted client
+    /// may pull anything the upstream credentials reach, so nothing is checked.
+    async fn authorize(&self, target: &Target, content: Content, digest: &Digest) -> Result<(), Error> {
+        let (up, repo) = (&target.upstream, target.repo.as_str());
+        if !self.restricted || self.cache.associations.contains(digest, &up.name, repo) {
+            return Ok(());
+        }
+        let confirmed = match content {
+            Content::Blob => up.head_blob(&target.repo, digest).await.map(|_| ()),
+            Content::Manifest => up
+                .head_manifest(
+                    &target.repo,
+                    &digest.to_string(),
+                    &format!("{}, */*", AcceptSet::ALL.header_value()),
+                )
+                .await
+                .map(|_| ()),
+        };
+        let result = if confirmed.is_ok() { "confirmed" } else { "refused" };
+        self.metrics.access_confirmations.with_label_values(&[result]).inc();
+        match confirmed {
+            Ok(()) => {
+                self.cache.associations.record(digest, &up.name, repo);
+                Ok(())
+            }
+            Err(e) => Err(not_found(e, || match content {
+                Content::Blob => Error::BlobUnknown(digest.to_string()),
+                Content::Manifest => Error::ManifestUnknown(format!("{repo}@{digest}")),
+            })),
+        }
+    }
+
+    fn associate(&self, target: &Target, digest: &Digest) {
+        self.cache
+            .associations
+            .record(digest, &target.upstream.name, target.repo.as_str());
     }
 
     pub fn fills_in_flight(&self) -> usize {
@@ -133,11 +193,13 @@ impl Proxy {
         match reference {
             Reference::Digest(digest) => {
                 if let Some(manifest) = self.cache.manifest(digest) {
+                    self.authorize(target, Content::Manifest, digest).await?;
                     self.lookup("manifest", "hit");
                     return Ok(ManifestAnswer { manifest, stale: false });
                 }
+                let flight = Flight::Digest(target.upstream.name.clone(), target.repo.to_string(), digest.clone());
                 self.manifest_flights
-                    .run(Flight::Digest(digest.clone()), || self.fetch_by_digest(target, digest))
+                    .run(flight, || self.fetch_by_digest(target, digest))
                     .await
             }
             Reference::Tag(tag) => {
@@ -172,6 +234,7 @@ impl Proxy {
     async fn fetch_by_digest(&self, target: &Target, digest: &Digest) -> Result<ManifestAnswer, Error> {
         // Another flight may have stored it while this one queued.
         if let Some(manifest) = self.cache.manifest(digest) {
+            self.authorize(target, Content::Manifest, digest).await?;
             self.lookup("manifest", "coalesced");
             return Ok(ManifestAnswer { manifest, stale: false });
         }
@@ -186,6 +249,7 @@ impl Proxy {
             .await
             .map_err(|e| not_found(e, || Error::ManifestUnknown(format!("{}@{digest}", target.repo))))?;
         let manifest = Arc::new(self.check_manifest(up, fetched, Some(digest))?);
+        self.associate(target, digest);
         self.cache.put_manifest(manifest.clone())?;
         Ok(ManifestAnswer { manifest, stale: false })
     }
@@ -221,6 +285,7 @@ impl Proxy {
         if let Some((record, manifest)) = &cached {
             match up.head_manifest(&target.repo, &key.tag, &accept_header).await {
                 Ok(head) if head.digest.as_deref() == Some(record.digest.as_str()) => {
+                    self.associate(target, &manifest.digest);
                     if let Err(e) = self.cache.tags.put(record.reconfirmed()) {
                         tracing::warn!(error = %e, "cannot persist tag revalidation");
                     }
@@ -238,6 +303,7 @@ impl Proxy {
             Err(e) => return stale_or(e),
         };
         let manifest = Arc::new(self.check_manifest(up, fetched, None)?);
+        self.associate(target, &manifest.digest);
         self.cache.put_manifest(manifest.clone())?;
         let record = TagRecord::new(
             &key,
@@ -396,13 +462,57 @@ impl Proxy {
     /// A blob to stream: from the cache, or from the fill that fetches it (joined or started).
     pub async fn blob(&self, target: &Target, digest: &Digest) -> Result<BlobAnswer, Error> {
         if let Some(answer) = self.cached_blob(digest)? {
+            self.authorize(target, Content::Blob, digest).await?;
             self.lookup("blob", "hit");
             return Ok(answer);
         }
+        let own: Pair = (
+            Arc::from(target.upstream.name.as_str()),
+            Arc::from(target.repo.as_str()),
+        );
+        // A joiner whose fill failed for reasons of the fill's own target (its credentials,
+        // its repository, its upstream's rate limit) tries once more under its own.
+        let mut retried = false;
+        loop {
+            let (mut fill, started_here) = match self.join_fill(target, digest, &own).await? {
+                Joined::Fill(fill, started_here) => (fill, started_here),
+                Joined::Cached(answer) => return Ok(answer),
+                Joined::PassThrough(answer) => return Ok(answer),
+            };
+            if !started_here && fill.owner != own {
+                // Someone else's download: only for a pair known (or confirmed) to hold it.
+                self.authorize(target, Content::Blob, digest).await?;
+            }
+            self.lookup("blob", if started_here { "miss" } else { "coalesced" });
+            let started = fill.started().await;
+            match started.state {
+                State::Failed(e) => {
+                    let theirs = !started_here && fill.owner != own;
+                    if theirs && !retried && matches!(*e, FillError::Source(_)) {
+                        retried = true;
+                        tracing::info!(%digest, error = %e, "joined fill failed under its own target; retrying under ours");
+                        continue;
+                    }
+                    return Err(fill_error(e, digest));
+                }
+                _ => {
+                    return Ok(BlobAnswer::File {
+                        file: fill.file,
+                        total: started.total,
+                        progress: Some(fill.progress),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Joins the fill of `digest`, or starts one under `target`.
+    async fn join_fill(&self, target: &Target, digest: &Digest, own: &Pair) -> Result<Joined, Error> {
         let mut started_here = false;
         let metrics = self.metrics.clone();
-        let joined = match self.fills.join(
+        let joined = self.fills.join(
             digest,
+            own.clone(),
             || {
                 started_here = true;
                 metrics.fills_in_flight.inc();
@@ -410,6 +520,7 @@ impl Proxy {
             },
             {
                 let (metrics, digest, started) = (self.metrics.clone(), digest.clone(), std::time::Instant::now());
+                let (cache, upstream, repo) = (self.cache.clone(), own.0.clone(), own.1.clone());
                 move |result, resumes| {
                     metrics.fills_in_flight.dec();
                     metrics.fill_resumes.inc_by(u64::from(resumes));
@@ -428,13 +539,26 @@ impl Proxy {
                         .with_label_values(&[outcome])
                         .observe(started.elapsed().as_secs_f64());
                     match result {
-                        Ok(()) => tracing::info!(%digest, resumes, "fill committed"),
+                        Ok(()) => {
+                            cache.associations.record(&digest, &upstream, &repo);
+                            tracing::info!(%digest, resumes, "fill committed")
+                        }
                         Err(e) => tracing::warn!(%digest, resumes, error = %e, "fill failed"),
                     }
                 }
             },
-        ) {
-            Ok(joined) => joined,
+        );
+        match joined {
+            Ok(Some(fill)) => Ok(Joined::Fill(fill, started_here)),
+            Ok(None) => {
+                // Committed between the caller's miss and the join.
+                let answer = self
+                    .cached_blob(digest)?
+                    .ok_or_else(|| Error::BlobUnknown(digest.to_string()))?;
+                self.authorize(target, Content::Blob, digest).await?;
+                self.lookup("blob", "hit");
+                Ok(Joined::Cached(answer))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, %digest, "cache disk unusable; passing the blob through uncached");
                 self.lookup("blob", "miss");
@@ -443,24 +567,8 @@ impl Proxy {
                     .get_blob(&target.repo, digest, 0)
                     .await
                     .map_err(|e| not_found(e, || Error::BlobUnknown(digest.to_string())))?;
-                return Ok(BlobAnswer::PassThrough(source));
+                Ok(Joined::PassThrough(BlobAnswer::PassThrough(source)))
             }
-        };
-        let Some(mut fill) = joined else {
-            self.lookup("blob", "hit");
-            return self
-                .cached_blob(digest)?
-                .ok_or_else(|| Error::BlobUnknown(digest.to_string()));
-        };
-        self.lookup("blob", if started_here { "miss" } else { "coalesced" });
-        let started = fill.started().await;
-        match started.state {
-            State::Failed(e) => Err(fill_error(e, digest)),
-            _ => Ok(BlobAnswer::File {
-                file: fill.file,
-                total: started.total,
-                progress: Some(fill.progress),
-            }),
         }
     }
 
@@ -491,6 +599,7 @@ impl Proxy {
     /// The size of a blob, without fetching it.
     pub async fn blob_size(&self, target: &Target, digest: &Digest) -> Result<Option<u64>, Error> {
         if let Some((_, len)) = self.cache.open_blob(digest)? {
+            self.authorize(target, Content::Blob, digest).await?;
             return Ok(Some(len));
         }
         target
@@ -507,6 +616,13 @@ impl Proxy {
             .await
             .map_err(|e| not_found(e, || Error::NameUnknown(target.repo.to_string())))
     }
+}
+
+enum Joined {
+    /// A fill to tail, and whether this request started it.
+    Fill(crate::cache::fill::Fill<upstream::Error>, bool),
+    Cached(BlobAnswer),
+    PassThrough(BlobAnswer),
 }
 
 fn fill_error(e: Arc<FillError<upstream::Error>>, digest: &Digest) -> Error {

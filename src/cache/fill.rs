@@ -22,6 +22,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::sync::{mpsc, watch};
 
+use super::associations::Pair;
 use super::blob_store::{BlobStore, Kind};
 use super::index::Index;
 use crate::digest::{Digest, Verifier};
@@ -95,6 +96,9 @@ impl<E> Clone for Progress<E> {
 pub struct Fill<E> {
     pub file: Arc<File>,
     pub progress: watch::Receiver<Progress<E>>,
+    /// The (upstream, repository) the fill downloads from: rights and failures are that
+    /// pair's, not necessarily the joiner's.
+    pub owner: Pair,
 }
 
 impl<E> Fill<E> {
@@ -117,6 +121,56 @@ impl<E> Fill<E> {
 struct Shared<E> {
     file: Arc<File>,
     progress: watch::Receiver<Progress<E>>,
+    owner: Pair,
+}
+
+type OnEnd<E> = Box<dyn FnOnce(&Result<(), Arc<FillError<E>>>, u32) + Send>;
+
+/// Settles a fill exactly once, however its task ends: temp file removed (unless
+/// committed), entry dropped so the next request starts afresh, the caller's `on_end` run,
+/// and only then the outcome published. If the task dies (a panic), dropping this settles
+/// the fill as failed, so its digest is never left stuck "in flight".
+struct Settle<E: std::error::Error + Send + Sync + 'static> {
+    fills: Arc<Fills<E>>,
+    digest: Digest,
+    tmp: std::path::PathBuf,
+    tx: Arc<watch::Sender<Progress<E>>>,
+    on_end: Option<OnEnd<E>>,
+    resumes: u32,
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> Settle<E> {
+    fn finish(&mut self, result: Result<u64, Arc<FillError<E>>>) {
+        let Some(on_end) = self.on_end.take() else {
+            return;
+        };
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        self.fills.lock().remove(&self.digest);
+        let outcome = result.as_ref().map(|_| ()).map_err(Arc::clone);
+        on_end(&outcome, self.resumes);
+        self.tx.send_modify(|p| match &result {
+            Ok(written) => {
+                p.total = Some(*written);
+                p.state = State::Done;
+            }
+            Err(e) => p.state = State::Failed(e.clone()),
+        });
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> Drop for Settle<E> {
+    fn drop(&mut self) {
+        if self.on_end.is_some() {
+            let written = self.tx.borrow().written;
+            tracing::error!(digest = %self.digest, "fill task ended without an outcome");
+            self.finish(Err(Arc::new(FillError::Broken {
+                written,
+                message: "the fill task ended unexpectedly".into(),
+            })));
+        }
+    }
 }
 
 pub struct Fills<E> {
@@ -155,6 +209,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
     pub fn join(
         self: &Arc<Self>,
         digest: &Digest,
+        owner: Pair,
         make: impl FnOnce() -> Opener<E>,
         on_end: impl FnOnce(&Result<(), Arc<FillError<E>>>, u32) + Send + 'static,
     ) -> io::Result<Option<Fill<E>>> {
@@ -163,6 +218,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             return Ok(Some(Fill {
                 file: s.file.clone(),
                 progress: s.progress.clone(),
+                owner: s.owner.clone(),
             }));
         }
         // The fill that just ended may have committed it between the caller's miss and now.
@@ -182,40 +238,40 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             Shared {
                 file: file.clone(),
                 progress: rx.clone(),
+                owner: owner.clone(),
             },
         );
         drop(inflight);
 
         let fills = self.clone();
-        let digest = digest.clone();
         let opener = make();
         let task_file = file.clone();
+        let mut settle = Settle {
+            fills: self.clone(),
+            digest: digest.clone(),
+            tmp: tmp.clone(),
+            tx: tx.clone(),
+            on_end: Some(Box::new(on_end)),
+            resumes: 0,
+        };
+        let digest = digest.clone();
         tokio::spawn(async move {
             let _slot = fills.slots.clone().acquire_owned().await;
-            let mut resumes = 0;
             // Committed before clients get their last byte: a complete response means the
             // blob is in the cache (an offline pull right after works).
-            let result = match fills.run(&digest, &task_file, &opener, &tx, &mut resumes).await {
+            let result = match fills.run(&digest, &task_file, &opener, &tx, &mut settle.resumes).await {
                 Ok(written) => fills.commit(&digest, &tmp, &task_file, written).await.map(|()| written),
                 Err(e) => Err(Arc::new(e)),
             };
             // Everything about the fill is settled (temp file gone or blob indexed, counters
             // updated) by the time its clients hear how it ended.
-            if result.is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
-            fills.lock().remove(&digest);
-            let outcome = result.as_ref().map(|_| ()).map_err(Arc::clone);
-            on_end(&outcome, resumes);
-            tx.send_modify(|p| match &result {
-                Ok(written) => {
-                    p.total = Some(*written);
-                    p.state = State::Done;
-                }
-                Err(e) => p.state = State::Failed(e.clone()),
-            });
+            settle.finish(result);
         });
-        Ok(Some(Fill { file, progress: rx }))
+        Ok(Some(Fill {
+            file,
+            progress: rx,
+            owner,
+        }))
     }
 
     /// Downloads into `file`, hashing as it goes; returns the verified length.
@@ -619,4 +675,65 @@ pub async fn stream_verified(mut source: Source, digest: Digest, tx: mpsc::Sende
         let _ = tx.send(Ok(last)).await;
     }
     sent
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("test source error")]
+    struct TestError;
+
+    fn pair() -> Pair {
+        (Arc::from("docker.io"), Arc::from("library/x"))
+    }
+
+    fn body_of(data: &'static [u8]) -> SourceBody {
+        use http_body_util::{BodyExt, Full};
+        Full::new(Bytes::from_static(data))
+            .map_err(|e: std::convert::Infallible| -> Box<dyn std::error::Error + Send + Sync> { match e {} })
+            .boxed()
+    }
+
+    #[tokio::test]
+    async fn a_fill_task_that_dies_settles_as_failed_and_the_next_join_starts_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(BlobStore::open(dir.path()).unwrap().0);
+        let index = Arc::new(Index::new(store.clone(), 1 << 30));
+        let fills: Arc<Fills<TestError>> = Arc::new(Fills::new(store, index.clone(), Duration::from_secs(5), 4));
+        let data: &'static [u8] = b"content";
+        let digest = Digest::sha256_of(data);
+
+        let ended = Arc::new(Mutex::new(Vec::new()));
+        let seen = ended.clone();
+        let panicking: Opener<TestError> = Box::new(|_| Box::pin(async { panic!("opener blew up") }));
+        let mut fill = fills
+            .join(
+                &digest,
+                pair(),
+                || panicking,
+                move |r, _| seen.lock().unwrap().push(r.is_ok()),
+            )
+            .unwrap()
+            .unwrap();
+        let end = fill.finished().await;
+        assert!(matches!(end.state, State::Failed(_)), "{:?}", end.state);
+        assert_eq!(*ended.lock().unwrap(), vec![false], "on_end ran once");
+        assert_eq!(fills.in_flight(), 0, "the digest is not left in flight");
+        assert_eq!(std::fs::read_dir(dir.path().join("v1/tmp")).unwrap().count(), 0);
+
+        let working: Opener<TestError> = Box::new(move |_| {
+            Box::pin(async move {
+                Ok(Source {
+                    total: Some(data.len() as u64),
+                    offset: 0,
+                    body: body_of(data),
+                })
+            })
+        });
+        let mut fill = fills.join(&digest, pair(), || working, |_, _| {}).unwrap().unwrap();
+        assert!(matches!(fill.finished().await.state, State::Done));
+        assert!(index.contains(Kind::Blob, &digest));
+    }
 }

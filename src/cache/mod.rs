@@ -1,6 +1,7 @@
 //! The cache: what regcache has on disk and in memory, and the fills that add to it.
 //! Knows nothing of upstreams: the proxy hands it bytes and upstream bodies.
 
+pub mod associations;
 pub mod blob_store;
 pub mod fill;
 pub mod index;
@@ -31,6 +32,7 @@ pub struct Cache {
     pub store: Arc<BlobStore>,
     pub index: Arc<Index>,
     pub tags: TagStore,
+    pub associations: associations::Associations,
     manifests: moka::sync::Cache<Digest, Arc<Manifest>>,
 }
 
@@ -47,6 +49,7 @@ impl Cache {
         }
         index.settle();
         let tags = TagStore::new(store.root());
+        let associations = associations::Associations::open(store.root())?;
         let manifests = moka::sync::Cache::builder()
             .max_capacity(memory_manifest_bytes)
             .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len() + m.media_type.len()).unwrap_or(u32::MAX))
@@ -55,6 +58,7 @@ impl Cache {
             store,
             index,
             tags,
+            associations,
             manifests,
         })
     }

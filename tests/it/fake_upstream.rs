@@ -23,6 +23,8 @@ pub enum Fault {
     Gate(usize, Arc<Notify>),
     /// Answer with this status and an OCI error body.
     Status(u16),
+    /// Wait for the gate before answering at all (then answer as usual, 404 included).
+    Hold(Arc<Notify>),
 }
 
 #[derive(Clone, Debug)]
@@ -51,6 +53,9 @@ struct State {
     manifests: HashMap<(String, String), Vec<(String, Bytes)>>,
     tags: HashMap<String, BTreeMap<String, ()>>,
     blobs: HashMap<String, Bytes>,
+    /// Blobs that exist only in these repositories (404 under any other), like a private
+    /// repository's layers; blobs not listed here are served under every repository.
+    blob_repos: HashMap<String, Vec<String>>,
     faults: HashMap<String, VecDeque<Fault>>,
     seen: Vec<Seen>,
     auth: Option<AuthMode>,
@@ -129,6 +134,17 @@ impl FakeUpstream {
     pub fn add_blob(&self, bytes: &[u8]) -> String {
         let digest = crate::harness::sha256(bytes);
         self.lock().blobs.insert(digest.clone(), Bytes::copy_from_slice(bytes));
+        digest
+    }
+
+    /// Adds a blob that only `repo` holds; returns its digest.
+    pub fn add_blob_in(&self, repo: &str, bytes: &[u8]) -> String {
+        let digest = self.add_blob(bytes);
+        self.lock()
+            .blob_repos
+            .entry(digest.clone())
+            .or_default()
+            .push(repo.to_owned());
         digest
     }
 
@@ -250,8 +266,8 @@ async fn serve(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) ->
         tags_list(&state, repo, req.uri().query())
     } else if let Some((repo, reference)) = path.strip_prefix("/v2/").and_then(|p| p.rsplit_once("/manifests/")) {
         manifest(&state, repo, reference, &req)
-    } else if let Some((_, digest)) = path.strip_prefix("/v2/").and_then(|p| p.rsplit_once("/blobs/")) {
-        blob(&state, digest, &req, head)
+    } else if let Some((repo, digest)) = path.strip_prefix("/v2/").and_then(|p| p.rsplit_once("/blobs/")) {
+        blob(&state, repo, digest, &req, head).await
     } else {
         error(404, "NOT_FOUND")
     };
@@ -266,7 +282,7 @@ async fn serve(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) ->
     Ok(resp)
 }
 
-fn basic(user: &str, pass: &str) -> String {
+pub fn basic(user: &str, pass: &str) -> String {
     let text = format!("{user}:{pass}");
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
@@ -421,9 +437,47 @@ fn tags_list(state: &Mutex<State>, repo: &str, query: Option<&str>) -> Response<
     r
 }
 
-fn blob(state: &Mutex<State>, digest: &str, req: &Request<hyper::body::Incoming>, head: bool) -> Response<Body> {
+async fn blob(
+    state: &Mutex<State>,
+    repo: &str,
+    digest: &str,
+    req: &Request<hyper::body::Incoming>,
+    head: bool,
+) -> Response<Body> {
+    if !head {
+        let hold = {
+            let mut s = state.lock().unwrap();
+            let queue = s.faults.get_mut(digest);
+            match queue {
+                Some(q) if matches!(q.front(), Some(Fault::Hold(_))) => match q.pop_front() {
+                    Some(Fault::Hold(gate)) => Some(gate),
+                    _ => None,
+                },
+                _ => None,
+            }
+        };
+        if let Some(gate) = hold {
+            gate.notified().await;
+        }
+    }
+    blob_now(state, repo, digest, req, head)
+}
+
+fn blob_now(
+    state: &Mutex<State>,
+    repo: &str,
+    digest: &str,
+    req: &Request<hyper::body::Incoming>,
+    head: bool,
+) -> Response<Body> {
     let (bytes, fault) = {
         let mut s = state.lock().unwrap();
+        if s.blob_repos
+            .get(digest)
+            .is_some_and(|repos| !repos.iter().any(|r| r == repo))
+        {
+            return error(404, "BLOB_UNKNOWN");
+        }
         if let Some(base) = &s.redirect_blobs {
             let mut r = Response::new(Body::empty());
             *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;

@@ -79,9 +79,23 @@ impl TestProxy {
     pub fn metric(&self, sample: &str) -> f64 {
         self.proxy.refresh_metrics();
         let text = String::from_utf8(self.proxy.metrics.render()).unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
-            .map_or(0.0, |v| v.trim().parse().unwrap())
+        let found = text
+            .lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')));
+        match found {
+            Some(v) => v.trim().parse().unwrap(),
+            // A labelled sample appears once first counted; its family must exist, though,
+            // so that a renamed or missing metric fails instead of reading as 0.
+            None => {
+                let family = sample.split('{').next().unwrap_or(sample);
+                let family = family.strip_suffix("_bucket").unwrap_or(family);
+                assert!(
+                    text.contains(&format!("# TYPE {family} ")),
+                    "no metric family {family} (asked for {sample})"
+                );
+                0.0
+            }
+        }
     }
 
     /// Stops the server and waits for it to finish.
@@ -133,21 +147,28 @@ fn client() -> Client<HttpConnector, Empty<Bytes>> {
         .build_http()
 }
 
+/// Far longer than any answer in these tests takes: reaching it means a hang, a failure.
+pub const HANG: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Sends a request and returns as soon as the response headers are in.
 pub async fn open(method: Method, url: &str, headers: &[(&str, &str)]) -> http::Response<hyper::body::Incoming> {
     let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    client()
-        .request(req.body(Empty::new()).expect("request"))
+    tokio::time::timeout(HANG, client().request(req.body(Empty::new()).expect("request")))
         .await
+        .unwrap_or_else(|_| panic!("no response headers from {url} within {HANG:?}"))
         .expect("response headers")
 }
 
 pub async fn request(method: Method, url: &str, headers: &[(&str, &str)]) -> Reply {
     let (parts, body) = open(method, url, headers).await.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).map_err(|e| e.to_string());
+    let body = tokio::time::timeout(HANG, body.collect())
+        .await
+        .unwrap_or_else(|_| panic!("the body from {url} did not end within {HANG:?}"))
+        .map(|c| c.to_bytes())
+        .map_err(|e| e.to_string());
     Reply {
         status: parts.status,
         headers: parts.headers,

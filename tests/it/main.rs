@@ -11,4 +11,5 @@ mod operate;
 mod peers;
 mod real_auth;
 mod real_peers;
+mod rights;
 mod upstream_reality;

@@ -1,0 +1,184 @@
+//! Which (upstream, repository) pairs are known to hold each digest. The store is shared by
+//! digest, rights are not: with access rules configured, cached content is served to a pair
+//! only when that pair is recorded here (by a fill or a manifest fetch under it, or an
+//! upstream HEAD that confirmed it). Kept in memory, persisted as an append-only log
+//! (`v1/associations`) written by a background thread; the log is compacted at startup.
+//! Not fsynced: a record lost in a crash costs one confirming HEAD, never a wrong answer.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::digest::Digest;
+
+/// An (upstream, repository) pair.
+pub type Pair = (Arc<str>, Arc<str>);
+
+pub struct Associations {
+    known: RwLock<HashMap<Digest, Vec<Pair>>>,
+    log: Mutex<Option<Sender<String>>>,
+    path: PathBuf,
+}
+
+const FILE: &str = "associations";
+
+fn parse_line(line: &str) -> Option<(Digest, String, String)> {
+    let mut parts = line.split(' ');
+    let digest = parts.next()?.parse().ok()?;
+    let upstream = parts.next()?;
+    let repo = parts.next()?;
+    if parts.next().is_some() || upstream.is_empty() || repo.is_empty() {
+        return None;
+    }
+    Some((digest, upstream.to_owned(), repo.to_owned()))
+}
+
+impl Associations {
+    /// Loads `root/associations` (compacting it when it holds duplicates) and starts the
+    /// writer thread.
+    pub fn open(root: &Path) -> io::Result<Associations> {
+        let path = root.join(FILE);
+        let mut known: HashMap<Digest, Vec<Pair>> = HashMap::new();
+        let mut lines = 0usize;
+        let mut unique = 0usize;
+        let mut interned: HashSet<Arc<str>> = HashSet::new();
+        let mut intern = |s: String| -> Arc<str> {
+            if let Some(i) = interned.get(s.as_str()) {
+                return i.clone();
+            }
+            let a: Arc<str> = Arc::from(s);
+            interned.insert(a.clone());
+            a
+        };
+        match File::open(&path) {
+            Ok(f) => {
+                for line in io::BufReader::new(f).lines() {
+                    let line = line?;
+                    lines += 1;
+                    // A torn last line (crash mid-append) is skipped, not fatal.
+                    let Some((digest, upstream, repo)) = parse_line(&line) else {
+                        continue;
+                    };
+                    let pair = (intern(upstream), intern(repo));
+                    let pairs = known.entry(digest).or_default();
+                    if !pairs.contains(&pair) {
+                        pairs.push(pair);
+                        unique += 1;
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if lines > unique {
+            let tmp = root.join(format!("{FILE}.compact"));
+            let mut out = BufWriter::new(File::create(&tmp)?);
+            for (digest, pairs) in &known {
+                for (upstream, repo) in pairs {
+                    writeln!(out, "{digest} {upstream} {repo}")?;
+                }
+            }
+            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            fs::rename(&tmp, &path)?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let (tx, rx) = channel::<String>();
+        std::thread::Builder::new().name("associations".into()).spawn(move || {
+            let mut out = BufWriter::new(file);
+            while let Ok(line) = rx.recv() {
+                let _ = out.write_all(line.as_bytes());
+                while let Ok(more) = rx.try_recv() {
+                    let _ = out.write_all(more.as_bytes());
+                }
+                if let Err(e) = out.flush() {
+                    tracing::warn!(error = %e, "cannot record which repositories hold a digest");
+                }
+            }
+        })?;
+        Ok(Associations {
+            known: RwLock::new(known),
+            log: Mutex::new(Some(tx)),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether `upstream`/`repo` is known to hold `digest`.
+    pub fn contains(&self, digest: &Digest, upstream: &str, repo: &str) -> bool {
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        known
+            .get(digest)
+            .is_some_and(|pairs| pairs.iter().any(|(u, r)| &**u == upstream && &**r == repo))
+    }
+
+    /// Records that `upstream`/`repo` holds `digest` (a no-op when already known).
+    pub fn record(&self, digest: &Digest, upstream: &str, repo: &str) {
+        if self.contains(digest, upstream, repo) {
+            return;
+        }
+        {
+            let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+            let pairs = known.entry(digest.clone()).or_default();
+            if pairs.iter().any(|(u, r)| &**u == upstream && &**r == repo) {
+                return;
+            }
+            pairs.push((Arc::from(upstream), Arc::from(repo)));
+        }
+        if let Some(tx) = &*self.log.lock().unwrap_or_else(|p| p.into_inner()) {
+            let _ = tx.send(format!("{digest} {upstream} {repo}\n"));
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        known.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_a_reopen_and_the_log_is_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Digest::sha256_of(b"layer");
+        {
+            let a = Associations::open(dir.path()).unwrap();
+            assert!(!a.contains(&d, "docker.io", "library/alpine"));
+            a.record(&d, "docker.io", "library/alpine");
+            a.record(&d, "docker.io", "library/alpine");
+            a.record(&d, "ghcr.io", "acme/app");
+            assert!(a.contains(&d, "docker.io", "library/alpine"));
+            assert!(!a.contains(&d, "docker.io", "library/busybox"));
+            assert_eq!(a.len(), 2);
+        }
+        // The writer thread flushes once its channel is closed; wait for the lines to land.
+        let path = dir.path().join(FILE);
+        let mut text = String::new();
+        for _ in 0..500 {
+            text = fs::read_to_string(&path).unwrap_or_default();
+            if text.lines().count() == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(text.lines().count(), 2, "{text}");
+        // A duplicate and a torn line, as a crash could leave them.
+        fs::write(&path, format!("{text}{d} ghcr.io acme/app\n{d} ghcr")).unwrap();
+        let a = Associations::open(dir.path()).unwrap();
+        assert!(a.contains(&d, "ghcr.io", "acme/app"));
+        assert_eq!(a.len(), 2);
+        assert_eq!(fs::read_to_string(&path).unwrap().lines().count(), 2);
+    }
+}
