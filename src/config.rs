@@ -222,6 +222,10 @@ pub struct UpstreamConfig {
     /// registrable domain.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_realms: Vec<String>,
+    /// Internal hosts, addresses or CIDR blocks this upstream may redirect regcache to
+    /// (or name as its token realm), e.g. a MinIO on the LAN behind a private registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redirect_allow: Vec<String>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: HumanDuration,
     /// How long to wait for response headers.
@@ -477,6 +481,14 @@ impl Config {
                 return Err(invalid(key("url"), "has no host"));
             }
             up.credentials().map_err(|m| invalid(key("password"), m))?;
+            for (j, allow) in up.redirect_allow.iter().enumerate() {
+                if crate::upstream::egress::Allowed::parse(allow).is_none() {
+                    return Err(invalid(
+                        format!("upstream[{i}].redirect_allow[{j}]"),
+                        format!("{allow:?} is not a host, an address or a CIDR block like \"10.0.0.0/8\""),
+                    ));
+                }
+            }
             if let Some(ca) = &up.ca_file {
                 if let Err(e) = std::fs::metadata(ca) {
                     return Err(invalid(key("ca_file"), format!("{}: {e}", ca.display())));

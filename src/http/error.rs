@@ -107,7 +107,7 @@ fn upstream_error(e: upstream::Error) -> ApiError {
         upstream::Error::Down { .. } | upstream::Error::Offline { .. } => {
             ApiError::new(S::SERVICE_UNAVAILABLE, "UNAVAILABLE", message)
         }
-        upstream::Error::Unreachable { .. } | upstream::Error::Protocol { .. } => {
+        upstream::Error::Unreachable { .. } | upstream::Error::Protocol { .. } | upstream::Error::Refused { .. } => {
             ApiError::new(S::BAD_GATEWAY, "UNAVAILABLE", message)
         }
     }

@@ -118,21 +118,6 @@ fn parse_params(s: &str) -> Vec<(String, String)> {
     }
 }
 
-/// The registrable domain of a host, approximated as its last two labels (no public suffix
-/// list here): `auth.docker.io` and `registry-1.docker.io` share `docker.io`. IP addresses and
-/// single-label hosts stand for themselves.
-pub fn registrable_domain(host: &str) -> String {
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
-        return host;
-    }
-    let labels: Vec<&str> = host.split('.').collect();
-    if labels.len() <= 2 {
-        return host;
-    }
-    labels[labels.len() - 2..].join(".")
-}
-
 /// A token the upstream's token service issued, with when to stop using it.
 #[derive(Clone, Debug)]
 pub struct Token {
@@ -169,15 +154,20 @@ impl TokenCache {
 struct TokenResponse {
     token: Option<String>,
     access_token: Option<String>,
-    expires_in: Option<u64>,
+    /// Any JSON number: what a token service sends is not trusted to fit a `u64`.
+    expires_in: Option<f64>,
 }
+
+/// The longest token lifetime regcache believes (a huge `expires_in` must not overflow).
+const MAX_TOKEN_LIFETIME: u64 = 24 * 3600;
 
 /// Reads a token answer; `expires_in` defaults to 60 s, and a token is dropped a little
 /// before it expires so that a request never carries one that dies in flight.
 pub fn parse_token_response(body: &[u8], received: Instant) -> Option<Token> {
     let r: TokenResponse = serde_json::from_slice(body).ok()?;
     let value = r.token.or(r.access_token).filter(|t| !t.is_empty())?;
-    let lifetime = Duration::from_secs(r.expires_in.unwrap_or(60).max(1));
+    let seconds = r.expires_in.filter(|s| s.is_finite()).unwrap_or(60.0);
+    let lifetime = Duration::from_secs(seconds.clamp(1.0, MAX_TOKEN_LIFETIME as f64) as u64);
     let margin = (lifetime / 10).min(Duration::from_secs(10));
     Some(Token {
         value: Secret(value),
@@ -235,15 +225,6 @@ mod tests {
     }
 
     #[test]
-    fn registrable_domains() {
-        assert_eq!(registrable_domain("auth.docker.io"), "docker.io");
-        assert_eq!(registrable_domain("registry-1.docker.io"), "docker.io");
-        assert_eq!(registrable_domain("ghcr.io"), "ghcr.io");
-        assert_eq!(registrable_domain("127.0.0.1"), "127.0.0.1");
-        assert_eq!(registrable_domain("localhost"), "localhost");
-    }
-
-    #[test]
     fn token_responses() {
         let now = Instant::now();
         let t = parse_token_response(br#"{"token":"abc","expires_in":300}"#, now).unwrap();
@@ -253,6 +234,13 @@ mod tests {
         assert_eq!(t.value.0, "xyz");
         assert_eq!(t.expires, now + Duration::from_secs(54));
         assert!(parse_token_response(b"{}", now).is_none());
+        // Hostile lifetimes neither overflow nor make a token immortal or instantly dead.
+        let t = parse_token_response(br#"{"token":"a","expires_in":18446744073709551615}"#, now).unwrap();
+        assert!(t.expires <= now + Duration::from_secs(MAX_TOKEN_LIFETIME));
+        let t = parse_token_response(br#"{"token":"a","expires_in":1e300}"#, now).unwrap();
+        assert!(t.expires <= now + Duration::from_secs(MAX_TOKEN_LIFETIME));
+        let t = parse_token_response(br#"{"token":"a","expires_in":-5}"#, now).unwrap();
+        assert!(t.expires >= now);
         assert!(parse_token_response(b"not json", now).is_none());
         assert_eq!(format!("{:?}", t.value), "<redacted>");
     }

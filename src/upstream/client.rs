@@ -20,6 +20,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::auth::{self, Challenge, Credentials, Secret, TokenCache};
+use super::egress::{self, Egress};
 use crate::cache::fill::Source;
 use crate::config::{Config, UpstreamConfig};
 use crate::digest::Digest;
@@ -33,6 +34,51 @@ const MAX_REDIRECTS: usize = 5;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Without a usable `Retry-After`, a 429 keeps an upstream alone for this long.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// The longest back-off any `Retry-After` can ask for (a huge value must not overflow).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// What a request asks for. A 429 quiets only requests of its class to the host that
+/// answered it: Docker Hub limits manifest GETs, not the HEADs that revalidate tags, nor
+/// blob downloads (which a CDN answers anyway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Class {
+    ManifestGet,
+    ManifestHead,
+    BlobGet,
+    BlobHead,
+    Token,
+    Other,
+}
+
+impl Class {
+    fn of(method: &Method, path: &str) -> Class {
+        let head = *method == Method::HEAD;
+        if path.contains("/manifests/") {
+            if head {
+                Class::ManifestHead
+            } else {
+                Class::ManifestGet
+            }
+        } else if path.contains("/blobs/") {
+            if head {
+                Class::BlobHead
+            } else {
+                Class::BlobGet
+            }
+        } else {
+            Class::Other
+        }
+    }
+}
+
+/// How long a 429 asks to wait: `Retry-After` seconds, capped; the default otherwise.
+pub fn retry_after(value: Option<&str>) -> Duration {
+    value
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_RETRY_AFTER, |s| {
+            Duration::from_secs(s.min(MAX_RETRY_AFTER.as_secs()))
+        })
+}
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -53,6 +99,8 @@ pub enum Error {
     Down { upstream: String },
     #[error("upstream {upstream} is offline by configuration")]
     Offline { upstream: String },
+    #[error("upstream {upstream} pointed regcache somewhere it may not go: {message}")]
+    Refused { upstream: String, message: String },
 }
 
 impl Error {
@@ -69,7 +117,7 @@ impl Error {
         match self {
             Error::Status { status, .. } => status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS,
             Error::Unreachable { .. } | Error::Timeout { .. } | Error::Down { .. } | Error::Offline { .. } => true,
-            Error::Protocol { .. } => false,
+            Error::Protocol { .. } | Error::Refused { .. } => false,
         }
     }
 }
@@ -111,8 +159,9 @@ struct Health {
     consecutive_failures: u32,
     circuit_open: bool,
     probing: bool,
-    /// A 429's `Retry-After`: no request before then.
-    quiet_until: Option<Instant>,
+    /// A 429's `Retry-After` for (request class, host that answered): no such request
+    /// before then.
+    quiet_until: std::collections::HashMap<(Class, String), Instant>,
 }
 
 pub struct Upstream {
@@ -125,6 +174,7 @@ pub struct Upstream {
     metrics: Arc<Metrics>,
     credentials: Option<Credentials>,
     trusted_realms: Vec<String>,
+    egress: Egress,
     response_timeout: Duration,
     /// Largest manifest, tag list or referrers answer accepted.
     max_body: usize,
@@ -181,6 +231,14 @@ impl Upstream {
             metrics,
             credentials,
             trusted_realms: config.trusted_realms.iter().map(|r| r.to_ascii_lowercase()).collect(),
+            egress: Egress::new(
+                config.url.parse().unwrap_or_default(),
+                config
+                    .redirect_allow
+                    .iter()
+                    .filter_map(|a| egress::Allowed::parse(a))
+                    .collect(),
+            ),
             response_timeout: config.response_timeout.0,
             circuit_failures: config.circuit_failures,
             circuit_cooldown: config.circuit_cooldown.0,
@@ -234,17 +292,6 @@ impl Upstream {
                 upstream: self.name.clone(),
             });
         }
-        if let Some(until) = health.quiet_until {
-            let left = until.saturating_duration_since(Instant::now());
-            if !left.is_zero() {
-                return Err(Error::Status {
-                    upstream: self.name.clone(),
-                    status: StatusCode::TOO_MANY_REQUESTS,
-                    retry_after: Some(left.as_secs().max(1).to_string()),
-                    what: "a request (still within its Retry-After)".into(),
-                });
-            }
-        }
         Ok(())
     }
 
@@ -252,14 +299,8 @@ impl Upstream {
     fn record(self: &Arc<Self>, outcome: &Result<Response<Incoming>, Error>) {
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         let failed = match outcome {
-            Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS => {
-                let wait = header_str(resp.headers(), RETRY_AFTER)
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map_or(DEFAULT_RETRY_AFTER, Duration::from_secs);
-                health.quiet_until = Some(Instant::now() + wait);
-                tracing::warn!(upstream = %self.name, ?wait, "upstream rate limit hit; backing off");
-                false
-            }
+            // A 429 is an answer (the back-off is recorded per class and host by exchange).
+            Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS => false,
             Ok(resp) => resp.status().is_server_error(),
             Err(Error::Unreachable { .. } | Error::Timeout { .. }) => true,
             Err(_) => false,
@@ -321,15 +362,36 @@ impl Upstream {
     }
 
     /// One request, following redirects; returns whatever status the last hop answered.
+    /// Every hop the upstream chose (redirects; the first one too when `untrusted`, as for
+    /// a token realm) is checked against the egress rules first, and no request of a class
+    /// goes to a host still within the `Retry-After` of a 429 it gave for that class.
     async fn exchange(
         &self,
         method: &Method,
         url: &str,
         headers: &[(HeaderName, String)],
+        class: Class,
+        untrusted: bool,
     ) -> Result<Response<Incoming>, Error> {
         let mut url: Uri = url.parse().map_err(|e| self.protocol(format!("bad URL: {e}")))?;
         let origin = url.authority().cloned();
+        let mut previous: Option<Uri> = None;
         for _hop in 0..=MAX_REDIRECTS {
+            if untrusted || previous.is_some() {
+                let from = previous.clone().unwrap_or_else(|| self.egress_base());
+                if let Err(refused) = self.egress.check(&from, &url).await {
+                    tracing::warn!(upstream = %self.name, error = %refused, "refusing an upstream-chosen target");
+                    return Err(Error::Refused {
+                        upstream: self.name.clone(),
+                        message: refused.to_string(),
+                    });
+                }
+            }
+            let host = url
+                .authority()
+                .map(|a| a.as_str().to_ascii_lowercase())
+                .unwrap_or_default();
+            self.check_quiet(class, &host)?;
             let same_host = url.authority() == origin.as_ref();
             let mut req = Request::builder().method(method.clone()).uri(url.clone()).header(
                 http::header::USER_AGENT,
@@ -362,16 +424,45 @@ impl Upstream {
             let status = resp.status();
             self.observe(method, status.as_str(), started);
             self.note_rate_limit(resp.headers());
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                let wait = retry_after(header_str(resp.headers(), RETRY_AFTER).as_deref());
+                let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+                health.quiet_until.insert((class, host.clone()), Instant::now() + wait);
+                tracing::warn!(upstream = %self.name, %host, ?class, ?wait, "upstream rate limit hit; backing off");
+            }
             if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
                 let location =
                     header_str(resp.headers(), LOCATION).ok_or_else(|| self.protocol("redirect without Location"))?;
-                url = resolve(&url, &location)
+                let next = resolve(&url, &location)
                     .ok_or_else(|| self.protocol(format!("bad redirect Location {location:?}")))?;
+                previous = Some(std::mem::replace(&mut url, next));
                 continue;
             }
             return Ok(resp);
         }
         Err(self.protocol(format!("more than {MAX_REDIRECTS} redirects")))
+    }
+
+    fn egress_base(&self) -> Uri {
+        self.base.parse().unwrap_or_default()
+    }
+
+    /// Refuses a request of `class` to `host` while a 429's `Retry-After` runs.
+    fn check_quiet(&self, class: Class, host: &str) -> Result<(), Error> {
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(until) = health.quiet_until.get(&(class, host.to_owned())) else {
+            return Ok(());
+        };
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        Err(Error::Status {
+            upstream: self.name.clone(),
+            status: StatusCode::TOO_MANY_REQUESTS,
+            retry_after: Some(left.as_secs().max(1).to_string()),
+            what: "a request (still within its Retry-After)".into(),
+        })
     }
 
     /// The `Authorization` to send up front for a scope: a cached token, or Basic for a
@@ -402,14 +493,15 @@ impl Upstream {
         if let Some(a) = &sent_auth {
             all.push((AUTHORIZATION, a.clone()));
         }
-        let mut result = self.exchange(&method, &url, &all).await;
+        let class = Class::of(&method, path);
+        let mut result = self.exchange(&method, &url, &all, class, false).await;
         if let Ok(resp) = &result {
             if resp.status() == StatusCode::UNAUTHORIZED {
                 let challenge = header_str(resp.headers(), WWW_AUTHENTICATE).and_then(|h| auth::parse_challenge(&h));
                 if let Some(authorization) = self.answer(challenge, scope, sent_auth.is_some()).await? {
                     all.retain(|(n, _)| *n != AUTHORIZATION);
                     all.push((AUTHORIZATION, authorization));
-                    result = self.exchange(&method, &url, &all).await;
+                    result = self.exchange(&method, &url, &all, class, false).await;
                 }
             }
         }
@@ -425,7 +517,12 @@ impl Upstream {
         Err(Error::Status {
             upstream: self.name.clone(),
             status,
-            retry_after: header_str(resp.headers(), RETRY_AFTER),
+            // Passed on to clients: as capped seconds, never the upstream's raw text.
+            retry_after: (status == StatusCode::TOO_MANY_REQUESTS).then(|| {
+                retry_after(header_str(resp.headers(), RETRY_AFTER).as_deref())
+                    .as_secs()
+                    .to_string()
+            }),
             what: format!("{method} {path}"),
         })
     }
@@ -474,7 +571,7 @@ impl Upstream {
         };
         // No credentials over plain HTTP to a realm unless the upstream itself is plain HTTP.
         let downgrade = realm.scheme_str() == Some("http") && self.base.starts_with("https://");
-        !downgrade && auth::registrable_domain(&realm_host) == auth::registrable_domain(&own)
+        !downgrade && egress::registrable_domain(&realm_host) == egress::registrable_domain(&own)
     }
 
     async fn fetch_token(
@@ -513,7 +610,7 @@ impl Upstream {
                 "token realm is not on the upstream's domain nor in trusted_realms; asking it anonymously"),
             None => {}
         }
-        let resp = self.exchange(&Method::GET, &url, &headers).await?;
+        let resp = self.exchange(&Method::GET, &url, &headers, Class::Token, true).await?;
         let status = resp.status();
         if !status.is_success() {
             return Err(Error::Status {

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod egress;
 pub mod routing;
 
 pub use client::{Error, Upstream};

@@ -57,6 +57,8 @@ struct State {
     /// repository's layers; blobs not listed here are served under every repository.
     blob_repos: HashMap<String, Vec<String>>,
     faults: HashMap<String, VecDeque<Fault>>,
+    /// (method, path part, status, Retry-After): the next requests that match answer so.
+    path_faults: VecDeque<(Method, String, u16, Option<String>)>,
     seen: Vec<Seen>,
     auth: Option<AuthMode>,
     /// Tokens this fake's `/token` endpoint issued and still honours.
@@ -182,6 +184,14 @@ impl FakeUpstream {
         self.lock().faults.entry(digest.to_owned()).or_default().extend(faults);
     }
 
+    /// Makes the next request with `method` whose path contains `path_part` answer
+    /// `status` (with `Retry-After: retry_after` when given); queue several for several.
+    pub fn fault_path(&self, method: Method, path_part: &str, status: u16, retry_after: Option<&str>) {
+        self.lock()
+            .path_faults
+            .push_back((method, path_part.to_owned(), status, retry_after.map(str::to_owned)));
+    }
+
     /// How many requests with this method had a path containing `path_part`.
     pub fn count(&self, method: &str, path_part: &str) -> usize {
         self.lock()
@@ -252,6 +262,31 @@ async fn serve(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) ->
         headers: req.headers().clone(),
     });
     let head = req.method() == Method::HEAD;
+    let injected = {
+        let mut s = state.lock().unwrap();
+        let at = s
+            .path_faults
+            .iter()
+            .position(|(m, part, _, _)| m == req.method() && path.contains(part.as_str()));
+        at.and_then(|i| s.path_faults.remove(i))
+    };
+    if let Some((_, _, status, retry_after)) = injected {
+        let mut r = error(
+            status,
+            if status == 429 {
+                "TOOMANYREQUESTS"
+            } else {
+                "UNAVAILABLE"
+            },
+        );
+        if let Some(v) = retry_after {
+            r.headers_mut().insert("retry-after", v.parse().unwrap());
+        }
+        if head {
+            *r.body_mut() = Body::empty();
+        }
+        return Ok(r);
+    }
     if path == "/token" {
         return Ok(token(&state, &req));
     }

@@ -7,6 +7,7 @@ mod deploy_files;
 mod fake_upstream;
 mod faults;
 mod harness;
+mod hostile_upstream;
 mod operate;
 mod peers;
 mod real_auth;
