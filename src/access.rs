@@ -13,6 +13,12 @@ use crate::config::AuthConfig;
 use crate::digest::Digest;
 
 const TOKEN_TTL: Duration = Duration::from_secs(300);
+/// How long a wrong credential pair is answered from memory, without bcrypt.
+const FAILED_TTL: Duration = Duration::from_secs(30);
+/// bcrypt checks running at once (on the blocking pool). Each costs tens of milliseconds
+/// of CPU: more at once would only queue behind the cores, and must never sit on the
+/// async workers that serve warm pulls.
+const BCRYPT_SLOTS: usize = 2;
 /// Verifies against this when the user does not exist, so that a wrong name costs the same
 /// time as a wrong password.
 const DUMMY_HASH: &str = "$2b$10$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy";
@@ -46,6 +52,12 @@ pub struct Access {
     anonymous_allow: Vec<String>,
     key: hmac::Key,
     verified: moka::sync::Cache<Digest, String>,
+    failed: moka::sync::Cache<Digest, ()>,
+    bcrypt_slots: tokio::sync::Semaphore,
+    /// Concurrent first checks of one credential pair (a pull's parallel layers) run
+    /// bcrypt once.
+    checks: crate::single_flight::SingleFlight<Digest, bool>,
+    bcrypt_runs: std::sync::atomic::AtomicU64,
 }
 
 fn now_secs() -> u64 {
@@ -150,6 +162,13 @@ impl Access {
                 .max_capacity(10_000)
                 .time_to_live(TOKEN_TTL)
                 .build(),
+            failed: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(FAILED_TTL)
+                .build(),
+            bcrypt_slots: tokio::sync::Semaphore::new(BCRYPT_SLOTS),
+            checks: crate::single_flight::SingleFlight::default(),
+            bcrypt_runs: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -158,8 +177,9 @@ impl Access {
         !self.anonymous || !self.anonymous_allow.is_empty()
     }
 
-    /// Checks Basic credentials: bcrypt once, then remembered for a few minutes.
-    fn check_basic(&self, encoded: &str) -> Identity {
+    /// Checks Basic credentials: bcrypt once (on the blocking pool, a bounded number at a
+    /// time), then remembered for a few minutes; a wrong pair is remembered briefly too.
+    async fn check_basic(&self, encoded: &str) -> Identity {
         let Some(decoded) = decode_base64(encoded).and_then(|b| String::from_utf8(b).ok()) else {
             return Identity::Invalid;
         };
@@ -170,16 +190,38 @@ impl Access {
         if let Some(user) = self.verified.get(&fingerprint) {
             return Identity::User(user);
         }
+        if self.failed.contains_key(&fingerprint) {
+            return Identity::Invalid;
+        }
         let (hash, exists) = match self.users.get(name) {
-            Some(u) => (u.hash.as_str(), true),
-            None => (DUMMY_HASH, false),
+            Some(u) => (u.hash.clone(), true),
+            None => (DUMMY_HASH.to_owned(), false),
         };
-        if bcrypt::verify(password, hash).unwrap_or(false) && exists {
+        let password = password.to_owned();
+        let ok = self
+            .checks
+            .run(fingerprint.clone(), || async move {
+                let Ok(_slot) = self.bcrypt_slots.acquire().await else {
+                    return false;
+                };
+                self.bcrypt_runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
+                    .await
+                    .unwrap_or(false)
+            })
+            .await;
+        if ok && exists {
             self.verified.insert(fingerprint, name.to_owned());
             Identity::User(name.to_owned())
         } else {
+            self.failed.insert(fingerprint, ());
             Identity::Invalid
         }
+    }
+
+    /// How many bcrypt checks have run (each one costs tens of milliseconds of CPU).
+    pub fn bcrypt_runs(&self) -> u64 {
+        self.bcrypt_runs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A token for `user` ("" for anonymous): `v1.<hex user>.<expiry>.<hex hmac>`.
@@ -214,13 +256,13 @@ impl Access {
     }
 
     /// Who sent a request with this `Authorization` header.
-    pub fn identify(&self, authorization: Option<&str>) -> Identity {
+    pub async fn identify(&self, authorization: Option<&str>) -> Identity {
         let Some(value) = authorization else {
             return Identity::Anonymous;
         };
         let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
         if scheme.eq_ignore_ascii_case("basic") {
-            self.check_basic(rest)
+            self.check_basic(rest).await
         } else if scheme.eq_ignore_ascii_case("bearer") {
             self.check_token(rest.trim())
         } else {
@@ -275,26 +317,26 @@ mod tests {
         assert!(glob_match("a*b*c", "aXXbYYc"));
     }
 
-    #[test]
-    fn basic_and_tokens() {
+    #[tokio::test]
+    async fn basic_and_tokens() {
         let a = access(None);
         assert!(a.enforced());
         let good = format!("Basic {}", "Y2k6cHc="); // ci:pw
-        assert_eq!(a.identify(Some(&good)), Identity::User("ci".into()));
-        assert_eq!(a.identify(Some("Basic Y2k6bm9wZQ==")), Identity::Invalid); // ci:nope
-        assert_eq!(a.identify(Some("Basic bm9ib2R5OnB3")), Identity::Invalid); // nobody:pw
-        assert_eq!(a.identify(Some("Basic !!!")), Identity::Invalid);
+        assert_eq!(a.identify(Some(&good)).await, Identity::User("ci".into()));
+        assert_eq!(a.identify(Some("Basic Y2k6bm9wZQ==")).await, Identity::Invalid); // ci:nope
+        assert_eq!(a.identify(Some("Basic bm9ib2R5OnB3")).await, Identity::Invalid); // nobody:pw
+        assert_eq!(a.identify(Some("Basic !!!")).await, Identity::Invalid);
         let (token, ttl) = a.issue_token("ci");
         assert_eq!(ttl, 300);
         assert_eq!(
-            a.identify(Some(&format!("Bearer {token}"))),
+            a.identify(Some(&format!("Bearer {token}"))).await,
             Identity::User("ci".into())
         );
         let forged = token.replacen("v1.6369", "v1.6368", 1);
-        assert_eq!(a.identify(Some(&format!("Bearer {forged}"))), Identity::Invalid);
+        assert_eq!(a.identify(Some(&format!("Bearer {forged}"))).await, Identity::Invalid);
         let (anon, _) = a.issue_token("");
-        assert_eq!(a.identify(Some(&format!("Bearer {anon}"))), Identity::Anonymous);
-        assert_eq!(a.identify(Some("Bearer garbage")), Identity::Invalid);
+        assert_eq!(a.identify(Some(&format!("Bearer {anon}"))).await, Identity::Anonymous);
+        assert_eq!(a.identify(Some("Bearer garbage")).await, Identity::Invalid);
     }
 
     #[test]

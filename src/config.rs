@@ -99,6 +99,18 @@ pub struct LimitsConfig {
     /// Largest manifest (or tag list, or referrers answer) taken from an upstream.
     #[serde(default = "default_max_manifest_size")]
     pub max_manifest_size: ByteSize,
+    /// A client connection with no request in flight and no traffic for this long is
+    /// closed (HTTP/1.1 keep-alive and idle h2 connections alike).
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: HumanDuration,
+    /// A response whose bytes the client has not taken for this long (its connection's
+    /// writes blocked) is aborted and its connection closed: a stalled reader must not hold
+    /// a connection slot, a file and a fill reader forever.
+    #[serde(default = "default_send_stall_timeout")]
+    pub send_stall_timeout: HumanDuration,
+    /// Concurrent h2 streams per client connection.
+    #[serde(default = "default_max_streams_per_connection")]
+    pub max_streams_per_connection: u32,
 }
 
 impl Default for LimitsConfig {
@@ -110,6 +122,9 @@ impl Default for LimitsConfig {
             max_concurrent_fills: default_max_concurrent_fills(),
             upstream_idle_timeout: default_upstream_idle_timeout(),
             max_manifest_size: default_max_manifest_size(),
+            idle_timeout: default_idle_timeout(),
+            send_stall_timeout: default_send_stall_timeout(),
+            max_streams_per_connection: default_max_streams_per_connection(),
         }
     }
 }
@@ -318,6 +333,15 @@ fn default_max_header_bytes() -> ByteSize {
 fn default_header_read_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
+fn default_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(120))
+}
+fn default_send_stall_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_max_streams_per_connection() -> u32 {
+    32
+}
 fn default_max_connections() -> usize {
     10_000
 }
@@ -405,6 +429,15 @@ impl Config {
     pub fn validate(&self) -> Result<(), Error> {
         if self.limits.max_header_bytes.0 < 8192 {
             return Err(invalid("limits.max_header_bytes", "must be at least 8KiB"));
+        }
+        if self.limits.idle_timeout.0.is_zero() {
+            return Err(invalid("limits.idle_timeout", "must be more than 0s"));
+        }
+        if self.limits.send_stall_timeout.0.is_zero() {
+            return Err(invalid("limits.send_stall_timeout", "must be more than 0s"));
+        }
+        if self.limits.max_streams_per_connection == 0 {
+            return Err(invalid("limits.max_streams_per_connection", "must be at least 1"));
         }
         if self.limits.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));

@@ -39,6 +39,9 @@ pub enum Error {
     Fill(Arc<FillError<upstream::Error>>),
     #[error("cache storage error: {0}")]
     Io(Arc<io::Error>),
+    /// Out of file descriptors (or a like limit): refuse rather than stream uncoalesced.
+    #[error("regcache is out of resources ({0}); retry shortly")]
+    Overloaded(String),
 }
 
 impl From<io::Error> for Error {
@@ -559,6 +562,12 @@ impl Proxy {
                 self.lookup("blob", "hit");
                 Ok(Joined::Cached(answer))
             }
+            // Out of descriptors is the process's limit, not the disk's: streaming uncoalesced
+            // from the upstream would need more of them, once per client.
+            Err(e) if matches!(e.raw_os_error(), Some(EMFILE | ENFILE)) => {
+                tracing::warn!(error = %e, %digest, "out of file descriptors; refusing the blob for now");
+                Err(Error::Overloaded(e.to_string()))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, %digest, "cache disk unusable; passing the blob through uncached");
                 self.lookup("blob", "miss");
@@ -617,6 +626,10 @@ impl Proxy {
             .map_err(|e| not_found(e, || Error::NameUnknown(target.repo.to_string())))
     }
 }
+
+/// Too many open files, in the process / in the system (Linux errno values).
+const EMFILE: i32 = 24;
+const ENFILE: i32 = 23;
 
 enum Joined {
     /// A fill to tail, and whether this request started it.

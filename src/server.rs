@@ -1,17 +1,24 @@
 //! The accept loop: plain HTTP (HTTP/1.1 and h2c) or TLS (h2 and HTTP/1.1 by ALPN) on one
 //! port, with the connection limit, the request-head limits against slow or huge clients,
-//! and the graceful drain on shutdown (in-flight responses and fills, within the grace).
+//! a watchdog per connection (idle connections closed, stalled readers cut off), and the
+//! graceful drain on shutdown (in-flight responses and fills, within the grace).
 
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
+use crate::http::body::Body;
 use crate::http::handlers::handle;
 use crate::App;
 
@@ -30,15 +37,171 @@ fn builder(app: &App) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(head).unwrap_or(u32::MAX))
+        .max_concurrent_streams(app.limits.max_streams_per_connection)
         .keep_alive_interval(Some(Duration::from_secs(60)));
     builder
+}
+
+/// One connection's traffic, as its watchdog sees it. Times are milliseconds since the
+/// connection's start.
+struct Activity {
+    epoch: Instant,
+    last: AtomicU64,
+    /// When the current write started to block (+1, so 0 means "not blocked").
+    write_blocked_since: AtomicU64,
+    /// Responses started and not yet finished (their bodies are still being sent).
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            epoch: Instant::now(),
+            last: AtomicU64::new(0),
+            write_blocked_since: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn touch(&self) {
+        self.last.store(self.now(), Ordering::Relaxed);
+    }
+}
+
+/// What the watchdog found.
+enum Verdict {
+    Fine,
+    Idle,
+    Stalled,
+}
+
+fn verdict(a: &Activity, idle: Duration, stall: Duration) -> Verdict {
+    let now = a.now();
+    let blocked = a.write_blocked_since.load(Ordering::Relaxed);
+    if blocked != 0 && now.saturating_sub(blocked - 1) >= stall.as_millis() as u64 {
+        return Verdict::Stalled;
+    }
+    let quiet = now.saturating_sub(a.last.load(Ordering::Relaxed));
+    if a.in_flight.load(Ordering::Relaxed) == 0 && quiet >= idle.as_millis() as u64 {
+        return Verdict::Idle;
+    }
+    Verdict::Fine
+}
+
+/// The socket, noting every byte through and every write the client leaves blocked.
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Tracked<S> {
+    /// `moved` says whether bytes went out (a flush that finds nothing to do is no traffic).
+    fn note_write<T>(&self, polled: &Poll<io::Result<T>>, moved: bool) {
+        match polled {
+            Poll::Pending => {
+                let since = self.activity.now() + 1;
+                let _ =
+                    self.activity
+                        .write_blocked_since
+                        .compare_exchange(0, since, Ordering::Relaxed, Ordering::Relaxed);
+            }
+            Poll::Ready(_) => {
+                self.activity.write_blocked_since.store(0, Ordering::Relaxed);
+                if moved {
+                    self.activity.touch();
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        let moved = matches!(polled, Poll::Ready(Ok(n)) if n > 0);
+        self.note_write(&polled, moved);
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        let moved = matches!(polled, Poll::Ready(Ok(n)) if n > 0);
+        self.note_write(&polled, moved);
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.note_write(&polled, false);
+        polled
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A response body that counts as in flight until it is finished or dropped.
+struct Counted {
+    body: Body,
+    activity: Arc<Activity>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.activity.touch();
+    }
+}
+
+impl http_body::Body for Counted {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, io::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Serves until `shutdown` resolves; then stops accepting, lets in-flight responses and
 /// upstream fills finish within the shutdown grace, and removes what fills left behind.
 pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
     let builder = Arc::new(builder(&app));
-    let graceful = GracefulShutdown::new();
+    let (draining, drain) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(app.limits.max_connections));
     let acceptor = app
         .tls
@@ -90,16 +253,19 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let drain = drain.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            serve_connection(stream, app, &builder, acceptor, watcher).await;
+            serve_connection(stream, app, &builder, acceptor, drain).await;
         });
     }
     drop(listener);
     let deadline = Instant::now() + app.shutdown_grace;
-    if tokio::time::timeout(app.shutdown_grace, graceful.shutdown())
+    let _ = draining.send(true);
+    // Every connection holds a slot until it has ended: all slots back means all done.
+    let all = u32::try_from(app.limits.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(app.shutdown_grace, slots.acquire_many(all))
         .await
         .is_err()
     {
@@ -120,26 +286,49 @@ async fn serve_connection(
     app: Arc<App>,
     builder: &auto::Builder<TokioExecutor>,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    drain: watch::Receiver<bool>,
 ) {
+    let activity = Activity::new();
     let handler = app.clone();
-    let service = hyper::service::service_fn(move |req| handle(handler.clone(), req));
+    let counted = activity.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let (app, activity) = (handler.clone(), counted.clone());
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        async move {
+            // Counts from here, even if the request is dropped before it is answered.
+            let mut counted = Counted {
+                body: Body::empty(),
+                activity,
+            };
+            let resp = handle(app, req).await?;
+            Ok::<_, std::convert::Infallible>(resp.map(|body| {
+                counted.body = body;
+                counted
+            }))
+        }
+    });
+    // hyper's header timeout starts with the first byte; a client that connects and
+    // sends nothing must not hold a connection slot forever either.
+    if acceptor.is_none() {
+        let mut first = [0u8; 1];
+        if !matches!(
+            tokio::time::timeout(app.limits.header_read_timeout.0, stream.peek(&mut first)).await,
+            Ok(Ok(1))
+        ) {
+            return;
+        }
+    }
+    let tracked = Tracked {
+        inner: stream,
+        activity: activity.clone(),
+    };
     let result = match acceptor {
         None => {
-            // hyper's header timeout starts with the first byte; a client that connects and
-            // sends nothing must not hold a connection slot forever either.
-            let mut first = [0u8; 1];
-            if !matches!(
-                tokio::time::timeout(app.limits.header_read_timeout.0, stream.peek(&mut first)).await,
-                Ok(Ok(1))
-            ) {
-                return;
-            }
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            watcher.watch(conn.into_owned()).await
+            let conn = builder.serve_connection(TokioIo::new(tracked), service);
+            watch_connection(conn, |c| c.graceful_shutdown(), &app, &activity, drain).await
         }
         Some(acceptor) => {
-            let handshake = tokio::time::timeout(app.limits.header_read_timeout.0, acceptor.accept(stream)).await;
+            let handshake = tokio::time::timeout(app.limits.header_read_timeout.0, acceptor.accept(tracked)).await;
             let tls = match handshake {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -149,10 +338,64 @@ async fn serve_connection(
                 Err(_) => return,
             };
             let conn = builder.serve_connection(TokioIo::new(tls), service);
-            watcher.watch(conn.into_owned()).await
+            watch_connection(conn, |c| c.graceful_shutdown(), &app, &activity, drain).await
         }
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Drives a connection until it ends: closed gracefully when idle or when the server
+/// drains, dropped (its responses aborted) when the client stops taking bytes.
+async fn watch_connection<C, E>(
+    conn: C,
+    shutdown_gracefully: impl Fn(Pin<&mut C>),
+    app: &App,
+    activity: &Activity,
+    mut drain: watch::Receiver<bool>,
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    let (idle, stall) = (app.limits.idle_timeout.0, app.limits.send_stall_timeout.0);
+    let period = (idle.min(stall) / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(conn);
+    let mut closing = *drain.borrow();
+    if closing {
+        shutdown_gracefully(conn.as_mut());
+    }
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => return result,
+            _ = tick.tick() => match verdict(activity, idle, stall) {
+                Verdict::Stalled => {
+                    tracing::debug!(in_flight = activity.in_flight.load(Ordering::Relaxed),
+                        "client stopped reading; closing its connection");
+                    return Ok(());
+                }
+                Verdict::Idle if !closing => {
+                    closing = true;
+                    shutdown_gracefully(conn.as_mut());
+                }
+                Verdict::Idle => {
+                    // Asked to close gracefully an idle period ago and still open.
+                    if activity.now().saturating_sub(activity.last.load(Ordering::Relaxed))
+                        >= 2 * idle.as_millis() as u64
+                    {
+                        return Ok(());
+                    }
+                }
+                Verdict::Fine => {}
+            },
+            changed = drain.changed(), if !closing => {
+                if changed.is_err() || *drain.borrow() {
+                    closing = true;
+                    shutdown_gracefully(conn.as_mut());
+                }
+            }
+        }
     }
 }

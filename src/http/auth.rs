@@ -26,9 +26,9 @@ fn challenge<B>(app: &App, req: &Request<B>, scope: Option<&str>) -> HeaderValue
     HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("Basic realm=\"regcache\""))
 }
 
-fn identify<B>(app: &App, req: &Request<B>) -> Identity {
+async fn identify<B>(app: &App, req: &Request<B>) -> Identity {
     let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let who = app.access.identify(header);
+    let who = app.access.identify(header).await;
     if who == Identity::Invalid {
         app.proxy.metrics.auth_failures.inc();
     }
@@ -37,11 +37,11 @@ fn identify<B>(app: &App, req: &Request<B>) -> Identity {
 
 /// Lets the request through, or answers 401 (with a challenge) or 403.
 /// `target` is `(upstream, repository)`, or `None` for `/v2/` itself.
-pub fn check<B>(app: &App, req: &Request<B>, target: Option<(&str, &str)>) -> Result<(), ApiError> {
+pub async fn check<B>(app: &App, req: &Request<B>, target: Option<(&str, &str)>) -> Result<(), ApiError> {
     if !app.access.enforced() {
         return Ok(());
     }
-    let who = identify(app, req);
+    let who = identify(app, req).await;
     match app.access.authorize(&who, target) {
         Decision::Allow => Ok(()),
         Decision::Deny => Err(ApiError::new(
@@ -61,12 +61,12 @@ pub fn check<B>(app: &App, req: &Request<B>, target: Option<(&str, &str)>) -> Re
 
 /// `GET /token`: a short-lived bearer token for valid Basic credentials (or for anonymous
 /// clients where anonymous pulls are allowed).
-pub fn token_endpoint<B>(app: &App, req: &Request<B>) -> Response<Body> {
+pub async fn token_endpoint<B>(app: &App, req: &Request<B>) -> Response<Body> {
     if req.method() != Method::GET {
         // containerd tries an OAuth2 POST first and falls back to GET on 405.
         return ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", "use GET").into_response();
     }
-    let user = match identify(app, req) {
+    let user = match identify(app, req).await {
         Identity::User(name) => name,
         Identity::Anonymous if app.access.authorize(&Identity::Anonymous, None) == Decision::Allow => String::new(),
         _ => {

@@ -31,7 +31,7 @@ pub const STALE: HeaderName = HeaderName::from_static("x-regcache-stale");
 pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     if req.uri().path() == "/token" {
-        return Ok(auth::token_endpoint(&app, &req));
+        return Ok(auth::token_endpoint(&app, &req).await);
     }
     let route = routes::parse(req.method(), req.uri().path());
     let label = route_label(&route);
@@ -102,7 +102,7 @@ async fn dispatch<B>(
         ),
     })?;
     if route.endpoint == Endpoint::Base {
-        auth::check(app, req, None)?;
+        auth::check(app, req, None).await?;
         return Ok(json_response(b"{}".to_vec()));
     }
     let query = req.uri().query();
@@ -116,7 +116,7 @@ async fn dispatch<B>(
     if let Endpoint::Manifest(r) | Endpoint::Blob(r) | Endpoint::Referrers(r) = &route.endpoint {
         span.record("reference", r.as_str());
     }
-    auth::check(app, req, Some((&target.upstream.name, target.repo.as_str())))?;
+    auth::check(app, req, Some((&target.upstream.name, target.repo.as_str()))).await?;
     let head = req.method() == Method::HEAD;
     let mut resp = match route.endpoint {
         Endpoint::Manifest(reference) => manifest(proxy, &target, &reference, req.headers()).await?,
