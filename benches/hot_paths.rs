@@ -110,11 +110,13 @@ fn blob_store_commit(c: &mut Criterion) {
                 file.write_all(chunk).expect("write");
             }
             assert!(verifier.finish() == digest);
+            store.make_durable(&file).expect("fsync");
             index
                 .commit(Kind::Blob, &digest, data.len() as u64, || {
-                    store.commit(&tmp, &file, Kind::Blob, &digest)
+                    store.place(&tmp, Kind::Blob, &digest)
                 })
                 .expect("commit");
+            store.sync_parent(Kind::Blob, &digest).expect("dir fsync");
         })
     });
     group.finish();

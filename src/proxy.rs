@@ -177,6 +177,34 @@ impl Proxy {
         }
     }
 
+    /// Stores a verified manifest (on the blocking pool: it fsyncs). A disk that cannot
+    /// take it costs the cache, not the answer: the manifest is still served from memory.
+    async fn store_manifest(&self, manifest: Arc<Manifest>) {
+        let cache = self.cache.clone();
+        let digest = manifest.digest.clone();
+        let stored = tokio::task::spawn_blocking(move || cache.put_manifest(manifest)).await;
+        match stored {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(%digest, error = %e, "cannot store a manifest on the cache disk; answering from memory")
+            }
+            Err(e) => tracing::warn!(%digest, error = %e, "storing a manifest failed"),
+        }
+    }
+
+    /// Persists a tag mapping off the async workers. `durable` (fsync) for a new mapping;
+    /// a revalidation only refreshes its time, which a crash may lose at the cost of one
+    /// early HEAD.
+    async fn store_tag(&self, record: TagRecord, durable: bool) {
+        let cache = self.cache.clone();
+        let stored = tokio::task::spawn_blocking(move || cache.tags.put(record, durable)).await;
+        match stored {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot persist a tag mapping"),
+            Err(e) => tracing::warn!(error = %e, "persisting a tag mapping failed"),
+        }
+    }
+
     fn associate(&self, target: &Target, digest: &Digest) {
         self.cache
             .associations
@@ -253,7 +281,7 @@ impl Proxy {
             .map_err(|e| not_found(e, || Error::ManifestUnknown(format!("{}@{digest}", target.repo))))?;
         let manifest = Arc::new(self.check_manifest(up, fetched, Some(digest))?);
         self.associate(target, digest);
-        self.cache.put_manifest(manifest.clone())?;
+        self.store_manifest(manifest.clone()).await;
         Ok(ManifestAnswer { manifest, stale: false })
     }
 
@@ -289,9 +317,7 @@ impl Proxy {
             match up.head_manifest(&target.repo, &key.tag, &accept_header).await {
                 Ok(head) if head.digest.as_deref() == Some(record.digest.as_str()) => {
                     self.associate(target, &manifest.digest);
-                    if let Err(e) = self.cache.tags.put(record.reconfirmed()) {
-                        tracing::warn!(error = %e, "cannot persist tag revalidation");
-                    }
+                    self.store_tag(record.reconfirmed(), false).await;
                     return Ok(ManifestAnswer {
                         manifest: manifest.clone(),
                         stale: false,
@@ -307,16 +333,14 @@ impl Proxy {
         };
         let manifest = Arc::new(self.check_manifest(up, fetched, None)?);
         self.associate(target, &manifest.digest);
-        self.cache.put_manifest(manifest.clone())?;
+        self.store_manifest(manifest.clone()).await;
         let record = TagRecord::new(
             &key,
             &manifest.digest,
             &manifest.media_type,
             manifest.bytes.len() as u64,
         );
-        if let Err(e) = self.cache.tags.put(record) {
-            tracing::warn!(error = %e, "cannot persist tag mapping");
-        }
+        self.store_tag(record, true).await;
         Ok(ManifestAnswer { manifest, stale: false })
     }
 
@@ -402,11 +426,9 @@ impl Proxy {
             bytes,
             media_type: oci::OCI_INDEX.to_owned(),
         });
-        self.cache.put_manifest(manifest.clone())?;
+        self.store_manifest(manifest.clone()).await;
         let record = TagRecord::new(&key, &manifest.digest, oci::OCI_INDEX, manifest.bytes.len() as u64);
-        if let Err(e) = self.cache.tags.put(record) {
-            tracing::warn!(error = %e, "cannot persist referrers answer");
-        }
+        self.store_tag(record, true).await;
         Ok(ManifestAnswer { manifest, stale: false })
     }
 

@@ -181,32 +181,61 @@ impl BlobStore {
         Ok((path, file))
     }
 
-    /// Makes a fully written and verified temp file durable and moves it to its final path.
-    pub fn commit(&self, tmp: &Path, file: &File, kind: Kind, digest: &Digest) -> io::Result<PathBuf> {
-        file.sync_all()?;
+    /// Makes a fully written temp file durable (fsync): before [`BlobStore::place`], and
+    /// never under a lock that anything else waits on.
+    pub fn make_durable(&self, file: &File) -> io::Result<()> {
+        file.sync_all()
+    }
+
+    /// Moves a durable temp file to its final path (a rename: atomic, and quick).
+    pub fn place(&self, tmp: &Path, kind: Kind, digest: &Digest) -> io::Result<PathBuf> {
         let dest = self.path(kind, digest);
         let parent = dest.parent().unwrap_or(&self.root);
         fs::create_dir_all(parent)?;
         fs::rename(tmp, &dest)?;
-        // The rename itself must survive a crash too.
-        File::open(parent)?.sync_all()?;
         Ok(dest)
     }
 
-    /// Writes small content (a manifest) durably: temp file, fsync, rename.
-    pub fn write_small(&self, kind: Kind, digest: &Digest, parts: &[&[u8]]) -> io::Result<u64> {
+    /// Makes a [`BlobStore::place`] itself survive a crash (fsync of the directory).
+    pub fn sync_parent(&self, kind: Kind, digest: &Digest) -> io::Result<()> {
+        let dest = self.path(kind, digest);
+        File::open(dest.parent().unwrap_or(&self.root))?.sync_all()
+    }
+
+    /// Writes small content (a manifest) to a durable temp file, ready to be placed.
+    pub fn write_temp(&self, parts: &[&[u8]]) -> io::Result<PathBuf> {
         let (tmp, mut file) = self.temp_file()?;
         let result = (|| {
             for part in parts {
                 file.write_all(part)?;
             }
-            self.commit(&tmp, &file, kind, digest)
+            self.make_durable(&file)
         })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+        match result {
+            Ok(()) => Ok(tmp),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
         }
-        result?;
-        Ok(parts.iter().map(|p| p.len() as u64).sum())
+    }
+
+    /// Moves damaged content out of the store (to `quarantine/`, for inspection) so that it
+    /// is never served again and the next request fetches it anew.
+    pub fn quarantine(&self, kind: Kind, digest: &Digest) {
+        let path = self.path(kind, digest);
+        let dir = self.root.join("quarantine");
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let dest = dir.join(format!("{}-{}-{n}", kind.dir(), digest.hex()));
+        let moved = fs::create_dir_all(&dir).and_then(|()| fs::rename(&path, &dest));
+        match moved {
+            Ok(()) => tracing::warn!(%digest, to = %dest.display(), "damaged cache file quarantined"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "cannot quarantine a damaged cache file; deleting it");
+                let _ = fs::remove_file(&path);
+            }
+        }
     }
 
     pub fn remove(&self, kind: Kind, digest: &Digest) {
@@ -241,7 +270,8 @@ mod tests {
         let (store, found) = BlobStore::open(dir.path()).unwrap();
         assert!(found.is_empty());
         let d = Digest::sha256_of(b"hello");
-        store.write_small(Kind::Blob, &d, &[b"hel", b"lo"]).unwrap();
+        let tmp = store.write_temp(&[b"hel", b"lo"]).unwrap();
+        store.place(&tmp, Kind::Blob, &d).unwrap();
         let (_leftover, mut f) = store.temp_file().unwrap();
         f.write_all(b"partial").unwrap();
         drop(store);

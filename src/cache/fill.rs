@@ -384,9 +384,10 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             digest.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            index.commit(Kind::Blob, &digest, written, || {
-                store.commit(&tmp, &file, Kind::Blob, &digest)
-            })
+            // fsync first, with no lock held: a multi-GiB commit must not stall anyone else.
+            store.make_durable(&file)?;
+            index.commit(Kind::Blob, &digest, written, || store.place(&tmp, Kind::Blob, &digest))?;
+            store.sync_parent(Kind::Blob, &digest)
         })
         .await
         .map_err(io::Error::other)
@@ -485,7 +486,8 @@ impl Batches {
     }
 }
 
-const READ_CHUNK: u64 = 256 * 1024;
+/// How much one read takes (and one hand-off to the connection carries).
+const READ_CHUNK: u64 = 1024 * 1024;
 /// A reader of a fill waits up to this long for a full chunk before sending what there is,
 /// so a fast fill is read in big pieces and a slow one still reaches clients promptly.
 const BATCH_WAIT: Duration = Duration::from_millis(20);
@@ -499,7 +501,7 @@ fn private_handle(file: &File) -> io::Result<File> {
 
 /// Reads the next `n` bytes at the file's offset into fresh memory. `read_to_end` fills
 /// spare capacity directly, so the buffer is never zeroed first (one pass over the bytes,
-/// not two).
+/// not two). Fewer bytes than asked for means the file is shorter than recorded: damaged.
 fn read_next(file: &File, n: usize) -> io::Result<Bytes> {
     use std::io::Read;
     let mut buf = Vec::with_capacity(n);
@@ -507,7 +509,7 @@ fn read_next(file: &File, n: usize) -> io::Result<Bytes> {
     if buf.len() < n {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
-            "cache file is shorter than expected",
+            "cache file is shorter than recorded",
         ));
     }
     Ok(Bytes::from(buf))
@@ -524,32 +526,47 @@ fn readable_until<E>(p: &Progress<E>, end: Option<u64>) -> u64 {
     }
 }
 
-/// Streams `file[start..end)` into `tx`. With `progress` (a fill), it follows the growing
-/// file, and sends the last byte only once the fill is verified and committed; on failure it
-/// sends an error so that the response is aborted, never completed. `end` is `None` when the
-/// fill's total length is still unknown. Returns how many bytes it handed to the client.
+/// How a stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Streamed {
+    /// Bytes handed to the client.
+    pub sent: u64,
+    /// The committed file could not be read as recorded (short, or an I/O error): the
+    /// response was aborted, and the file must be quarantined and fetched anew.
+    pub damaged: bool,
+}
+
+/// Streams `file[start..end)` into `tx` with positioned reads on the blocking pool (no
+/// memory maps: a disk error or an outside truncation then costs one aborted response, not
+/// the process). With `progress` (a fill), it follows the growing file, and sends the last
+/// byte only once the fill is verified and committed; on failure it sends an error so that
+/// the response is aborted, never completed. `end` is `None` when the fill's total length
+/// is still unknown.
 pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
     file: Arc<File>,
     start: u64,
     end: Option<u64>,
     mut progress: Option<watch::Receiver<Progress<E>>>,
     tx: mpsc::Sender<io::Result<Bytes>>,
-) -> u64 {
+) -> Streamed {
     use std::io::{Seek, SeekFrom};
-    if progress.is_none() {
-        return stream_mapped(&file, start, end.unwrap_or(start), tx).await;
-    }
-    // A fill's file is shared by all its readers: each needs its own offset.
-    let file = match progress.is_some() {
-        true => private_handle(&file).map(Arc::new),
-        false => Ok(file),
+    let committed = progress.is_none();
+    let ended = |pos: u64, damaged: bool| Streamed {
+        sent: pos - start,
+        damaged,
+    };
+    // A fill's file is shared by all its readers: each needs its own offset. A committed
+    // file was opened for this response alone.
+    let file = match committed {
+        true => Ok(file),
+        false => private_handle(&file).map(Arc::new),
     };
     let file = match file.and_then(|f| (&*f).seek(SeekFrom::Start(start)).map(|_| f)) {
         Ok(f) => f,
         Err(e) => {
             tracing::error!(error = %e, "cannot read cached content");
             let _ = tx.send(Err(e)).await;
-            return 0;
+            return ended(start, committed);
         }
     };
     let mut pos = start;
@@ -558,7 +575,7 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
             None => end.unwrap_or(pos),
             Some(rx) => {
                 let cap = end.map_or(u64::MAX, |e| e.saturating_sub(1));
-                let want = (pos + MAP_WINDOW).min(cap);
+                let want = (pos + READ_CHUNK).min(cap);
                 let terminal = |p: &Progress<E>| matches!(p.state, State::Done | State::Failed(_));
                 let batched = rx.wait_for(|p| terminal(p) || readable_until(p, end) >= want.max(pos + 1));
                 if tokio::time::timeout(BATCH_WAIT, batched).await.is_err() {
@@ -567,28 +584,18 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
                 let p = rx.borrow_and_update().clone();
                 if let State::Failed(e) = &p.state {
                     let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
-                    return pos - start;
+                    return ended(pos, false);
                 }
                 if !terminal(&p) && readable_until(&p, end) <= pos {
                     // The fill task went away without an outcome.
                     let _ = tx.send(Err(io::Error::other("fill ended unexpectedly"))).await;
-                    return pos - start;
+                    return ended(pos, false);
                 }
                 readable_until(&p, end)
             }
         };
         if pos >= limit {
-            return pos - start;
-        }
-        if limit - pos >= MAP_WINDOW {
-            // Whole windows are written: map them rather than copy them through a buffer.
-            let until = limit - (limit - pos) % MAP_WINDOW;
-            let reached = send_mapped(&file, pos, until, &tx).await;
-            pos = reached;
-            if reached < until || (&*file).seek(SeekFrom::Start(pos)).is_err() {
-                return pos - start;
-            }
-            continue;
+            return ended(pos, false);
         }
         let n = (limit - pos).min(READ_CHUNK) as usize;
         let f = file.clone();
@@ -598,45 +605,17 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
         let len = match &read {
             Ok(bytes) => bytes.len() as u64,
             Err(e) => {
-                tracing::error!(error = %e, "reading cached content failed");
+                tracing::error!(error = %e, offset = pos, "reading cached content failed; response aborted");
                 let _ = tx.send(read).await;
-                return pos - start;
+                return ended(pos, committed);
             }
         };
         if tx.send(read).await.is_err() {
-            return pos - start; // the client went away
+            return ended(pos, false); // the client went away
         }
         pos += len;
     }
 }
-
-/// Streams a committed file's `[start..end)` from memory maps: window after window goes to
-/// the socket as it is, with no copy in between.
-async fn stream_mapped(file: &File, start: u64, end: u64, tx: mpsc::Sender<io::Result<Bytes>>) -> u64 {
-    send_mapped(file, start, end, &tx).await - start
-}
-
-/// Sends `file[pos..end)` in mapped windows; returns where it stopped (`end` unless the
-/// client went away or mapping failed).
-async fn send_mapped(file: &File, mut pos: u64, end: u64, tx: &mpsc::Sender<io::Result<Bytes>>) -> u64 {
-    while pos < end {
-        let len = (end - pos).min(MAP_WINDOW);
-        let window = super::mapped::map_range(file, pos, len as usize);
-        if let Err(e) = &window {
-            tracing::error!(error = %e, "cannot map cached content");
-        }
-        let failed = window.is_err();
-        if tx.send(window).await.is_err() || failed {
-            break; // the client went away, or was told of the error
-        }
-        pos += len;
-    }
-    pos
-}
-
-/// How much of a file one mapping covers: big enough that mapping costs little per byte,
-/// small enough that a client holds only a few MiB of the file mapped.
-const MAP_WINDOW: u64 = 1024 * 1024;
 
 /// Streams an upstream body straight to a client, for when the cache disk cannot take it:
 /// the bytes are hashed on the way, and the last chunk is held back until the digest

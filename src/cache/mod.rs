@@ -5,7 +5,6 @@ pub mod associations;
 pub mod blob_store;
 pub mod fill;
 pub mod index;
-pub mod mapped;
 pub mod tags;
 
 use std::fs::File;
@@ -63,17 +62,34 @@ impl Cache {
         })
     }
 
-    /// A cached blob, opened, with its length.
+    /// A cached blob, opened, with its length. A file whose size is not the size recorded
+    /// at commit (truncated or grown from outside) is quarantined and reported as not
+    /// cached, so the blob is fetched anew instead of served wrong.
     pub fn open_blob(&self, digest: &Digest) -> io::Result<Option<(Arc<File>, u64)>> {
-        if !self.index.contains(Kind::Blob, digest) {
+        let Some(recorded) = self.index.size(Kind::Blob, digest) else {
             return Ok(None);
-        }
+        };
         match self.store.open_file(Kind::Blob, digest)? {
-            Some((f, len)) => Ok(Some((Arc::new(f), len))),
+            Some((f, len)) if len == recorded => Ok(Some((Arc::new(f), len))),
+            Some((_, len)) => {
+                tracing::warn!(%digest, recorded, found = len, "cached blob has the wrong size");
+                self.quarantine(Kind::Blob, digest);
+                Ok(None)
+            }
             None => {
                 self.index.invalidate(Kind::Blob, digest);
                 Ok(None)
             }
+        }
+    }
+
+    /// Takes damaged content out of service: moved aside and forgotten, so the next
+    /// request fetches it anew.
+    pub fn quarantine(&self, kind: Kind, digest: &Digest) {
+        self.index.forget(kind, digest);
+        self.store.quarantine(kind, digest);
+        if kind == Kind::Manifest {
+            self.manifests.invalidate(digest);
         }
     }
 
@@ -104,21 +120,26 @@ impl Cache {
                 Some(m)
             }
             None => {
-                tracing::warn!(%digest, "cached manifest unreadable or corrupt; dropping it");
-                self.index.invalidate(Kind::Manifest, digest);
+                tracing::warn!(%digest, "cached manifest unreadable or corrupt");
+                self.quarantine(Kind::Manifest, digest);
                 None
             }
         }
     }
 
-    /// Stores a verified manifest on disk and in memory.
+    /// Keeps a verified manifest in memory at once (so it is answered even if the disk
+    /// cannot take it) and stores it on disk. Blocking: call it off the async workers.
     pub fn put_manifest(&self, m: Arc<Manifest>) -> io::Result<()> {
+        self.manifests.insert(m.digest.clone(), m.clone());
         let size = (m.media_type.len() + 1 + m.bytes.len()) as u64;
-        self.index.commit(Kind::Manifest, &m.digest, size, || {
-            self.store
-                .write_small(Kind::Manifest, &m.digest, &[m.media_type.as_bytes(), b"\n", &m.bytes])
-        })?;
-        self.manifests.insert(m.digest.clone(), m);
-        Ok(())
+        let tmp = self.store.write_temp(&[m.media_type.as_bytes(), b"\n", &m.bytes])?;
+        let placed = self.index.commit(Kind::Manifest, &m.digest, size, || {
+            self.store.place(&tmp, Kind::Manifest, &m.digest)
+        });
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.store.sync_parent(Kind::Manifest, &m.digest)
     }
 }

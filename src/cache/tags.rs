@@ -119,8 +119,9 @@ impl TagStore {
         Some(record)
     }
 
-    /// Stores a mapping durably (temp file + rename), then in memory.
-    pub fn put(&self, record: TagRecord) -> io::Result<Arc<TagRecord>> {
+    /// Stores a mapping (temp file + rename, with an fsync first when `durable`), then in
+    /// memory. Blocking.
+    pub fn put(&self, record: TagRecord, durable: bool) -> io::Result<Arc<TagRecord>> {
         let key = record.key();
         let path = self.path(&key);
         let body = serde_json::to_vec(&record).map_err(io::Error::other)?;
@@ -129,7 +130,9 @@ impl TagStore {
         let write = || -> io::Result<()> {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(&body)?;
-            f.sync_all()?;
+            if durable {
+                f.sync_all()?;
+            }
             if let Some(parent) = path.parent() {
                 fs::create_dir_all(parent)?;
             }
@@ -161,7 +164,10 @@ mod tests {
         };
         let d = Digest::sha256_of(b"m");
         TagStore::new(dir.path())
-            .put(TagRecord::new(&key, &d, "application/vnd.oci.image.index.v1+json", 1))
+            .put(
+                TagRecord::new(&key, &d, "application/vnd.oci.image.index.v1+json", 1),
+                true,
+            )
             .unwrap();
         let again = TagStore::new(dir.path());
         let r = again.get(&key).unwrap();

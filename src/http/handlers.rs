@@ -14,6 +14,7 @@ use super::auth;
 use super::body::Body;
 use super::error::ApiError;
 use super::routes::{self, query_param, Endpoint, Route};
+use crate::cache::blob_store::Kind;
 use crate::cache::fill::{stream_file, stream_verified};
 use crate::digest::Digest;
 use crate::oci::{self, AcceptSet, Reference};
@@ -293,9 +294,14 @@ async fn blob(
     let (tx, body) = Body::channel();
     let source = if progress.is_some() { "fill" } else { "cache" };
     let served = proxy.metrics.bytes_served.with_label_values(&[source]);
+    let (cache, digest) = (proxy.cache.clone(), digest.clone());
     tokio::spawn(async move {
-        let sent = stream_file(file, start, end, progress, tx).await;
-        served.inc_by(sent);
+        let streamed = stream_file(file, start, end, progress, tx).await;
+        served.inc_by(streamed.sent);
+        if streamed.damaged {
+            // One aborted response, then a refetch: never the process, never a wrong 200.
+            let _ = tokio::task::spawn_blocking(move || cache.quarantine(Kind::Blob, &digest)).await;
+        }
     });
     *resp.body_mut() = body;
     Ok(resp)
