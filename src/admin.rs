@@ -1,5 +1,5 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process answers) and
-//! `/readyz` (the cache index is loaded and the cache directory is writable), on a port of
+//! `/readyz` (the cache index is loaded and the cache disk takes data), on a port of
 //! its own. It starts before the cache index is rebuilt, so liveness never waits for it.
 
 use std::convert::Infallible;
@@ -26,11 +26,26 @@ fn text(status: StatusCode, body: impl Into<bytes::Bytes>, content_type: &'stati
     resp
 }
 
-/// Whether the cache can take new content: a file can be created and removed in its tmp dir.
-fn writable(proxy: &Proxy) -> Result<(), String> {
-    let (path, file) = proxy.cache.store.temp_file().map_err(|e| e.to_string())?;
-    drop(file);
-    std::fs::remove_file(path).map_err(|e| e.to_string())
+/// What the readiness probe writes: enough that a full disk says so (an empty file still
+/// fits on one), small enough to cost nothing.
+const PROBE_BYTES: usize = 64 * 1024;
+
+/// Whether the cache can take new content: data can be written and made durable in its tmp
+/// dir. Runs on the blocking pool (it fsyncs).
+async fn writable(proxy: &Proxy) -> Result<(), String> {
+    let store = proxy.cache.store.clone();
+    let probe = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        use std::io::Write;
+        let (path, mut file) = store.temp_file()?;
+        let written = file.write_all(&[0u8; PROBE_BYTES]).and_then(|()| file.sync_all());
+        drop(file);
+        let removed = std::fs::remove_file(&path);
+        written.and(removed)
+    });
+    match probe.await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 pub async fn handle<B>(loaded: Loaded, req: Request<B>) -> Result<Response<Body>, Infallible> {
@@ -48,7 +63,7 @@ pub async fn handle<B>(loaded: Loaded, req: Request<B>) -> Result<Response<Body>
                 "text/plain; version=0.0.4; charset=utf-8",
             )
         }
-        ("/readyz", Some(proxy)) => match writable(proxy) {
+        ("/readyz", Some(proxy)) => match writable(proxy).await {
             Ok(()) => text(StatusCode::OK, "ready\n", PLAIN),
             Err(e) => text(
                 StatusCode::SERVICE_UNAVAILABLE,

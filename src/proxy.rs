@@ -550,7 +550,8 @@ impl Proxy {
                     metrics.fills_in_flight.dec();
                     metrics.fill_resumes.inc_by(u64::from(resumes));
                     let outcome = match result {
-                        Ok(()) => "committed",
+                        Ok(true) => "committed",
+                        Ok(false) => "relayed",
                         Err(e) => match **e {
                             FillError::DigestMismatch { .. } => "digest_mismatch",
                             FillError::WrongLength { .. } | FillError::Broken { .. } => "truncated",
@@ -564,10 +565,11 @@ impl Proxy {
                         .with_label_values(&[outcome])
                         .observe(started.elapsed().as_secs_f64());
                     match result {
-                        Ok(()) => {
+                        Ok(true) => {
                             cache.associations.record(&digest, &upstream, &repo);
                             tracing::info!(%digest, resumes, "fill committed")
                         }
+                        Ok(false) => tracing::warn!(%digest, resumes, "fill verified and relayed, not cached (cache disk full or failing)"),
                         Err(e) => tracing::warn!(%digest, resumes, error = %e, "fill failed"),
                     }
                 }

@@ -77,9 +77,14 @@ impl<E> Clone for State<E> {
 
 #[derive(Debug)]
 pub struct Progress<E> {
+    /// Bytes received, hashed and readable (from the file, or from the relay past
+    /// `relay.from`).
     pub written: u64,
     pub total: Option<u64>,
     pub state: State<E>,
+    /// Set once the cache disk refused a write: bytes from its `from` on live only in
+    /// memory, and the blob will not be cached.
+    pub relay: Option<Arc<Relay>>,
 }
 
 impl<E> Clone for Progress<E> {
@@ -88,7 +93,44 @@ impl<E> Clone for Progress<E> {
             written: self.written,
             total: self.total,
             state: self.state.clone(),
+            relay: self.relay.clone(),
         }
+    }
+}
+
+/// The part of a fill that the disk could not take, kept in memory for the fill's readers:
+/// a full disk degrades one blob to verified pass-through (same hold-back of the last
+/// byte), instead of failing every client of it. Bounded: a reader that falls further
+/// behind than [`RELAY_BYTES`] is aborted.
+#[derive(Debug)]
+pub struct Relay {
+    /// Offset of the first byte not on disk.
+    pub from: u64,
+    chunks: Mutex<std::collections::VecDeque<(u64, Bytes)>>,
+}
+
+/// Memory one relaying fill may hold for readers that lag behind.
+const RELAY_BYTES: u64 = 64 * 1024 * 1024;
+
+impl Relay {
+    fn push(&self, at: u64, data: Bytes) {
+        let mut chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+        chunks.push_back((at, data));
+        let end = at + chunks.back().map_or(0, |(_, d)| d.len() as u64);
+        while chunks
+            .front()
+            .is_some_and(|(o, d)| end - (o + d.len() as u64) >= RELAY_BYTES)
+        {
+            chunks.pop_front();
+        }
+    }
+
+    /// Up to `n` bytes at `pos`, or `None` if they were already dropped (the reader lags).
+    fn read(&self, pos: u64, n: usize) -> Option<Bytes> {
+        let chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+        let (offset, data) = chunks.iter().find(|(o, d)| *o <= pos && pos < o + d.len() as u64)?;
+        let skip = (pos - offset) as usize;
+        Some(data.slice(skip..(skip + n).min(data.len())))
     }
 }
 
@@ -124,7 +166,29 @@ struct Shared<E> {
     owner: Pair,
 }
 
-type OnEnd<E> = Box<dyn FnOnce(&Result<(), Arc<FillError<E>>>, u32) + Send>;
+/// Told how a fill ended: `Ok(true)` committed to the cache, `Ok(false)` verified and
+/// relayed to its clients but not cached (the disk refused it), `Err` failed.
+type OnEnd<E> = Box<dyn FnOnce(&Result<bool, Arc<FillError<E>>>, u32) + Send>;
+
+/// What [`Fills::run`] got: the verified length and whether all of it reached the disk.
+struct Filled {
+    written: u64,
+    on_disk: bool,
+}
+
+/// How a fill ended well.
+struct Ended {
+    written: u64,
+    committed: bool,
+}
+
+/// One batch's hash and write: the hash state (kept even if the write failed), where the
+/// batch started, and the write error with the bytes that did not reach the disk.
+struct Written {
+    verifier: Verifier,
+    at: u64,
+    failed: Option<(io::Error, Vec<Bytes>)>,
+}
 
 /// Settles a fill exactly once, however its task ends: temp file removed (unless
 /// committed), entry dropped so the next request starts afresh, the caller's `on_end` run,
@@ -140,19 +204,19 @@ struct Settle<E: std::error::Error + Send + Sync + 'static> {
 }
 
 impl<E: std::error::Error + Send + Sync + 'static> Settle<E> {
-    fn finish(&mut self, result: Result<u64, Arc<FillError<E>>>) {
+    fn finish(&mut self, result: Result<Ended, Arc<FillError<E>>>) {
         let Some(on_end) = self.on_end.take() else {
             return;
         };
-        if result.is_err() {
+        if !matches!(result, Ok(Ended { committed: true, .. })) {
             let _ = std::fs::remove_file(&self.tmp);
         }
         self.fills.lock().remove(&self.digest);
-        let outcome = result.as_ref().map(|_| ()).map_err(Arc::clone);
+        let outcome = result.as_ref().map(|e| e.committed).map_err(Arc::clone);
         on_end(&outcome, self.resumes);
         self.tx.send_modify(|p| match &result {
-            Ok(written) => {
-                p.total = Some(*written);
+            Ok(ended) => {
+                p.total = Some(ended.written);
                 p.state = State::Done;
             }
             Err(e) => p.state = State::Failed(e.clone()),
@@ -211,7 +275,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         digest: &Digest,
         owner: Pair,
         make: impl FnOnce() -> Opener<E>,
-        on_end: impl FnOnce(&Result<(), Arc<FillError<E>>>, u32) + Send + 'static,
+        on_end: impl FnOnce(&Result<bool, Arc<FillError<E>>>, u32) + Send + 'static,
     ) -> io::Result<Option<Fill<E>>> {
         let mut inflight = self.lock();
         if let Some(s) = inflight.get(digest) {
@@ -231,6 +295,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             written: 0,
             total: None,
             state: State::Connecting,
+            relay: None,
         });
         let tx = Arc::new(tx);
         inflight.insert(
@@ -260,7 +325,20 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             // Committed before clients get their last byte: a complete response means the
             // blob is in the cache (an offline pull right after works).
             let result = match fills.run(&digest, &task_file, &opener, &tx, &mut settle.resumes).await {
-                Ok(written) => fills.commit(&digest, &tmp, &task_file, written).await.map(|()| written),
+                Ok(Filled { written, on_disk: true }) => {
+                    fills.commit(&digest, &tmp, &task_file, written).await.map(|()| Ended {
+                        written,
+                        committed: true,
+                    })
+                }
+                // Verified, but not all on disk: the clients got it, the cache did not.
+                Ok(Filled {
+                    written,
+                    on_disk: false,
+                }) => Ok(Ended {
+                    written,
+                    committed: false,
+                }),
                 Err(e) => Err(Arc::new(e)),
             };
             // Everything about the fill is settled (temp file gone or blob indexed, counters
@@ -274,7 +352,8 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         }))
     }
 
-    /// Downloads into `file`, hashing as it goes; returns the verified length.
+    /// Downloads into `file` (or, once the disk refuses, into the relay), hashing as it
+    /// goes; returns the verified length and whether all of it is on disk.
     async fn run(
         &self,
         digest: &Digest,
@@ -282,7 +361,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         opener: &Opener<E>,
         tx: &Arc<watch::Sender<Progress<E>>>,
         resumes: &mut u32,
-    ) -> Result<u64, FillError<E>> {
+    ) -> Result<Filled, FillError<E>> {
         let source = opener(0).await.map_err(FillError::Source)?;
         let total = source.total;
         tx.send_modify(|p| {
@@ -294,7 +373,8 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         // hashing overlaps the download instead of pausing it. The write publishes its own
         // progress when its bytes are on disk.
         let mut verifier = Some(Verifier::new(digest.algorithm()));
-        let mut pending: Option<tokio::task::JoinHandle<io::Result<Verifier>>> = None;
+        let mut pending: Option<tokio::task::JoinHandle<Written>> = None;
+        let mut relay: Option<Arc<Relay>> = None;
         let mut written = 0u64;
         loop {
             let batch = match batches.next().await {
@@ -338,24 +418,61 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                 }
             }
             if let Some(previous) = pending.take() {
-                verifier = Some(previous.await.map_err(io::Error::other)??);
+                verifier = Some(self.settle_write(previous, tx, &mut relay).await?);
             }
-            let (f, tx, at) = (file.clone(), tx.clone(), written);
+            // Bigger than the whole cache (announced so, or found so when no length was
+            // announced): relayed to its clients, never written only to be evicted at once.
+            if relay.is_none() && written + len > self.index.budget() {
+                tracing::warn!(%digest, budget = self.index.budget(), "blob larger than the cache budget; relaying it uncached");
+                let r = Arc::new(Relay {
+                    from: written,
+                    chunks: Mutex::default(),
+                });
+                relay = Some(r.clone());
+                tx.send_modify(|p| p.relay = Some(r));
+            }
+            let (f, tx2, at, relaying) = (file.clone(), tx.clone(), written, relay.clone());
             let mut hashing = verifier.take().unwrap_or_else(|| Verifier::new(digest.algorithm()));
-            pending = Some(tokio::task::spawn_blocking(move || -> io::Result<Verifier> {
-                let mut at = at;
-                for data in parts {
-                    hashing.update(&data);
-                    f.write_all_at(&data, at)?;
-                    at += data.len() as u64;
+            pending = Some(tokio::task::spawn_blocking(move || -> Written {
+                let mut pos = at;
+                for data in &parts {
+                    hashing.update(data);
                 }
-                tx.send_modify(|p| p.written = p.written.max(at));
-                Ok(hashing)
+                if let Some(relay) = &relaying {
+                    for data in parts {
+                        let len = data.len() as u64;
+                        relay.push(pos, data);
+                        pos += len;
+                    }
+                    tx2.send_modify(|p| p.written = p.written.max(pos));
+                    return Written {
+                        verifier: hashing,
+                        at,
+                        failed: None,
+                    };
+                }
+                for (i, data) in parts.iter().enumerate() {
+                    if let Err(e) = f.write_all_at(data, pos) {
+                        // Hand what did not reach the disk to the relay, from here on.
+                        return Written {
+                            verifier: hashing,
+                            at: pos,
+                            failed: Some((e, parts[i..].to_vec())),
+                        };
+                    }
+                    pos += data.len() as u64;
+                }
+                tx2.send_modify(|p| p.written = p.written.max(pos));
+                Written {
+                    verifier: hashing,
+                    at,
+                    failed: None,
+                }
             }));
             written += len;
         }
         if let Some(previous) = pending.take() {
-            verifier = Some(previous.await.map_err(io::Error::other)??);
+            verifier = Some(self.settle_write(previous, tx, &mut relay).await?);
         }
         let verifier = verifier.unwrap_or_else(|| Verifier::new(digest.algorithm()));
         let got = verifier.finish();
@@ -365,7 +482,41 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                 got,
             });
         }
-        Ok(written)
+        Ok(Filled {
+            written,
+            on_disk: relay.is_none(),
+        })
+    }
+
+    /// Waits for one batch's hash+write. A write the disk refused switches the fill to
+    /// relaying (its bytes, and all later ones, go to readers from memory).
+    async fn settle_write(
+        &self,
+        pending: tokio::task::JoinHandle<Written>,
+        tx: &Arc<watch::Sender<Progress<E>>>,
+        relay: &mut Option<Arc<Relay>>,
+    ) -> Result<Verifier, FillError<E>> {
+        let done = pending.await.map_err(io::Error::other)?;
+        if let Some((error, rest)) = done.failed {
+            tracing::warn!(error = %error, at = done.at,
+                "the cache disk refused a write; relaying this blob to its clients uncached");
+            let r = Arc::new(Relay {
+                from: done.at,
+                chunks: Mutex::default(),
+            });
+            let mut pos = done.at;
+            for data in rest {
+                let len = data.len() as u64;
+                r.push(pos, data);
+                pos += len;
+            }
+            *relay = Some(r.clone());
+            tx.send_modify(|p| {
+                p.relay = Some(r);
+                p.written = p.written.max(pos);
+            });
+        }
+        Ok(done.verifier)
     }
 
     /// Makes the verified temp file durable, moves it into place and indexes it.
@@ -597,7 +748,27 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
         if pos >= limit {
             return ended(pos, false);
         }
-        let n = (limit - pos).min(READ_CHUNK) as usize;
+        let relay = progress.as_ref().and_then(|rx| rx.borrow().relay.clone());
+        if let Some(relay) = relay.filter(|r| pos >= r.from) {
+            let n = (limit - pos).min(READ_CHUNK) as usize;
+            let Some(data) = relay.read(pos, n) else {
+                let _ = tx
+                    .send(Err(io::Error::other("fell too far behind a relayed download")))
+                    .await;
+                return ended(pos, false);
+            };
+            let len = data.len() as u64;
+            if tx.send(Ok(data)).await.is_err() {
+                return ended(pos, false);
+            }
+            pos += len;
+            continue;
+        }
+        let on_disk_until = progress
+            .as_ref()
+            .and_then(|rx| rx.borrow().relay.as_ref().map(|r| r.from))
+            .unwrap_or(u64::MAX);
+        let n = (limit.min(on_disk_until) - pos).min(READ_CHUNK) as usize;
         let f = file.clone();
         let read = tokio::task::spawn_blocking(move || read_next(&f, n))
             .await

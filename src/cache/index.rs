@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
@@ -33,6 +33,7 @@ pub struct Index {
     next_generation: AtomicU64,
     evictions: Arc<AtomicU64>,
     deleter: Arc<Mutex<Sender<Deletion>>>,
+    budget: u64,
 }
 
 fn weight_kib(size: u64) -> u32 {
@@ -47,7 +48,9 @@ enum Deletion {
 }
 
 /// Deletes evicted files, one at a time, off every request path.
-fn start_deleter(store: Arc<BlobStore>, generations: Generations, evictions: Arc<AtomicU64>) -> Sender<Deletion> {
+/// It holds the store weakly: a closed cache (and its cache-dir lock) must not outlive its
+/// index just because this thread has not noticed yet.
+fn start_deleter(store: Weak<BlobStore>, generations: Generations, evictions: Arc<AtomicU64>) -> Sender<Deletion> {
     let (tx, rx) = channel::<Deletion>();
     let spawned = std::thread::Builder::new().name("cache-deleter".into()).spawn(move || {
         while let Ok(job) = rx.recv() {
@@ -60,6 +63,9 @@ fn start_deleter(store: Arc<BlobStore>, generations: Generations, evictions: Arc
             };
             // Unlinked under the lock: a commit of the same digest cannot slip in between
             // the generation check and the unlink.
+            let Some(store) = store.upgrade() else {
+                return;
+            };
             let mut gens = generations.lock().unwrap_or_else(|p| p.into_inner());
             if gens.get(&key) == Some(&generation) {
                 gens.remove(&key);
@@ -78,7 +84,11 @@ impl Index {
     pub fn new(store: Arc<BlobStore>, max_bytes: u64) -> Index {
         let generations: Generations = Arc::default();
         let evictions = Arc::new(AtomicU64::new(0));
-        let deleter = Arc::new(Mutex::new(start_deleter(store, generations.clone(), evictions.clone())));
+        let deleter = Arc::new(Mutex::new(start_deleter(
+            Arc::downgrade(&store),
+            generations.clone(),
+            evictions.clone(),
+        )));
         let listener_deleter = deleter.clone();
         let entries = moka::sync::Cache::builder()
             .max_capacity(max_bytes / 1024)
@@ -100,7 +110,13 @@ impl Index {
             next_generation: AtomicU64::new(1),
             evictions,
             deleter,
+            budget: max_bytes,
         }
+    }
+
+    /// The disk budget in bytes.
+    pub fn budget(&self) -> u64 {
+        self.budget
     }
 
     /// Waits until every file evicted so far is deleted (tests, shutdown).

@@ -294,11 +294,12 @@ async fn blob(
     let (tx, body) = Body::channel();
     let source = if progress.is_some() { "fill" } else { "cache" };
     let served = proxy.metrics.bytes_served.with_label_values(&[source]);
-    let (cache, digest) = (proxy.cache.clone(), digest.clone());
+    // Weak: a response still streaming must not keep a stopped cache (and its lock) open.
+    let (cache, digest) = (Arc::downgrade(&proxy.cache), digest.clone());
     tokio::spawn(async move {
         let streamed = stream_file(file, start, end, progress, tx).await;
         served.inc_by(streamed.sent);
-        if streamed.damaged {
+        if let Some(cache) = cache.upgrade().filter(|_| streamed.damaged) {
             // One aborted response, then a refetch: never the process, never a wrong 200.
             let _ = tokio::task::spawn_blocking(move || cache.quarantine(Kind::Blob, &digest)).await;
         }

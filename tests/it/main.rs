@@ -4,6 +4,7 @@
 mod binary;
 mod core_pull;
 mod deploy_files;
+mod disks;
 mod exhaustion;
 mod fake_upstream;
 mod faults;

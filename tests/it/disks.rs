@@ -1,0 +1,165 @@
+//! Real disks fail: full filesystems (a small tmpfs the test mounts, so ENOSPC is real),
+//! files damaged from outside, blobs bigger than the whole cache. A cache disk problem
+//! costs the cache, never a client's verified download, and never the process.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use http::Method;
+use http_body_util::BodyExt;
+
+use crate::fake_upstream::{FakeUpstream, Fault};
+use crate::harness::{files_under, get, open, random_bytes, sha256, upstream_toml, TestProxy};
+
+const DOCKER_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "mounting a {size} tmpfs (the tests run as root)");
+        SmallDisk { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills what is left of the disk with one file; returns its path.
+    fn fill_up(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.path().join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+async fn proxy_on(up: &FakeUpstream, dir: &Path, max_size: &str) -> TestProxy {
+    TestProxy::start(dir, max_size, &upstream_toml("docker.io", &up.url(), true, "5m")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_file_truncated_from_outside_is_quarantined_and_refetched() {
+    let up = FakeUpstream::start().await;
+    let data = random_bytes(3 << 20, 110);
+    let digest = up.add_blob(&data);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_on(&up, dir.path(), "1GiB").await;
+    let url = proxy.url(&format!("/v2/library/x/blobs/{digest}"));
+    assert_eq!(sha256(get(&url).await.bytes()), digest);
+
+    let blobs = files_under(&dir.path().join("v1/blobs"));
+    assert_eq!(blobs.len(), 1);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&blobs[0])
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    // Never a short 200: the damaged file is set aside and the blob fetched anew.
+    let r = get(&url).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(sha256(r.bytes()), digest);
+    assert_eq!(up.count("GET", "/blobs/"), 2);
+    assert_eq!(files_under(&dir.path().join("v1/quarantine")).len(), 1);
+    assert_eq!(std::fs::metadata(&blobs[0]).unwrap().len(), data.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_mid_fill_relays_the_verified_blob_to_every_client() {
+    let disk = SmallDisk::mount("16m");
+    let up = FakeUpstream::start().await;
+    let data = random_bytes(24 << 20, 111);
+    let digest = up.add_blob(&data);
+    let gate = Arc::new(tokio::sync::Notify::new());
+    up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
+    let proxy = proxy_on(&up, disk.path(), "1GiB").await;
+    let url = proxy.url(&format!("/v2/library/x/blobs/{digest}"));
+
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(open(Method::GET, &url, &[]).await);
+    }
+    assert_eq!(up.count("GET", "/blobs/"), 1);
+    gate.notify_one();
+    for resp in clients {
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.expect("a complete, verified body");
+        assert_eq!(sha256(&body.to_bytes()), digest);
+    }
+    assert_eq!(up.count("GET", "/blobs/"), 1, "one download for all four");
+    assert_eq!(proxy.metric("regcache_fills_total{result=\"relayed\"}"), 1.0);
+    assert!(files_under(&disk.path().join("v1/blobs")).is_empty(), "not cached");
+    assert!(
+        files_under(&disk.path().join("v1/tmp")).is_empty(),
+        "its temp file is gone"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_full_disk_manifests_are_answered_and_readiness_says_why() {
+    let disk = SmallDisk::mount("4m");
+    let up = FakeUpstream::start().await;
+    let manifest =
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","layers":[]}"#;
+    let digest = up.add_manifest("library/x", "1", DOCKER_V2, manifest);
+    let proxy = proxy_on(&up, disk.path(), "1GiB").await;
+    let loaded: regcache::admin::Loaded = Arc::default();
+    let _ = loaded.set(proxy.proxy.clone());
+    let readyz = || {
+        let req = http::Request::get("/readyz").body(()).unwrap();
+        regcache::admin::handle(loaded.clone(), req)
+    };
+    assert_eq!(readyz().await.unwrap().status(), 200);
+
+    let filler = disk.fill_up();
+    let r = get(&proxy.url("/v2/library/x/manifests/1")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
+    assert_eq!(r.bytes().as_ref(), manifest.as_slice());
+    let resp = readyz().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let why = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&why).contains("No space left"), "{why:?}");
+
+    std::fs::remove_file(filler).unwrap();
+    assert_eq!(readyz().await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_bigger_than_the_budget_is_relayed_not_cached() {
+    let up = FakeUpstream::start().await;
+    let data = random_bytes(3 << 20, 112);
+    let digest = up.add_blob(&data);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_on(&up, dir.path(), "2MiB").await;
+    let url = proxy.url(&format!("/v2/library/x/blobs/{digest}"));
+    let r = get(&url).await;
+    assert_eq!(sha256(r.bytes()), digest);
+    assert_eq!(proxy.metric("regcache_fills_total{result=\"relayed\"}"), 1.0);
+    assert_eq!(proxy.metric("regcache_fills_total{result=\"committed\"}"), 0.0);
+    assert!(files_under(&dir.path().join("v1/blobs")).is_empty());
+    assert!(files_under(&dir.path().join("v1/tmp")).is_empty());
+}
