@@ -55,15 +55,11 @@ pub fn build(config: &Config) -> Result<Arc<App>, BuildError> {
     )
     .map_err(|e| BuildError::Cache(config.cache.dir.clone(), e))?;
     let upstreams = upstream::Upstreams::new(config, metrics.clone())?;
+    let cache = Arc::new(cache);
+    cache.start_collector(std::time::Duration::from_secs(3600));
     // Only access rules that limit repositories make rights differ between clients.
     let restricted = !config.auth.anonymous_allow.is_empty() || config.auth.users.iter().any(|u| !u.allow.is_empty());
-    let proxy = Arc::new(Proxy::new(
-        Arc::new(cache),
-        upstreams,
-        metrics,
-        &config.limits,
-        restricted,
-    ));
+    let proxy = Arc::new(Proxy::new(cache, upstreams, metrics, &config.limits, restricted));
     let tls = match &config.server.tls {
         Some(t) => Some(tls::Reloader::new(&t.cert, &t.key)?),
         None => None,

@@ -346,7 +346,9 @@ impl Proxy {
 
     /// The referrers of `digest` (OCI 1.1) as an image index, filtered by `artifact_type`
     /// when given. Upstreams without the API are asked for the `sha256-<hex>` tag instead;
-    /// with neither, the answer is an empty index. Cached like a tag, for `tag_ttl`.
+    /// with neither, the answer is an empty index. One unfiltered answer per subject is
+    /// cached like a tag (for `tag_ttl`) and filtered here, so clients asking for arbitrary
+    /// artifact types cost no upstream request and no disk write each.
     pub async fn referrers(
         &self,
         target: &Target,
@@ -356,50 +358,52 @@ impl Proxy {
         let key = TagKey {
             upstream: target.upstream.name.clone(),
             repo: target.repo.to_string(),
-            tag: format!("referrers/{digest}/{}", artifact_type.unwrap_or("")),
+            tag: format!("referrers/{digest}"),
             accept: 0,
         };
-        if let Some(answer) = self.fresh_tag(&key, &target.upstream) {
-            self.lookup("tag", "hit");
-            return Ok(answer);
-        }
-        self.manifest_flights
-            .run(Flight::Tag(key.clone()), || {
-                self.fetch_referrers(target, digest, artifact_type, key)
-            })
-            .await
+        let all = match self.fresh_tag(&key, &target.upstream) {
+            Some(answer) => {
+                self.lookup("tag", "hit");
+                answer
+            }
+            None => {
+                self.manifest_flights
+                    .run(Flight::Tag(key.clone()), || self.fetch_referrers(target, digest, key))
+                    .await?
+            }
+        };
+        let Some(t) = artifact_type else {
+            return Ok(all);
+        };
+        let filtered = filter_index(parse_index(&all.manifest.bytes).unwrap_or_default(), Some(t));
+        let bytes = Bytes::from(serde_json::to_vec(&index_document(filtered)).unwrap_or_default());
+        Ok(ManifestAnswer {
+            manifest: Arc::new(Manifest {
+                digest: Digest::sha256_of(&bytes),
+                bytes,
+                media_type: oci::OCI_INDEX.to_owned(),
+            }),
+            stale: all.stale,
+        })
     }
 
-    async fn fetch_referrers(
-        &self,
-        target: &Target,
-        digest: &Digest,
-        artifact_type: Option<&str>,
-        key: TagKey,
-    ) -> Result<ManifestAnswer, Error> {
+    async fn fetch_referrers(&self, target: &Target, digest: &Digest, key: TagKey) -> Result<ManifestAnswer, Error> {
         let up = &target.upstream;
         if let Some(answer) = self.fresh_tag(&key, up) {
             self.lookup("tag", "coalesced");
             return Ok(answer);
         }
         self.lookup("tag", "miss");
-        let index = match up.referrers(&target.repo, digest, artifact_type).await {
-            Ok((bytes, filtered)) => {
-                let index = parse_index(&bytes).ok_or_else(|| Error::BadContent {
-                    upstream: up.name.clone(),
-                    message: "the referrers answer is not an image index".into(),
-                })?;
-                if filtered {
-                    index
-                } else {
-                    filter_index(index, artifact_type)
-                }
-            }
+        let index = match up.referrers(&target.repo, digest, None).await {
+            Ok((bytes, _)) => parse_index(&bytes).ok_or_else(|| Error::BadContent {
+                upstream: up.name.clone(),
+                message: "the referrers answer is not an image index".into(),
+            })?,
             Err(e) if e.status() == Some(http::StatusCode::NOT_FOUND) => {
                 // No referrers API upstream: the tag schema fallback.
                 let tag = Reference::Tag(format!("{}-{}", digest.algorithm().name(), digest.hex()));
                 match self.manifest(target, &tag, AcceptSet::ALL).await {
-                    Ok(answer) => filter_index(parse_index(&answer.manifest.bytes).unwrap_or_default(), artifact_type),
+                    Ok(answer) => parse_index(&answer.manifest.bytes).unwrap_or_default(),
                     Err(Error::ManifestUnknown(_)) => serde_json::Map::new(),
                     Err(e) => return Err(e),
                 }

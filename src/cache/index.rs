@@ -175,6 +175,11 @@ impl Index {
         self.entries.get(&(kind, digest.clone())).is_some()
     }
 
+    /// Whether content is indexed, without counting as a use.
+    pub fn peek(&self, kind: Kind, digest: &Digest) -> bool {
+        self.entries.contains_key(&(kind, digest.clone()))
+    }
+
     /// The recorded size of indexed content; counts as a use for LRU.
     pub fn size(&self, kind: Kind, digest: &Digest) -> Option<u64> {
         self.entries.get(&(kind, digest.clone())).map(|e| e.size)

@@ -30,7 +30,7 @@ pub struct Manifest {
 pub struct Cache {
     pub store: Arc<BlobStore>,
     pub index: Arc<Index>,
-    pub tags: TagStore,
+    pub tags: Arc<TagStore>,
     pub associations: associations::Associations,
     manifests: moka::sync::Cache<Digest, Arc<Manifest>>,
 }
@@ -47,7 +47,7 @@ impl Cache {
             index.restore(s.kind, &s.digest, s.size);
         }
         index.settle();
-        let tags = TagStore::new(store.root());
+        let tags = Arc::new(TagStore::new(store.root()));
         let associations = associations::Associations::open(store.root())?;
         let manifests = moka::sync::Cache::builder()
             .max_capacity(memory_manifest_bytes)
@@ -60,6 +60,27 @@ impl Cache {
             associations,
             manifests,
         })
+    }
+
+    /// Starts the background thread that collects tag records whose manifests are gone:
+    /// once now, then every `period`. It stops after the cache is dropped.
+    pub fn start_collector(&self, period: std::time::Duration) {
+        // Neither holds the store (nor its cache-dir lock): a closed cache stays closed.
+        let (index, tags) = (Arc::downgrade(&self.index), self.tags.clone());
+        let spawned = std::thread::Builder::new()
+            .name("tag-collector".into())
+            .spawn(move || loop {
+                let Some(index) = index.upgrade() else { return };
+                let removed = tags.collect(|d| index.peek(Kind::Manifest, d));
+                if removed > 0 {
+                    tracing::info!(removed, "collected tag records of manifests no longer cached");
+                }
+                drop(index);
+                std::thread::sleep(period);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the tag record collector");
+        }
     }
 
     /// A cached blob, opened, with its length. A file whose size is not the size recorded

@@ -148,6 +148,33 @@ impl TagStore {
     }
 }
 
+impl TagStore {
+    /// Deletes the records whose manifest is no longer cached (`cached` says which are):
+    /// a record outlives its manifest only until the next collection, so records stay
+    /// bounded by what the cache holds. Blocking: a background thread's work.
+    pub fn collect(&self, cached: impl Fn(&Digest) -> bool) -> usize {
+        let mut removed = 0;
+        let Ok(fans) = fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        for fan in fans.flatten() {
+            let Ok(files) = fs::read_dir(fan.path()) else { continue };
+            for file in files.flatten() {
+                let path = file.path();
+                let record: Option<TagRecord> = fs::read(&path).ok().and_then(|t| serde_json::from_slice(&t).ok());
+                let keep = record.as_ref().and_then(TagRecord::digest).is_some_and(|d| cached(&d));
+                if !keep && fs::remove_file(&path).is_ok() {
+                    if let Some(r) = record {
+                        self.memory.invalidate(&r.key());
+                    }
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,9 +198,19 @@ mod tests {
             .unwrap();
         let again = TagStore::new(dir.path());
         let r = again.get(&key).unwrap();
-        assert_eq!(r.digest(), Some(d));
+        assert_eq!(r.digest(), Some(d.clone()));
         assert!(r.age() < Duration::from_secs(60));
-        let other = TagKey { accept: 1, ..key };
+        let other = TagKey {
+            accept: 1,
+            ..key.clone()
+        };
         assert!(again.get(&other).is_none());
+
+        // Collected once its manifest is gone, kept while it is cached.
+        assert_eq!(again.collect(|digest| *digest == d), 0);
+        assert!(again.get(&key).is_some());
+        assert_eq!(again.collect(|_| false), 1);
+        assert!(again.get(&key).is_none());
+        assert!(TagStore::new(dir.path()).get(&key).is_none());
     }
 }
