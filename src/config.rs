@@ -57,6 +57,11 @@ pub struct ServerConfig {
     /// Serve HTTPS (HTTP/1.1 and h2 by ALPN) instead of plain HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    /// The URL clients reach regcache at (e.g. "https://mirror.example.com" behind a
+    /// TLS-terminating load balancer); the token realm is built from it. Unset: from the
+    /// request's Host header and whether regcache itself serves TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +70,7 @@ impl Default for ServerConfig {
             listen: default_listen(),
             shutdown_grace: default_shutdown_grace(),
             tls: None,
+            public_url: None,
         }
     }
 }
@@ -111,6 +117,10 @@ pub struct LimitsConfig {
     /// Concurrent h2 streams per client connection.
     #[serde(default = "default_max_streams_per_connection")]
     pub max_streams_per_connection: u32,
+    /// Bytes per second an upstream blob transfer must bring, over each
+    /// `upstream_idle_timeout`; slower counts as broken (resumed, then failed).
+    #[serde(default = "default_fill_min_rate")]
+    pub fill_min_rate: ByteSize,
 }
 
 impl Default for LimitsConfig {
@@ -125,6 +135,7 @@ impl Default for LimitsConfig {
             idle_timeout: default_idle_timeout(),
             send_stall_timeout: default_send_stall_timeout(),
             max_streams_per_connection: default_max_streams_per_connection(),
+            fill_min_rate: default_fill_min_rate(),
         }
     }
 }
@@ -342,6 +353,9 @@ fn default_send_stall_timeout() -> HumanDuration {
 fn default_max_streams_per_connection() -> u32 {
     32
 }
+fn default_fill_min_rate() -> ByteSize {
+    ByteSize(1024)
+}
 fn default_max_connections() -> usize {
     10_000
 }
@@ -472,6 +486,18 @@ impl Config {
                 return Err(invalid(
                     format!("auth.user[{i}].name"),
                     format!("{:?} is listed twice", user.name),
+                ));
+            }
+        }
+        if let Some(url) = &self.server.public_url {
+            let ok = url
+                .parse::<http::Uri>()
+                .ok()
+                .is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+            if !ok {
+                return Err(invalid(
+                    "server.public_url",
+                    format!("{url:?} is not a URL like \"https://mirror.example.com\""),
                 ));
             }
         }

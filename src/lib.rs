@@ -32,6 +32,8 @@ pub struct App {
     pub limits: config::LimitsConfig,
     pub shutdown_grace: std::time::Duration,
     pub tls: Option<Arc<tls::Reloader>>,
+    /// `[server] public_url`, without a trailing slash.
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +72,11 @@ pub fn build(config: &Config) -> Result<Arc<App>, BuildError> {
         limits: config.limits.clone(),
         shutdown_grace: config.server.shutdown_grace.0,
         tls,
+        public_url: config
+            .server
+            .public_url
+            .as_ref()
+            .map(|u| u.trim_end_matches('/').to_owned()),
     }))
 }
 

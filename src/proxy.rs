@@ -130,6 +130,7 @@ impl Proxy {
             cache.store.clone(),
             cache.index.clone(),
             limits.upstream_idle_timeout.0,
+            limits.fill_min_rate.0,
             limits.max_concurrent_fills,
         ));
         Proxy {
@@ -502,11 +503,18 @@ impl Proxy {
         // A joiner whose fill failed for reasons of the fill's own target (its credentials,
         // its repository, its upstream's rate limit) tries once more under its own.
         let mut retried = false;
+        let mut evicted_meanwhile = 0;
         loop {
             let (mut fill, started_here) = match self.join_fill(target, digest, &own).await? {
                 Joined::Fill(fill, started_here) => (fill, started_here),
                 Joined::Cached(answer) => return Ok(answer),
                 Joined::PassThrough(answer) => return Ok(answer),
+                // Committed and evicted again between the miss and the join: still a miss.
+                Joined::Gone if evicted_meanwhile < 3 => {
+                    evicted_meanwhile += 1;
+                    continue;
+                }
+                Joined::Gone => return Err(Error::BlobUnknown(digest.to_string())),
             };
             if !started_here && fill.owner != own {
                 // Someone else's download: only for a pair known (or confirmed) to hold it.
@@ -582,10 +590,10 @@ impl Proxy {
         match joined {
             Ok(Some(fill)) => Ok(Joined::Fill(fill, started_here)),
             Ok(None) => {
-                // Committed between the caller's miss and the join.
-                let answer = self
-                    .cached_blob(digest)?
-                    .ok_or_else(|| Error::BlobUnknown(digest.to_string()))?;
+                // Committed between the caller's miss and the join (and perhaps evicted since).
+                let Some(answer) = self.cached_blob(digest)? else {
+                    return Ok(Joined::Gone);
+                };
                 self.authorize(target, Content::Blob, digest).await?;
                 self.lookup("blob", "hit");
                 Ok(Joined::Cached(answer))
@@ -664,6 +672,8 @@ enum Joined {
     Fill(crate::cache::fill::Fill<upstream::Error>, bool),
     Cached(BlobAnswer),
     PassThrough(BlobAnswer),
+    /// Committed, then evicted before it could be opened: join again.
+    Gone,
 }
 
 fn fill_error(e: Arc<FillError<upstream::Error>>, digest: &Digest) -> Error {

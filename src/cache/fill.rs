@@ -242,18 +242,29 @@ pub struct Fills<E> {
     index: Arc<Index>,
     inflight: Mutex<HashMap<Digest, Shared<E>>>,
     idle_timeout: Duration,
+    /// Bytes per second below which a transfer counts as broken, measured over windows of
+    /// `idle_timeout`: an upstream dripping a byte now and then must not hold a fill slot
+    /// (and its clients) forever.
+    min_rate: u64,
     max_resumes: u32,
     /// Upstream downloads at once; a fill waits for a slot before it contacts the upstream.
     slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
-    pub fn new(store: Arc<BlobStore>, index: Arc<Index>, idle_timeout: Duration, max_concurrent: usize) -> Fills<E> {
+    pub fn new(
+        store: Arc<BlobStore>,
+        index: Arc<Index>,
+        idle_timeout: Duration,
+        min_rate: u64,
+        max_concurrent: usize,
+    ) -> Fills<E> {
         Fills {
             store,
             index,
             inflight: Mutex::default(),
             idle_timeout,
+            min_rate,
             max_resumes: 3,
             slots: Arc::new(tokio::sync::Semaphore::new(max_concurrent.max(1))),
         }
@@ -368,7 +379,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             p.total = total;
             p.state = State::Streaming;
         });
-        let mut batches = Batches::new(source, self.idle_timeout);
+        let mut batches = Batches::new(source, self.idle_timeout, self.min_rate);
         // One hash+write runs on a blocking thread while the next batch is received, so
         // hashing overlaps the download instead of pausing it. The write publishes its own
         // progress when its bytes are on disk.
@@ -583,15 +594,34 @@ struct Batches {
     source: Source,
     idle: Duration,
     later: Option<Result<(), String>>,
+    /// The least a window of `idle` must bring, and the current window.
+    min_per_window: u64,
+    window: (std::time::Instant, u64),
 }
 
 impl Batches {
-    fn new(source: Source, idle: Duration) -> Batches {
+    fn new(source: Source, idle: Duration, min_rate: u64) -> Batches {
         Batches {
             source,
             idle,
             later: None,
+            min_per_window: (min_rate as f64 * idle.as_secs_f64()) as u64,
+            window: (std::time::Instant::now(), 0),
         }
+    }
+
+    /// Counts received bytes; an error once a whole window brought less than its minimum.
+    fn note(&mut self, bytes: u64) -> Result<(), String> {
+        self.window.1 += bytes;
+        if self.window.0.elapsed() < self.idle {
+            return Ok(());
+        }
+        let got = self.window.1;
+        self.window = (std::time::Instant::now(), 0);
+        if got < self.min_per_window {
+            return Err(format!("only {got} bytes in {:?}, below the minimum rate", self.idle));
+        }
+        Ok(())
     }
 
     /// `Ok(None)` at the end of the body; `Err` when it broke.
@@ -608,6 +638,7 @@ impl Batches {
         };
         let mut size = first.len();
         let mut batch = vec![first];
+        self.note(size as u64)?;
         while size < WRITE_BATCH {
             let body = &mut self.source.body;
             let ready = std::future::poll_fn(|cx| match std::pin::Pin::new(&mut *body).poll_frame(cx) {
@@ -620,6 +651,7 @@ impl Batches {
                 Some(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         size += data.len();
+                        self.window.1 += data.len() as u64;
                         batch.push(data);
                     }
                 }
@@ -851,7 +883,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(BlobStore::open(dir.path()).unwrap().0);
         let index = Arc::new(Index::new(store.clone(), 1 << 30));
-        let fills: Arc<Fills<TestError>> = Arc::new(Fills::new(store, index.clone(), Duration::from_secs(5), 4));
+        let fills: Arc<Fills<TestError>> = Arc::new(Fills::new(store, index.clone(), Duration::from_secs(5), 0, 4));
         let data: &'static [u8] = b"content";
         let digest = Digest::sha256_of(data);
 

@@ -19,7 +19,12 @@ fn challenge<B>(app: &App, req: &Request<B>, scope: Option<&str>) -> HeaderValue
         .unwrap_or("localhost")
         .replace(['"', '\\'], "");
     let scheme = if app.tls.is_some() { "https" } else { "http" };
-    let mut value = format!("Bearer realm=\"{scheme}://{host}/token\",service=\"regcache\"");
+    // Behind a TLS-terminating load balancer only the configured public URL is right.
+    let base = match &app.public_url {
+        Some(url) => url.replace(['"', '\\'], ""),
+        None => format!("{scheme}://{host}"),
+    };
+    let mut value = format!("Bearer realm=\"{base}/token\",service=\"regcache\"");
     if let Some(scope) = scope {
         value.push_str(&format!(",scope=\"{}\"", scope.replace(['"', '\\'], "")));
     }

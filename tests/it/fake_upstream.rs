@@ -25,6 +25,8 @@ pub enum Fault {
     Status(u16),
     /// Wait for the gate before answering at all (then answer as usual, 404 included).
     Hold(Arc<Notify>),
+    /// Send this many bytes, then one more byte every interval (an upstream that drips).
+    Drip(usize, std::time::Duration),
 }
 
 #[derive(Clone, Debug)]
@@ -573,6 +575,16 @@ fn blob_now(
     let (tx, stream) = Body::channel();
     *r.body_mut() = stream;
     tokio::spawn(async move {
+        if let Some(Fault::Drip(n, every)) = fault {
+            let _ = tx.send(Ok(body.slice(..n.min(len)))).await;
+            for i in n.min(len)..len {
+                tokio::time::sleep(every).await;
+                if tx.send(Ok(body.slice(i..i + 1))).await.is_err() {
+                    return;
+                }
+            }
+            return;
+        }
         let (cut, gate) = match fault {
             Some(Fault::Truncate(n)) => (Some(n.min(len)), None),
             Some(Fault::Gate(n, g)) => (Some(n.min(len)), Some(g)),

@@ -118,3 +118,34 @@ async fn hostile_retry_after_values_neither_panic_nor_silence_forever() {
     let wait: u64 = again.header("retry-after").unwrap().parse().unwrap();
     assert!(wait <= 3600);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_drips_is_cut_off_and_resumed() {
+    use crate::fake_upstream::Fault;
+    let up = FakeUpstream::start().await;
+    let data = random_bytes(1 << 20, 94);
+    let digest = up.add_blob(&data);
+    // 100 KiB at once, then a byte every 20 ms: a day and a half for the rest.
+    up.fault(&digest, [Fault::Drip(100 << 10, std::time::Duration::from_millis(20))]);
+    let dir = tempfile::tempdir().unwrap();
+    let limits = "[limits]\nupstream_idle_timeout = \"300ms\"\nfill_min_rate = \"64KiB\"\n";
+    let proxy = TestProxy::start_sections(
+        dir.path(),
+        "",
+        "max_size = \"1GiB\"",
+        limits,
+        &upstream_toml("docker.io", &up.url(), true, "5m"),
+    )
+    .await;
+    let r = get(&proxy.url(&format!("/v2/library/app/blobs/{digest}"))).await;
+    assert_eq!(r.bytes().as_ref(), data.as_slice());
+    assert_eq!(up.count("GET", "/blobs/"), 2, "cut off once, then resumed");
+    let resumed = up
+        .seen()
+        .into_iter()
+        .filter(|s| s.path.contains("/blobs/"))
+        .filter_map(|s| s.headers.get("range").map(|v| v.to_str().unwrap().to_owned()))
+        .collect::<Vec<_>>();
+    assert_eq!(resumed.len(), 1);
+    assert_eq!(proxy.metric("regcache_fill_resumes_total"), 1.0);
+}

@@ -200,3 +200,27 @@ async fn a_joiner_retries_under_its_own_target_when_the_leaders_fill_fails() {
     assert_eq!(sha256(joiner.bytes()), digest);
     assert_eq!(up.count("GET", "/v2/library/good/blobs/"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_tls_load_balancer_the_token_realm_is_the_public_url() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let hash = bcrypt::hash("pw", 4).unwrap();
+    let auth = format!("[auth]\n[[auth.user]]\nname = \"u\"\npassword_hash = \"{hash}\"\n");
+    let proxy = TestProxy::start_sections(
+        dir.path(),
+        "public_url = \"https://mirror.example.com/\"",
+        "max_size = \"1GiB\"",
+        &auth,
+        &upstream_toml("docker.io", &up.url(), true, "5m"),
+    )
+    .await;
+    // The load balancer speaks plain HTTP to regcache and forwards the Host header.
+    let r = get_with(&proxy.url("/v2/"), &[("host", "mirror.example.com")]).await;
+    assert_eq!(r.status, 401);
+    let challenge = r.header("www-authenticate").unwrap();
+    assert!(
+        challenge.starts_with("Bearer realm=\"https://mirror.example.com/token\""),
+        "{challenge}"
+    );
+}
