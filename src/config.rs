@@ -821,4 +821,20 @@ mod tests {
             assert!(!is_registry_host(bad), "{bad}");
         }
     }
+
+    proptest::proptest! {
+        /// Whatever the file holds, parsing ends in a config or an error naming the cause.
+        #[test]
+        fn config_parser_never_panics(s in "\\PC{0,300}") {
+            if let Err(e) = Config::from_toml(&s) {
+                proptest::prop_assert!(!e.to_string().contains('\n'), "one line: {}", e);
+            }
+        }
+
+        #[test]
+        fn sizes_and_durations_never_panic(s in "[0-9]{0,25}[a-zA-Z]{0,4}") {
+            let _ = s.parse::<ByteSize>();
+            let _ = s.parse::<HumanDuration>();
+        }
+    }
 }

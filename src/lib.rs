@@ -46,19 +46,56 @@ pub enum BuildError {
 
 /// Opens the cache (rebuilding its index) and sets up upstreams, metrics, access and TLS.
 pub fn build(config: &Config) -> Result<Arc<App>, BuildError> {
+    build_app(config, false)
+}
+
+/// Like [`build`], but the index is rebuilt on a thread of its own, so that regcache
+/// answers at once whatever the cache holds (lookups meanwhile are answered from the disk).
+pub fn build_loading_in_background(config: &Config) -> Result<Arc<App>, BuildError> {
+    build_app(config, true)
+}
+
+fn build_app(config: &Config, background: bool) -> Result<Arc<App>, BuildError> {
     let metrics = Arc::new(metrics::Metrics::new(prometheus::Registry::new()));
     metrics
         .cache_budget
         .set(i64::try_from(config.cache.max_size.0).unwrap_or(i64::MAX));
-    let cache = cache::Cache::open(
+    let cache = cache::Cache::open_unindexed(
         &config.cache.dir,
         config.cache.max_size.0,
         config.cache.memory_manifests.0,
     )
     .map_err(|e| BuildError::Cache(config.cache.dir.clone(), e))?;
-    let upstreams = upstream::Upstreams::new(config, metrics.clone())?;
     let cache = Arc::new(cache);
-    cache.start_collector(std::time::Duration::from_secs(3600));
+    let load = {
+        let cache = cache.clone();
+        move || {
+            let started = std::time::Instant::now();
+            match cache.load_index() {
+                Ok(()) => {
+                    tracing::info!(
+                        entries = cache.index.entry_count(),
+                        seconds = started.elapsed().as_secs_f64(),
+                        "cache index loaded"
+                    );
+                    // Only a complete index tells which tag records are orphans.
+                    cache.start_collector(std::time::Duration::from_secs(3600));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot list the cache directory; serving what it finds on demand")
+                }
+            }
+        }
+    };
+    if background {
+        std::thread::Builder::new()
+            .name("index-loader".into())
+            .spawn(load)
+            .map_err(|e| BuildError::Cache(config.cache.dir.clone(), e))?;
+    } else {
+        load();
+    }
+    let upstreams = upstream::Upstreams::new(config, metrics.clone())?;
     // Only access rules that limit repositories make rights differ between clients.
     let restricted = !config.auth.anonymous_allow.is_empty() || config.auth.users.iter().any(|u| !u.allow.is_empty());
     let proxy = Arc::new(Proxy::new(cache, upstreams, metrics, &config.limits, restricted));

@@ -154,12 +154,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    // The cache opens (and cleans up after any crash) before the registry port is bound.
-    let app = regcache::build(&config)?;
-    let _ = loaded.set(app.proxy.clone());
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    // The cache opens (lock taken, leftovers of a crash removed) before anything is served;
+    // its index is rebuilt meanwhile, so regcache answers at once whatever the cache holds.
+    let app = regcache::build_loading_in_background(&config)?;
+    let _ = loaded.set(app.proxy.clone());
     tracing::info!(
         listen = %listener.local_addr()?,
         tls = app.tls.is_some(),

@@ -273,6 +273,11 @@ mod tests {
         }
 
         #[test]
+        fn valid_tags_round_trip(t in "[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}") {
+            prop_assert_eq!(Reference::parse(&t), Some(Reference::Tag(t.clone())));
+        }
+
+        #[test]
         fn valid_names_have_no_path_tricks(s in "[a-z0-9._/-]{1,40}") {
             if let Some(n) = RepoName::parse(&s) {
                 prop_assert!(!n.as_str().split('/').any(|c| c == "." || c == ".." || c.is_empty()));

@@ -149,6 +149,13 @@ impl Associations {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #[test]
+        fn log_lines_never_panic(s in "\\PC{0,200}") {
+            let _ = parse_line(&s);
+        }
+    }
+
     #[test]
     fn records_survive_a_reopen_and_the_log_is_compacted() {
         let dir = tempfile::tempdir().unwrap();

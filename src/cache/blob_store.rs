@@ -35,7 +35,10 @@ pub struct Scanned {
     pub kind: Kind,
     pub digest: Digest,
     pub size: u64,
-    pub modified: SystemTime,
+    /// When it was last used, as well as the filesystem can tell: the later of its commit
+    /// (mtime) and its last read (atime, which `relatime` mounts update about daily), so a
+    /// restart keeps the hot base layers and evicts the cold ones first.
+    pub last_used: SystemTime,
 }
 
 #[derive(Debug)]
@@ -90,28 +93,39 @@ impl BlobStore {
     /// Creates the layout under `dir/v1`, deletes leftovers of interrupted fills, and lists
     /// every committed file (names and sizes only: contents are never read here).
     pub fn open(dir: &Path) -> io::Result<(BlobStore, Vec<Scanned>)> {
+        let store = BlobStore::open_unscanned(dir)?;
+        let found = store.scan_all()?;
+        Ok((store, found))
+    }
+
+    /// Creates the layout, takes the lock and empties `tmp/`, without listing the content
+    /// (see [`BlobStore::scan_all`]): for serving before the index is rebuilt.
+    pub fn open_unscanned(dir: &Path) -> io::Result<BlobStore> {
         let root = dir.join("v1");
         let tmp = root.join("tmp");
         for sub in ["blobs", "manifests", "tags"] {
             fs::create_dir_all(root.join(sub))?;
         }
-        // Before anything is cleaned up: tmp/ may hold another live process's fills.
         let lock = lock(&root)?;
         if tmp.exists() {
             fs::remove_dir_all(&tmp)?;
         }
         fs::create_dir_all(&tmp)?;
-        let store = BlobStore {
+        Ok(BlobStore {
             root,
             tmp,
             next_tmp: AtomicU64::new(0),
             _lock: lock,
-        };
+        })
+    }
+
+    /// Every committed file (names and sizes only: contents are never read).
+    pub fn scan_all(&self) -> io::Result<Vec<Scanned>> {
         let mut found = Vec::new();
         for kind in [Kind::Blob, Kind::Manifest] {
-            store.scan(kind, &mut found)?;
+            self.scan(kind, &mut found)?;
         }
-        Ok((store, found))
+        Ok(found)
     }
 
     /// Removes whatever interrupted fills left in `tmp/` (at shutdown, when none runs).
@@ -151,7 +165,10 @@ impl BlobStore {
                             kind,
                             digest,
                             size: meta.len(),
-                            modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                            last_used: meta
+                                .modified()
+                                .unwrap_or(SystemTime::UNIX_EPOCH)
+                                .max(meta.accessed().unwrap_or(SystemTime::UNIX_EPOCH)),
                         }),
                         // Not ours (or a stray directory): never serve it, leave it be.
                         _ => {

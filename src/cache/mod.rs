@@ -33,20 +33,26 @@ pub struct Cache {
     pub tags: Arc<TagStore>,
     pub associations: associations::Associations,
     manifests: moka::sync::Cache<Digest, Arc<Manifest>>,
+    loading: std::sync::atomic::AtomicBool,
 }
 
 impl Cache {
     /// Opens the store, removes leftovers of interrupted fills, and rebuilds the index
-    /// from file names and sizes (oldest first, so LRU order survives a restart roughly).
+    /// from file names and sizes, least recently used first (by commit and access times), so
+    /// LRU order survives a restart roughly.
     pub fn open(dir: &Path, max_bytes: u64, memory_manifest_bytes: u64) -> io::Result<Cache> {
-        let (store, mut found) = BlobStore::open(dir)?;
-        let store = Arc::new(store);
+        let cache = Cache::open_unindexed(dir, max_bytes, memory_manifest_bytes)?;
+        cache.load_index()?;
+        Ok(cache)
+    }
+
+    /// Opens the store (lock, `tmp/` emptied) with an empty index: call
+    /// [`Cache::load_index`] next, on a thread of its own to serve meanwhile. Until it is
+    /// done, content missing from the index is looked for on disk (and indexed when found),
+    /// so a lookup during the rebuild is answered as after it.
+    pub fn open_unindexed(dir: &Path, max_bytes: u64, memory_manifest_bytes: u64) -> io::Result<Cache> {
+        let store = Arc::new(BlobStore::open_unscanned(dir)?);
         let index = Arc::new(Index::new(store.clone(), max_bytes));
-        found.sort_by_key(|s| s.modified);
-        for s in found {
-            index.restore(s.kind, &s.digest, s.size);
-        }
-        index.settle();
         let tags = Arc::new(TagStore::new(store.root()));
         let associations = associations::Associations::open(store.root())?;
         let manifests = moka::sync::Cache::builder()
@@ -59,7 +65,36 @@ impl Cache {
             tags,
             associations,
             manifests,
+            loading: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// Rebuilds the index from the files on disk, least recently used first (by commit and
+    /// access times), so LRU order survives a restart roughly. Blocking.
+    pub fn load_index(&self) -> io::Result<()> {
+        let mut found = self.store.scan_all()?;
+        found.sort_by_key(|s| s.last_used);
+        for s in found {
+            self.index.restore(s.kind, &s.digest, s.size);
+        }
+        self.index.settle();
+        self.loading.store(false, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether the index is still being rebuilt.
+    pub fn loading(&self) -> bool {
+        self.loading.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// During the rebuild: content not yet indexed but on disk is indexed now.
+    fn index_from_disk(&self, kind: Kind, digest: &Digest) -> Option<u64> {
+        if !self.loading() {
+            return None;
+        }
+        let (_, len) = self.store.open_file(kind, digest).ok()??;
+        self.index.restore(kind, digest, len);
+        Some(len)
     }
 
     /// Starts the background thread that collects tag records whose manifests are gone:
@@ -87,7 +122,11 @@ impl Cache {
     /// at commit (truncated or grown from outside) is quarantined and reported as not
     /// cached, so the blob is fetched anew instead of served wrong.
     pub fn open_blob(&self, digest: &Digest) -> io::Result<Option<(Arc<File>, u64)>> {
-        let Some(recorded) = self.index.size(Kind::Blob, digest) else {
+        let Some(recorded) = self
+            .index
+            .size(Kind::Blob, digest)
+            .or_else(|| self.index_from_disk(Kind::Blob, digest))
+        else {
             return Ok(None);
         };
         match self.store.open_file(Kind::Blob, digest)? {
@@ -120,7 +159,7 @@ impl Cache {
             self.index.contains(Kind::Manifest, digest); // keep its disk copy recent too
             return Some(m);
         }
-        if !self.index.contains(Kind::Manifest, digest) {
+        if !self.index.contains(Kind::Manifest, digest) && self.index_from_disk(Kind::Manifest, digest).is_none() {
             return None;
         }
         let raw = std::fs::read(self.store.path(Kind::Manifest, digest)).ok();

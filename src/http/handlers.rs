@@ -311,13 +311,13 @@ async fn blob(
 /// One `Range: bytes=…` spec; anything else (several ranges, other units) is ignored and
 /// answered with the whole blob, as RFC 9110 allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RangeSpec {
+pub enum RangeSpec {
     From(u64),
     FromTo(u64, u64),
     Suffix(u64),
 }
 
-fn parse_range(value: &str) -> Option<RangeSpec> {
+pub fn parse_range(value: &str) -> Option<RangeSpec> {
     let spec = value.trim().strip_prefix("bytes=")?.trim();
     if spec.contains(',') {
         return None;
@@ -337,7 +337,7 @@ fn parse_range(value: &str) -> Option<RangeSpec> {
 
 impl RangeSpec {
     /// `[start, end)` within a blob of `total` bytes; `None` when unsatisfiable (416).
-    fn resolve(self, total: u64) -> Option<(u64, u64)> {
+    pub fn resolve(self, total: u64) -> Option<(u64, u64)> {
         match self {
             RangeSpec::From(a) if a < total => Some((a, total)),
             RangeSpec::FromTo(a, b) if a < total => Some((a, b.saturating_add(1).min(total))),
@@ -427,6 +427,24 @@ mod tests {
         assert_eq!(RangeSpec::FromTo(90, 500).resolve(100), Some((90, 100)));
         assert_eq!(RangeSpec::Suffix(500).resolve(100), Some((0, 100)));
         assert_eq!(RangeSpec::Suffix(0).resolve(100), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ranges_never_panic_and_stay_inside_the_blob(s in "\\PC{0,60}", total in 0u64..u64::MAX) {
+            if let Some((start, end)) = parse_range(&s).and_then(|r| r.resolve(total)) {
+                proptest::prop_assert!(start < end && end <= total);
+            }
+        }
+
+        #[test]
+        fn numeric_ranges_resolve_as_rfc_9110_says(a in 0u64..1000, b in 0u64..1000, total in 1u64..1000) {
+            if let Some((start, end)) = parse_range(&format!("bytes={a}-{b}")).and_then(|r| r.resolve(total)) {
+                proptest::prop_assert_eq!((start, end), (a, (b + 1).min(total)));
+            } else {
+                proptest::prop_assert!(a > b || a >= total);
+            }
+        }
     }
 
     #[test]

@@ -279,5 +279,15 @@ mod tests {
         fn challenge_parser_never_panics(s in "\\PC{0,200}") {
             let _ = parse_challenge(&s);
         }
+
+        #[test]
+        fn token_answers_never_panic(body in proptest::collection::vec(any::<u8>(), 0..200), n in any::<f64>()) {
+            let now = Instant::now();
+            let _ = parse_token_response(&body, now);
+            let json = format!("{{\"token\":\"t\",\"expires_in\":{n}}}");
+            if let Some(t) = parse_token_response(json.as_bytes(), now) {
+                prop_assert!(t.expires <= now + Duration::from_secs(MAX_TOKEN_LIFETIME));
+            }
+        }
     }
 }

@@ -249,6 +249,16 @@ mod tests {
             .covers_addr("fd12::1".parse().unwrap()));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn allow_entries_and_domains_never_panic(s in "\\PC{0,80}", ip in proptest::prelude::any::<u128>()) {
+            let _ = Allowed::parse(&s);
+            let _ = registrable_domain(&s);
+            let _ = is_internal(IpAddr::V6(Ipv6Addr::from(ip)));
+            let _ = is_internal(IpAddr::V4(Ipv4Addr::from(ip as u32)));
+        }
+    }
+
     #[tokio::test]
     async fn targets() {
         let uri = |s: &str| s.parse::<Uri>().unwrap();

@@ -163,3 +163,79 @@ async fn a_blob_bigger_than_the_budget_is_relayed_not_cached() {
     assert!(files_under(&dir.path().join("v1/blobs")).is_empty());
     assert!(files_under(&dir.path().join("v1/tmp")).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_the_recently_read_blob_outlives_an_older_unread_one() {
+    let up = FakeUpstream::start().await;
+    let blobs: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(400 << 10, 120 + i)).collect();
+    let digests: Vec<String> = blobs.iter().map(|b| up.add_blob(b)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_on(&up, dir.path(), "2MiB").await;
+    for d in &digests {
+        assert_eq!(
+            sha256(get(&proxy.url(&format!("/v2/library/x/blobs/{d}"))).await.bytes()),
+            *d
+        );
+    }
+    proxy.stop().await;
+    // Committed in the order 0, 1, 2, each an hour apart; blob 0 was then read just now
+    // (its access time), blobs 1 and 2 not since their commit.
+    let now = std::time::SystemTime::now();
+    let hour = std::time::Duration::from_secs(3600);
+    let path = |d: &str| {
+        let hex = d.trim_start_matches("sha256:");
+        dir.path().join(format!("v1/blobs/sha256/{}/{hex}", &hex[..2]))
+    };
+    for (i, d) in digests.iter().enumerate() {
+        let committed = now - hour * (4 - i as u32);
+        let read = if i == 0 { now } else { committed };
+        let f = std::fs::File::options().write(true).open(path(d)).unwrap();
+        f.set_times(std::fs::FileTimes::new().set_modified(committed).set_accessed(read))
+            .unwrap();
+    }
+    // A smaller budget after the restart: one of the three must go, the least recently used.
+    let proxy = proxy_on(&up, dir.path(), "1MiB").await;
+    proxy.proxy.cache.index.settle_deletions();
+    assert!(path(&digests[0]).exists(), "the recently read blob is kept");
+    assert!(!path(&digests[1]).exists(), "the oldest unread blob is evicted first");
+    assert!(path(&digests[2]).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_is_served_from_disk_while_the_index_is_still_being_rebuilt() {
+    let up = FakeUpstream::start().await;
+    let data = random_bytes(300 << 10, 130);
+    let digest = up.add_blob(&data);
+    let manifest =
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","layers":[]}"#;
+    let manifest_digest = up.add_manifest("library/x", "1", DOCKER_V2, manifest);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_on(&up, dir.path(), "1GiB").await;
+    assert_eq!(
+        get(&proxy.url(&format!("/v2/library/x/blobs/{digest}"))).await.status,
+        200
+    );
+    assert_eq!(get(&proxy.url("/v2/library/x/manifests/1")).await.status, 200);
+    proxy.stop().await;
+
+    // Opened, not yet indexed: what is on disk is found (and indexed) on demand.
+    let cache = regcache::cache::Cache::open_unindexed(dir.path(), 1 << 30, 1 << 20).unwrap();
+    assert!(cache.loading());
+    assert_eq!(cache.index.entry_count(), 0);
+    let (_, len) = cache
+        .open_blob(&digest.parse().unwrap())
+        .unwrap()
+        .expect("found on disk");
+    assert_eq!(len, data.len() as u64);
+    let m = cache
+        .manifest(&manifest_digest.parse().unwrap())
+        .expect("found on disk");
+    assert_eq!(m.bytes.as_ref(), manifest.as_slice());
+    assert!(cache
+        .open_blob(&sha256(b"never cached").parse().unwrap())
+        .unwrap()
+        .is_none());
+    cache.load_index().unwrap();
+    assert!(!cache.loading());
+    assert_eq!(cache.index.entry_count(), 2);
+}

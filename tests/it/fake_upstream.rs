@@ -27,6 +27,8 @@ pub enum Fault {
     Hold(Arc<Notify>),
     /// Send this many bytes, then one more byte every interval (an upstream that drips).
     Drip(usize, std::time::Duration),
+    /// Serve the blob without a Content-Length (chunked), as some CDNs do.
+    NoLength,
 }
 
 #[derive(Clone, Debug)]
@@ -70,6 +72,8 @@ struct State {
     ratelimit: Option<(u32, u32)>,
     /// Blob GETs are redirected to this base URL (another fake).
     redirect_blobs: Option<String>,
+    /// The status of those redirects (307 unless set).
+    redirect_status: Option<u16>,
     /// (repo, subject digest) -> referrer descriptors; `None` = no referrers API (404).
     referrers: Option<HashMap<(String, String), Vec<serde_json::Value>>>,
 }
@@ -220,6 +224,13 @@ impl FakeUpstream {
 
     pub fn set_ratelimit(&self, limit: u32, remaining: u32) {
         self.lock().ratelimit = Some((limit, remaining));
+    }
+
+    /// Redirects blob GETs with this status instead of 307 (301, 302, 303, 308).
+    pub fn redirect_blobs_with(&self, base_url: &str, status: u16) {
+        let mut s = self.lock();
+        s.redirect_blobs = Some(base_url.to_owned());
+        s.redirect_status = Some(status);
     }
 
     pub fn redirect_blobs_to(&self, base_url: &str) {
@@ -517,7 +528,7 @@ fn blob_now(
         }
         if let Some(base) = &s.redirect_blobs {
             let mut r = Response::new(Body::empty());
-            *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+            *r.status_mut() = StatusCode::from_u16(s.redirect_status.unwrap_or(307)).unwrap();
             let location = format!("{base}/v2/cdn/blobs/{digest}?signature=abc");
             r.headers_mut().insert("location", location.parse().unwrap());
             return r;
@@ -559,7 +570,9 @@ fn blob_now(
     let len = body.len();
     let mut r = Response::new(Body::empty());
     let h = r.headers_mut();
-    h.insert("content-length", len.into());
+    if !matches!(fault, Some(Fault::NoLength)) {
+        h.insert("content-length", len.into());
+    }
     h.insert("docker-content-digest", digest.parse().unwrap());
     h.insert("content-type", "application/octet-stream".parse().unwrap());
     if let Some(s) = start {

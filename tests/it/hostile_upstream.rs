@@ -149,3 +149,55 @@ async fn an_upstream_that_drips_is_cut_off_and_resumed() {
     assert_eq!(resumed.len(), 1);
     assert_eq!(proxy.metric("regcache_fill_resumes_total"), 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_redirect_status_and_a_chain_of_them_is_followed() {
+    let data = random_bytes(200_000, 96);
+    for status in [301u16, 302, 303, 307, 308] {
+        let up = FakeUpstream::start().await;
+        let hop = FakeUpstream::start().await;
+        let cdn = FakeUpstream::start().await;
+        let digest = up.add_blob(&data);
+        hop.add_blob(&data);
+        cdn.add_blob(&data);
+        up.redirect_blobs_with(&hop.url(), status);
+        hop.redirect_blobs_with(&cdn.url(), status);
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = proxy_for(&up, dir.path(), "").await;
+        let r = get(&proxy.url(&format!("/v2/library/app/blobs/{digest}"))).await;
+        assert_eq!(r.bytes().as_ref(), data.as_slice(), "status {status}");
+        assert_eq!((hop.total_requests(), cdn.total_requests()), (1, 1), "status {status}");
+        assert_eq!(files_under(&dir.path().join("v1/blobs")).len(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_without_content_length_is_verified_cached_and_ranged() {
+    use crate::fake_upstream::Fault;
+    let up = FakeUpstream::start().await;
+    let data = random_bytes(700_000, 97);
+    let digest = up.add_blob(&data);
+    up.fault(&digest, [Fault::NoLength]);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_for(&up, dir.path(), "").await;
+    let url = proxy.url(&format!("/v2/library/app/blobs/{digest}"));
+    // A cold Range request waits for the length, then gets its bytes.
+    let r = request(Method::GET, &url, &[("range", "bytes=100-199")]).await;
+    assert_eq!(r.status, 206);
+    assert_eq!(r.bytes().as_ref(), &data[100..200]);
+    assert_eq!(r.header("content-range"), Some("bytes 100-199/700000"));
+    let r = get(&url).await;
+    assert_eq!(r.bytes().as_ref(), data.as_slice());
+    assert_eq!(up.count("GET", "/blobs/"), 1);
+
+    // Without a length and bigger than the whole budget: relayed, not written to the end.
+    let big = random_bytes(3 << 20, 98);
+    let big_digest = up.add_blob(&big);
+    up.fault(&big_digest, [Fault::NoLength]);
+    let dir = tempfile::tempdir().unwrap();
+    let small = TestProxy::start(dir.path(), "2MiB", &upstream_toml("docker.io", &up.url(), true, "5m")).await;
+    let r = get(&small.url(&format!("/v2/library/app/blobs/{big_digest}"))).await;
+    assert_eq!(r.bytes().as_ref(), big.as_slice());
+    assert!(files_under(&dir.path().join("v1/blobs")).is_empty());
+    assert_eq!(small.metric("regcache_fills_total{result=\"relayed\"}"), 1.0);
+}

@@ -492,3 +492,46 @@ async fn sigterm_lets_a_download_in_flight_finish_and_exits_cleanly() {
     assert!(files_under(&dir.path().join("cache/v1/tmp")).is_empty());
     assert_eq!(files_under(&dir.path().join("cache/v1/blobs")).len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_makes_the_running_binary_serve_a_renewed_certificate() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = make_cert(dir.path(), "first");
+    let (served_cert, served_key) = (dir.path().join("served.crt"), dir.path().join("served.key"));
+    std::fs::copy(&cert, &served_cert).unwrap();
+    std::fs::copy(&key, &served_key).unwrap();
+    let tls = format!(
+        "[server.tls]\ncert = \"{}\"\nkey = \"{}\"",
+        served_cert.display(),
+        served_key.display()
+    );
+    let daemon = Process::start(dir.path(), &up.url(), &tls);
+    let base = format!("https://{}", daemon.addr);
+    let ask = |ca: std::path::PathBuf, base: String| async move {
+        tls_client(&ca)
+            .request(http::Request::get(format!("{base}/v2/")).body(Empty::new()).unwrap())
+            .await
+            .map(|r| r.status())
+    };
+    assert_eq!(ask(ca.clone(), base.clone()).await.unwrap(), 200);
+
+    let (new_cert, new_key, new_ca) = make_cert(dir.path(), "second");
+    std::fs::copy(&new_cert, &served_cert).unwrap();
+    std::fs::copy(&new_key, &served_key).unwrap();
+    daemon.signal("HUP");
+    // The signal is handled asynchronously: new connections get the new certificate soon.
+    let mut renewed = false;
+    for _ in 0..500 {
+        if ask(new_ca.clone(), base.clone()).await.is_ok() {
+            renewed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(renewed, "the renewed certificate is served after SIGHUP");
+    assert!(ask(ca, base).await.is_err(), "the old one is not");
+    // Still the same process: a reload, not a restart.
+    let mut daemon = daemon;
+    assert!(daemon.child.try_wait().unwrap().is_none());
+}
