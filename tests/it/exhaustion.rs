@@ -4,16 +4,13 @@
 use std::sync::Arc;
 
 use crate::fake_upstream::{basic, FakeUpstream};
-use crate::harness::{get, get_with, upstream_toml, TestProxy};
+use crate::harness::{behind, get, get_with, TestProxy};
 
 async fn with_user(up: &FakeUpstream, dir: &std::path::Path, hash: &str) -> TestProxy {
-    let auth = format!("[auth]\n[[auth.user]]\nname = \"ci\"\npassword_hash = \"{hash}\"\n");
-    TestProxy::start_sections(
+    behind(
+        up,
         dir,
-        "",
-        "max_size = \"1GiB\"",
-        &auth,
-        &upstream_toml("docker.io", &up.url(), true, "5m"),
+        &format!("[auth]\n[[auth.user]]\nname = \"ci\"\npassword_hash = \"{hash}\"\n"),
     )
     .await
 }
@@ -91,14 +88,7 @@ async fn bcrypt_never_runs_on_the_async_workers() {
 }
 
 async fn with_limits(up: &FakeUpstream, dir: &std::path::Path, limits: &str) -> TestProxy {
-    TestProxy::start_sections(
-        dir,
-        "",
-        "max_size = \"1GiB\"",
-        &format!("[limits]\n{limits}\n"),
-        &upstream_toml("docker.io", &up.url(), true, "5m"),
-    )
-    .await
+    behind(up, dir, &format!("[limits]\n{limits}\n")).await
 }
 
 /// Reads until the server closes the connection (bounded by the harness's hang limit).

@@ -288,6 +288,19 @@ impl Drop for Process {
     }
 }
 
+/// regcache in front of `up` (the default upstream, tag_ttl 5m) with extra sections
+/// (`[limits]`, `[auth]` …).
+pub async fn behind(up: &crate::fake_upstream::FakeUpstream, dir: &Path, sections: &str) -> TestProxy {
+    TestProxy::start_sections(
+        dir,
+        "",
+        "",
+        sections,
+        &upstream_toml("docker.io", &up.url(), true, "5m"),
+    )
+    .await
+}
+
 /// A fake upstream, a regcache in front of it with `tag_ttl`, and the cache's temp dir.
 pub async fn setup(tag_ttl: &str) -> (crate::fake_upstream::FakeUpstream, TestProxy, tempfile::TempDir) {
     let up = crate::fake_upstream::FakeUpstream::start().await;

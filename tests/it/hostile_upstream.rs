@@ -129,14 +129,7 @@ async fn an_upstream_that_drips_is_cut_off_and_resumed() {
     up.fault(&digest, [Fault::Drip(100 << 10, std::time::Duration::from_millis(20))]);
     let dir = tempfile::tempdir().unwrap();
     let limits = "[limits]\nupstream_idle_timeout = \"300ms\"\nfill_min_rate = \"64KiB\"\n";
-    let proxy = TestProxy::start_sections(
-        dir.path(),
-        "",
-        "max_size = \"1GiB\"",
-        limits,
-        &upstream_toml("docker.io", &up.url(), true, "5m"),
-    )
-    .await;
+    let proxy = crate::harness::behind(&up, dir.path(), limits).await;
     let r = get(&proxy.url(&format!("/v2/library/app/blobs/{digest}"))).await;
     assert_eq!(r.bytes().as_ref(), data.as_slice());
     assert_eq!(up.count("GET", "/blobs/"), 2, "cut off once, then resumed");

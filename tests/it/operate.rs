@@ -17,11 +17,6 @@ use crate::peers::skopeo_copy;
 
 const DOCKER_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
-/// regcache in front of `up` (the default upstream, tag_ttl 5m) with one extra section.
-async fn behind(up: &FakeUpstream, dir: &Path, section: &str) -> TestProxy {
-    TestProxy::start_sections(dir, "", "", section, &upstream_toml("docker.io", &up.url(), true, "5m")).await
-}
-
 /// A 3-layer image on the fake upstream; returns (manifest digest, layer digests, sizes).
 fn image(up: &FakeUpstream, repo: &str, tag: &str) -> (String, Vec<String>, u64) {
     let layers: Vec<Vec<u8>> = (0..3)

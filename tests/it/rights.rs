@@ -10,7 +10,7 @@ use http::Method;
 use http_body_util::BodyExt;
 
 use crate::fake_upstream::{basic, FakeUpstream, Fault};
-use crate::harness::{get, get_with, open, random_bytes, request, sha256, upstream_toml, TestProxy};
+use crate::harness::{behind, get, get_with, open, random_bytes, request, sha256, upstream_toml, TestProxy};
 
 const DOCKER_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
@@ -22,14 +22,7 @@ async fn restricted(up: &FakeUpstream, dir: &std::path::Path) -> TestProxy {
         "[auth]\nanonymous = true\nanonymous_allow = [\"docker.io/library/*\"]\n\
          [[auth.user]]\nname = \"acme\"\npassword_hash = \"{hash}\"\nallow = [\"docker.io/acme/*\"]\n"
     );
-    TestProxy::start_sections(
-        dir,
-        "",
-        "max_size = \"1GiB\"",
-        &auth,
-        &upstream_toml("docker.io", &up.url(), true, "5m"),
-    )
-    .await
+    behind(up, dir, &auth).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
