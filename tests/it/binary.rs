@@ -239,12 +239,24 @@ struct Logged {
 }
 
 impl Logged {
+    /// `server_keys` go into `[server]`, `upstream_keys` into the one `[[upstream]]`.
     fn start(dir: &Path, upstream: &str, format: &str, rust_log: Option<&str>) -> Logged {
+        Logged::start_with(dir, upstream, format, rust_log, "", "")
+    }
+
+    fn start_with(
+        dir: &Path,
+        upstream: &str,
+        format: &str,
+        rust_log: Option<&str>,
+        server_keys: &str,
+        upstream_keys: &str,
+    ) -> Logged {
         let config = dir.join("regcache.toml");
         std::fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}",
+                "[server]\nlisten = \"127.0.0.1:0\"\n{server_keys}\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}{upstream_keys}\n",
                 dir.join("cache").display(),
                 upstream_toml("docker.io", upstream, true, "5m")
             ),
@@ -421,4 +433,102 @@ fn embedded_default_serves_with_overrides() {
     assert!(dir.path().join("v1/lock").exists());
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_the_json_logs_even_at_trace_level() {
+    use crate::fake_upstream::AuthMode;
+    let up = FakeUpstream::start().await;
+    up.require_auth(AuthMode::Token {
+        realm: format!("{}/token", up.url()),
+    });
+    up.serve_tokens(Some(("bob".into(), "hunter2-very-secret".into())), None);
+    let digest = up.add_blob(&random_bytes(10_000, 72));
+    let dir = tempfile::tempdir().unwrap();
+    let server = Logged::start_with(
+        dir.path(),
+        &up.url(),
+        "json",
+        Some("trace"),
+        "",
+        "username = \"bob\"\npassword = \"hunter2-very-secret\"",
+    );
+    let r = get(&format!("http://{}/v2/library/x/blobs/{digest}", server.addr)).await;
+    assert_eq!(r.status, 200);
+    // The token the upstream issued is a secret too.
+    let token = up
+        .seen()
+        .into_iter()
+        .find_map(|s| {
+            s.headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok()?.strip_prefix("Bearer ").map(str::to_owned))
+        })
+        .expect("regcache used a bearer token");
+    server.signal("TERM");
+    let (code, lines) = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    assert_eq!(code, Some(0));
+    assert!(lines.len() > 5, "trace logging wrote lines: {lines:#?}");
+    for line in &lines {
+        assert!(!line.contains("hunter2-very-secret"), "password in a log line: {line}");
+        assert!(!line.contains(&token), "token in a log line: {line}");
+        assert!(
+            !line.contains("Ym9iOmh1bnRlcjIt"),
+            "Basic credentials in a log line: {line}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_grace_runs_out_the_drain_ends_and_leaves_no_temp_file() {
+    let up = FakeUpstream::start().await;
+    let digest = up.add_blob(&random_bytes(1 << 20, 73));
+    let gate = Arc::new(tokio::sync::Notify::new());
+    up.fault(&digest, [Fault::Gate(256 << 10, gate.clone())]);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Logged::start_with(dir.path(), &up.url(), "text", None, "shutdown_grace = \"500ms\"", "");
+    let resp = open(
+        Method::GET,
+        &format!("http://{}/v2/library/x/blobs/{digest}", server.addr),
+        &[],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(crate::harness::files_under(&dir.path().join("cache/v1/tmp")).len(), 1);
+    server.signal("TERM");
+    // The download never finishes: the grace runs out, and regcache exits cleanly anyway.
+    let (code, lines) = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    assert_eq!(code, Some(0), "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("still in flight") || l.contains("cut short")),
+        "{lines:#?}"
+    );
+    assert!(crate::harness::files_under(&dir.path().join("cache/v1/tmp")).is_empty());
+    assert!(
+        resp.into_body().collect().await.is_err(),
+        "the cut-short download is not complete"
+    );
+    gate.notify_one();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_clients_are_served_on_the_plain_port() {
+    let up = FakeUpstream::start().await;
+    let data = random_bytes(300_000, 74);
+    let digest = up.add_blob(&data);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Logged::start(dir.path(), &up.url(), "text", None);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let url = format!("http://{}/v2/library/x/blobs/{digest}", server.addr);
+    let resp = client
+        .request(http::Request::get(&url).body(http_body_util::Empty::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(crate::harness::sha256(&body), digest);
 }
