@@ -196,6 +196,8 @@ struct Log {
     changed: tokio::sync::Notify,
     /// When false, output is read and thrown away (cheaply) instead of kept line by line.
     keep: AtomicBool,
+    /// regcache said at exit that its logger dropped lines.
+    saw_dropped_lines: AtomicBool,
 }
 
 #[derive(Default)]
@@ -225,6 +227,9 @@ impl Log {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
                         let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
+                        if line.contains("log lines dropped") {
+                            log.saw_dropped_lines.store(true, Ordering::Relaxed);
+                        }
                         let mut s = log.state.lock().unwrap();
                         if s.lines.len() < MAX_LOG_LINES {
                             s.lines.push((is_stdout, line));
@@ -314,6 +319,7 @@ impl Daemon {
             state: Mutex::default(),
             changed: tokio::sync::Notify::new(),
             keep: AtomicBool::new(true),
+            saw_dropped_lines: AtomicBool::new(false),
         });
         log.follow(true, child.stdout.take().expect("stdout pipe"));
         log.follow(false, child.stderr.take().expect("stderr pipe"));
@@ -819,6 +825,27 @@ async fn seed(upstream: &Registry, blob_size: u64, nginx_root: &Path) -> Result<
 struct Regcache {
     daemon: Daemon,
     addr: SocketAddr,
+}
+
+impl Regcache {
+    /// Stops it with SIGTERM and fails if it said its logger had to drop lines: figures
+    /// from a regcache that did not write its whole log are not comparable.
+    async fn finish(mut self) -> Result<(), String> {
+        self.daemon.log.keep.store(true, Ordering::Relaxed);
+        signal(self.daemon.pid(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.daemon.exited() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let closed = |s: &LogState| s.closed >= 2;
+        while !closed(&self.daemon.log.state.lock().unwrap()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.daemon.log.saw_dropped_lines.load(Ordering::Relaxed) {
+            return Err(self.daemon.fail("its logger dropped lines during the run"));
+        }
+        Ok(())
+    }
 }
 
 impl Regcache {
@@ -1590,7 +1617,7 @@ async fn warm_phases(env: &Env, settings: &Settings, results: &mut Results) -> R
             }
         }
     }
-    Ok(())
+    rc.finish().await
 }
 
 /// Waits (at most 60 s) until Distribution's storage under `root` holds blob `digest`.

@@ -532,3 +532,69 @@ async fn h2c_clients_are_served_on_the_plain_port() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(crate::harness::sha256(&body), digest);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_a_blob_miss_is_refused_not_passed_through() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = FakeUpstream::start().await;
+    let digest = up.add_blob(&random_bytes(100_000, 75));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("regcache.toml"),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}",
+            dir.path().join("cache").display(),
+            upstream_toml("docker.io", &up.url(), true, "5m")
+        ),
+    )
+    .unwrap();
+    // A small descriptor limit, set on the process itself.
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=64:64")
+        .arg(env!("CARGO_BIN_EXE_regcache"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(dir.path().join("regcache.toml"))
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("prlimit runs regcache");
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("regcache logged its address").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if let Some(listen) = v["fields"]["listen"].as_str() {
+            break listen.to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    // One client connects first (and is served by its own descriptor) ...
+    let mut client = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    client.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = client.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // ... then idle connections use up every descriptor the process may have.
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        c.write_all(b"G").await.unwrap();
+        idle.push(c);
+    }
+    // A cold blob now cannot get a temp file: 503 with Retry-After, never an uncoalesced
+    // stream that would need one more upstream connection per client.
+    let request = format!("GET /v2/library/x/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n");
+    client.write_all(request.as_bytes()).await.unwrap();
+    let n = tokio::time::timeout(crate::harness::HANG, client.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("retry-after: 1"), "{answer}");
+    assert_eq!(up.count("GET", "/blobs/"), 0, "nothing was streamed from the upstream");
+    drop(idle);
+    let _ = child.kill();
+    let _ = child.wait();
+}
