@@ -18,6 +18,8 @@ use crate::digest::Digest;
 pub enum Kind {
     Blob,
     Manifest,
+    /// Not a file: budget held in the index for a fill in flight.
+    Reserved,
 }
 
 impl Kind {
@@ -25,6 +27,7 @@ impl Kind {
         match self {
             Kind::Blob => "blobs",
             Kind::Manifest => "manifests",
+            Kind::Reserved => "reserved",
         }
     }
 }

@@ -211,6 +211,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Settle<E> {
         if !matches!(result, Ok(Ended { committed: true, .. })) {
             let _ = std::fs::remove_file(&self.tmp);
         }
+        self.fills.index.release(&self.digest);
         self.fills.lock().remove(&self.digest);
         let outcome = result.as_ref().map(|e| e.committed).map_err(Arc::clone);
         on_end(&outcome, self.resumes);
@@ -375,6 +376,9 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
     ) -> Result<Filled, FillError<E>> {
         let source = opener(0).await.map_err(FillError::Source)?;
         let total = source.total;
+        if let Some(t) = total.filter(|t| *t <= self.index.budget()) {
+            self.index.reserve(digest, t);
+        }
         tx.send_modify(|p| {
             p.total = total;
             p.state = State::Streaming;
@@ -548,6 +552,8 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         tokio::task::spawn_blocking(move || {
             // fsync first, with no lock held: a multi-GiB commit must not stall anyone else.
             store.make_durable(&file)?;
+            // The blob takes its reservation's place in the budget (not both at once).
+            index.release(&digest);
             index.commit(Kind::Blob, &digest, written, || store.place(&tmp, Kind::Blob, &digest))?;
             store.sync_parent(Kind::Blob, &digest)
         })

@@ -97,7 +97,7 @@ impl Index {
             // cache that would throw the download away.
             .eviction_policy(EvictionPolicy::lru())
             .eviction_listener(move |key: Arc<Key>, entry: Entry, cause| {
-                if cause == RemovalCause::Replaced {
+                if cause == RemovalCause::Replaced || key.0 == Kind::Reserved {
                     return;
                 }
                 let tx = listener_deleter.lock().unwrap_or_else(|p| p.into_inner());
@@ -117,6 +117,19 @@ impl Index {
     /// The disk budget in bytes.
     pub fn budget(&self) -> u64 {
         self.budget
+    }
+
+    /// Holds `size` bytes of the budget for a fill in flight, so that what must be evicted
+    /// to make room goes now, before the download fills the disk, not after its commit.
+    pub fn reserve(&self, digest: &Digest, size: u64) {
+        self.entries
+            .insert((Kind::Reserved, digest.clone()), Entry { size, generation: 0 });
+        self.entries.run_pending_tasks();
+    }
+
+    /// Gives a fill's reservation back (committed or not).
+    pub fn release(&self, digest: &Digest) {
+        self.entries.invalidate(&(Kind::Reserved, digest.clone()));
     }
 
     /// Waits until every file evicted so far is deleted (tests, shutdown).

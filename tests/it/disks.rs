@@ -239,3 +239,41 @@ async fn content_is_served_from_disk_while_the_index_is_still_being_rebuilt() {
     assert!(!cache.loading());
     assert_eq!(cache.index.entry_count(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_in_flight_is_reserved_against_the_budget_before_it_fills_the_disk() {
+    let up = FakeUpstream::start().await;
+    let old: Vec<Vec<u8>> = (0..2).map(|i| random_bytes(1 << 20, 140 + i)).collect();
+    let old_digests: Vec<String> = old.iter().map(|b| up.add_blob(b)).collect();
+    let big = random_bytes(2 << 20, 142);
+    let big_digest = up.add_blob(&big);
+    let gate = Arc::new(tokio::sync::Notify::new());
+    up.fault(&big_digest, [Fault::Gate(256 << 10, gate.clone())]);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_on(&up, dir.path(), "3MiB").await;
+    for d in &old_digests {
+        assert_eq!(
+            sha256(get(&proxy.url(&format!("/v2/library/x/blobs/{d}"))).await.bytes()),
+            *d
+        );
+    }
+    // The 2 MiB download has only begun, and already the least recently used blob made
+    // room for it: cached content plus downloads in flight stay within the budget.
+    let resp = open(
+        Method::GET,
+        &proxy.url(&format!("/v2/library/x/blobs/{big_digest}")),
+        &[],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    proxy.proxy.cache.index.settle_deletions();
+    let cached = files_under(&dir.path().join("v1/blobs"));
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    assert!(cached[0].ends_with(old_digests[1].trim_start_matches("sha256:")));
+    gate.notify_one();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(sha256(&body), big_digest);
+    proxy.proxy.cache.index.settle_deletions();
+    assert_eq!(files_under(&dir.path().join("v1/blobs")).len(), 2);
+    assert!(proxy.proxy.cache.index.total_bytes() <= 3 << 20);
+}
