@@ -530,3 +530,45 @@ async fn sighup_makes_the_running_binary_serve_a_renewed_certificate() {
     let mut daemon = daemon;
     assert!(daemon.child.try_wait().unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_with_a_private_ca_is_trusted_through_ca_file_only() {
+    use crate::peers::{push_image, Registry};
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = make_cert(certs.path(), "registry");
+    let storage = tempfile::tempdir().unwrap();
+    // Seeded over plain HTTP, then restarted on the same storage with TLS.
+    let plain = Registry::start_with(storage.path(), "").await;
+    let image = push_image(&plain, "library/app", "1", &[150_000, 90_000], 77).await;
+    plain.stop();
+    let tls_yaml = format!(
+        "  tls:\n    certificate: {}\n    key: {}\n",
+        cert.display(),
+        key.display()
+    );
+    let registry = Registry::start_with(storage.path(), &tls_yaml).await;
+    let url = format!("https://127.0.0.1:{}", registry.addr.port());
+
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = format!(
+        "{}ca_file = \"{}\"\n",
+        upstream_toml("docker.io", &url, true, "5m"),
+        ca.display()
+    );
+    let proxy = TestProxy::start(dir.path(), "1GiB", &trusted).await;
+    let m = get(&proxy.url("/v2/library/app/manifests/1")).await;
+    assert_eq!(m.status, 200, "{:?}", m.body);
+    assert_eq!(sha256(m.bytes()), image.manifest_digest);
+    for (digest, bytes) in image.blobs() {
+        let r = get(&proxy.url(&format!("/v2/library/app/blobs/{digest}"))).await;
+        assert_eq!(r.bytes().as_ref(), bytes);
+    }
+    proxy.stop().await;
+
+    // The same upstream without ca_file: its certificate is not trusted, nothing is served.
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start(dir.path(), "1GiB", &upstream_toml("docker.io", &url, true, "5m")).await;
+    let r = get(&proxy.url("/v2/library/app/manifests/1")).await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    assert!(files_under(&dir.path().join("v1/manifests")).is_empty());
+}
