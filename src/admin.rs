@@ -1,5 +1,5 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process answers) and
-//! `/readyz` (the cache index is loaded and the cache disk takes data), on a port of
+//! `/readyz` (the cache is open and its disk takes data), on a port of
 //! its own. It starts before the cache index is rebuilt, so liveness never waits for it.
 
 use std::convert::Infallible;
@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use crate::http::body::Body;
 use crate::proxy::Proxy;
 
-/// The proxy, once the cache index is loaded.
+/// The proxy, once the cache is open (its index may still be rebuilt in the background).
 pub type Loaded = Arc<OnceLock<Arc<Proxy>>>;
 
 const PLAIN: &str = "text/plain; charset=utf-8";
@@ -54,7 +54,7 @@ pub async fn handle<B>(loaded: Loaded, req: Request<B>) -> Result<Response<Body>
     }
     Ok(match (req.uri().path(), loaded.get()) {
         ("/healthz", _) => text(StatusCode::OK, "ok\n", PLAIN),
-        ("/metrics" | "/readyz", None) => text(StatusCode::SERVICE_UNAVAILABLE, "loading the cache index\n", PLAIN),
+        ("/metrics" | "/readyz", None) => text(StatusCode::SERVICE_UNAVAILABLE, "opening the cache\n", PLAIN),
         ("/metrics", Some(proxy)) => {
             proxy.refresh_metrics();
             text(
