@@ -111,6 +111,10 @@ fn upstream_error(e: upstream::Error) -> ApiError {
         upstream::Error::Down { .. } | upstream::Error::Offline { .. } => {
             ApiError::new(S::SERVICE_UNAVAILABLE, "UNAVAILABLE", message)
         }
+        upstream::Error::Overloaded { .. } => ApiError {
+            retry_after: Some("1".into()),
+            ..ApiError::new(S::SERVICE_UNAVAILABLE, "UNAVAILABLE", message)
+        },
         upstream::Error::Unreachable { .. } | upstream::Error::Protocol { .. } | upstream::Error::Refused { .. } => {
             ApiError::new(S::BAD_GATEWAY, "UNAVAILABLE", message)
         }

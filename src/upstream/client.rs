@@ -101,6 +101,9 @@ pub enum Error {
     Offline { upstream: String },
     #[error("upstream {upstream} pointed regcache somewhere it may not go: {message}")]
     Refused { upstream: String, message: String },
+    /// regcache itself is out of file descriptors: not the upstream's fault.
+    #[error("cannot reach upstream {upstream}: regcache is out of file descriptors")]
+    Overloaded { upstream: String },
 }
 
 impl Error {
@@ -117,6 +120,7 @@ impl Error {
         match self {
             Error::Status { status, .. } => status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS,
             Error::Unreachable { .. } | Error::Timeout { .. } | Error::Down { .. } | Error::Offline { .. } => true,
+            Error::Overloaded { .. } => true,
             Error::Protocol { .. } | Error::Refused { .. } => false,
         }
     }
@@ -417,6 +421,11 @@ impl Upstream {
                 }
                 Ok(Err(e)) => {
                     self.observe(method, "error", started);
+                    if out_of_descriptors(&e) {
+                        return Err(Error::Overloaded {
+                            upstream: self.name.clone(),
+                        });
+                    }
                     return Err(self.unreachable(error_chain(&e)));
                 }
                 Ok(Ok(resp)) => resp,
@@ -791,6 +800,20 @@ fn resolve(base: &Uri, location: &str) -> Option<Uri> {
         .path_and_query(location)
         .build()
         .ok()
+}
+
+/// Whether an error was caused by this process (or the system) running out of descriptors.
+fn out_of_descriptors(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(23 | 24)) {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// An error with its sources, for messages that say what actually failed.
