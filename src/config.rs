@@ -62,6 +62,11 @@ pub struct ServerConfig {
     /// request's Host header and whether regcache itself serves TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
+    /// Addresses or CIDR blocks of reverse proxies whose `X-Forwarded-Proto` and
+    /// `X-Forwarded-Host` are believed (for the token realm); from anyone else they are
+    /// ignored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +76,7 @@ impl Default for ServerConfig {
             shutdown_grace: default_shutdown_grace(),
             tls: None,
             public_url: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -498,6 +504,15 @@ impl Config {
                 return Err(invalid(
                     "server.public_url",
                     format!("{url:?} is not a URL like \"https://mirror.example.com\""),
+                ));
+            }
+        }
+        for (i, p) in self.server.trusted_proxies.iter().enumerate() {
+            let net = crate::upstream::egress::Allowed::parse(p);
+            if !matches!(net, Some(crate::upstream::egress::Allowed::Net(..))) {
+                return Err(invalid(
+                    format!("server.trusted_proxies[{i}]"),
+                    format!("{p:?} is not an address or a CIDR block like \"10.0.0.0/8\""),
                 ));
             }
         }

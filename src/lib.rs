@@ -34,6 +34,8 @@ pub struct App {
     pub tls: Option<Arc<tls::Reloader>>,
     /// `[server] public_url`, without a trailing slash.
     pub public_url: Option<String>,
+    /// `[server] trusted_proxies`.
+    pub trusted_proxies: Vec<upstream::egress::Allowed>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +116,12 @@ fn build_app(config: &Config, background: bool) -> Result<Arc<App>, BuildError> 
             .public_url
             .as_ref()
             .map(|u| u.trim_end_matches('/').to_owned()),
+        trusted_proxies: config
+            .server
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| upstream::egress::Allowed::parse(p))
+            .collect(),
     }))
 }
 

@@ -230,7 +230,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, peer)) => (stream, peer),
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -250,6 +250,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
             }
             () = &mut shutdown => break,
         };
+        let (stream, peer) = stream;
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let builder = builder.clone();
@@ -257,7 +258,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            serve_connection(stream, app, &builder, acceptor, drain).await;
+            serve_connection(stream, peer, app, &builder, acceptor, drain).await;
         });
     }
     drop(listener);
@@ -281,8 +282,13 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
     app.proxy.cache.store.clear_tmp();
 }
 
+/// The client's address, as the request's extension (for trusted `X-Forwarded-*`).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
 async fn serve_connection(
     stream: TcpStream,
+    peer: std::net::SocketAddr,
     app: Arc<App>,
     builder: &auto::Builder<TokioExecutor>,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
@@ -291,7 +297,8 @@ async fn serve_connection(
     let activity = Activity::new();
     let handler = app.clone();
     let counted = activity.clone();
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(Peer(peer));
         let (app, activity) = (handler.clone(), counted.clone());
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
         async move {

@@ -11,14 +11,31 @@ use crate::App;
 
 /// `WWW-Authenticate: Bearer realm="<this server>/token",service="regcache"[,scope=…]`.
 fn challenge<B>(app: &App, req: &Request<B>, scope: Option<&str>) -> HeaderValue {
-    let host = req
-        .headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
+    // `X-Forwarded-*` only from a configured reverse proxy: anyone else could aim the
+    // client's credentials at a realm of their choosing.
+    let trusted = req
+        .extensions()
+        .get::<crate::server::Peer>()
+        .is_some_and(|p| app.trusted_proxies.iter().any(|t| t.covers_addr(p.0.ip())));
+    let forwarded = |name: &str| {
+        trusted
+            .then(|| req.headers().get(name).and_then(|v| v.to_str().ok()))
+            .flatten()
+            .and_then(|v| v.split(',').next())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    let host = forwarded("x-forwarded-host")
+        .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()))
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .unwrap_or("localhost")
         .replace(['"', '\\'], "");
-    let scheme = if app.tls.is_some() { "https" } else { "http" };
+    let scheme = match forwarded("x-forwarded-proto") {
+        Some("https") => "https",
+        Some("http") => "http",
+        _ if app.tls.is_some() => "https",
+        _ => "http",
+    };
     // Behind a TLS-terminating load balancer only the configured public URL is right.
     let base = match &app.public_url {
         Some(url) => url.replace(['"', '\\'], ""),

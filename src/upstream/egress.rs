@@ -36,7 +36,7 @@ impl Allowed {
         (!s.is_empty() && crate::config::is_registry_host(&s)).then_some(Allowed::Host(s))
     }
 
-    fn covers_addr(&self, ip: IpAddr) -> bool {
+    pub fn covers_addr(&self, ip: IpAddr) -> bool {
         match (self, ip) {
             (Allowed::Net(IpAddr::V4(net), bits), IpAddr::V4(ip)) => {
                 let mask = u32::MAX.checked_shl(32 - u32::from(*bits)).unwrap_or(0);

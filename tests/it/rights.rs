@@ -217,3 +217,34 @@ async fn behind_a_tls_load_balancer_the_token_realm_is_the_public_url() {
         "{challenge}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_count_only_from_a_trusted_proxy() {
+    let up = FakeUpstream::start().await;
+    let hash = bcrypt::hash("pw", 4).unwrap();
+    let auth = format!("[auth]\n[[auth.user]]\nname = \"u\"\npassword_hash = \"{hash}\"\n");
+    let forwarded = [
+        ("host", "10.1.2.3:5000"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "mirror.example.com"),
+    ];
+    let realm_of = |r: &crate::harness::Reply| r.header("www-authenticate").unwrap().to_owned();
+    for (trusted, expected) in [
+        ("[\"127.0.0.0/8\"]", "Bearer realm=\"https://mirror.example.com/token\""),
+        // The test client is not in this list: its forwarded headers are ignored.
+        ("[\"10.0.0.0/8\"]", "Bearer realm=\"http://10.1.2.3:5000/token\""),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = TestProxy::start_sections(
+            dir.path(),
+            &format!("trusted_proxies = {trusted}"),
+            "max_size = \"1GiB\"",
+            &auth,
+            &upstream_toml("docker.io", &up.url(), true, "5m"),
+        )
+        .await;
+        let r = get_with(&proxy.url("/v2/"), &forwarded).await;
+        assert_eq!(r.status, 401);
+        assert!(realm_of(&r).starts_with(expected), "{trusted}: {}", realm_of(&r));
+    }
+}
