@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::oci::RepoName;
 use crate::single_flight::SingleFlight;
 
-pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector<egress::GuardedResolver>>, Empty<Bytes>>;
 
 const MAX_REDIRECTS: usize = 5;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -127,8 +127,8 @@ impl Error {
 }
 
 /// An HTTP client (its own connection pool) for one upstream.
-pub fn http_client(tls: rustls::ClientConfig, connect_timeout: Duration) -> HttpClient {
-    let mut http = HttpConnector::new();
+pub fn http_client(tls: rustls::ClientConfig, connect_timeout: Duration, egress: Egress) -> HttpClient {
+    let mut http = HttpConnector::new_with_resolver(egress::GuardedResolver::new(egress));
     http.enforce_http(false);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
@@ -231,18 +231,11 @@ impl Upstream {
             max_stale: config.max_stale.map(|d| d.0),
             offline: config.offline || all.cache.offline,
             max_body: all.limits.max_manifest_size.0.min(usize::MAX as u64) as usize,
-            http: http_client(tls, config.connect_timeout.0),
+            http: http_client(tls, config.connect_timeout.0, upstream_egress(config)),
             metrics,
             credentials,
             trusted_realms: config.trusted_realms.iter().map(|r| r.to_ascii_lowercase()).collect(),
-            egress: Egress::new(
-                config.url.parse().unwrap_or_default(),
-                config
-                    .redirect_allow
-                    .iter()
-                    .filter_map(|a| egress::Allowed::parse(a))
-                    .collect(),
-            ),
+            egress: upstream_egress(config),
             response_timeout: config.response_timeout.0,
             circuit_failures: config.circuit_failures,
             circuit_cooldown: config.circuit_cooldown.0,
@@ -800,6 +793,18 @@ fn resolve(base: &Uri, location: &str) -> Option<Uri> {
         .path_and_query(location)
         .build()
         .ok()
+}
+
+/// The egress rules of one upstream: its own URL and its `redirect_allow` list.
+fn upstream_egress(config: &UpstreamConfig) -> Egress {
+    Egress::new(
+        config.url.parse().unwrap_or_default(),
+        config
+            .redirect_allow
+            .iter()
+            .filter_map(|a| egress::Allowed::parse(a))
+            .collect(),
+    )
 }
 
 /// Whether an error was caused by this process (or the system) running out of descriptors.

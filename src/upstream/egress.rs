@@ -8,6 +8,10 @@
 //! unless the upstream itself is at that very address, or the host or address is in the
 //! upstream's `redirect_allow` list. "Same registrable domain" is decided with the public
 //! suffix list.
+//!
+//! The same rule is applied again when a connection is made ([`GuardedResolver`], the
+//! resolver of each upstream's HTTP client), so a name that resolved to a public address
+//! at the check and to an internal one at the connection (DNS rebinding) is still refused.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -113,7 +117,7 @@ pub enum Refused {
 }
 
 /// The rules of one upstream.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Egress {
     base: Uri,
     allow: Vec<Allowed>,
@@ -181,6 +185,80 @@ impl Egress {
             }
         }
         Ok(())
+    }
+}
+
+impl Egress {
+    /// Of the addresses `host` resolved to, those this upstream may connect to: all of them
+    /// for the upstream's own host or an allowed host; else the public ones, the upstream's
+    /// own addresses and allowed ones.
+    async fn permitted(&self, host: &str, addrs: Vec<std::net::SocketAddr>) -> Vec<std::net::SocketAddr> {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if host_of(&self.base).as_deref() == Some(host.as_str())
+            || self.allow.iter().any(|a| a == &Allowed::Host(host.clone()))
+        {
+            return addrs;
+        }
+        if addrs.iter().all(|a| !is_internal(a.ip())) {
+            return addrs;
+        }
+        let own = match host_of(&self.base) {
+            Some(h) => resolve(&h, port_of(&self.base)).await.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        addrs
+            .into_iter()
+            .filter(|a| {
+                let ip = a.ip();
+                !is_internal(ip) || own.contains(&ip) || self.allow.iter().any(|n| n.covers_addr(ip))
+            })
+            .collect()
+    }
+}
+
+/// The DNS resolver of an upstream's HTTP client: resolves like the system does, then
+/// keeps only the addresses [`Egress`] permits (IP literals never reach a resolver; they are
+/// checked before the request).
+#[derive(Clone, Default)]
+pub struct GuardedResolver {
+    egress: std::sync::Arc<Egress>,
+}
+
+impl GuardedResolver {
+    pub fn new(egress: Egress) -> GuardedResolver {
+        GuardedResolver {
+            egress: std::sync::Arc::new(egress),
+        }
+    }
+}
+
+type Resolving = std::pin::Pin<
+    Box<dyn std::future::Future<Output = std::io::Result<std::vec::IntoIter<std::net::SocketAddr>>> + Send>,
+>;
+
+impl tower_service::Service<hyper_util::client::legacy::connect::dns::Name> for GuardedResolver {
+    type Response = std::vec::IntoIter<std::net::SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Resolving;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Resolving {
+        let egress = self.egress.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let found: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let permitted = egress.permitted(&host, found).await;
+            if permitted.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("{host} resolves only to internal addresses this upstream may not use"),
+                ));
+            }
+            Ok(permitted.into_iter())
+        })
     }
 }
 
@@ -283,5 +361,34 @@ mod tests {
             Err(Refused::Downgrade(_))
         ));
         assert_eq!(tls.check(&from, &uri("https://8.8.8.8/")).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn the_resolver_keeps_only_permitted_addresses() {
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        let sock = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let up = Egress::new(
+            uri("http://127.0.0.1:5000"),
+            vec![Allowed::parse("10.9.0.0/16").unwrap()],
+        );
+        // A name that answers with the metadata endpoint and a public address: only the latter.
+        let got = up
+            .permitted("cdn.example", vec![sock("169.254.169.254:0"), sock("8.8.8.8:0")])
+            .await;
+        assert_eq!(got, vec![sock("8.8.8.8:0")]);
+        // The upstream's own address and allowed blocks are kept.
+        let got = up
+            .permitted(
+                "x.example",
+                vec![sock("127.0.0.1:0"), sock("10.9.1.1:0"), sock("10.8.1.1:0")],
+            )
+            .await;
+        assert_eq!(got, vec![sock("127.0.0.1:0"), sock("10.9.1.1:0")]);
+        // The upstream's own host name may be anywhere (a private registry on the LAN).
+        let lan = Egress::new(uri("https://registry.lan:5000"), vec![]);
+        assert_eq!(
+            lan.permitted("registry.lan", vec![sock("10.0.0.5:0")]).await,
+            vec![sock("10.0.0.5:0")]
+        );
     }
 }
