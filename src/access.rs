@@ -197,24 +197,39 @@ impl Access {
             Some(u) => (u.hash.clone(), true),
             None => (DUMMY_HASH.to_owned(), false),
         };
-        let password = password.to_owned();
+        let (password, user) = (password.to_owned(), name.to_owned());
+        let key = fingerprint.clone();
         let ok = self
             .checks
-            .run(fingerprint.clone(), || async move {
+            .run(fingerprint, || async move {
+                // A flight that ended just before this one may have settled it already.
+                if self.failed.contains_key(&key) {
+                    return false;
+                }
+                if self.verified.contains_key(&key) {
+                    return true;
+                }
                 let Ok(_slot) = self.bcrypt_slots.acquire().await else {
                     return false;
                 };
                 self.bcrypt_runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
+                let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
                     .await
                     .unwrap_or(false)
+                    && exists;
+                // Remembered before the flight ends, so that no request arriving just after
+                // it runs bcrypt again.
+                if ok {
+                    self.verified.insert(key, user);
+                } else {
+                    self.failed.insert(key, ());
+                }
+                ok
             })
             .await;
-        if ok && exists {
-            self.verified.insert(fingerprint, name.to_owned());
+        if ok {
             Identity::User(name.to_owned())
         } else {
-            self.failed.insert(fingerprint, ());
             Identity::Invalid
         }
     }

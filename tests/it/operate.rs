@@ -572,3 +572,38 @@ async fn an_https_upstream_with_a_private_ca_is_trusted_through_ca_file_only() {
     assert_eq!(r.status, 502, "{:?}", r.body);
     assert!(files_under(&dir.path().join("v1/manifests")).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_file_is_picked_up_without_any_signal() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = make_cert(dir.path(), "before");
+    let (served_cert, served_key) = (dir.path().join("served.crt"), dir.path().join("served.key"));
+    std::fs::copy(&cert, &served_cert).unwrap();
+    std::fs::copy(&key, &served_key).unwrap();
+    let tls = format!(
+        "[server.tls]\ncert = \"{}\"\nkey = \"{}\"",
+        served_cert.display(),
+        served_key.display()
+    );
+    let daemon = Process::start(dir.path(), &up.url(), &tls);
+    let base = format!("https://{}", daemon.addr);
+    let ask = |ca: std::path::PathBuf, base: String| async move {
+        tls_client(&ca)
+            .request(http::Request::get(format!("{base}/v2/")).body(Empty::new()).unwrap())
+            .await
+            .map(|r| r.status())
+    };
+    assert_eq!(ask(ca.clone(), base.clone()).await.unwrap(), 200);
+    // cert-manager or certbot replaces the files; nobody tells regcache. It checks them
+    // every 10 s.
+    let (new_cert, new_key, new_ca) = make_cert(dir.path(), "after");
+    std::fs::copy(&new_cert, &served_cert).unwrap();
+    std::fs::copy(&new_key, &served_key).unwrap();
+    let started = std::time::Instant::now();
+    while ask(new_ca.clone(), base.clone()).await.is_err() {
+        assert!(started.elapsed() < HANG, "the renewed certificate was never served");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ask(ca, base).await.is_err(), "the old certificate is no longer served");
+}
