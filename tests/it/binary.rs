@@ -12,7 +12,7 @@ use http::Method;
 use http_body_util::BodyExt;
 
 use crate::fake_upstream::{FakeUpstream, Fault};
-use crate::harness::{get, open, random_bytes, upstream_toml, Process};
+use crate::harness::{get, open, random_bytes, write_process_config, Process};
 
 /// Far longer than any of these commands needs; reaching it means the binary hung.
 const HANG: Duration = Duration::from_secs(20);
@@ -75,14 +75,6 @@ fn write_config(dir: &Path, body: &str) -> std::path::PathBuf {
     let path = dir.join("regcache.toml");
     std::fs::write(&path, body).expect("config written");
     path
-}
-
-fn minimal_config(dir: &Path, server_keys: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n{server_keys}\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}",
-        dir.join("cache").display(),
-        upstream_toml("docker.io", "http://127.0.0.1:9", true, "5m")
-    )
 }
 
 #[test]
@@ -168,7 +160,7 @@ fn serve_startup_failures_exit_at_once_with_one_line() {
     // The registry port is taken.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().to_string();
-    let config = write_config(dir.path(), &minimal_config(dir.path(), ""));
+    let config = write_process_config(dir.path(), "http://127.0.0.1:9", "", "");
     let mut cmd = regcache();
     cmd.args(["serve", "--config"]).arg(&config).args(["--listen", &port]);
     assert_fails_naming(&run(cmd, b""), &port);
@@ -252,16 +244,7 @@ impl Logged {
         server_keys: &str,
         upstream_keys: &str,
     ) -> Logged {
-        let config = dir.join("regcache.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\n{server_keys}\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}{upstream_keys}\n",
-                dir.join("cache").display(),
-                upstream_toml("docker.io", upstream, true, "5m")
-            ),
-        )
-        .unwrap();
+        let config = write_process_config(dir, upstream, server_keys, upstream_keys);
         let mut cmd = regcache();
         cmd.args(["--log-format", format, "serve", "--config"]).arg(&config);
         if let Some(filter) = rust_log {
@@ -539,21 +522,13 @@ async fn out_of_file_descriptors_a_blob_miss_is_refused_not_passed_through() {
     let up = FakeUpstream::start().await;
     let digest = up.add_blob(&random_bytes(100_000, 75));
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("regcache.toml"),
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}",
-            dir.path().join("cache").display(),
-            upstream_toml("docker.io", &up.url(), true, "5m")
-        ),
-    )
-    .unwrap();
+    let config = write_process_config(dir.path(), &up.url(), "", "");
     // A small descriptor limit, set on the process itself.
     let mut child = Command::new("prlimit")
         .arg("--nofile=64:64")
         .arg(env!("CARGO_BIN_EXE_regcache"))
         .args(["--log-format", "json", "serve", "--config"])
-        .arg(dir.path().join("regcache.toml"))
+        .arg(&config)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

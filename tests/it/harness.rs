@@ -234,19 +234,27 @@ pub struct Process {
     pub addr: String,
 }
 
+/// Writes `<dir>/regcache.toml` for a regcache process of its own: cache in `<dir>/cache`,
+/// `upstream` as the default docker.io, `server_keys` in `[server]`, `upstream_keys` in the
+/// `[[upstream]]` table. Returns its path.
+pub fn write_process_config(dir: &Path, upstream: &str, server_keys: &str, upstream_keys: &str) -> PathBuf {
+    let config = dir.join("regcache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n{server_keys}\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}{upstream_keys}\n",
+            dir.join("cache").display(),
+            upstream_toml("docker.io", upstream, true, "5m")
+        ),
+    )
+    .expect("config written");
+    config
+}
+
 impl Process {
     pub fn start(dir: &Path, upstream: &str, server_keys: &str) -> Process {
         use std::io::BufRead;
-        let config = dir.join("regcache.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\n{server_keys}\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}",
-                dir.join("cache").display(),
-                upstream_toml("docker.io", upstream, true, "5m")
-            ),
-        )
-        .expect("config written");
+        let config = write_process_config(dir, upstream, server_keys, "");
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
             .args(["--log-format", "json", "serve", "--config"])
             .arg(&config)

@@ -488,47 +488,87 @@ async fn sigterm_lets_a_download_in_flight_finish_and_exits_cleanly() {
     assert_eq!(files_under(&dir.path().join("cache/v1/blobs")).len(), 1);
 }
 
+/// Makes a certificate named `name` in `dir` and copies it to the served (cert, key) files;
+/// returns its CA.
+fn serve_certificate(dir: &Path, served: &(std::path::PathBuf, std::path::PathBuf), name: &str) -> std::path::PathBuf {
+    let (cert, key, ca) = make_cert(dir, name);
+    std::fs::copy(&cert, &served.0).unwrap();
+    std::fs::copy(&key, &served.1).unwrap();
+    ca
+}
+
+/// The regcache binary serving TLS from files that a test can replace, as cert-manager or
+/// certbot does.
+struct TlsDaemon {
+    daemon: Process,
+    dir: tempfile::TempDir,
+    base: String,
+    served: (std::path::PathBuf, std::path::PathBuf),
+    _up: FakeUpstream,
+}
+
+impl TlsDaemon {
+    /// Started with a first certificate; returns it and the CA that signed it.
+    async fn start() -> (TlsDaemon, std::path::PathBuf) {
+        let up = FakeUpstream::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let served = (dir.path().join("served.crt"), dir.path().join("served.key"));
+        let tls = format!(
+            "[server.tls]\ncert = \"{}\"\nkey = \"{}\"",
+            served.0.display(),
+            served.1.display()
+        );
+        let ca = serve_certificate(dir.path(), &served, "first");
+        let daemon = Process::start(dir.path(), &up.url(), &tls);
+        let base = format!("https://{}", daemon.addr);
+        let me = TlsDaemon {
+            daemon,
+            dir,
+            base,
+            served,
+            _up: up,
+        };
+        (me, ca)
+    }
+
+    /// Writes a new certificate over the served files; returns its CA.
+    fn replace_certificate(&self, name: &str) -> std::path::PathBuf {
+        serve_certificate(self.dir.path(), &self.served, name)
+    }
+
+    /// Whether a new connection trusting only `ca` gets an answer.
+    async fn answers_trusting(&self, ca: &Path) -> bool {
+        tls_client(ca)
+            .request(
+                http::Request::get(format!("{}/v2/", self.base))
+                    .body(Empty::new())
+                    .unwrap(),
+            )
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_makes_the_running_binary_serve_a_renewed_certificate() {
-    let up = FakeUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key, ca) = make_cert(dir.path(), "first");
-    let (served_cert, served_key) = (dir.path().join("served.crt"), dir.path().join("served.key"));
-    std::fs::copy(&cert, &served_cert).unwrap();
-    std::fs::copy(&key, &served_key).unwrap();
-    let tls = format!(
-        "[server.tls]\ncert = \"{}\"\nkey = \"{}\"",
-        served_cert.display(),
-        served_key.display()
-    );
-    let daemon = Process::start(dir.path(), &up.url(), &tls);
-    let base = format!("https://{}", daemon.addr);
-    let ask = |ca: std::path::PathBuf, base: String| async move {
-        tls_client(&ca)
-            .request(http::Request::get(format!("{base}/v2/")).body(Empty::new()).unwrap())
-            .await
-            .map(|r| r.status())
-    };
-    assert_eq!(ask(ca.clone(), base.clone()).await.unwrap(), 200);
-
-    let (new_cert, new_key, new_ca) = make_cert(dir.path(), "second");
-    std::fs::copy(&new_cert, &served_cert).unwrap();
-    std::fs::copy(&new_key, &served_key).unwrap();
-    daemon.signal("HUP");
-    // The signal is handled asynchronously: new connections get the new certificate soon.
+    let (mut tls, ca) = TlsDaemon::start().await;
+    assert!(tls.answers_trusting(&ca).await);
+    let new_ca = tls.replace_certificate("second");
+    tls.daemon.signal("HUP");
+    // The signal is handled asynchronously: new connections get the new certificate soon
+    // (well before the 10 s file check could).
     let mut renewed = false;
     for _ in 0..500 {
-        if ask(new_ca.clone(), base.clone()).await.is_ok() {
+        if tls.answers_trusting(&new_ca).await {
             renewed = true;
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert!(renewed, "the renewed certificate is served after SIGHUP");
-    assert!(ask(ca, base).await.is_err(), "the old one is not");
+    assert!(!tls.answers_trusting(&ca).await, "the old one is not");
     // Still the same process: a reload, not a restart.
-    let mut daemon = daemon;
-    assert!(daemon.child.try_wait().unwrap().is_none());
+    assert!(tls.daemon.child.try_wait().unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -575,35 +615,18 @@ async fn an_https_upstream_with_a_private_ca_is_trusted_through_ca_file_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewed_certificate_file_is_picked_up_without_any_signal() {
-    let up = FakeUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key, ca) = make_cert(dir.path(), "before");
-    let (served_cert, served_key) = (dir.path().join("served.crt"), dir.path().join("served.key"));
-    std::fs::copy(&cert, &served_cert).unwrap();
-    std::fs::copy(&key, &served_key).unwrap();
-    let tls = format!(
-        "[server.tls]\ncert = \"{}\"\nkey = \"{}\"",
-        served_cert.display(),
-        served_key.display()
-    );
-    let daemon = Process::start(dir.path(), &up.url(), &tls);
-    let base = format!("https://{}", daemon.addr);
-    let ask = |ca: std::path::PathBuf, base: String| async move {
-        tls_client(&ca)
-            .request(http::Request::get(format!("{base}/v2/")).body(Empty::new()).unwrap())
-            .await
-            .map(|r| r.status())
-    };
-    assert_eq!(ask(ca.clone(), base.clone()).await.unwrap(), 200);
+    let (tls, ca) = TlsDaemon::start().await;
+    assert!(tls.answers_trusting(&ca).await);
     // cert-manager or certbot replaces the files; nobody tells regcache. It checks them
     // every 10 s.
-    let (new_cert, new_key, new_ca) = make_cert(dir.path(), "after");
-    std::fs::copy(&new_cert, &served_cert).unwrap();
-    std::fs::copy(&new_key, &served_key).unwrap();
+    let new_ca = tls.replace_certificate("after");
     let started = std::time::Instant::now();
-    while ask(new_ca.clone(), base.clone()).await.is_err() {
+    while !tls.answers_trusting(&new_ca).await {
         assert!(started.elapsed() < HANG, "the renewed certificate was never served");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert!(ask(ca, base).await.is_err(), "the old certificate is no longer served");
+    assert!(
+        !tls.answers_trusting(&ca).await,
+        "the old certificate is no longer served"
+    );
 }
