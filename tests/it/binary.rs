@@ -71,6 +71,14 @@ fn assert_fails_naming(out: &Output, cause: &str) {
     );
 }
 
+/// A 1 MiB blob on the fake whose download stops after 256 KiB until the gate opens.
+fn held_blob(up: &FakeUpstream, seed: u64) -> (String, Arc<tokio::sync::Notify>) {
+    let digest = up.add_blob(&random_bytes(1 << 20, seed));
+    let gate = Arc::new(tokio::sync::Notify::new());
+    up.fault(&digest, [Fault::Gate(256 << 10, gate.clone())]);
+    (digest, gate)
+}
+
 fn write_config(dir: &Path, body: &str) -> std::path::PathBuf {
     let path = dir.join("regcache.toml");
     std::fs::write(&path, body).expect("config written");
@@ -186,9 +194,7 @@ fn serve_startup_failures_exit_at_once_with_one_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_on_the_same_cache_dir_refuses_and_leaves_the_first_alone() {
     let up = FakeUpstream::start().await;
-    let digest = up.add_blob(&random_bytes(1 << 20, 70));
-    let gate = Arc::new(tokio::sync::Notify::new());
-    up.fault(&digest, [Fault::Gate(256 << 10, gate.clone())]);
+    let (digest, gate) = held_blob(&up, 70);
     let dir = tempfile::tempdir().unwrap();
     let first = Process::start(dir.path(), &up.url(), "");
     // A fill in flight: its temp file is what a second process used to wipe.
@@ -353,9 +359,7 @@ async fn json_logs_rust_log_and_sigint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once_with_130() {
     let up = FakeUpstream::start().await;
-    let digest = up.add_blob(&random_bytes(1 << 20, 71));
-    let gate = Arc::new(tokio::sync::Notify::new());
-    up.fault(&digest, [Fault::Gate(256 << 10, gate.clone())]);
+    let (digest, gate) = held_blob(&up, 71);
     let dir = tempfile::tempdir().unwrap();
     let server = Logged::start(dir.path(), &up.url(), "text", None);
     // A download that cannot finish keeps the graceful drain waiting.
@@ -465,9 +469,7 @@ async fn secrets_never_reach_the_json_logs_even_at_trace_level() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_grace_runs_out_the_drain_ends_and_leaves_no_temp_file() {
     let up = FakeUpstream::start().await;
-    let digest = up.add_blob(&random_bytes(1 << 20, 73));
-    let gate = Arc::new(tokio::sync::Notify::new());
-    up.fault(&digest, [Fault::Gate(256 << 10, gate.clone())]);
+    let (digest, gate) = held_blob(&up, 73);
     let dir = tempfile::tempdir().unwrap();
     let server = Logged::start_with(dir.path(), &up.url(), "text", None, "shutdown_grace = \"500ms\"", "");
     let resp = open(
