@@ -315,12 +315,15 @@ async fn serve_connection(
         }
     });
     // hyper's header timeout starts with the first byte; a client that connects and
-    // sends nothing must not hold a connection slot forever either.
+    // sends nothing (a pre-opened pooled connection) must hold a connection slot neither
+    // forever nor through a drain.
+    let mut drain = drain;
     if acceptor.is_none() {
         let mut first = [0u8; 1];
+        let limit = app.limits.header_read_timeout.0;
         if !matches!(
-            tokio::time::timeout(app.limits.header_read_timeout.0, stream.peek(&mut first)).await,
-            Ok(Ok(1))
+            before_drain(&mut drain, limit, stream.peek(&mut first)).await,
+            Some(Ok(1))
         ) {
             return;
         }
@@ -335,14 +338,14 @@ async fn serve_connection(
             watch_connection(conn, |c| c.graceful_shutdown(), &app, &activity, drain).await
         }
         Some(acceptor) => {
-            let handshake = tokio::time::timeout(app.limits.header_read_timeout.0, acceptor.accept(tracked)).await;
-            let tls = match handshake {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
+            let limit = app.limits.header_read_timeout.0;
+            let tls = match before_drain(&mut drain, limit, acceptor.accept(tracked)).await {
+                Some(Ok(tls)) => tls,
+                Some(Err(e)) => {
                     tracing::debug!(error = %e, "TLS handshake failed");
                     return;
                 }
-                Err(_) => return,
+                None => return,
             };
             let conn = builder.serve_connection(TokioIo::new(tls), service);
             watch_connection(conn, |c| c.graceful_shutdown(), &app, &activity, drain).await
@@ -350,6 +353,22 @@ async fn serve_connection(
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// `work`'s result, unless it takes longer than `limit` or the server starts draining first
+/// (nothing has been asked on the connection yet, so there is nothing to finish).
+async fn before_drain<T>(
+    drain: &mut watch::Receiver<bool>,
+    limit: Duration,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    if *drain.borrow() {
+        return None;
+    }
+    tokio::select! {
+        done = tokio::time::timeout(limit, work) => done.ok(),
+        _ = drain.wait_for(|draining| *draining) => None,
     }
 }
 
