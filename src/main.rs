@@ -131,7 +131,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                 config.admin.listen = admin;
             }
             config.validate()?;
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .on_thread_park(regcache::logging::flush_this_thread)
+                .build()
+                .context("starting the async runtime")?;
             let result = runtime.block_on(serve(config));
             // Whatever still runs (a blocking disk task, a probe) must not keep a failing
             // process from exiting.

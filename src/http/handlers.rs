@@ -70,8 +70,15 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>,
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
-    tracing::info!(target: "regcache::access", method = %req.method(), path = req.uri().path(), route = label,
-        status = resp.status().as_u16(), bytes, duration_ms = elapsed.as_secs_f64() * 1000.0, cache, "request");
+    crate::logging::access(&crate::logging::AccessLine {
+        method: req.method().as_str(),
+        path: req.uri().path(),
+        route: label,
+        status: resp.status().as_u16(),
+        bytes,
+        duration_ms: elapsed.as_secs_f64() * 1000.0,
+        cache,
+    });
     Ok(resp)
 }
 

@@ -8,8 +8,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::Method;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 
 use crate::fake_upstream::{FakeUpstream, Fault};
 use crate::harness::{get, open, random_bytes, write_process_config, Process};
@@ -308,7 +311,14 @@ impl Logged {
             if let Some(status) = self.child.try_wait().unwrap() {
                 break status;
             }
-            assert!(started.elapsed() < HANG, "regcache did not exit within {HANG:?}");
+            if started.elapsed() > HANG {
+                let lines = self.lines.lock().unwrap();
+                let tail = &lines[lines.len().saturating_sub(10)..];
+                panic!(
+                    "regcache did not exit within {HANG:?}; its last lines:\n{}",
+                    tail.join("\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(10));
         };
         self.done.recv_timeout(HANG).expect("stderr closed");
@@ -322,6 +332,72 @@ impl Drop for Logged {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A connection that was opened and never used (a client's pre-connected pool) ends when
+/// the server drains instead of holding the exit for the header timeout (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_does_not_hold_the_drain() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Logged::start(dir.path(), &up.url(), "json", None);
+    let mut silent = std::net::TcpStream::connect(&server.addr).unwrap();
+    assert_eq!(get(&format!("http://{}/v2/", server.addr)).await.status, 200);
+    server.signal("TERM");
+    let (code, lines) = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    assert_eq!(code, Some(0), "{lines:#?}");
+    let mut rest = Vec::new();
+    assert_eq!(
+        silent.read_to_end(&mut rest).unwrap_or(0),
+        0,
+        "closed without an answer"
+    );
+}
+
+/// Access lines are batched per worker: a line still arrives while the server is idle, and
+/// none of a burst bigger than a batch is lost at exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_access_lines_arrive_when_idle_and_all_at_exit() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Logged::start(dir.path(), &up.url(), "json", None);
+    let access_lines = |lines: &Arc<Mutex<Vec<String>>>, path: &str| {
+        let needle = format!("\"path\":\"{path}\"");
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("regcache::access") && l.contains(&needle))
+            .count()
+    };
+    assert_eq!(get(&format!("http://{}/v2/", server.addr)).await.status, 200);
+    let started = Instant::now();
+    while access_lines(&server.lines, "/v2/") == 0 {
+        assert!(
+            started.elapsed() < HANG,
+            "the access line of an idle server never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let burst: Vec<_> = (0..400)
+        .map(|i| {
+            let client = client.clone();
+            let uri = format!("http://{}/v2/nothing/burst{}", server.addr, i % 4);
+            tokio::spawn(async move { client.get(uri.parse().unwrap()).await.map(|r| r.status()) })
+        })
+        .collect();
+    for request in burst {
+        request.await.unwrap().unwrap();
+    }
+    server.signal("TERM");
+    let lines = server.lines.clone();
+    let (code, _) = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    assert_eq!(code, Some(0));
+    let written: usize = (0..4)
+        .map(|i| access_lines(&lines, &format!("/v2/nothing/burst{i}")))
+        .sum();
+    assert_eq!(written, 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
