@@ -224,7 +224,7 @@ impl Proxy {
     ) -> Result<ManifestAnswer, Error> {
         match reference {
             Reference::Digest(digest) => {
-                if let Some(manifest) = self.cache.manifest(digest) {
+                if let Some(manifest) = self.cache.load_manifest(digest).await {
                     self.authorize(target, Content::Manifest, digest).await?;
                     self.lookup("manifest", "hit");
                     return Ok(ManifestAnswer { manifest, stale: false });
@@ -241,7 +241,7 @@ impl Proxy {
                     tag: tag.clone(),
                     accept: accept.bits(),
                 };
-                if let Some(answer) = self.fresh_tag(&key, &target.upstream) {
+                if let Some(answer) = self.fresh_tag(&key, &target.upstream).await {
                     self.lookup("tag", "hit");
                     return Ok(answer);
                 }
@@ -254,18 +254,17 @@ impl Proxy {
 
     /// A cached tag answer that needs no upstream: within its TTL, or any age when the
     /// upstream is offline by configuration.
-    fn fresh_tag(&self, key: &TagKey, up: &upstream::Upstream) -> Option<ManifestAnswer> {
-        let record = self.cache.tags.get(key)?;
+    async fn fresh_tag(&self, key: &TagKey, up: &upstream::Upstream) -> Option<ManifestAnswer> {
+        let (record, manifest) = self.cache.load_tag(key).await?;
         if record.age() >= up.tag_ttl && !up.offline {
             return None;
         }
-        let manifest = self.cache.manifest(&record.digest()?)?;
         Some(ManifestAnswer { manifest, stale: false })
     }
 
     async fn fetch_by_digest(&self, target: &Target, digest: &Digest) -> Result<ManifestAnswer, Error> {
         // Another flight may have stored it while this one queued.
-        if let Some(manifest) = self.cache.manifest(digest) {
+        if let Some(manifest) = self.cache.load_manifest(digest).await {
             self.authorize(target, Content::Manifest, digest).await?;
             self.lookup("manifest", "coalesced");
             return Ok(ManifestAnswer { manifest, stale: false });
@@ -288,16 +287,13 @@ impl Proxy {
 
     async fn resolve_tag(&self, target: &Target, key: TagKey, accept: AcceptSet) -> Result<ManifestAnswer, Error> {
         let up = &target.upstream;
-        if let Some(answer) = self.fresh_tag(&key, up) {
+        if let Some(answer) = self.fresh_tag(&key, up).await {
             self.lookup("tag", "coalesced");
             return Ok(answer);
         }
         self.lookup("tag", "miss");
         let accept_header = accept.header_value();
-        let cached = self.cache.tags.get(&key).and_then(|record| {
-            let manifest = self.cache.manifest(&record.digest()?)?;
-            Some((record, manifest))
-        });
+        let cached = self.cache.load_tag(&key).await;
         let unknown = || Error::ManifestUnknown(format!("{}:{}", key.repo, key.tag));
         // Serves the cached answer when the upstream cannot give one, within max_stale.
         let stale_or = |e: upstream::Error| -> Result<ManifestAnswer, Error> {
@@ -362,7 +358,7 @@ impl Proxy {
             tag: format!("referrers/{digest}"),
             accept: 0,
         };
-        let all = match self.fresh_tag(&key, &target.upstream) {
+        let all = match self.fresh_tag(&key, &target.upstream).await {
             Some(answer) => {
                 self.lookup("tag", "hit");
                 answer
@@ -390,7 +386,7 @@ impl Proxy {
 
     async fn fetch_referrers(&self, target: &Target, digest: &Digest, key: TagKey) -> Result<ManifestAnswer, Error> {
         let up = &target.upstream;
-        if let Some(answer) = self.fresh_tag(&key, up) {
+        if let Some(answer) = self.fresh_tag(&key, up).await {
             self.lookup("tag", "coalesced");
             return Ok(answer);
         }
@@ -412,10 +408,10 @@ impl Proxy {
             Err(e) => {
                 let cached = self
                     .cache
-                    .tags
-                    .get(&key)
-                    .filter(|r| e.is_unavailable() && up.max_stale.is_none_or(|max| r.age() < max))
-                    .and_then(|r| self.cache.manifest(&r.digest()?));
+                    .load_tag(&key)
+                    .await
+                    .filter(|(r, _)| e.is_unavailable() && up.max_stale.is_none_or(|max| r.age() < max))
+                    .map(|(_, manifest)| manifest);
                 return match cached {
                     Some(manifest) => {
                         self.lookup("tag", "stale");
@@ -491,7 +487,7 @@ impl Proxy {
 
     /// A blob to stream: from the cache, or from the fill that fetches it (joined or started).
     pub async fn blob(&self, target: &Target, digest: &Digest) -> Result<BlobAnswer, Error> {
-        if let Some(answer) = self.cached_blob(digest)? {
+        if let Some(answer) = self.cached_blob(digest).await? {
             self.authorize(target, Content::Blob, digest).await?;
             self.lookup("blob", "hit");
             return Ok(answer);
@@ -591,7 +587,7 @@ impl Proxy {
             Ok(Some(fill)) => Ok(Joined::Fill(fill, started_here)),
             Ok(None) => {
                 // Committed between the caller's miss and the join (and perhaps evicted since).
-                let Some(answer) = self.cached_blob(digest)? else {
+                let Some(answer) = self.cached_blob(digest).await? else {
                     return Ok(Joined::Gone);
                 };
                 self.authorize(target, Content::Blob, digest).await?;
@@ -633,8 +629,8 @@ impl Proxy {
         }
     }
 
-    fn cached_blob(&self, digest: &Digest) -> Result<Option<BlobAnswer>, Error> {
-        Ok(self.cache.open_blob(digest)?.map(|(file, len)| BlobAnswer::File {
+    async fn cached_blob(&self, digest: &Digest) -> Result<Option<BlobAnswer>, Error> {
+        Ok(self.cache.load_blob(digest).await?.map(|(file, len)| BlobAnswer::File {
             file,
             total: Some(len),
             progress: None,
@@ -643,7 +639,7 @@ impl Proxy {
 
     /// The size of a blob, without fetching it.
     pub async fn blob_size(&self, target: &Target, digest: &Digest) -> Result<Option<u64>, Error> {
-        if let Some((_, len)) = self.cache.open_blob(digest)? {
+        if let Some((_, len)) = self.cache.load_blob(digest).await? {
             self.authorize(target, Content::Blob, digest).await?;
             return Ok(Some(len));
         }

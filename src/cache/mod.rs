@@ -17,7 +17,7 @@ use bytes::Bytes;
 use crate::digest::Digest;
 use blob_store::{BlobStore, Kind};
 use index::Index;
-use tags::TagStore;
+use tags::{TagKey, TagRecord, TagStore};
 
 /// A manifest: its exact bytes, media type and digest.
 #[derive(Debug, Clone)]
@@ -116,6 +116,45 @@ impl Cache {
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start the tag record collector");
         }
+    }
+
+    /// [`Cache::manifest`] for async callers: a memory hit at once, the disk read on the
+    /// blocking pool.
+    pub async fn load_manifest(self: &Arc<Self>, digest: &Digest) -> Option<Arc<Manifest>> {
+        if let Some(m) = self.manifests.get(digest) {
+            self.index.contains(Kind::Manifest, digest);
+            return Some(m);
+        }
+        let (cache, digest) = (self.clone(), digest.clone());
+        tokio::task::spawn_blocking(move || cache.manifest(&digest)).await.ok().flatten()
+    }
+
+    /// A tag's record and its manifest: from memory at once, else read from disk on the
+    /// blocking pool.
+    pub async fn load_tag(self: &Arc<Self>, key: &TagKey) -> Option<(Arc<TagRecord>, Arc<Manifest>)> {
+        if let Some(record) = self.tags.in_memory(key) {
+            if let Some(m) = record.digest().and_then(|d| self.manifests.get(&d)) {
+                self.index.contains(Kind::Manifest, &m.digest);
+                return Some((record, m));
+            }
+        }
+        let (cache, key) = (self.clone(), key.clone());
+        tokio::task::spawn_blocking(move || {
+            let record = cache.tags.get(&key)?;
+            let manifest = cache.manifest(&record.digest()?)?;
+            Some((record, manifest))
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// [`Cache::open_blob`] on the blocking pool (an open and a stat can wait on the disk).
+    pub async fn load_blob(self: &Arc<Self>, digest: &Digest) -> io::Result<Option<(Arc<File>, u64)>> {
+        let (cache, digest) = (self.clone(), digest.clone());
+        tokio::task::spawn_blocking(move || cache.open_blob(&digest))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)))
     }
 
     /// A cached blob, opened, with its length. A file whose size is not the size recorded

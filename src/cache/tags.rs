@@ -105,6 +105,12 @@ impl TagStore {
         self.dir.join(&hex[..2]).join(format!("{hex}.json"))
     }
 
+    /// The record if it is in memory (never touches the disk).
+    pub fn in_memory(&self, key: &TagKey) -> Option<Arc<TagRecord>> {
+        self.memory.get(key)
+    }
+
+    /// The record, from memory or from its file. Blocking.
     pub fn get(&self, key: &TagKey) -> Option<Arc<TagRecord>> {
         if let Some(r) = self.memory.get(key) {
             return Some(r);
