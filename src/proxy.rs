@@ -112,6 +112,8 @@ pub struct Proxy {
     pub upstreams: Upstreams,
     pub metrics: Arc<Metrics>,
     fills: Arc<Fills<upstream::Error>>,
+    /// Background writes not yet finished (see [`Proxy::in_background`]).
+    writes: Arc<std::sync::atomic::AtomicUsize>,
     manifest_flights: SingleFlight<Flight, Result<ManifestAnswer, Error>>,
     /// Access rules limit who may pull which repository: cached content is then served to
     /// an (upstream, repository) only when that pair is known to hold it.
@@ -138,6 +140,7 @@ impl Proxy {
             upstreams,
             metrics,
             fills,
+            writes: Arc::default(),
             manifest_flights: SingleFlight::default(),
             restricted,
         }
@@ -180,30 +183,48 @@ impl Proxy {
 
     /// Stores a verified manifest (on the blocking pool: it fsyncs). A disk that cannot
     /// take it costs the cache, not the answer: the manifest is still served from memory.
-    async fn store_manifest(&self, manifest: Arc<Manifest>) {
+    /// Keeps a verified manifest in memory, where the answer and every later request get
+    /// it, and writes it to disk in the background: an answer never waits for an fsync
+    /// (which on a real disk can wait for another file's commit of gigabytes).
+    fn store_manifest(&self, manifest: Arc<Manifest>) {
+        self.cache.remember_manifest(manifest.clone());
         let cache = self.cache.clone();
-        let digest = manifest.digest.clone();
-        let stored = tokio::task::spawn_blocking(move || cache.put_manifest(manifest)).await;
-        match stored {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(%digest, error = %e, "cannot store a manifest on the cache disk; answering from memory")
+        self.in_background(move || {
+            if let Err(e) = cache.put_manifest(manifest.clone()) {
+                tracing::warn!(digest = %manifest.digest, error = %e,
+                    "cannot store a manifest on the cache disk; answering from memory");
             }
-            Err(e) => tracing::warn!(%digest, error = %e, "storing a manifest failed"),
-        }
+        });
     }
 
-    /// Persists a tag mapping off the async workers. `durable` (fsync) for a new mapping;
-    /// a revalidation only refreshes its time, which a crash may lose at the cost of one
-    /// early HEAD.
-    async fn store_tag(&self, record: TagRecord, durable: bool) {
+    /// Keeps a tag mapping in memory and persists it in the background: `durable` (fsync)
+    /// for a new mapping; a revalidation only refreshes its time, which a crash may lose at
+    /// the cost of one early HEAD.
+    fn store_tag(&self, record: TagRecord, durable: bool) {
+        let record = self.cache.tags.remember(record);
         let cache = self.cache.clone();
-        let stored = tokio::task::spawn_blocking(move || cache.tags.put(record, durable)).await;
-        match stored {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot persist a tag mapping"),
-            Err(e) => tracing::warn!(error = %e, "persisting a tag mapping failed"),
+        self.in_background(move || {
+            if let Err(e) = cache.tags.persist(&record, durable) {
+                tracing::warn!(error = %e, "cannot persist a tag mapping");
+            }
+        });
+    }
+
+    /// Runs disk work on the blocking pool, counted in [`Proxy::work_in_flight`] so that a
+    /// shutdown waits for it.
+    fn in_background(&self, work: impl FnOnce() + Send + 'static) {
+        struct Done(Arc<std::sync::atomic::AtomicUsize>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
+        self.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let done = Done(self.writes.clone());
+        tokio::task::spawn_blocking(move || {
+            let _done = done;
+            work();
+        });
     }
 
     fn associate(&self, target: &Target, digest: &Digest) {
@@ -214,6 +235,11 @@ impl Proxy {
 
     pub fn fills_in_flight(&self) -> usize {
         self.fills.in_flight()
+    }
+
+    /// Fills and background writes (manifests, tag records) not yet finished.
+    pub fn work_in_flight(&self) -> usize {
+        self.fills.in_flight() + self.writes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub async fn manifest(
@@ -281,7 +307,7 @@ impl Proxy {
             .map_err(|e| not_found(e, || Error::ManifestUnknown(format!("{}@{digest}", target.repo))))?;
         let manifest = Arc::new(self.check_manifest(up, fetched, Some(digest))?);
         self.associate(target, digest);
-        self.store_manifest(manifest.clone()).await;
+        self.store_manifest(manifest.clone());
         Ok(ManifestAnswer { manifest, stale: false })
     }
 
@@ -314,7 +340,7 @@ impl Proxy {
             match up.head_manifest(&target.repo, &key.tag, &accept_header).await {
                 Ok(head) if head.digest.as_deref() == Some(record.digest.as_str()) => {
                     self.associate(target, &manifest.digest);
-                    self.store_tag(record.reconfirmed(), false).await;
+                    self.store_tag(record.reconfirmed(), false);
                     return Ok(ManifestAnswer {
                         manifest: manifest.clone(),
                         stale: false,
@@ -330,14 +356,14 @@ impl Proxy {
         };
         let manifest = Arc::new(self.check_manifest(up, fetched, None)?);
         self.associate(target, &manifest.digest);
-        self.store_manifest(manifest.clone()).await;
+        self.store_manifest(manifest.clone());
         let record = TagRecord::new(
             &key,
             &manifest.digest,
             &manifest.media_type,
             manifest.bytes.len() as u64,
         );
-        self.store_tag(record, true).await;
+        self.store_tag(record, true);
         Ok(ManifestAnswer { manifest, stale: false })
     }
 
@@ -427,9 +453,9 @@ impl Proxy {
             bytes,
             media_type: oci::OCI_INDEX.to_owned(),
         });
-        self.store_manifest(manifest.clone()).await;
+        self.store_manifest(manifest.clone());
         let record = TagRecord::new(&key, &manifest.digest, oci::OCI_INDEX, manifest.bytes.len() as u64);
-        self.store_tag(record, true).await;
+        self.store_tag(record, true);
         Ok(ManifestAnswer { manifest, stale: false })
     }
 

@@ -272,12 +272,15 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
     {
         tracing::warn!("shutdown: responses still in flight after {:?}", app.shutdown_grace);
     }
-    // Fills are detached from clients: give them the rest of the grace too.
-    while app.proxy.fills_in_flight() > 0 && Instant::now() < deadline {
+    // Fills and writes are detached from clients: give them the rest of the grace too.
+    while app.proxy.work_in_flight() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    if app.proxy.fills_in_flight() > 0 {
-        tracing::warn!(fills = app.proxy.fills_in_flight(), "shutdown: fills cut short");
+    if app.proxy.work_in_flight() > 0 {
+        tracing::warn!(
+            fills = app.proxy.fills_in_flight(),
+            "shutdown: fills and writes cut short"
+        );
     }
     app.proxy.cache.store.clear_tmp();
 }

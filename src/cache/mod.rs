@@ -126,7 +126,10 @@ impl Cache {
             return Some(m);
         }
         let (cache, digest) = (self.clone(), digest.clone());
-        tokio::task::spawn_blocking(move || cache.manifest(&digest)).await.ok().flatten()
+        tokio::task::spawn_blocking(move || cache.manifest(&digest))
+            .await
+            .ok()
+            .flatten()
     }
 
     /// A tag's record and its manifest: from memory at once, else read from disk on the
@@ -226,10 +229,15 @@ impl Cache {
         }
     }
 
+    /// Keeps a verified manifest in memory, where it is answered from at once.
+    pub fn remember_manifest(&self, m: Arc<Manifest>) {
+        self.manifests.insert(m.digest.clone(), m);
+    }
+
     /// Keeps a verified manifest in memory at once (so it is answered even if the disk
     /// cannot take it) and stores it on disk. Blocking: call it off the async workers.
     pub fn put_manifest(&self, m: Arc<Manifest>) -> io::Result<()> {
-        self.manifests.insert(m.digest.clone(), m.clone());
+        self.remember_manifest(m.clone());
         let size = (m.media_type.len() + 1 + m.bytes.len()) as u64;
         let tmp = self.store.write_temp(&[m.media_type.as_bytes(), b"\n", &m.bytes])?;
         let placed = self.index.commit(Kind::Manifest, &m.digest, size, || {

@@ -125,9 +125,24 @@ impl TagStore {
         Some(record)
     }
 
-    /// Stores a mapping (temp file + rename, with an fsync first when `durable`), then in
-    /// memory. Blocking.
+    /// Keeps a mapping in memory, where it is answered from at once (even if its file
+    /// cannot be written).
+    pub fn remember(&self, record: TagRecord) -> Arc<TagRecord> {
+        let record = Arc::new(record);
+        self.memory.insert(record.key(), record.clone());
+        record
+    }
+
+    /// Keeps a mapping in memory and stores it (temp file + rename, with an fsync first
+    /// when `durable`). Blocking.
     pub fn put(&self, record: TagRecord, durable: bool) -> io::Result<Arc<TagRecord>> {
+        let record = self.remember(record);
+        self.persist(&record, durable)?;
+        Ok(record)
+    }
+
+    /// Writes a remembered mapping's file. Blocking.
+    pub fn persist(&self, record: &TagRecord, durable: bool) -> io::Result<()> {
         let key = record.key();
         let path = self.path(&key);
         let body = serde_json::to_vec(&record).map_err(io::Error::other)?;
@@ -144,13 +159,9 @@ impl TagStore {
             }
             fs::rename(&tmp, &path)
         };
-        if let Err(e) = write() {
+        write().inspect_err(|_| {
             let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        let record = Arc::new(record);
-        self.memory.insert(key, record.clone());
-        Ok(record)
+        })
     }
 }
 

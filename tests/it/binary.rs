@@ -621,7 +621,14 @@ async fn out_of_file_descriptors_a_blob_miss_is_refused_not_passed_through() {
             break listen.to_owned();
         }
     };
-    std::thread::spawn(move || for _ in lines {});
+    let (accept_failed_tx, accept_failed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains("accept failed") {
+                let _ = accept_failed_tx.send(());
+            }
+        }
+    });
     // One client connects first (and is served by its own descriptor) ...
     let mut client = tokio::net::TcpStream::connect(&addr).await.unwrap();
     client.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
@@ -635,6 +642,10 @@ async fn out_of_file_descriptors_a_blob_miss_is_refused_not_passed_through() {
         c.write_all(b"G").await.unwrap();
         idle.push(c);
     }
+    // The server has taken every descriptor once it cannot accept another connection.
+    accept_failed
+        .recv_timeout(crate::harness::HANG)
+        .expect("the server ran out of descriptors");
     // A cold blob now cannot get a temp file: 503 with Retry-After, never an uncoalesced
     // stream that would need one more upstream connection per client.
     let request = format!("GET /v2/library/x/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n");
