@@ -11,7 +11,7 @@
 //! Knobs (environment):
 //! - `BENCH_QUICK=1`: 64 MiB blob, 1 run, 10 000 startup blobs, short wrk runs;
 //! - `BENCH_RUNS=N`: runs per measure (default 3, or 1 with `BENCH_QUICK`);
-//! - `BENCH_ONLY=blob,manifest,pull,herd,startup`: a subset of the phases;
+//! - `BENCH_ONLY=blob,manifest,pull,herd,commit,startup`: a subset of the phases;
 //! - `BENCH_BLOB_MIB`, `BENCH_STARTUP_BLOBS`, `BENCH_SECS` (wrk seconds per run);
 //! - `BENCH_DIR`: where the data goes (default `/dev/shm`, else the target dir);
 //! - `BENCH_ACCESS_LOG=0`: no per-request logging in any server (default: as shipped);
@@ -92,7 +92,7 @@ impl Settings {
         let blob_size = env_num("BENCH_BLOB_MIB").unwrap_or(if quick { 64 } else { 512 }) * MIB;
         let startup_blobs = env_num("BENCH_STARTUP_BLOBS").unwrap_or(if quick { 10_000 } else { 100_000 }) as usize;
         let secs = env_num("BENCH_SECS");
-        let all = ["blob", "manifest", "pull", "herd", "startup"];
+        let all = ["blob", "manifest", "pull", "herd", "commit", "startup"];
         let phases: Vec<String> = match std::env::var("BENCH_ONLY") {
             Ok(list) if !list.trim().is_empty() => list
                 .split(',')
@@ -1291,8 +1291,9 @@ enum Target {
     /// regcache's value itself must be at most / exactly this.
     ValueAtMost(f64, &'static str),
     ValueExactly(f64, &'static str),
-    /// regcache's value ÷ regcache's value of another measure must be at least this.
+    /// regcache's value ÷ regcache's value of another measure must be at least / at most this.
     RelativeAtLeast(&'static str, f64, &'static str),
+    RelativeAtMost(&'static str, f64, &'static str),
 }
 
 struct Row {
@@ -1379,6 +1380,24 @@ fn render_table(results: &Results, settings: &Settings) -> String {
             target: Target::ValueAtMost(64.0, "MiB"),
         },
         Row {
+            measure: "commit_ms",
+            label: format!("Cold manifest GET while a {blob} blob commits (ms ↓)"),
+            decimals: 1,
+            target: Target::RelativeAtMost("commit_alone_ms", 1.5, "alone"),
+        },
+        Row {
+            measure: "commit_alone_ms",
+            label: "Cold manifest GET alone (ms ↓)".into(),
+            decimals: 1,
+            target: Target::None,
+        },
+        Row {
+            measure: "commit_window_ms",
+            label: format!("The {blob} blob's commit: last byte held back for (ms)"),
+            decimals: 1,
+            target: Target::None,
+        },
+        Row {
             measure: "startup_big",
             label: format!(
                 "Startup to first 200 on a cached blob, {} cached blobs, page cache dropped (s ↓)",
@@ -1433,14 +1452,16 @@ fn render_table(results: &Results, settings: &Settings) -> String {
                 format!("= {v} {unit}"),
                 verdict(rc.map(|x| (x - v).abs() < 1e-9)).to_owned(),
             ),
-            Target::RelativeAtLeast(other, r, name) => {
+            Target::RelativeAtLeast(other, r, name) | Target::RelativeAtMost(other, r, name) => {
+                let at_least = matches!(row.target, Target::RelativeAtLeast(..));
                 let rel = rc.zip(results.median(other, RC)).map(|(a, b)| a / b);
                 (
                     format!(
-                        "≥ {r}× regcache {name} (is {})",
+                        "{} {r}× regcache {name} (is {})",
+                        if at_least { "≥" } else { "≤" },
                         rel.map_or("–".to_owned(), |x| format!("{x:.2}×"))
                     ),
-                    verdict(rel.map(|x| x >= r)).to_owned(),
+                    verdict(rel.map(|x| if at_least { x >= r } else { x <= r })).to_owned(),
                 )
             }
         };
@@ -1720,6 +1741,71 @@ async fn herd_phase(env: &Env, settings: &Settings, results: &mut Results) -> Re
     Ok(())
 }
 
+/// A cold manifest's wait while a big blob commits. Per run, on fresh caches: a cold
+/// manifest GET alone, then one fired the moment a cold GET of the big blob has received
+/// all but its last byte (held back until the fill is verified, fsynced and renamed), so it
+/// lands inside that commit. Also records how long the commit took, for scale.
+async fn commit_phase(env: &Env, settings: &Settings, results: &mut Results) -> Result<(), String> {
+    let manifest_path = format!("/v2/{REPO}/manifests/{}", env.seeded.manifest_digest);
+    let accept = [("Accept", DOCKER_MANIFEST)];
+    let timed_manifest = |addr: SocketAddr| {
+        let url = format!("http://{addr}{manifest_path}");
+        async move {
+            let started = Instant::now();
+            match get(&url, &accept).await {
+                Ok((StatusCode::OK, _)) => Ok(started.elapsed().as_secs_f64() * 1000.0),
+                Ok((status, _)) => Err(format!("GET {url}: {status}")),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    for run in 0..settings.runs {
+        eprintln!("commit run {}/{}", run + 1, settings.runs);
+        let dir = env.work.join(format!("rc-commit-alone-{run}"));
+        let rc = Regcache::start(&dir, &dir.join("cache"), &env.upstream.url()).await?;
+        results.record("commit_alone_ms", RC, timed_manifest(rc.addr).await);
+        rc.finish().await?;
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let dir = env.work.join(format!("rc-commit-{run}"));
+        let rc = Regcache::start(&dir, &dir.join("cache"), &env.upstream.url()).await?;
+        let url = format!("http://{}{}", rc.addr, env.blob_path());
+        let req = Request::get(&url)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let resp = client().request(req).await.map_err(|e| format!("GET {url}: {e}"))?;
+        let mut body = resp.into_body();
+        let size = settings.blob_size;
+        let mut got = 0u64;
+        let mut during = None;
+        let mut held_since = None;
+        while let Some(frame) = tokio::time::timeout(PULL_TIMEOUT, body.frame())
+            .await
+            .map_err(|_| format!("GET {url}: stalled"))?
+        {
+            let frame = frame.map_err(|e| format!("GET {url}: body broke after {got} bytes: {e}"))?;
+            got += frame.into_data().map_or(0, |d| d.len() as u64);
+            if got + 1 >= size && during.is_none() {
+                held_since = Some(Instant::now());
+                during = Some(tokio::spawn(timed_manifest(rc.addr)));
+            }
+        }
+        if got != size {
+            return Err(format!("GET {url}: {got} of {size} bytes"));
+        }
+        if let Some(since) = held_since {
+            results.add("commit_window_ms", RC, since.elapsed().as_secs_f64() * 1000.0);
+        }
+        match during {
+            Some(task) => results.record("commit_ms", RC, task.await.map_err(|e| e.to_string()).and_then(|r| r)),
+            None => results.fail("commit_ms", RC, "the blob never reached its last byte".into()),
+        }
+        rc.finish().await?;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
 /// Startup: from spawning regcache to its first 200 on `GET /v2/`, with a cache of many
 /// small blobs, and with an empty one.
 async fn startup_phase(env: &Env, settings: &Settings, results: &mut Results) -> Result<(), String> {
@@ -1830,6 +1916,11 @@ async fn run(settings: &Settings, results: &mut Results) -> Result<(), String> {
         let mark = CpuMark::now();
         herd_phase(&env, settings, results).await?;
         results.note_load("herd", &mark);
+    }
+    if settings.phase("commit") {
+        let mark = CpuMark::now();
+        commit_phase(&env, settings, results).await?;
+        results.note_load("manifest during a commit", &mark);
     }
     if settings.phase("startup") {
         let mark = CpuMark::now();
