@@ -390,6 +390,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         let mut verifier = Some(Verifier::new(digest.algorithm()));
         let mut pending: Option<tokio::task::JoinHandle<Written>> = None;
         let mut relay: Option<Arc<Relay>> = None;
+        let made_room = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut written = 0u64;
         loop {
             let batch = match batches.next().await {
@@ -447,6 +448,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                 tx.send_modify(|p| p.relay = Some(r));
             }
             let (f, tx2, at, relaying) = (file.clone(), tx.clone(), written, relay.clone());
+            let (index, made_room) = (self.index.clone(), made_room.clone());
             let mut hashing = verifier.take().unwrap_or_else(|| Verifier::new(digest.algorithm()));
             pending = Some(tokio::task::spawn_blocking(move || -> Written {
                 let mut pos = at;
@@ -467,7 +469,21 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                     };
                 }
                 for (i, data) in parts.iter().enumerate() {
-                    if let Err(e) = f.write_all_at(data, pos) {
+                    let mut wrote = f.write_all_at(data, pos);
+                    // A full disk: evict the least recently used content once and try again,
+                    // before falling back to relaying this blob uncached.
+                    if matches!(&wrote, Err(e) if e.raw_os_error() == Some(ENOSPC))
+                        && !made_room.swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        let needed = total.map_or(0, |t| t.saturating_sub(pos)).max(MIN_ROOM);
+                        tracing::warn!(
+                            needed,
+                            "the cache disk is full; evicting least recently used content to make room"
+                        );
+                        index.make_room(needed);
+                        wrote = f.write_all_at(data, pos);
+                    }
+                    if let Err(e) = wrote {
                         // Hand what did not reach the disk to the relay, from here on.
                         return Written {
                             verifier: hashing,
@@ -674,6 +690,11 @@ impl Batches {
         Ok(Some(batch))
     }
 }
+
+/// No space left on device (Linux errno).
+const ENOSPC: i32 = 28;
+/// What a fill that hits a full disk evicts at least, when it does not know what is left.
+const MIN_ROOM: u64 = 4 << 20;
 
 /// How much one read takes (and one hand-off to the connection carries).
 const READ_CHUNK: u64 = 1024 * 1024;

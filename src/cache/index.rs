@@ -132,6 +132,30 @@ impl Index {
         self.entries.invalidate(&(Kind::Reserved, digest.clone()));
     }
 
+    /// Evicts least recently used content worth `needed` bytes (all of it if it holds
+    /// less) and waits until its files are deleted: for when the disk is fuller than the
+    /// budget says (other files share the filesystem). Blocking.
+    pub fn make_room(&self, needed: u64) {
+        let held = self.total_bytes().min(self.budget);
+        // An entry this heavy leaves room for only `held - needed` bytes of the rest, so the
+        // least recently used go; it holds no file and is removed at once.
+        let room = (self.budget - held).saturating_add(needed).min(self.budget);
+        let key = (
+            Kind::Reserved,
+            Digest::sha256_of(b"regcache: making room on a full disk"),
+        );
+        self.entries.insert(
+            key.clone(),
+            Entry {
+                size: room,
+                generation: 0,
+            },
+        );
+        self.entries.run_pending_tasks();
+        self.entries.invalidate(&key);
+        self.settle_deletions();
+    }
+
     /// Waits until every file evicted so far is deleted (tests, shutdown).
     pub fn settle_deletions(&self) {
         self.entries.run_pending_tasks();

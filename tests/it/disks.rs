@@ -277,3 +277,47 @@ async fn a_fill_in_flight_is_reserved_against_the_budget_before_it_fills_the_dis
     assert_eq!(files_under(&dir.path().join("v1/blobs")).len(), 2);
     assert!(proxy.proxy.cache.index.total_bytes() <= 3 << 20);
 }
+
+/// A disk fuller than the budget says (other files share it): the fill that hits ENOSPC
+/// evicts the least recently used blob and is cached after all, instead of relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_makes_room_by_evicting_the_least_recently_used() {
+    let disk = SmallDisk::mount("16m");
+    let up = FakeUpstream::start().await;
+    let (old, recent, new) = (
+        up.add_blob(&random_bytes(6 << 20, 120)),
+        up.add_blob(&random_bytes(6 << 20, 121)),
+        random_bytes(8 << 20, 122),
+    );
+    let new_digest = up.add_blob(&new);
+    let proxy = proxy_on(&up, disk.path(), "1GiB").await;
+    let blob = |d: &str| proxy.url(&format!("/v2/library/x/blobs/{d}"));
+    for d in [&old, &recent] {
+        assert_eq!(sha256(get(&blob(d)).await.bytes()), *d);
+    }
+    assert_eq!(files_under(&disk.path().join("v1/blobs")).len(), 2);
+
+    // 12 MiB held on a 16 MiB disk: the 8 MiB blob does not fit unless one goes.
+    assert_eq!(sha256(get(&blob(&new_digest)).await.bytes()), new_digest);
+    assert_eq!(proxy.metric("regcache_fills_total{result=\"committed\"}"), 3.0);
+    assert_eq!(proxy.metric("regcache_fills_total{result=\"relayed\"}"), 0.0);
+    proxy.proxy.cache.index.settle_deletions();
+    let names: Vec<String> = files_under(&disk.path().join("v1/blobs"))
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let hex = |d: &str| d.trim_start_matches("sha256:").to_owned();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(
+        names.contains(&hex(&recent)) && names.contains(&hex(&new_digest)),
+        "{names:?}"
+    );
+
+    // Both cached blobs are served from the disk (no upstream GET), the evicted one anew.
+    let before = up.count("GET", "/blobs/");
+    for d in [&recent, &new_digest] {
+        assert_eq!(sha256(get(&blob(d)).await.bytes()), *d);
+    }
+    assert_eq!(up.count("GET", "/blobs/"), before);
+    proxy.stop().await;
+}
