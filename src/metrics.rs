@@ -29,6 +29,8 @@ pub struct Metrics {
     pub cache_evictions: IntCounter,
     pub auth_failures: IntCounter,
     pub access_confirmations: IntCounterVec,
+    pub connections_open: IntGauge,
+    pub connections_waiting: IntGauge,
 }
 
 /// Every metric name regcache exports (the dashboard test checks its queries against it).
@@ -54,6 +56,8 @@ pub const NAMES: &[&str] = &[
     "regcache_cache_evictions_total",
     "regcache_auth_failures_total",
     "regcache_access_confirmations_total",
+    "regcache_connections_open",
+    "regcache_connections_waiting",
 ];
 
 const DURATION_BUCKETS: &[f64] = &[
@@ -119,6 +123,8 @@ impl Metrics {
             cache_evictions: counter(r, "regcache_cache_evictions_total", "Cache entries evicted to stay under the budget."),
             auth_failures: counter(r, "regcache_auth_failures_total", "Client requests refused for missing or wrong credentials."),
             access_confirmations: counter_vec(r, "regcache_access_confirmations_total", "Cached content asked for under a repository not yet known to hold it, checked with an upstream HEAD first, by result (confirmed, refused).", &["result"]),
+            connections_open: gauge(r, "regcache_connections_open", "Client connections being served (at most limits.max_connections)."),
+            connections_waiting: gauge(r, "regcache_connections_waiting", "1 while an accepted connection waits for a slot because limits.max_connections are open (the rest wait in the listen backlog)."),
             registry,
         }
     }

@@ -221,13 +221,6 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         };
         #[cfg(not(unix))]
         let hup = std::future::pending::<Option<()>>();
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            () = &mut shutdown => break,
-        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => (stream, peer),
@@ -251,6 +244,25 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
             () = &mut shutdown => break,
         };
         let (stream, peer) = stream;
+        // At the limit, one accepted connection waits here for a slot (visible as a gauge);
+        // the rest wait in the listen backlog, holding no descriptor of ours.
+        let metrics = &app.proxy.metrics;
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                metrics.connections_waiting.set(1);
+                let permit = tokio::select! {
+                    permit = slots.clone().acquire_owned() => permit.ok(),
+                    () = &mut shutdown => None,
+                };
+                metrics.connections_waiting.set(0);
+                match permit {
+                    Some(p) => p,
+                    None => break,
+                }
+            }
+        };
+        let open = OpenConnection::counted(metrics.connections_open.clone());
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let builder = builder.clone();
@@ -258,6 +270,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _open = open;
             serve_connection(stream, peer, app, &builder, acceptor, drain).await;
         });
     }
@@ -283,6 +296,22 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         );
     }
     app.proxy.cache.store.clear_tmp();
+}
+
+/// Counts a connection in `regcache_connections_open` while it lives.
+struct OpenConnection(prometheus::IntGauge);
+
+impl OpenConnection {
+    fn counted(gauge: prometheus::IntGauge) -> OpenConnection {
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// The client's address, as the request's extension (for trusted `X-Forwarded-*`).

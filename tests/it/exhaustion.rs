@@ -200,3 +200,44 @@ async fn a_client_that_stops_reading_loses_its_connection_slot() {
     assert_eq!(get(&proxy.url("/v2/")).await.status, 200);
     drop(stalled);
 }
+
+/// `max_connections` holds the next connection: accepted, waiting for a slot (the
+/// `regcache_connections_waiting` gauge) and unanswered until a slot frees, then served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_past_the_limit_waits_for_a_slot() {
+    use std::io::{Read, Write};
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = with_limits(&up, dir.path(), "max_connections = 8").await;
+    let ask = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut c = std::net::TcpStream::connect(proxy.addr).unwrap();
+        c.write_all(ask).unwrap();
+        let mut head = [0u8; 12];
+        c.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        held.push(c); // kept alive: each holds a slot
+    }
+    assert_eq!(proxy.metric("regcache_connections_open"), 8.0);
+    let mut ninth = std::net::TcpStream::connect(proxy.addr).unwrap();
+    ninth.write_all(ask).unwrap();
+    crate::harness::wait_until(|| proxy.metric("regcache_connections_waiting") == 1.0).await;
+    // Accepted but not served: nothing can have been answered yet.
+    ninth.set_nonblocking(true).unwrap();
+    let mut head = [0u8; 12];
+    let early = ninth.read(&mut head);
+    assert!(
+        matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "{early:?}"
+    );
+    ninth.set_nonblocking(false).unwrap();
+    drop(held.pop());
+    tokio::task::spawn_blocking(move || {
+        ninth.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+    })
+    .await
+    .unwrap();
+    assert_eq!(proxy.metric("regcache_connections_waiting"), 0.0);
+}

@@ -321,3 +321,13 @@ pub async fn setup(tag_ttl: &str) -> (crate::fake_upstream::FakeUpstream, TestPr
     .await;
     (up, proxy, dir)
 }
+
+/// Polls `condition` until it holds; a condition never reached within the hang limit fails
+/// the test.
+pub async fn wait_until(mut condition: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < HANG, "condition not reached within {HANG:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

@@ -426,10 +426,10 @@ async fn concurrent_fills_are_bounded() {
     );
     // The first fill takes the only slot and hangs at the gate …
     let first = tokio::spawn(async move { get(&url_a).await });
-    wait_for(|| up.count("GET", &a) == 1).await;
+    crate::harness::wait_until(|| up.count("GET", &a) == 1).await;
     // … so the second fill exists but may not talk to the upstream.
     let second = tokio::spawn(async move { get(&url_b).await });
-    wait_for(|| proxy.metric("regcache_fills_in_flight") == 2.0).await;
+    crate::harness::wait_until(|| proxy.metric("regcache_fills_in_flight") == 2.0).await;
     assert_eq!(up.count("GET", &b), 0);
     gate.notify_one();
     assert_eq!(sha256(first.await.unwrap().bytes()), a);
@@ -438,15 +438,6 @@ async fn concurrent_fills_are_bounded() {
 }
 
 /// Polls a condition (bounded: 10 s) for things that happen on other tasks.
-async fn wait_for(mut condition: impl FnMut() -> bool) {
-    for _ in 0..1000 {
-        if condition() {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("condition not reached within 10 s");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_download_in_flight_finish_and_exits_cleanly() {
