@@ -13,6 +13,7 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod oci;
+pub mod prefetch;
 pub mod proxy;
 pub mod server;
 pub mod single_flight;

@@ -156,9 +156,9 @@ impl Logging {
     }
 }
 
-/// Installs the global subscriber: `RUST_LOG` filter (default `info`), the given format,
-/// and the non-blocking writer.
-pub fn init(format: Format) -> Logging {
+/// Installs the global subscriber: `RUST_LOG` filter (else `default_filter`), the given
+/// format, and the non-blocking writer.
+pub fn init(format: Format, default_filter: &str) -> Logging {
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(QUEUE_LINES)
@@ -176,7 +176,7 @@ pub fn init(format: Format) -> Logging {
         Ordering::Relaxed,
     );
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
     let installed = match format {

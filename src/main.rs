@@ -51,6 +51,32 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Fill the cache with images ahead of need: the selected platforms' manifests, configs
+    /// and layers, and their referrers and cosign signatures, attestations and SBOMs.
+    /// Without --server it runs on the configured cache dir (no server may be using it).
+    Prefetch {
+        /// Images as Docker names them: alpine, docker.io/library/alpine:3.20,
+        /// ghcr.io/org/app@sha256:…
+        images: Vec<String>,
+        /// A file with one image per line (`#` starts a comment).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// A platform to take from multi-platform images (repeatable); default: this
+        /// machine's.
+        #[arg(long = "platform", value_name = "OS/ARCH[/VARIANT]")]
+        platforms: Vec<regcache::prefetch::Platform>,
+        /// Take every platform.
+        #[arg(long)]
+        all_platforms: bool,
+        /// A running regcache to fill, by URL (http://mirror:5000), instead of the cache dir.
+        #[arg(long)]
+        server: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Blob downloads at once.
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+    },
     /// Read a password from standard input and print its bcrypt hash for [[auth.user]].
     HashPassword {
         /// bcrypt cost (4 to 31).
@@ -79,10 +105,18 @@ fn finish_logging() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let logging = regcache::logging::init(match cli.log_format {
-        LogFormat::Text => regcache::logging::Format::Text,
-        LogFormat::Json => regcache::logging::Format::Json,
-    });
+    // A server logs what it does; a command says what it did, and logs only problems.
+    let default_filter = match cli.command {
+        Command::Serve { .. } => "info",
+        _ => "warn",
+    };
+    let logging = regcache::logging::init(
+        match cli.log_format {
+            LogFormat::Text => regcache::logging::Format::Text,
+            LogFormat::Json => regcache::logging::Format::Json,
+        },
+        default_filter,
+    );
     *LOGGING.lock().unwrap_or_else(|p| p.into_inner()) = Some(logging);
     let result = run(cli.command);
     finish_logging();
@@ -114,6 +148,48 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", bcrypt::hash(password, cost)?);
             Ok(())
         }
+        Command::Prefetch {
+            images,
+            file,
+            platforms,
+            all_platforms,
+            server,
+            config,
+            jobs,
+        } => {
+            let mut images = images;
+            if let Some(file) = file {
+                let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+                images.extend(
+                    text.lines()
+                        .map(|l| l.split('#').next().unwrap_or("").trim())
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_owned),
+                );
+            }
+            if images.is_empty() {
+                anyhow::bail!("no images to prefetch (name them, or give --file)");
+            }
+            let parsed = images
+                .iter()
+                .map(|i| regcache::prefetch::parse_image(i))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)?;
+            let options = regcache::prefetch::Options {
+                platforms,
+                all_platforms,
+                jobs,
+            };
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let result = runtime.block_on(async {
+                match server {
+                    Some(url) => prefetch(&url, &parsed, options).await,
+                    None => prefetch_into_cache_dir(load(config.as_ref())?, &parsed, options).await,
+                }
+            });
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
+        }
         Command::Serve {
             config,
             listen,
@@ -143,6 +219,67 @@ fn run(command: Command) -> anyhow::Result<()> {
             result
         }
     }
+}
+
+/// Prefetches each image through the regcache at `base`, reporting one line per image;
+/// fails naming every image that could not be taken, after trying all of them.
+async fn prefetch(
+    base: &str,
+    images: &[regcache::prefetch::ImageRef],
+    options: regcache::prefetch::Options,
+) -> anyhow::Result<()> {
+    let prefetcher = regcache::prefetch::Prefetcher::new(base, options).map_err(anyhow::Error::msg)?;
+    let mut failed = Vec::new();
+    for image in images {
+        match prefetcher.image(image).await {
+            Ok(r) => println!(
+                "{image} {}: {} manifests, {} blobs ({:.1} MiB), {} attached",
+                r.digest,
+                r.manifests,
+                r.blobs,
+                r.bytes as f64 / 1048576.0,
+                r.referrers
+            ),
+            Err(e) => {
+                eprintln!("regcache: {e}");
+                failed.push(image.to_string());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "{} of {} images failed: {}",
+            failed.len(),
+            images.len(),
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Prefetch without a running server: one is started in this process on the cache dir
+/// (taking its lock), on a loopback port of its own and without client authentication.
+async fn prefetch_into_cache_dir(
+    mut config: Config,
+    images: &[regcache::prefetch::ImageRef],
+    options: regcache::prefetch::Options,
+) -> anyhow::Result<()> {
+    config.auth = Default::default();
+    config.server.tls = None;
+    config.server.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    config.validate()?;
+    let app = regcache::build(&config)?;
+    let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(regcache::run(app, listener, async move {
+        let _ = stopped.await;
+    }));
+    let result = prefetch(&base, images, options).await;
+    // The drain waits for whatever the server still writes (manifests, tag records).
+    let _ = stop.send(());
+    let _ = server.await;
+    result
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -311,6 +311,23 @@ impl Proxy {
         Ok(ManifestAnswer { manifest, stale: false })
     }
 
+    /// A cached mapping of the tag recorded under another Accept set whose media type
+    /// `accept` takes.
+    async fn tag_for_another_accept(&self, key: &TagKey, accept: AcceptSet) -> Option<(Arc<TagRecord>, Arc<Manifest>)> {
+        for bits in (1..=AcceptSet::ALL.bits()).rev().filter(|b| *b != key.accept) {
+            let other = TagKey {
+                accept: bits,
+                ..key.clone()
+            };
+            if let Some(found) = self.cache.load_tag(&other).await {
+                if accept.contains(&found.0.media_type) {
+                    return Some(found);
+                }
+            }
+        }
+        None
+    }
+
     async fn resolve_tag(&self, target: &Target, key: TagKey, accept: AcceptSet) -> Result<ManifestAnswer, Error> {
         let up = &target.upstream;
         if let Some(answer) = self.fresh_tag(&key, up).await {
@@ -320,10 +337,16 @@ impl Proxy {
         self.lookup("tag", "miss");
         let accept_header = accept.header_value();
         let cached = self.cache.load_tag(&key).await;
+        // Without the upstream, a mapping recorded for another client's Accept set serves
+        // too, if this client accepts its media type (prefetch and docker differ there).
+        let fallback = match &cached {
+            Some(_) => None,
+            None => self.tag_for_another_accept(&key, accept).await,
+        };
         let unknown = || Error::ManifestUnknown(format!("{}:{}", key.repo, key.tag));
         // Serves the cached answer when the upstream cannot give one, within max_stale.
         let stale_or = |e: upstream::Error| -> Result<ManifestAnswer, Error> {
-            match &cached {
+            match cached.as_ref().or(fallback.as_ref()) {
                 Some((record, manifest)) if e.is_unavailable() && up.max_stale.is_none_or(|max| record.age() < max) => {
                     tracing::warn!(upstream = %up.name, repo = %key.repo, tag = %key.tag, error = %e,
                         "upstream unavailable; serving cached tag");
@@ -676,12 +699,34 @@ impl Proxy {
             .map_err(|e| not_found(e, || Error::BlobUnknown(digest.to_string())))
     }
 
+    /// The upstream's tag list; when the upstream cannot be asked (offline, down), the tags
+    /// this cache holds for the repository (then unpaginated), or `NAME_UNKNOWN` if none.
     pub async fn tags_list(&self, target: &Target, query: &str) -> Result<(Bytes, Option<String>), Error> {
-        target
-            .upstream
-            .tags_list(&target.repo, query)
-            .await
-            .map_err(|e| not_found(e, || Error::NameUnknown(target.repo.to_string())))
+        match target.upstream.tags_list(&target.repo, query).await {
+            Ok(answer) => Ok(answer),
+            Err(e) if e.is_unavailable() => {
+                let (cache, upstream, repo) = (
+                    self.cache.clone(),
+                    target.upstream.name.clone(),
+                    target.repo.to_string(),
+                );
+                let tags = tokio::task::spawn_blocking(move || {
+                    cache.tags.tags_of(&upstream, &repo, |d| {
+                        cache.index.peek(crate::cache::blob_store::Kind::Manifest, d)
+                    })
+                })
+                .await
+                .unwrap_or_default();
+                if tags.is_empty() {
+                    return Err(Error::Upstream(e));
+                }
+                tracing::warn!(upstream = %target.upstream.name, repo = %target.repo, error = %e,
+                    "upstream unavailable; listing the cached tags");
+                let body = serde_json::json!({"name": target.repo.to_string(), "tags": tags});
+                Ok((Bytes::from(serde_json::to_vec(&body).unwrap_or_default()), None))
+            }
+            Err(e) => Err(not_found(e, || Error::NameUnknown(target.repo.to_string()))),
+        }
     }
 }
 

@@ -135,6 +135,23 @@ impl Associations {
         }
     }
 
+    /// Every pair that holds at least one digest `cached` says is still there.
+    pub fn pairs_holding(&self, cached: impl Fn(&Digest) -> bool) -> std::collections::BTreeSet<(String, String)> {
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        let mut pairs = std::collections::BTreeSet::new();
+        for (digest, holders) in known.iter() {
+            if holders
+                .iter()
+                .all(|(u, r)| pairs.contains(&(u.to_string(), r.to_string())))
+                || !cached(digest)
+            {
+                continue;
+            }
+            pairs.extend(holders.iter().map(|(u, r)| (u.to_string(), r.to_string())));
+        }
+        pairs
+    }
+
     pub fn len(&self) -> usize {
         let known = self.known.read().unwrap_or_else(|p| p.into_inner());
         known.values().map(Vec::len).sum()

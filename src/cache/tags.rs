@@ -166,6 +166,36 @@ impl TagStore {
 }
 
 impl TagStore {
+    /// The tags recorded for a repository whose manifests are still cached, sorted: what a
+    /// tags/list is answered with when the upstream cannot be asked. Reads every record
+    /// file. Blocking.
+    pub fn tags_of(&self, upstream: &str, repo: &str, cached: impl Fn(&Digest) -> bool) -> Vec<String> {
+        let mut tags = std::collections::BTreeSet::new();
+        let Ok(fans) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        for fan in fans.flatten() {
+            let Ok(files) = fs::read_dir(fan.path()) else { continue };
+            for file in files.flatten() {
+                let Some(record) = fs::read(file.path())
+                    .ok()
+                    .and_then(|t| serde_json::from_slice::<TagRecord>(&t).ok())
+                else {
+                    continue;
+                };
+                // Referrers answers are kept as records too; they are not tags.
+                if record.upstream == upstream
+                    && record.repo == repo
+                    && crate::oci::is_valid_tag(&record.tag)
+                    && record.digest().is_some_and(|d| cached(&d))
+                {
+                    tags.insert(record.tag);
+                }
+            }
+        }
+        tags.into_iter().collect()
+    }
+
     /// Deletes the records whose manifest is no longer cached (`cached` says which are):
     /// a record outlives its manifest only until the next collection, so records stay
     /// bounded by what the cache holds. Blocking: a background thread's work.

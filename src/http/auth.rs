@@ -57,6 +57,19 @@ async fn identify<B>(app: &App, req: &Request<B>) -> Identity {
     who
 }
 
+/// Who is asking (anonymous when access is not enforced).
+pub async fn identity<B>(app: &App, req: &Request<B>) -> Identity {
+    if !app.access.enforced() {
+        return Identity::Anonymous;
+    }
+    identify(app, req).await
+}
+
+/// Whether `who` may pull `upstream/repo` (always, when access is not enforced).
+pub fn may_pull(app: &App, who: &Identity, upstream: &str, repo: &str) -> bool {
+    !app.access.enforced() || app.access.authorize(who, Some((upstream, repo))) == Decision::Allow
+}
+
 /// Lets the request through, or answers 401 (with a challenge) or 403.
 /// `target` is `(upstream, repository)`, or `None` for `/v2/` itself.
 pub async fn check<B>(app: &App, req: &Request<B>, target: Option<(&str, &str)>) -> Result<(), ApiError> {

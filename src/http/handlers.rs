@@ -86,6 +86,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>,
 fn route_label(route: &Result<Route, routes::RouteError>) -> &'static str {
     match route.as_ref().map(|r| &r.endpoint) {
         Ok(Endpoint::Base) => "base",
+        Ok(Endpoint::Catalog) => "catalog",
         Ok(Endpoint::Manifest(_)) => "manifest",
         Ok(Endpoint::Blob(_)) => "blob",
         Ok(Endpoint::TagsList) => "tags_list",
@@ -114,6 +115,10 @@ async fn dispatch<B>(
         return Ok(json_response(b"{}".to_vec()));
     }
     let query = req.uri().query();
+    if route.endpoint == Endpoint::Catalog {
+        auth::check(app, req, None).await?;
+        return catalog(app, req, query).await;
+    }
     let ns = query_param(query, "ns");
     let target = proxy
         .upstreams
@@ -134,12 +139,77 @@ async fn dispatch<B>(
             let artifact_type = query_param(query, "artifactType");
             referrers(proxy, &target, &parse_digest(&digest)?, artifact_type.as_deref()).await?
         }
-        Endpoint::Base | Endpoint::Upload => unreachable_route(),
+        Endpoint::Base | Endpoint::Catalog | Endpoint::Upload => unreachable_route(),
     };
     if let Some(v) = ns.and_then(|ns| HeaderValue::from_str(&ns).ok()) {
         resp.headers_mut().insert(OCI_NAMESPACE, v);
     }
     Ok(resp)
+}
+
+/// Most names one catalog page holds.
+const CATALOG_MAX_PAGE: usize = 10_000;
+
+/// `/v2/_catalog`: the repositories with a cached manifest, as `<upstream>/<repo>` (what a
+/// path-prefix client asks for) and, for the default upstream, also bare; only those the
+/// client may pull; paginated by `n` and `last` with a `Link` to the next page.
+async fn catalog<B>(app: &App, req: &Request<B>, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+    let bad = |m: &str| ApiError::new(StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID", m);
+    let n = match query_param(query, "n") {
+        Some(n) => n.parse::<usize>().map_err(|_| bad("n must be a number"))?,
+        None => CATALOG_MAX_PAGE,
+    }
+    .min(CATALOG_MAX_PAGE);
+    let last = query_param(query, "last");
+    let who = auth::identity(app, req).await;
+    let proxy = &*app.proxy;
+    let cache = proxy.cache.clone();
+    let pairs = tokio::task::spawn_blocking(move || {
+        cache
+            .associations
+            .pairs_holding(|d| cache.index.peek(crate::cache::blob_store::Kind::Manifest, d))
+    })
+    .await
+    .unwrap_or_default();
+    let default = proxy.upstreams.default_name();
+    let mut names = std::collections::BTreeSet::new();
+    for (upstream, repo) in pairs {
+        if !auth::may_pull(app, &who, &upstream, &repo) {
+            continue;
+        }
+        if default.as_deref() == Some(upstream.as_str()) {
+            names.insert(repo.clone());
+        }
+        names.insert(format!("{upstream}/{repo}"));
+    }
+    let mut page: Vec<&String> = names
+        .iter()
+        .filter(|name| last.as_deref().is_none_or(|l| name.as_str() > l))
+        .take(n + 1)
+        .collect();
+    let more = page.len() > n;
+    page.truncate(n);
+    let body = serde_json::to_vec(&serde_json::json!({ "repositories": page })).unwrap_or_default();
+    let mut resp = json_response(body);
+    if let (true, Some(last)) = (more, page.last()) {
+        let link = format!("</v2/_catalog?n={n}&last={}>; rel=\"next\"", percent_encode_query(last));
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            resp.headers_mut().insert(http::header::LINK, v);
+        }
+    }
+    Ok(resp)
+}
+
+/// Encodes a repository name for a query string (`/` kept; it is legal there).
+fn percent_encode_query(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'/' | b'~' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
 }
 
 fn unreachable_route() -> Response<Body> {

@@ -8,6 +8,8 @@ use http::Method;
 pub enum Endpoint {
     /// `/v2/`
     Base,
+    /// `/v2/_catalog`: the repositories this cache holds.
+    Catalog,
     Manifest(String),
     Blob(String),
     TagsList,
@@ -43,6 +45,12 @@ fn parse_path(path: &str) -> Option<Route> {
         return Some(Route {
             name: String::new(),
             endpoint: Endpoint::Base,
+        });
+    }
+    if path == "/v2/_catalog" {
+        return Some(Route {
+            name: String::new(),
+            endpoint: Endpoint::Catalog,
         });
     }
     let rest = path.strip_prefix("/v2/")?;

@@ -58,6 +58,11 @@ impl Upstreams {
         })
     }
 
+    /// The default upstream's name (where bare names go), if one is configured.
+    pub fn default_name(&self) -> Option<String> {
+        self.default.map(|i| self.list[i].name.clone())
+    }
+
     fn find(&self, host: &str) -> Option<&Arc<Upstream>> {
         let host = host.to_ascii_lowercase();
         let host = if DOCKER_HUB_ALIASES.contains(&host.as_str()) {

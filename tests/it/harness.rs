@@ -253,8 +253,13 @@ pub fn write_process_config(dir: &Path, upstream: &str, server_keys: &str, upstr
 
 impl Process {
     pub fn start(dir: &Path, upstream: &str, server_keys: &str) -> Process {
+        Process::start_with(dir, upstream, server_keys, "")
+    }
+
+    /// Like [`Process::start`], with extra keys for the `[[upstream]]` table.
+    pub fn start_with(dir: &Path, upstream: &str, server_keys: &str, upstream_keys: &str) -> Process {
         use std::io::BufRead;
-        let config = write_process_config(dir, upstream, server_keys, "");
+        let config = write_process_config(dir, upstream, server_keys, upstream_keys);
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
             .args(["--log-format", "json", "serve", "--config"])
             .arg(&config)

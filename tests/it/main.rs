@@ -12,6 +12,7 @@ mod harness;
 mod hostile_upstream;
 mod operate;
 mod peers;
+mod prefetch;
 mod real_auth;
 mod real_peers;
 mod rights;
