@@ -1407,6 +1407,21 @@ fn render_table(results: &Results, settings: &Settings) -> String {
             target: Target::ValueAtMost(1.0, "s"),
         },
         Row {
+            measure: "ls_s",
+            label: format!(
+                "`regcache ls` on that cache of {} blobs, page cache dropped (s ↓)",
+                group_digits(settings.startup_blobs)
+            ),
+            decimals: 3,
+            target: Target::ValueAtMost(1.0, "s"),
+        },
+        Row {
+            measure: "du_s",
+            label: "`regcache du` on the same cache (s ↓)".into(),
+            decimals: 3,
+            target: Target::ValueAtMost(1.0, "s"),
+        },
+        Row {
             measure: "startup_empty",
             label: "Startup to first 200, empty cache (s ↓)".into(),
             decimals: 3,
@@ -1836,6 +1851,22 @@ async fn startup_phase(env: &Env, settings: &Settings, results: &mut Results) ->
                 "/v2/".to_owned()
             };
             let r = time_startup(dir, &env.upstream.url(), &probe).await;
+            results.record(measure, RC, r);
+        }
+        // The same cache through the inspecting commands, also from a cold page cache.
+        for (measure, command) in [("ls_s", "ls"), ("du_s", "du")] {
+            drop_page_cache();
+            let t = Instant::now();
+            let out = Command::new(env!("CARGO_BIN_EXE_regcache"))
+                .args([command, "--config"])
+                .arg(big.join("regcache.toml"))
+                .output()
+                .map_err(|e| e.to_string());
+            let r = match out {
+                Ok(o) if o.status.success() => Ok(t.elapsed().as_secs_f64()),
+                Ok(o) => Err(format!("regcache {command}: {}", String::from_utf8_lossy(&o.stderr))),
+                Err(e) => Err(e),
+            };
             results.record(measure, RC, r);
         }
     }

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod config;
 pub mod digest;
 pub mod http;
+pub mod inventory;
 pub mod logging;
 pub mod metrics;
 pub mod oci;

@@ -264,6 +264,11 @@ pub fn access(line: &AccessLine<'_>) {
     });
 }
 
+/// `YYYY-MM-DD HH:MM:SS` of a Unix time, in UTC (for people).
+pub fn utc_time(unix: u64) -> String {
+    utc_second(unix).replacen('T', " ", 1)
+}
+
 /// `YYYY-MM-DDTHH:MM:SS` of a Unix time, in UTC.
 fn utc_second(unix: u64) -> String {
     // Civil-from-days (H. Hinnant's algorithm), valid for every date after 1970.

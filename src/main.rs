@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::io::Write as _;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use regcache::Config;
@@ -77,6 +79,24 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         jobs: usize,
     },
+    /// List the cached images: repository, tag, digest, size with everything it
+    /// references, last use. Reads the cache dir only (a server may be running on it).
+    Ls {
+        /// Only repositories (or repository:tag) matching this pattern (`*` wildcards).
+        pattern: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the cache's disk use per upstream and repository, against its budget.
+    Du {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Read a password from standard input and print its bcrypt hash for [[auth.user]].
     HashPassword {
         /// bcrypt cost (4 to 31).
@@ -146,6 +166,60 @@ fn run(command: Command) -> anyhow::Result<()> {
                 anyhow::bail!("empty password");
             }
             println!("{}", bcrypt::hash(password, cost)?);
+            Ok(())
+        }
+        Command::Ls { pattern, config, json } => {
+            let config = load(config.as_ref())?;
+            let inventory = regcache::inventory::Inventory::read(&config.cache.dir)?;
+            let rows = inventory.list(pattern.as_deref());
+            let mut out = std::io::stdout().lock();
+            if json {
+                for row in &rows {
+                    writeln!(out, "{}", serde_json::to_string(row)?)?;
+                }
+                return Ok(());
+            }
+            writeln!(
+                out,
+                "{:<48} {:<24} {:<20} {:>10}  LAST USED",
+                "REPOSITORY", "TAG", "DIGEST", "SIZE"
+            )?;
+            for r in &rows {
+                let short = r.digest.get(..19).unwrap_or(&r.digest);
+                writeln!(
+                    out,
+                    "{:<48} {:<24} {:<20} {:>10}  {}",
+                    r.repository,
+                    r.tag.as_deref().unwrap_or("-"),
+                    short,
+                    regcache::inventory::human_bytes(r.size),
+                    regcache::logging::utc_time(r.last_used)
+                )?;
+            }
+            Ok(())
+        }
+        Command::Du { config, json } => {
+            let config = load(config.as_ref())?;
+            let usage = regcache::inventory::Inventory::read(&config.cache.dir)?.usage();
+            let budget = config.cache.max_size.0;
+            let mut out = std::io::stdout().lock();
+            if json {
+                let doc = serde_json::json!({"budget": budget, "usage": usage});
+                writeln!(out, "{doc}")?;
+                return Ok(());
+            }
+            for r in &usage.repositories {
+                let name = format!("{}/{}", r.upstream, r.repository);
+                writeln!(out, "{:>10}  {name}", regcache::inventory::human_bytes(r.bytes))?;
+            }
+            writeln!(
+                out,
+                "{:>10}  in all, {} files ({:.1} % of the {} budget; content shared by repositories counts once)",
+                regcache::inventory::human_bytes(usage.total),
+                usage.files,
+                100.0 * usage.total as f64 / budget.max(1) as f64,
+                regcache::inventory::human_bytes(budget)
+            )?;
             Ok(())
         }
         Command::Prefetch {

@@ -25,7 +25,7 @@ pub struct Associations {
 
 const FILE: &str = "associations";
 
-fn parse_line(line: &str) -> Option<(Digest, String, String)> {
+pub(crate) fn parse_line(line: &str) -> Option<(Digest, String, String)> {
     let mut parts = line.split(' ');
     let digest = parts.next()?.parse().ok()?;
     let upstream = parts.next()?;

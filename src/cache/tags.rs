@@ -60,6 +60,11 @@ impl TagRecord {
         self.digest.parse().ok()
     }
 
+    /// (upstream, repository, tag).
+    pub fn names(&self) -> (&str, &str, &str) {
+        (&self.upstream, &self.repo, &self.tag)
+    }
+
     /// How long ago the upstream last confirmed the mapping.
     pub fn age(&self) -> Duration {
         Duration::from_millis(now_ms().saturating_sub(self.confirmed_ms))

@@ -24,6 +24,8 @@ struct Image {
     sbom_blobs: Vec<String>,
     referrer: String,
     sbom: String,
+    /// The index, both platform manifests and all their blobs, each once.
+    size: u64,
 }
 
 fn descriptor(media_type: &str, bytes: &[u8], digest: &str) -> serde_json::Value {
@@ -32,7 +34,12 @@ fn descriptor(media_type: &str, bytes: &[u8], digest: &str) -> serde_json::Value
 
 /// An image manifest over fresh blobs (plus `extra` layers already added); returns its
 /// bytes and blob digests.
-fn manifest(up: &FakeUpstream, seed: u64, extra: &[(String, usize)], artifact: Option<&str>) -> (Vec<u8>, Vec<String>) {
+fn manifest(
+    up: &FakeUpstream,
+    seed: u64,
+    extra: &[(String, usize)],
+    artifact: Option<&str>,
+) -> (Vec<u8>, Vec<String>, u64) {
     let config = format!("{{\"seed\":{seed}}}").into_bytes();
     let layer = random_bytes(20_000 + seed as usize, seed);
     let (c, l) = (up.add_blob(&config), up.add_blob(&layer));
@@ -51,7 +58,11 @@ fn manifest(up: &FakeUpstream, seed: u64, extra: &[(String, usize)], artifact: O
     if let Some(t) = artifact {
         doc["artifactType"] = t.into();
     }
-    (serde_json::to_vec(&doc).unwrap(), vec![c, l])
+    (
+        serde_json::to_vec(&doc).unwrap(),
+        vec![c, l],
+        (config.len() + layer.len()) as u64,
+    )
 }
 
 /// `library/multi:1`: an index of linux/amd64 and linux/arm64 (sharing one layer), signed by
@@ -60,8 +71,8 @@ fn multi_platform_image(up: &FakeUpstream) -> Image {
     let shared_bytes = random_bytes(30_000, 900);
     let shared = up.add_blob(&shared_bytes);
     let extra = [(shared.clone(), shared_bytes.len())];
-    let (amd, amd64) = manifest(up, 1, &extra, None);
-    let (arm, arm64) = manifest(up, 2, &extra, None);
+    let (amd, amd64, amd_blobs) = manifest(up, 1, &extra, None);
+    let (arm, arm64, arm_blobs) = manifest(up, 2, &extra, None);
     let amd_digest = up.add_manifest(REPO, "amd64-only", OCI_MANIFEST, &amd);
     let arm_digest = up.add_manifest(REPO, "arm64-only", OCI_MANIFEST, &arm);
     let index = serde_json::to_vec(&serde_json::json!({
@@ -77,12 +88,13 @@ fn multi_platform_image(up: &FakeUpstream) -> Image {
     .unwrap();
     let index_digest = up.add_manifest(REPO, "1", OCI_INDEX, &index);
 
-    let (sig, referrer_blobs) = manifest(up, 3, &[], Some("application/vnd.dev.cosign.artifact.sig.v1+json"));
+    let size = (index.len() + amd.len() + arm.len() + shared_bytes.len()) as u64 + amd_blobs + arm_blobs;
+    let (sig, referrer_blobs, _) = manifest(up, 3, &[], Some("application/vnd.dev.cosign.artifact.sig.v1+json"));
     let referrer = up.add_manifest(REPO, "sig-holder", OCI_MANIFEST, &sig);
     let mut d = descriptor(OCI_MANIFEST, &sig, &referrer);
     d["artifactType"] = "application/vnd.dev.cosign.artifact.sig.v1+json".into();
     up.add_referrer(REPO, &index_digest, d);
-    let (sbom_bytes, sbom_blobs) = manifest(up, 4, &[], None);
+    let (sbom_bytes, sbom_blobs, _) = manifest(up, 4, &[], None);
     let sbom_tag = format!("sha256-{}.sbom", index_digest.trim_start_matches("sha256:"));
     let sbom = up.add_manifest(REPO, &sbom_tag, OCI_MANIFEST, &sbom_bytes);
     Image {
@@ -94,17 +106,23 @@ fn multi_platform_image(up: &FakeUpstream) -> Image {
         sbom_blobs,
         referrer,
         sbom,
+        size,
     }
 }
 
 fn prefetch(config: &Path, args: &[&str]) -> Output {
+    run(config, &[&["prefetch"], args].concat())
+}
+
+/// `regcache <command> --config <config> <args…>`.
+fn run(config: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_regcache"))
-        .arg("prefetch")
+        .arg(args[0])
         .arg("--config")
         .arg(config)
-        .args(args)
+        .args(&args[1..])
         .output()
-        .expect("regcache prefetch runs")
+        .expect("regcache runs")
 }
 
 fn blob_gets(up: &FakeUpstream, digest: &str) -> usize {
@@ -154,6 +172,35 @@ async fn prefetch_takes_the_chosen_platforms_and_attachments_once_then_serves_th
     let out = tokio::task::spawn_blocking(all(config.clone())).await.unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(up.count("GET", "/blobs/"), before, "a second run fetches no blob");
+
+    // What the cache holds, listed and totalled (read while nothing runs on it).
+    let out = run(&config, &["ls", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let tag1 = rows.iter().find(|r| r["tag"] == "1").expect("a line for tag 1");
+    assert_eq!(tag1["repository"], "docker.io/library/multi");
+    assert_eq!(tag1["digest"], image.index.as_str());
+    assert_eq!(
+        tag1["size"], image.size,
+        "the index, its platforms and their blobs, once each"
+    );
+    let out = run(&config, &["ls", "docker.io/library/multi:sha256-*"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(table.lines().count(), 2, "a header and the SBOM tag: {table}");
+    assert!(table.contains(".sbom"), "{table}");
+    let out = run(&config, &["du", "--json"]);
+    let du: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let repos = du["usage"]["repositories"].as_array().unwrap();
+    assert_eq!(repos.len(), 1, "{du}");
+    assert_eq!(
+        (repos[0]["upstream"].as_str(), repos[0]["repository"].as_str()),
+        (Some("docker.io"), Some(REPO))
+    );
+    assert!(du["usage"]["total"].as_u64().unwrap() >= image.size);
+    assert!(du["budget"].as_u64().unwrap() > 0);
 
     // No upstream at all: the mirror serves the image, its referrers and its SBOM tag.
     let dead = "http://127.0.0.1:9";

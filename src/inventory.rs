@@ -1,0 +1,345 @@
+//! What a cache dir holds, read without changing anything and without the cache-dir lock
+//! (so beside a running server): the view `regcache ls` and `regcache du` print. Built from
+//! the files themselves: tag records, manifests (parsed for what they reference), blob
+//! sizes and times, and the log of which (upstream, repository) pairs hold each digest.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::cache::tags::TagRecord;
+
+/// One committed file: its size and when it was last used (atime or mtime, the later).
+#[derive(Debug, Clone, Copy)]
+struct File {
+    size: u64,
+    used: SystemTime,
+}
+
+pub struct Inventory {
+    blobs: HashMap<String, File>,
+    /// Manifest digest -> (file, digests it references: blobs and child manifests).
+    manifests: HashMap<String, (File, Vec<String>)>,
+    tags: Vec<TagRecord>,
+    /// (upstream, repo) -> digests recorded under it.
+    pairs: BTreeMap<(String, String), BTreeSet<String>>,
+}
+
+/// One line of `regcache ls`.
+#[derive(Debug, Serialize)]
+pub struct Listed {
+    pub repository: String,
+    /// The tag, or `None` for content cached by digest only.
+    pub tag: Option<String>,
+    pub digest: String,
+    pub media_type: String,
+    /// The manifest and everything it references that is cached (child manifests of an
+    /// index included), each counted once.
+    pub size: u64,
+    /// Unix seconds of the last use of any of those files.
+    pub last_used: u64,
+}
+
+/// `regcache du`: bytes per (upstream, repository) and in all, against the budget.
+#[derive(Debug, Serialize)]
+pub struct Usage {
+    pub repositories: Vec<RepoUsage>,
+    /// Every committed file once (content shared by repositories counts once here).
+    pub total: u64,
+    pub files: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RepoUsage {
+    pub upstream: String,
+    pub repository: String,
+    pub bytes: u64,
+}
+
+fn committed(dir: &Path, algo_dirs: &mut dyn FnMut(String, File)) -> io::Result<()> {
+    let Ok(algos) = fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for algo in algos.flatten() {
+        let name = algo.file_name().to_string_lossy().into_owned();
+        for fan in fs::read_dir(algo.path())?.flatten() {
+            for entry in fs::read_dir(fan.path())?.flatten() {
+                let Ok(meta) = entry.metadata() else { continue };
+                let used = [meta.accessed(), meta.modified()]
+                    .into_iter()
+                    .flatten()
+                    .max()
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                let hex = entry.file_name().to_string_lossy().into_owned();
+                algo_dirs(format!("{name}:{hex}"), File { size: meta.len(), used });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A stored manifest (`media type\nbytes`): its own size and the digests it references.
+fn references(path: &Path) -> (u64, Vec<String>) {
+    let Ok(raw) = fs::read(path) else {
+        return (0, Vec::new());
+    };
+    let body = raw
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(&raw[..], |nl| &raw[nl + 1..]);
+    let len = body.len() as u64;
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return (len, Vec::new());
+    };
+    let mut out = Vec::new();
+    let mut take = |d: &serde_json::Value| {
+        if let Some(digest) = d.get("digest").and_then(|x| x.as_str()) {
+            out.push(digest.to_owned());
+        }
+    };
+    if let Some(config) = doc.get("config") {
+        take(config);
+    }
+    for key in ["layers", "manifests", "blobs"] {
+        for d in doc.get(key).and_then(|l| l.as_array()).into_iter().flatten() {
+            take(d);
+        }
+    }
+    (len, out)
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// `*` matches any run of characters; everything else itself.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let [first, middle @ .., last] = parts.as_slice() else {
+        return pattern == text;
+    };
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+impl Inventory {
+    /// Reads the cache under `dir` (the configured `cache.dir`).
+    pub fn read(dir: &Path) -> io::Result<Inventory> {
+        let root = dir.join("v1");
+        if !root.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} holds no regcache cache", dir.display()),
+            ));
+        }
+        let mut blobs = HashMap::new();
+        committed(&root.join("blobs"), &mut |d, f| {
+            blobs.insert(d, f);
+        })?;
+        let mut files = Vec::new();
+        committed(&root.join("manifests"), &mut |d, f| files.push((d, f)))?;
+        let manifests = files
+            .into_iter()
+            .map(|(d, f)| {
+                let (algo, hex) = d.split_once(':').unwrap_or(("sha256", &d));
+                let path = root
+                    .join("manifests")
+                    .join(algo)
+                    .join(hex.get(..2).unwrap_or(""))
+                    .join(hex);
+                let (size, refs) = references(&path);
+                (d, (File { size, ..f }, refs))
+            })
+            .collect();
+        let mut tags = Vec::new();
+        if let Ok(fans) = fs::read_dir(root.join("tags")) {
+            for fan in fans.flatten() {
+                for file in fs::read_dir(fan.path())?.flatten() {
+                    if let Some(r) = fs::read(file.path())
+                        .ok()
+                        .and_then(|t| serde_json::from_slice::<TagRecord>(&t).ok())
+                    {
+                        tags.push(r);
+                    }
+                }
+            }
+        }
+        let mut pairs: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+        if let Ok(log) = fs::read_to_string(root.join("associations")) {
+            for line in log.lines() {
+                if let Some((digest, upstream, repo)) = crate::cache::associations::parse_line(line) {
+                    pairs.entry((upstream, repo)).or_default().insert(digest.to_string());
+                }
+            }
+        }
+        Ok(Inventory {
+            blobs,
+            manifests,
+            tags,
+            pairs,
+        })
+    }
+
+    /// The manifest, and everything under it that is cached, each once: (bytes, last use).
+    fn closure(&self, digest: &str) -> (u64, SystemTime) {
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![digest.to_owned()];
+        let (mut size, mut used) = (0, SystemTime::UNIX_EPOCH);
+        while let Some(d) = stack.pop() {
+            if !seen.insert(d.clone()) {
+                continue;
+            }
+            if let Some((f, refs)) = self.manifests.get(&d) {
+                size += f.size;
+                used = used.max(f.used);
+                stack.extend(refs.iter().cloned());
+            } else if let Some(f) = self.blobs.get(&d) {
+                size += f.size;
+                used = used.max(f.used);
+            }
+        }
+        (size, used)
+    }
+
+    /// Cached images: every tag whose manifest is cached, and manifests cached by digest
+    /// under a repository without a tag pointing at them; `pattern` (with `*`) is matched
+    /// against `<upstream>/<repo>` and `<upstream>/<repo>:<tag>`.
+    pub fn list(&self, pattern: Option<&str>) -> Vec<Listed> {
+        let matches = |repo: &str, tag: Option<&str>| match pattern {
+            None => true,
+            Some(p) => glob_match(p, repo) || tag.is_some_and(|t| glob_match(p, &format!("{repo}:{t}"))),
+        };
+        let mut out = Vec::new();
+        let mut tagged: BTreeSet<(String, String)> = BTreeSet::new();
+        for r in &self.tags {
+            let (upstream, repo, tag) = r.names();
+            if !crate::oci::is_valid_tag(tag) || !self.manifests.contains_key(&r.digest) {
+                continue; // referrers answers, or a manifest evicted since
+            }
+            let repository = format!("{upstream}/{repo}");
+            tagged.insert((repository.clone(), r.digest.clone()));
+            if !matches(&repository, Some(tag)) {
+                continue;
+            }
+            let (size, used) = self.closure(&r.digest);
+            out.push(Listed {
+                repository,
+                tag: Some(tag.to_owned()),
+                digest: r.digest.clone(),
+                media_type: r.media_type.clone(),
+                size,
+                last_used: unix(used),
+            });
+        }
+        // A tag is recorded once per Accept set; one line per (repository, tag, digest).
+        out.sort_by(|a, b| (&a.repository, &a.tag, &a.digest).cmp(&(&b.repository, &b.tag, &b.digest)));
+        out.dedup_by(|a, b| (&a.repository, &a.tag, &a.digest) == (&b.repository, &b.tag, &b.digest));
+        let children: BTreeSet<&String> = self.manifests.values().flat_map(|(_, refs)| refs).collect();
+        for ((upstream, repo), digests) in &self.pairs {
+            let repository = format!("{upstream}/{repo}");
+            if !matches(&repository, None) {
+                continue;
+            }
+            for d in digests {
+                // Platform manifests of a listed index are part of its line.
+                if !self.manifests.contains_key(d)
+                    || tagged.contains(&(repository.clone(), d.clone()))
+                    || children.contains(d)
+                {
+                    continue;
+                }
+                let (size, used) = self.closure(d);
+                out.push(Listed {
+                    repository: repository.clone(),
+                    tag: None,
+                    digest: d.clone(),
+                    media_type: String::new(),
+                    size,
+                    last_used: unix(used),
+                });
+            }
+        }
+        out
+    }
+
+    /// Bytes per repository (what its recorded digests take) and in all.
+    pub fn usage(&self) -> Usage {
+        let mut repositories: Vec<RepoUsage> = self
+            .pairs
+            .iter()
+            .map(|((upstream, repo), digests)| RepoUsage {
+                upstream: upstream.clone(),
+                repository: repo.clone(),
+                bytes: digests
+                    .iter()
+                    .filter_map(|d| self.blobs.get(d).or(self.manifests.get(d).map(|m| &m.0)))
+                    .map(|f| f.size)
+                    .sum(),
+            })
+            .collect();
+        repositories.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.repository.cmp(&b.repository)));
+        Usage {
+            total: self
+                .blobs
+                .values()
+                .chain(self.manifests.values().map(|m| &m.0))
+                .map(|f| f.size)
+                .sum(),
+            files: self.blobs.len() + self.manifests.len(),
+            repositories,
+        }
+    }
+}
+
+/// Bytes as people read them (binary units).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("docker.io/*", "docker.io/library/alpine"));
+        assert!(glob_match("*alpine*", "docker.io/library/alpine:3.20"));
+        assert!(glob_match("ghcr.io/org/app", "ghcr.io/org/app"));
+        assert!(!glob_match("ghcr.io/org/app", "ghcr.io/org/app2"));
+        assert!(!glob_match("*/app", "ghcr.io/org/apps"));
+        assert!(glob_match("a*b*c", "a-b-b-c"));
+        assert!(!glob_match("ab*ba", "aba"));
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+    }
+}
