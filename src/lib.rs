@@ -20,6 +20,7 @@ pub mod server;
 pub mod single_flight;
 pub mod tls;
 pub mod upstream;
+pub mod verify;
 
 use std::future::Future;
 use std::sync::Arc;

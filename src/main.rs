@@ -97,6 +97,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Re-hash every cached blob and manifest; move damaged ones to v1/quarantine/ (they
+    /// are fetched anew when next asked for). Safe beside a running server.
+    Verify {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Fetch each damaged file again now, through --server or (when no server runs on
+        /// the cache dir) one started here.
+        #[arg(long)]
+        repair: bool,
+        /// The running regcache on this cache dir, by URL, for --repair.
+        #[arg(long)]
+        server: Option<String>,
+    },
     /// Read a password from standard input and print its bcrypt hash for [[auth.user]].
     HashPassword {
         /// bcrypt cost (4 to 31).
@@ -222,6 +235,91 @@ fn run(command: Command) -> anyhow::Result<()> {
             )?;
             Ok(())
         }
+        Command::Verify { config, repair, server } => {
+            let config = load(config.as_ref())?;
+            let checked = regcache::verify::check(&config.cache.dir, 2)?;
+            println!(
+                "checked {} files ({:.1} MiB): {} damaged",
+                checked.files,
+                checked.bytes as f64 / 1048576.0,
+                checked.damaged.len()
+            );
+            for d in &checked.damaged {
+                let moved = d
+                    .quarantined
+                    .as_ref()
+                    .map_or("could not be moved aside".to_owned(), |q| {
+                        format!("quarantined to {}", q.display())
+                    });
+                println!("damaged {} {}: {}; {moved}", d.kind, d.digest, d.why);
+            }
+            if checked.damaged.is_empty() {
+                return Ok(());
+            }
+            if !repair {
+                anyhow::bail!(
+                    "{} damaged files quarantined; they are fetched again when next asked for (or now, with --repair)",
+                    checked.damaged.len()
+                );
+            }
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let dir = config.cache.dir.clone();
+            let result = runtime.block_on(async {
+                let repair = |base: String| async move {
+                    let fetcher = regcache::prefetch::Prefetcher::new(
+                        &base,
+                        regcache::prefetch::Options {
+                            platforms: Vec::new(),
+                            all_platforms: false,
+                            jobs: 1,
+                        },
+                    )
+                    .map_err(anyhow::Error::msg)?;
+                    let mut unrepaired = 0;
+                    for d in &checked.damaged {
+                        let mut done = false;
+                        for (upstream, repo) in regcache::verify::holders(&dir, &d.digest) {
+                            let image = regcache::prefetch::ImageRef {
+                                registry: upstream,
+                                repo,
+                                reference: d.digest.to_string(),
+                            };
+                            match fetcher
+                                .refetch(&image, &d.digest.to_string(), d.kind == "manifest")
+                                .await
+                            {
+                                Ok(()) => {
+                                    println!("repaired {} {} from {image}", d.kind, d.digest);
+                                    done = true;
+                                    break;
+                                }
+                                Err(e) => eprintln!("regcache: {e}"),
+                            }
+                        }
+                        if !done {
+                            eprintln!(
+                                "regcache: {} {} not repaired (no repository it came from answered)",
+                                d.kind, d.digest
+                            );
+                            unrepaired += 1;
+                        }
+                    }
+                    match unrepaired {
+                        0 => Ok(()),
+                        n => Err(anyhow::anyhow!(
+                            "{n} of {} damaged files not repaired",
+                            checked.damaged.len()
+                        )),
+                    }
+                };
+                match server {
+                    Some(url) => repair(url).await,
+                    None => with_local_server(config, repair).await,
+                }
+            });
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
+        }
         Command::Prefetch {
             images,
             file,
@@ -331,13 +429,22 @@ async fn prefetch(
     Ok(())
 }
 
-/// Prefetch without a running server: one is started in this process on the cache dir
-/// (taking its lock), on a loopback port of its own and without client authentication.
+/// Prefetch without a running server: through one started here on the cache dir.
 async fn prefetch_into_cache_dir(
-    mut config: Config,
+    config: Config,
     images: &[regcache::prefetch::ImageRef],
     options: regcache::prefetch::Options,
 ) -> anyhow::Result<()> {
+    with_local_server(config, |base| async move { prefetch(&base, images, options).await }).await
+}
+
+/// Runs `work` against a server started in this process on the cache dir (taking its
+/// lock), on a loopback port of its own and without client authentication; then drains it.
+async fn with_local_server<F, Fut>(mut config: Config, work: F) -> anyhow::Result<()>
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     config.auth = Default::default();
     config.server.tls = None;
     config.server.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
@@ -349,7 +456,7 @@ async fn prefetch_into_cache_dir(
     let server = tokio::spawn(regcache::run(app, listener, async move {
         let _ = stopped.await;
     }));
-    let result = prefetch(&base, images, options).await;
+    let result = work(base).await;
     // The drain waits for whatever the server still writes (manifests, tag records).
     let _ = stop.send(());
     let _ = server.await;

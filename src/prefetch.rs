@@ -282,8 +282,21 @@ impl Prefetcher {
         Ok(Some((digest, body)))
     }
 
+    /// Fetches one blob or manifest by digest through the server, so that it caches it
+    /// (again): `regcache verify --repair`.
+    pub async fn refetch(&self, image: &ImageRef, digest: &str, manifest: bool) -> Result<(), String> {
+        if manifest {
+            self.manifest(image, digest)
+                .await?
+                .map(|_| ())
+                .ok_or_else(|| format!("{image}: the registry no longer has manifest {digest}"))
+        } else {
+            self.blob(image, digest, None).await.map(|_| ())
+        }
+    }
+
     /// Reads a blob through the server (which caches it) and throws the bytes away.
-    async fn blob(&self, image: &ImageRef, digest: &str, size: u64) -> Result<u64, String> {
+    async fn blob(&self, image: &ImageRef, digest: &str, size: Option<u64>) -> Result<u64, String> {
         let _slot = self.jobs.acquire().await.map_err(|e| e.to_string())?;
         let url = self.url(image, &format!("blobs/{digest}"));
         let req = Request::get(&url).body(Empty::new()).map_err(|e| e.to_string())?;
@@ -297,7 +310,7 @@ impl Prefetcher {
             let frame = frame.map_err(|e| format!("{image}: blob {digest}: broken after {got} bytes: {e}"))?;
             got += frame.into_data().map_or(0, |d| d.len() as u64);
         }
-        if got != size {
+        if let Some(size) = size.filter(|s| *s != got) {
             return Err(format!(
                 "{image}: blob {digest}: {got} bytes, its descriptor says {size}"
             ));
@@ -347,7 +360,7 @@ impl Prefetcher {
                 .into_iter()
                 .filter(|(d, _)| walk.first_time(d))
                 .map(|(d, size)| async move {
-                    let got = self.blob(image, &d, size).await?;
+                    let got = self.blob(image, &d, Some(size)).await?;
                     walk.blobs.fetch_add(1, Ordering::Relaxed);
                     walk.bytes.fetch_add(got, Ordering::Relaxed);
                     Ok::<_, String>(())

@@ -10,6 +10,7 @@ mod fake_upstream;
 mod faults;
 mod harness;
 mod hostile_upstream;
+mod maintain;
 mod operate;
 mod peers;
 mod prefetch;

@@ -13,12 +13,12 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const REPO: &str = "library/multi";
 
-struct Image {
-    index: String,
+pub struct Image {
+    pub index: String,
     /// Blobs of each platform: (amd64, arm64), and the one layer both share.
-    amd64: Vec<String>,
-    arm64: Vec<String>,
-    shared: String,
+    pub amd64: Vec<String>,
+    pub arm64: Vec<String>,
+    pub shared: String,
     /// Blobs of the signature attached as a referrer, and of the `.sbom` tag.
     referrer_blobs: Vec<String>,
     sbom_blobs: Vec<String>,
@@ -67,7 +67,7 @@ fn manifest(
 
 /// `library/multi:1`: an index of linux/amd64 and linux/arm64 (sharing one layer), signed by
 /// a referrer and with an SBOM under cosign's tag scheme.
-fn multi_platform_image(up: &FakeUpstream) -> Image {
+pub fn multi_platform_image(up: &FakeUpstream) -> Image {
     let shared_bytes = random_bytes(30_000, 900);
     let shared = up.add_blob(&shared_bytes);
     let extra = [(shared.clone(), shared_bytes.len())];
@@ -115,7 +115,7 @@ fn prefetch(config: &Path, args: &[&str]) -> Output {
 }
 
 /// `regcache <command> --config <config> <args…>`.
-fn run(config: &Path, args: &[&str]) -> Output {
+pub fn run(config: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_regcache"))
         .arg(args[0])
         .arg("--config")
@@ -125,7 +125,7 @@ fn run(config: &Path, args: &[&str]) -> Output {
         .expect("regcache runs")
 }
 
-fn blob_gets(up: &FakeUpstream, digest: &str) -> usize {
+pub fn blob_gets(up: &FakeUpstream, digest: &str) -> usize {
     up.count("GET", &format!("/blobs/{digest}"))
 }
 
