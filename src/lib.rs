@@ -11,6 +11,7 @@ pub mod config;
 pub mod digest;
 pub mod http;
 pub mod inventory;
+pub mod layout;
 pub mod logging;
 pub mod metrics;
 pub mod oci;

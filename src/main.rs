@@ -110,6 +110,26 @@ enum Command {
         #[arg(long)]
         server: Option<String>,
     },
+    /// Write cached images, with their signatures, attestations, SBOMs and referrers, as
+    /// an OCI image layout: a directory, or a tar when OUTPUT ends in .tar.
+    Export {
+        /// Images as Docker names them (tags are looked up in the cache).
+        #[arg(required = true)]
+        images: Vec<String>,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Load OCI image layouts (directories or tars: `regcache export`, `skopeo copy
+    /// oci:`/`oci-archive:`, Docker 25+'s `docker save`) into the cache, every blob verified
+    /// before anything is committed. Safe beside a running server.
+    Import {
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Read a password from standard input and print its bcrypt hash for [[auth.user]].
     HashPassword {
         /// bcrypt cost (4 to 31).
@@ -234,6 +254,47 @@ fn run(command: Command) -> anyhow::Result<()> {
                 regcache::inventory::human_bytes(budget)
             )?;
             Ok(())
+        }
+        Command::Export { images, output, config } => {
+            let config = load(config.as_ref())?;
+            let parsed = images
+                .iter()
+                .map(|i| regcache::prefetch::parse_image(i))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)?;
+            let r = regcache::layout::export(&config.cache.dir, &parsed, &output).map_err(anyhow::Error::msg)?;
+            println!(
+                "exported {} images and attachments ({} files, {:.1} MiB) to {}",
+                r.entries,
+                r.files,
+                r.bytes as f64 / 1048576.0,
+                output.display()
+            );
+            Ok(())
+        }
+        Command::Import { inputs, config } => {
+            let config = load(config.as_ref())?;
+            let mut failed = 0;
+            for input in &inputs {
+                match regcache::layout::import(&config.cache.dir, input) {
+                    Ok(r) => println!(
+                        "imported {}: {} names recorded, {} files new ({:.1} MiB), {} already cached",
+                        input.display(),
+                        r.names,
+                        r.new,
+                        r.bytes as f64 / 1048576.0,
+                        r.present
+                    ),
+                    Err(e) => {
+                        eprintln!("regcache: {e}");
+                        failed += 1;
+                    }
+                }
+            }
+            match failed {
+                0 => Ok(()),
+                n => anyhow::bail!("{n} of {} imports failed", inputs.len()),
+            }
         }
         Command::Verify { config, repair, server } => {
             let config = load(config.as_ref())?;

@@ -32,6 +32,15 @@ impl Kind {
     }
 }
 
+/// Where committed content lives under a cache's `v1` directory.
+pub fn path_in(root: &Path, kind: Kind, digest: &Digest) -> PathBuf {
+    let hex = digest.hex();
+    root.join(kind.dir())
+        .join(digest.algorithm().name())
+        .join(&hex[..2])
+        .join(hex)
+}
+
 /// One committed file found by the startup scan.
 #[derive(Debug)]
 pub struct Scanned {
@@ -185,12 +194,7 @@ impl BlobStore {
     }
 
     pub fn path(&self, kind: Kind, digest: &Digest) -> PathBuf {
-        let hex = digest.hex();
-        self.root
-            .join(kind.dir())
-            .join(digest.algorithm().name())
-            .join(&hex[..2])
-            .join(hex)
+        path_in(&self.root, kind, digest)
     }
 
     /// A new, empty file in `tmp/`, open for reading and writing.

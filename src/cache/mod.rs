@@ -87,11 +87,9 @@ impl Cache {
         self.loading.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// During the rebuild: content not yet indexed but on disk is indexed now.
+    /// Content on disk but not indexed (not yet reached by the rebuild, or written by
+    /// `regcache import` beside this server) is indexed now. A miss costs one more open.
     fn index_from_disk(&self, kind: Kind, digest: &Digest) -> Option<u64> {
-        if !self.loading() {
-            return None;
-        }
         let (_, len) = self.store.open_file(kind, digest).ok()??;
         self.index.restore(kind, digest, len);
         Some(len)
@@ -102,11 +100,15 @@ impl Cache {
     pub fn start_collector(&self, period: std::time::Duration) {
         // Neither holds the store (nor its cache-dir lock): a closed cache stays closed.
         let (index, tags) = (Arc::downgrade(&self.index), self.tags.clone());
+        let root = self.store.root().to_path_buf();
         let spawned = std::thread::Builder::new()
             .name("tag-collector".into())
             .spawn(move || loop {
                 let Some(index) = index.upgrade() else { return };
-                let removed = tags.collect(|d| index.peek(Kind::Manifest, d));
+                // Imported beside this server and not asked for yet: on disk, not indexed.
+                let removed = tags.collect(|d| {
+                    index.peek(Kind::Manifest, d) || blob_store::path_in(&root, Kind::Manifest, d).exists()
+                });
                 if removed > 0 {
                     tracing::info!(removed, "collected tag records of manifests no longer cached");
                 }

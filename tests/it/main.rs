@@ -1,6 +1,7 @@
 //! The one integration-test binary: regcache in-process against a fake upstream (faults,
 //! counts) and against the real docker-registry with skopeo and containerd's ctr.
 
+mod air_gap;
 mod binary;
 mod core_pull;
 mod deploy_files;
