@@ -11,7 +11,7 @@
 //! Knobs (environment):
 //! - `BENCH_QUICK=1`: 64 MiB blob, 1 run, 10 000 startup blobs, short wrk runs;
 //! - `BENCH_RUNS=N`: runs per measure (default 3, or 1 with `BENCH_QUICK`);
-//! - `BENCH_ONLY=blob,manifest,pull,herd,commit,startup`: a subset of the phases;
+//! - `BENCH_ONLY=blob,manifest,pull,herd,commit,airgap,startup`: a subset of the phases;
 //! - `BENCH_BLOB_MIB`, `BENCH_STARTUP_BLOBS`, `BENCH_SECS` (wrk seconds per run);
 //! - `BENCH_DIR`: where the data goes (default `/dev/shm`, else the target dir);
 //! - `BENCH_ACCESS_LOG=0`: no per-request logging in any server (default: as shipped);
@@ -92,7 +92,7 @@ impl Settings {
         let blob_size = env_num("BENCH_BLOB_MIB").unwrap_or(if quick { 64 } else { 512 }) * MIB;
         let startup_blobs = env_num("BENCH_STARTUP_BLOBS").unwrap_or(if quick { 10_000 } else { 100_000 }) as usize;
         let secs = env_num("BENCH_SECS");
-        let all = ["blob", "manifest", "pull", "herd", "commit", "startup"];
+        let all = ["blob", "manifest", "pull", "herd", "commit", "airgap", "startup"];
         let phases: Vec<String> = match std::env::var("BENCH_ONLY") {
             Ok(list) if !list.trim().is_empty() => list
                 .split(',')
@@ -720,8 +720,12 @@ impl Registry {
 }
 
 async fn push_blob(registry: &Registry, bytes: Bytes) -> Result<String, String> {
+    push_blob_to(registry, REPO, bytes).await
+}
+
+async fn push_blob_to(registry: &Registry, repo: &str, bytes: Bytes) -> Result<String, String> {
     let digest = sha256(&bytes);
-    let url = format!("{}/v2/{REPO}/blobs/uploads/", registry.url());
+    let url = format!("{}/v2/{repo}/blobs/uploads/", registry.url());
     let t = Duration::from_secs(300);
     let (status, headers, body) = send(Method::POST, &url, &[], Bytes::new(), t).await?;
     if status != StatusCode::ACCEPTED {
@@ -750,7 +754,11 @@ async fn push_blob(registry: &Registry, bytes: Bytes) -> Result<String, String> 
 }
 
 async fn push_manifest(registry: &Registry, reference: &str, bytes: &[u8]) -> Result<(), String> {
-    let url = format!("{}/v2/{REPO}/manifests/{reference}", registry.url());
+    push_manifest_to(registry, REPO, reference, bytes).await
+}
+
+async fn push_manifest_to(registry: &Registry, repo: &str, reference: &str, bytes: &[u8]) -> Result<(), String> {
+    let url = format!("{}/v2/{repo}/manifests/{reference}", registry.url());
     let ctype = [("content-type", DOCKER_MANIFEST)];
     let body = Bytes::copy_from_slice(bytes);
     let (status, _, body) = send(Method::PUT, &url, &ctype, body, Duration::from_secs(60)).await?;
@@ -1398,6 +1406,27 @@ fn render_table(results: &Results, settings: &Settings) -> String {
             target: Target::None,
         },
         Row {
+            measure: "prefetch_s",
+            label: format!(
+                "Prefetch of a {} MiB 4-layer image; direct = `skopeo copy` to an OCI layout (s ↓)",
+                (settings.blob_size * 2).max(64 * MIB) / MIB
+            ),
+            decimals: 2,
+            target: Target::AtMost(DIRECT, 1.0),
+        },
+        Row {
+            measure: "export_mibs",
+            label: "`regcache export` of it to a tar; direct = `tar c` of the cached blobs (MiB/s ↑)".into(),
+            decimals: 0,
+            target: Target::None,
+        },
+        Row {
+            measure: "import_mibs",
+            label: "`regcache import` of that tar; direct = `tar x` of it (MiB/s ↑)".into(),
+            decimals: 0,
+            target: Target::None,
+        },
+        Row {
             measure: "startup_big",
             label: format!(
                 "Startup to first 200 on a cached blob, {} cached blobs, page cache dropped (s ↓)",
@@ -1701,6 +1730,127 @@ async fn pull_phase(env: &Env, settings: &Settings, results: &mut Results) -> Re
     Ok(())
 }
 
+/// Pushes `library/big:1`: four layers of `total / 4` bytes each.
+async fn seed_big_image(upstream: &Registry, total: u64) -> Result<u64, String> {
+    let mut layers = Vec::new();
+    let mut diff_ids = Vec::new();
+    let mut bytes = 0u64;
+    for i in 0..4u64 {
+        let content = random_bytes((total / 4) as usize, 300 + i);
+        let tar = tar_with_one_file(&format!("big{i}.bin"), &content);
+        diff_ids.push(sha256(&tar));
+        let layer = Bytes::from(gzip_stored(&tar));
+        let size = layer.len();
+        bytes += size as u64;
+        let digest = push_blob_to(upstream, "library/big", layer).await?;
+        layers.push(serde_json::json!({"mediaType": DOCKER_LAYER_GZIP, "size": size, "digest": digest}));
+    }
+    let config = serde_json::json!({
+        "architecture": host_arch(), "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    })
+    .to_string();
+    let config_size = config.len();
+    let config_digest = push_blob_to(upstream, "library/big", Bytes::from(config)).await?;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": {"mediaType": DOCKER_CONFIG, "size": config_size, "digest": config_digest},
+        "layers": layers,
+    }))
+    .map_err(|e| e.to_string())?;
+    push_manifest_to(upstream, "library/big", "1", &manifest).await?;
+    Ok(bytes)
+}
+
+/// Runs a command to its end; its wall time in seconds, or why it failed.
+fn timed(cmd: &mut Command) -> Result<f64, String> {
+    let t = Instant::now();
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// The air-gap commands: `regcache prefetch` of a big image against `skopeo copy` of it into
+/// an OCI layout, and `regcache export` / `import` of it against `tar c` / `tar x` of the
+/// same bytes, each from a fresh destination.
+async fn airgap_phase(env: &Env, settings: &Settings, results: &mut Results) -> Result<(), String> {
+    let total = (settings.blob_size * 2).max(64 * MIB);
+    eprintln!("seeding library/big:1 ({} MiB in 4 layers)", total / MIB);
+    let bytes = seed_big_image(&env.upstream, total).await?;
+    let mib = bytes as f64 / MIB as f64;
+    let rc = env!("CARGO_BIN_EXE_regcache");
+    for run in 0..settings.runs {
+        eprintln!("air-gap run {}/{}", run + 1, settings.runs);
+        let dir = env.work.join(format!("airgap-{run}"));
+        let config = dir.join("regcache.toml");
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        std::fs::write(
+            &config,
+            format!(
+                "[cache]\ndir = \"{}\"\nmax_size = \"20GiB\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n",
+                dir.join("cache").display(),
+                env.upstream.url()
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let order: [&str; 2] = if run % 2 == 0 { [RC, "skopeo"] } else { ["skopeo", RC] };
+        for who in order {
+            let r = if who == RC {
+                timed(
+                    Command::new(rc)
+                        .arg("prefetch")
+                        .arg("--config")
+                        .arg(&config)
+                        .arg("library/big:1"),
+                )
+            } else {
+                let layout = dir.join("skopeo-layout");
+                timed(Command::new(env.tool("skopeo")).args([
+                    "copy",
+                    "--src-tls-verify=false",
+                    &format!("docker://{}/library/big:1", env.upstream.addr),
+                    &format!("oci:{}:big", layout.display()),
+                ]))
+            };
+            results.record("prefetch_s", if who == RC { RC } else { DIRECT }, r);
+        }
+        let archive = dir.join("big.tar");
+        let r = timed(
+            Command::new(rc)
+                .arg("export")
+                .arg("--config")
+                .arg(&config)
+                .arg("library/big:1")
+                .arg("-o")
+                .arg(&archive),
+        );
+        results.record("export_mibs", RC, r.map(|s| mib / s));
+        let r = timed(
+            Command::new("tar")
+                .arg("cf")
+                .arg(dir.join("plain.tar"))
+                .arg("-C")
+                .arg(dir.join("cache/v1"))
+                .arg("blobs"),
+        );
+        results.record("export_mibs", DIRECT, r.map(|s| mib / s));
+        let gap = dir.join("gap.toml");
+        std::fs::write(&gap, format!("[cache]\ndir = \"{}\"\n", dir.join("gap").display()))
+            .map_err(|e| e.to_string())?;
+        let r = timed(Command::new(rc).arg("import").arg("--config").arg(&gap).arg(&archive));
+        results.record("import_mibs", RC, r.map(|s| mib / s));
+        let untarred = dir.join("untarred");
+        std::fs::create_dir_all(&untarred).map_err(|e| e.to_string())?;
+        let r = timed(Command::new("tar").arg("xf").arg(&archive).arg("-C").arg(&untarred));
+        results.record("import_mibs", DIRECT, r.map(|s| mib / s));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
 /// The herd: 32 clients on one cold blob through a fresh regcache / Distribution proxy, and
 /// the same 32 clients on nginx (warm).
 async fn herd_phase(env: &Env, settings: &Settings, results: &mut Results) -> Result<(), String> {
@@ -1952,6 +2102,11 @@ async fn run(settings: &Settings, results: &mut Results) -> Result<(), String> {
         let mark = CpuMark::now();
         commit_phase(&env, settings, results).await?;
         results.note_load("manifest during a commit", &mark);
+    }
+    if settings.phase("airgap") {
+        let mark = CpuMark::now();
+        airgap_phase(&env, settings, results).await?;
+        results.note_load("prefetch, export, import", &mark);
     }
     if settings.phase("startup") {
         let mark = CpuMark::now();

@@ -2,20 +2,17 @@
 //! under the disk budget. Evicting an entry deletes its file on a background thread, unless
 //! a newer commit of the same digest has replaced it since (a generation check under one
 //! lock that only commits and that thread take; never fsync under it, never the request
-//! path).
+//! path). Pinned entries count against the budget but are never evicted.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, Weak};
 
-use moka::notification::RemovalCause;
-use moka::policy::EvictionPolicy;
-
 use super::blob_store::{BlobStore, Kind};
 use crate::digest::Digest;
 
-type Key = (Kind, Digest);
+pub type Key = (Kind, Digest);
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -27,18 +24,109 @@ struct Entry {
 /// this lock, so an old eviction can never delete a file that a newer fill has committed.
 type Generations = Arc<Mutex<HashMap<Key, u64>>>;
 
+/// Entries in least-recently-used order under a byte budget. Pinned entries are kept out
+/// of the order, so eviction never sees them.
+#[derive(Default)]
+struct Lru {
+    entries: HashMap<Key, (Entry, u64)>,
+    /// Use tick -> key, oldest first (unpinned entries only).
+    order: BTreeMap<u64, Key>,
+    next_tick: u64,
+    total: u64,
+    capacity: u64,
+    /// Pinned keys, present or not yet committed.
+    pinned: HashSet<Key>,
+}
+
+impl Lru {
+    fn tick(&mut self) -> u64 {
+        self.next_tick += 1;
+        self.next_tick
+    }
+
+    /// The entry, now the most recently used.
+    fn touch(&mut self, key: &Key) -> Option<Entry> {
+        let next = self.next_tick + 1;
+        let (entry, tick) = self.entries.get_mut(key)?;
+        let entry = *entry;
+        if !self.pinned.contains(key) {
+            self.order.remove(tick);
+            *tick = next;
+            self.order.insert(next, key.clone());
+        }
+        self.next_tick = next;
+        Some(entry)
+    }
+
+    /// Inserts or replaces; returns what had to be evicted to stay under the budget.
+    fn insert(&mut self, key: Key, entry: Entry) -> Vec<(Key, Entry)> {
+        self.remove(&key);
+        let tick = self.tick();
+        if !self.pinned.contains(&key) {
+            self.order.insert(tick, key.clone());
+        }
+        self.total += entry.size;
+        self.entries.insert(key, (entry, tick));
+        self.evict()
+    }
+
+    fn remove(&mut self, key: &Key) -> Option<Entry> {
+        let (entry, tick) = self.entries.remove(key)?;
+        self.order.remove(&tick);
+        self.total -= entry.size;
+        Some(entry)
+    }
+
+    fn evict(&mut self) -> Vec<(Key, Entry)> {
+        let mut evicted = Vec::new();
+        while self.total > self.capacity {
+            let Some((_, key)) = self.order.pop_first() else { break };
+            if let Some((entry, _)) = self.entries.remove(&key) {
+                self.total -= entry.size;
+                evicted.push((key, entry));
+            }
+        }
+        evicted
+    }
+
+    /// Replaces the pinned set; entries that leave it rejoin the order as just used.
+    fn pin(&mut self, keys: HashSet<Key>) -> Vec<(Key, Entry)> {
+        let old = std::mem::replace(&mut self.pinned, keys);
+        let released: Vec<Key> = old.difference(&self.pinned).cloned().collect();
+        for key in released {
+            if self.entries.contains_key(&key) {
+                let tick = self.tick();
+                if let Some((_, t)) = self.entries.get_mut(&key) {
+                    *t = tick;
+                }
+                self.order.insert(tick, key);
+            }
+        }
+        let newly: Vec<Key> = self.pinned.difference(&old).cloned().collect();
+        for key in newly {
+            if let Some((_, tick)) = self.entries.get(&key) {
+                self.order.remove(tick);
+            }
+        }
+        self.evict()
+    }
+
+    fn pinned_bytes(&self) -> u64 {
+        self.pinned
+            .iter()
+            .filter_map(|k| self.entries.get(k))
+            .map(|(e, _)| e.size)
+            .sum()
+    }
+}
+
 pub struct Index {
-    entries: moka::sync::Cache<Key, Entry>,
+    lru: Mutex<Lru>,
     generations: Generations,
     next_generation: AtomicU64,
     evictions: Arc<AtomicU64>,
     deleter: Arc<Mutex<Sender<Deletion>>>,
     budget: u64,
-}
-
-fn weight_kib(size: u64) -> u32 {
-    // moka weighs in u32; KiB keeps a 4 TiB blob representable.
-    u32::try_from(size.div_ceil(1024).max(1)).unwrap_or(u32::MAX)
 }
 
 enum Deletion {
@@ -89,28 +177,33 @@ impl Index {
             generations.clone(),
             evictions.clone(),
         )));
-        let listener_deleter = deleter.clone();
-        let entries = moka::sync::Cache::builder()
-            .max_capacity(max_bytes / 1024)
-            .weigher(|_k: &Key, e: &Entry| weight_kib(e.size))
-            // TinyLFU (moka's default) may refuse a blob that was just downloaded; for a disk
-            // cache that would throw the download away.
-            .eviction_policy(EvictionPolicy::lru())
-            .eviction_listener(move |key: Arc<Key>, entry: Entry, cause| {
-                if cause == RemovalCause::Replaced || key.0 == Kind::Reserved {
-                    return;
-                }
-                let tx = listener_deleter.lock().unwrap_or_else(|p| p.into_inner());
-                let _ = tx.send(Deletion::File((*key).clone(), entry.generation));
-            })
-            .build();
         Index {
-            entries,
+            lru: Mutex::new(Lru {
+                capacity: max_bytes,
+                ..Lru::default()
+            }),
             generations,
             next_generation: AtomicU64::new(1),
             evictions,
             deleter,
             budget: max_bytes,
+        }
+    }
+
+    fn lru(&self) -> std::sync::MutexGuard<'_, Lru> {
+        self.lru.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands evicted (or removed) files to the deleter; reservations hold no file.
+    fn delete(&self, gone: Vec<(Key, Entry)>) {
+        if gone.is_empty() {
+            return;
+        }
+        let tx = self.deleter.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, entry) in gone {
+            if key.0 != Kind::Reserved {
+                let _ = tx.send(Deletion::File(key, entry.generation));
+            }
         }
     }
 
@@ -122,43 +215,35 @@ impl Index {
     /// Holds `size` bytes of the budget for a fill in flight, so that what must be evicted
     /// to make room goes now, before the download fills the disk, not after its commit.
     pub fn reserve(&self, digest: &Digest, size: u64) {
-        self.entries
+        let gone = self
+            .lru()
             .insert((Kind::Reserved, digest.clone()), Entry { size, generation: 0 });
-        self.entries.run_pending_tasks();
+        self.delete(gone);
     }
 
     /// Gives a fill's reservation back (committed or not).
     pub fn release(&self, digest: &Digest) {
-        self.entries.invalidate(&(Kind::Reserved, digest.clone()));
+        self.lru().remove(&(Kind::Reserved, digest.clone()));
     }
 
     /// Evicts least recently used content worth `needed` bytes (all of it if it holds
     /// less) and waits until its files are deleted: for when the disk is fuller than the
     /// budget says (other files share the filesystem). Blocking.
     pub fn make_room(&self, needed: u64) {
-        let held = self.total_bytes().min(self.budget);
-        // An entry this heavy leaves room for only `held - needed` bytes of the rest, so the
-        // least recently used go; it holds no file and is removed at once.
-        let room = (self.budget - held).saturating_add(needed).min(self.budget);
-        let key = (
-            Kind::Reserved,
-            Digest::sha256_of(b"regcache: making room on a full disk"),
-        );
-        self.entries.insert(
-            key.clone(),
-            Entry {
-                size: room,
-                generation: 0,
-            },
-        );
-        self.entries.run_pending_tasks();
-        self.entries.invalidate(&key);
+        let gone = {
+            let mut lru = self.lru();
+            let capacity = lru.capacity;
+            lru.capacity = lru.total.saturating_sub(needed).min(capacity);
+            let gone = lru.evict();
+            lru.capacity = capacity;
+            gone
+        };
+        self.delete(gone);
         self.settle_deletions();
     }
 
     /// Waits until every file evicted so far is deleted (tests, shutdown).
     pub fn settle_deletions(&self) {
-        self.entries.run_pending_tasks();
         let (done, wait) = std::sync::mpsc::sync_channel(1);
         let sent = self
             .deleter
@@ -181,69 +266,83 @@ impl Index {
         size: u64,
         place: impl FnOnce() -> std::io::Result<T>,
     ) -> std::io::Result<T> {
-        let out = {
+        let (out, gone) = {
             let mut gens = self.generations.lock().unwrap_or_else(|p| p.into_inner());
             let out = place()?;
             let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
             gens.insert((kind, digest.clone()), generation);
-            self.entries.insert((kind, digest.clone()), Entry { size, generation });
-            out
+            let gone = self.lru().insert((kind, digest.clone()), Entry { size, generation });
+            (out, gone)
         };
-        // Apply the budget now rather than at some later write.
-        self.entries.run_pending_tasks();
+        self.delete(gone);
         Ok(out)
     }
 
-    /// Records content found on disk at startup; call [`Index::settle`] after the last one.
+    /// Records content found on disk at startup (or by a lookup that found it there).
     pub fn restore(&self, kind: Kind, digest: &Digest, size: u64) {
-        let mut gens = self.generations.lock().unwrap_or_else(|p| p.into_inner());
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        gens.insert((kind, digest.clone()), generation);
-        self.entries.insert((kind, digest.clone()), Entry { size, generation });
+        let gone = {
+            let mut gens = self.generations.lock().unwrap_or_else(|p| p.into_inner());
+            let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+            gens.insert((kind, digest.clone()), generation);
+            self.lru().insert((kind, digest.clone()), Entry { size, generation })
+        };
+        self.delete(gone);
     }
 
-    /// Applies the budget to everything inserted so far.
-    pub fn settle(&self) {
-        self.entries.run_pending_tasks();
-    }
+    /// Applies the budget to everything inserted so far (each insert already has).
+    pub fn settle(&self) {}
 
     /// Whether content is indexed; counts as a use for LRU.
     pub fn contains(&self, kind: Kind, digest: &Digest) -> bool {
-        self.entries.get(&(kind, digest.clone())).is_some()
+        self.lru().touch(&(kind, digest.clone())).is_some()
     }
 
     /// Whether content is indexed, without counting as a use.
     pub fn peek(&self, kind: Kind, digest: &Digest) -> bool {
-        self.entries.contains_key(&(kind, digest.clone()))
+        self.lru().entries.contains_key(&(kind, digest.clone()))
     }
 
     /// The recorded size of indexed content; counts as a use for LRU.
     pub fn size(&self, kind: Kind, digest: &Digest) -> Option<u64> {
-        self.entries.get(&(kind, digest.clone())).map(|e| e.size)
+        self.lru().touch(&(kind, digest.clone())).map(|e| e.size)
     }
 
     /// Forgets (and deletes) content that turned out to be missing or unreadable.
     pub fn invalidate(&self, kind: Kind, digest: &Digest) {
-        self.entries.invalidate(&(kind, digest.clone()));
-        self.entries.run_pending_tasks();
+        let key = (kind, digest.clone());
+        let gone = self.lru().remove(&key).map(|e| (key, e));
+        self.delete(gone.into_iter().collect());
     }
 
     /// Forgets content without deleting its file (it was moved away, e.g. quarantined).
     pub fn forget(&self, kind: Kind, digest: &Digest) {
         let key = (kind, digest.clone());
         self.generations.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-        self.entries.invalidate(&key);
-        self.entries.run_pending_tasks();
+        self.lru().remove(&key);
+    }
+
+    /// Pins exactly `keys` (content not committed yet is pinned when it is); what leaves the
+    /// set becomes evictable again. Returns the pinned bytes now held.
+    pub fn pin(&self, keys: HashSet<Key>) -> u64 {
+        let (gone, bytes) = {
+            let mut lru = self.lru();
+            let gone = lru.pin(keys);
+            (gone, lru.pinned_bytes())
+        };
+        self.delete(gone);
+        bytes
+    }
+
+    pub fn pinned_bytes(&self) -> u64 {
+        self.lru().pinned_bytes()
     }
 
     pub fn total_bytes(&self) -> u64 {
-        self.entries.run_pending_tasks();
-        self.entries.iter().map(|(_, e)| e.size).sum()
+        self.lru().total
     }
 
     pub fn entry_count(&self) -> u64 {
-        self.entries.run_pending_tasks();
-        self.entries.entry_count()
+        self.lru().entries.len() as u64
     }
 
     pub fn evictions(&self) -> u64 {
@@ -282,6 +381,31 @@ mod tests {
         assert!(store.open_file(Kind::Blob, &b).unwrap().is_none());
         assert!(store.open_file(Kind::Blob, &a).unwrap().is_some());
         assert_eq!(index.evictions(), 1);
+    }
+
+    #[test]
+    fn pinned_content_is_never_evicted_and_counts_against_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(BlobStore::open(dir.path()).unwrap().0);
+        let index = Index::new(store.clone(), 100 * 1024);
+        let pinned = Digest::sha256_of(&vec![9u8; 40 * 1024]);
+        // Pinned before it is committed: it is pinned as it arrives.
+        assert_eq!(index.pin(HashSet::from([(Kind::Blob, pinned.clone())])), 0);
+        assert_eq!(put(&index, &store, &vec![9u8; 40 * 1024]), pinned);
+        let others: Vec<Digest> = (0..4u8).map(|i| put(&index, &store, &vec![i; 40 * 1024])).collect();
+        assert!(index.contains(Kind::Blob, &pinned), "the oldest, yet kept");
+        assert_eq!(index.pinned_bytes(), 40 * 1024);
+        assert!(index.total_bytes() <= 100 * 1024);
+        // The 60 KiB left hold one other blob: the newest.
+        assert!(index.contains(Kind::Blob, &others[3]));
+        assert!(!index.contains(Kind::Blob, &others[2]));
+        // Unpinned, it is evictable again (as if just used).
+        index.pin(HashSet::new());
+        put(&index, &store, &vec![7u8; 40 * 1024]);
+        put(&index, &store, &vec![8u8; 40 * 1024]);
+        assert!(!index.contains(Kind::Blob, &pinned));
+        index.settle_deletions();
+        assert!(store.open_file(Kind::Blob, &pinned).unwrap().is_none());
     }
 
     #[test]
