@@ -214,6 +214,10 @@ pub struct CacheConfig {
     /// Never contact any upstream: serve what is cached, tags regardless of their TTL.
     #[serde(default)]
     pub offline: bool,
+    /// Images never evicted, their tags served regardless of TTL: `docker.io/library/alpine:3.20`,
+    /// `ghcr.io/org/app` (every tag), `ghcr.io/org/*`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pinned: Vec<String>,
 }
 
 impl Default for CacheConfig {
@@ -223,6 +227,7 @@ impl Default for CacheConfig {
             max_size: default_max_size(),
             memory_manifests: default_memory_manifests(),
             offline: false,
+            pinned: Vec::new(),
         }
     }
 }
@@ -447,6 +452,9 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), Error> {
+        for p in &self.cache.pinned {
+            crate::cache::pins::normalize(p).map_err(|e| invalid("cache.pinned", &e))?;
+        }
         if self.limits.max_header_bytes.0 < 8192 {
             return Err(invalid("limits.max_header_bytes", "must be at least 8KiB"));
         }

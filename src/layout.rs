@@ -54,7 +54,7 @@ pub struct Exported {
 }
 
 /// A cached manifest: (media type, bytes).
-fn cached_manifest(root: &Path, digest: &Digest) -> Option<(String, Vec<u8>)> {
+pub(crate) fn cached_manifest(root: &Path, digest: &Digest) -> Option<(String, Vec<u8>)> {
     let raw = fs::read(path_in(root, Kind::Manifest, digest)).ok()?;
     let nl = raw.iter().position(|&b| b == b'\n')?;
     let media_type = String::from_utf8(raw[..nl].to_vec()).ok()?;
@@ -62,7 +62,7 @@ fn cached_manifest(root: &Path, digest: &Digest) -> Option<(String, Vec<u8>)> {
 }
 
 /// The digests a manifest references: (child manifests, blobs with their sizes).
-fn references(bytes: &[u8]) -> (Vec<String>, Vec<(String, u64)>) {
+pub(crate) fn references(bytes: &[u8]) -> (Vec<String>, Vec<(String, u64)>) {
     let Ok(doc) = serde_json::from_slice::<serde_json::Value>(bytes) else {
         return (Vec::new(), Vec::new());
     };

@@ -72,11 +72,21 @@ fn build_app(config: &Config, background: bool) -> Result<Arc<App>, BuildError> 
         config.cache.memory_manifests.0,
     )
     .map_err(|e| BuildError::Cache(config.cache.dir.clone(), e))?;
+    cache.pins.configure(
+        config
+            .cache
+            .pinned
+            .iter()
+            .filter_map(|p| cache::pins::normalize(p).ok())
+            .collect(),
+    );
     let cache = Arc::new(cache);
     let load = {
         let cache = cache.clone();
         move || {
             let started = std::time::Instant::now();
+            // Pinned first, so that rebuilding an index over budget never evicts a pin.
+            cache.apply_pins();
             match cache.load_index() {
                 Ok(()) => {
                     tracing::info!(
@@ -86,6 +96,7 @@ fn build_app(config: &Config, background: bool) -> Result<Arc<App>, BuildError> 
                     );
                     // Only a complete index tells which tag records are orphans.
                     cache.start_collector(std::time::Duration::from_secs(3600));
+                    cache.start_pinning(std::time::Duration::from_secs(30));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot list the cache directory; serving what it finds on demand")

@@ -78,6 +78,10 @@ enum Command {
         /// Blob downloads at once.
         #[arg(long, default_value_t = 4)]
         jobs: usize,
+        /// Pin the images: never evicted, tags served regardless of TTL (recorded in the
+        /// cache dir of --config; a running server applies it within 30 s).
+        #[arg(long)]
+        pin: bool,
     },
     /// List the cached images: repository, tag, digest, size with everything it
     /// references, last use. Reads the cache dir only (a server may be running on it).
@@ -389,6 +393,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             server,
             config,
             jobs,
+            pin,
         } => {
             let mut images = images;
             if let Some(file) = file {
@@ -413,14 +418,19 @@ fn run(command: Command) -> anyhow::Result<()> {
                 all_platforms,
                 jobs,
             };
+            let loaded = load(config.as_ref())?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let result = runtime.block_on(async {
                 match server {
                     Some(url) => prefetch(&url, &parsed, options).await,
-                    None => prefetch_into_cache_dir(load(config.as_ref())?, &parsed, options).await,
+                    None => prefetch_into_cache_dir(loaded.clone(), &parsed, options).await,
                 }
             });
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            // Pinned only once all of them are in the cache.
+            if pin && result.is_ok() {
+                pin_images(&loaded, &parsed)?;
+            }
             result
         }
         Command::Serve {
@@ -487,6 +497,36 @@ async fn prefetch(
             failed.join(", ")
         );
     }
+    Ok(())
+}
+
+/// Records `images` as pinned in the cache dir, unless the pinned images would then need
+/// more than the budget (an error that says so; nothing is recorded then).
+fn pin_images(config: &Config, images: &[regcache::prefetch::ImageRef]) -> anyhow::Result<()> {
+    use regcache::cache::pins::{normalize, Pins};
+    let root = config.cache.dir.join("v1");
+    let names: Vec<String> = images.iter().map(|i| i.to_string()).collect();
+    let pins = Pins::new(&root);
+    let mut patterns: Vec<String> = config.cache.pinned.iter().filter_map(|p| normalize(p).ok()).collect();
+    patterns.extend(names.iter().cloned());
+    pins.configure(patterns);
+    let needed = pins.resolve().bytes;
+    let budget = config.cache.max_size.0;
+    if needed > budget {
+        anyhow::bail!(
+            "cannot pin {}: pinned images would need {:.1} MiB, more than the cache budget of {:.1} MiB (cache.max_size)",
+            names.join(", "),
+            needed as f64 / 1048576.0,
+            budget as f64 / 1048576.0
+        );
+    }
+    Pins::add(&root, &names).with_context(|| format!("recording pins in {}", root.display()))?;
+    println!(
+        "pinned {} ({:.1} MiB of pinned images, budget {:.1} MiB)",
+        names.join(", "),
+        needed as f64 / 1048576.0,
+        budget as f64 / 1048576.0
+    );
     Ok(())
 }
 

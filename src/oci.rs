@@ -175,6 +175,14 @@ impl AcceptSet {
     pub fn bits(self) -> u8 {
         self.0
     }
+
+    /// The set a tag record was keyed by ([`AcceptSet::bits`]); no known type means all.
+    pub fn from_bits(bits: u8) -> AcceptSet {
+        match bits & AcceptSet::ALL.0 {
+            0 => AcceptSet::ALL,
+            b => AcceptSet(b),
+        }
+    }
 }
 
 /// The media type of manifest bytes when the upstream did not say: the `mediaType` field,

@@ -281,8 +281,17 @@ impl Proxy {
     /// A cached tag answer that needs no upstream: within its TTL, or any age when the
     /// upstream is offline by configuration.
     async fn fresh_tag(&self, key: &TagKey, up: &upstream::Upstream) -> Option<ManifestAnswer> {
-        let (record, manifest) = self.cache.load_tag(key).await?;
-        if record.age() >= up.tag_ttl && !up.offline {
+        let pinned = self.cache.pins.matches(&key.upstream, &key.repo, &key.tag);
+        let (record, manifest) = match self.cache.load_tag(key).await {
+            Some(found) => found,
+            // A pinned tag is answered from what the cache holds for any client's Accept.
+            None if pinned => {
+                self.tag_for_another_accept(key, AcceptSet::from_bits(key.accept))
+                    .await?
+            }
+            None => return None,
+        };
+        if record.age() >= up.tag_ttl && !up.offline && !pinned {
             return None;
         }
         Some(ManifestAnswer { manifest, stale: false })
@@ -672,6 +681,7 @@ impl Proxy {
         let m = &self.metrics;
         m.cache_size.set(self.cache.index.total_bytes() as i64);
         m.cache_entries.set(self.cache.index.entry_count() as i64);
+        m.cache_pinned.set(self.cache.index.pinned_bytes() as i64);
         let evictions = self.cache.index.evictions();
         if evictions > m.cache_evictions.get() {
             m.cache_evictions.inc_by(evictions - m.cache_evictions.get());

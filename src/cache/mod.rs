@@ -5,6 +5,7 @@ pub mod associations;
 pub mod blob_store;
 pub mod fill;
 pub mod index;
+pub mod pins;
 pub mod tags;
 
 use std::fs::File;
@@ -32,6 +33,7 @@ pub struct Cache {
     pub index: Arc<Index>,
     pub tags: Arc<TagStore>,
     pub associations: associations::Associations,
+    pub pins: pins::Pins,
     manifests: moka::sync::Cache<Digest, Arc<Manifest>>,
     loading: std::sync::atomic::AtomicBool,
 }
@@ -55,6 +57,7 @@ impl Cache {
         let index = Arc::new(Index::new(store.clone(), max_bytes));
         let tags = Arc::new(TagStore::new(store.root()));
         let associations = associations::Associations::open(store.root())?;
+        let pins = pins::Pins::new(store.root());
         let manifests = moka::sync::Cache::builder()
             .max_capacity(memory_manifest_bytes)
             .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len() + m.media_type.len()).unwrap_or(u32::MAX))
@@ -64,6 +67,7 @@ impl Cache {
             index,
             tags,
             associations,
+            pins,
             manifests,
             loading: std::sync::atomic::AtomicBool::new(true),
         })
@@ -93,6 +97,47 @@ impl Cache {
         let (_, len) = self.store.open_file(kind, digest).ok()??;
         self.index.restore(kind, digest, len);
         Some(len)
+    }
+
+    /// Reads the pins again and pins what the pinned images are made of. Returns (pinned
+    /// bytes held, bytes the pinned images need). Blocking.
+    pub fn apply_pins(&self) -> (u64, u64) {
+        self.pins.reload();
+        let resolved = self.pins.resolve();
+        let held = self.index.pin(resolved.keys);
+        (held, resolved.bytes)
+    }
+
+    /// Starts the thread that applies the pins now and then every `period` (so images
+    /// pinned by `prefetch --pin` beside this server are pinned within it), saying so
+    /// when they need more than the budget. It stops after the cache is dropped.
+    pub fn start_pinning(self: &Arc<Self>, period: std::time::Duration) {
+        let cache = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new().name("pins".into()).spawn(move || {
+            let mut last = (u64::MAX, u64::MAX);
+            loop {
+                let Some(cache) = cache.upgrade() else { return };
+                let (held, needed) = cache.apply_pins();
+                let budget = cache.index.budget();
+                if (held, needed) != last {
+                    if needed > budget {
+                        tracing::error!(
+                            needed,
+                            budget,
+                            "pinned images need more than the cache budget (cache.max_size); raise it or pin less"
+                        );
+                    } else if needed > 0 {
+                        tracing::info!(pinned_bytes = held, needed, "pinned images applied");
+                    }
+                    last = (held, needed);
+                }
+                drop(cache);
+                std::thread::sleep(period);
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the pinning thread");
+        }
     }
 
     /// Starts the background thread that collects tag records whose manifests are gone:

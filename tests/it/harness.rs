@@ -258,11 +258,15 @@ impl Process {
 
     /// Like [`Process::start`], with extra keys for the `[[upstream]]` table.
     pub fn start_with(dir: &Path, upstream: &str, server_keys: &str, upstream_keys: &str) -> Process {
+        Process::start_with_config(&write_process_config(dir, upstream, server_keys, upstream_keys))
+    }
+
+    /// Runs `regcache serve` with this config file (it must listen on 127.0.0.1:0).
+    pub fn start_with_config(config: &Path) -> Process {
         use std::io::BufRead;
-        let config = write_process_config(dir, upstream, server_keys, upstream_keys);
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
             .args(["--log-format", "json", "serve", "--config"])
-            .arg(&config)
+            .arg(config)
             .stderr(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .spawn()

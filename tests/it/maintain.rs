@@ -99,3 +99,102 @@ async fn verify_quarantines_flipped_bytes_and_repairs_them() {
     let served = get(&server.url(&format!("/v2/library/multi/blobs/{shared}"))).await;
     assert_eq!(sha256(served.bytes()), *shared);
 }
+
+/// A cache config with a budget, on the fake upstream.
+fn budget_config(dir: &Path, upstream: &str, max_size: &str) -> PathBuf {
+    budget_config_ttl(dir, upstream, max_size, "5m")
+}
+
+fn budget_config_ttl(dir: &Path, upstream: &str, max_size: &str, tag_ttl: &str) -> PathBuf {
+    let config = dir.join("regcache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\nmax_size = \"{max_size}\"\n{}",
+            dir.join("cache").display(),
+            crate::harness::upstream_toml("docker.io", upstream, true, tag_ttl)
+        ),
+    )
+    .unwrap();
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_images_survive_eviction_that_takes_everything_else() {
+    let up = FakeUpstream::start().await;
+    let image = multi_platform_image(&up);
+    let others: Vec<String> = (0..8)
+        .map(|i| up.add_blob(&crate::harness::random_bytes(300_000, 500 + i)))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    // Tags expire at once here, except a pinned image's.
+    let config = budget_config_ttl(dir.path(), &up.url(), "1MiB", "0s");
+    let out = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || run(&config, &["prefetch", "--pin", "--all-platforms", "library/multi:1"])
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("pinned docker.io/library/multi:1"), "{stdout}");
+
+    // 2.4 MB of other blobs through a 1 MiB cache: everything unpinned is evicted in turn.
+    let server = Process::start_with_config(&config);
+    for d in &others {
+        assert_eq!(
+            sha256(get(&server.url(&format!("/v2/library/x/blobs/{d}"))).await.bytes()),
+            *d
+        );
+    }
+    let cache = dir.path().join("cache");
+    let evicted = others
+        .iter()
+        .filter(|d| !cached_file(&cache, "blobs", d).exists())
+        .count();
+    assert!(evicted >= 4, "only {evicted} of the other blobs were evicted");
+    for d in image.amd64.iter().chain(&image.arm64).chain([&image.shared]) {
+        assert!(cached_file(&cache, "blobs", d).exists(), "pinned blob {d} was evicted");
+    }
+    assert!(cached_file(&cache, "manifests", &image.index).exists());
+    // Its tag is answered without asking the upstream again, TTL or not.
+    let asked = up.count("HEAD", "/manifests/1") + up.count("GET", "/manifests/1");
+    let accept = [("Accept", "application/vnd.oci.image.index.v1+json")];
+    let tag = crate::harness::get_with(&server.url("/v2/library/multi/manifests/1"), &accept).await;
+    assert_eq!(sha256(tag.bytes()), image.index);
+    assert_eq!(
+        up.count("HEAD", "/manifests/1") + up.count("GET", "/manifests/1"),
+        asked
+    );
+    drop(server);
+
+    // A pin that cannot fit is refused, saying why, and not recorded.
+    let layer = crate::harness::random_bytes(1_500_000, 600);
+    let config_blob = b"{}".to_vec();
+    let (l, c) = (up.add_blob(&layer), up.add_blob(&config_blob));
+    let huge = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config_blob.len(), "digest": c},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": layer.len(), "digest": l}],
+    });
+    up.add_manifest(
+        "library/huge",
+        "1",
+        "application/vnd.oci.image.manifest.v1+json",
+        &serde_json::to_vec(&huge).unwrap(),
+    );
+    let small = tempfile::tempdir().unwrap();
+    let config = budget_config(small.path(), &up.url(), "1MiB");
+    let out = tokio::task::spawn_blocking(move || run(&config, &["prefetch", "--pin", "library/huge:1"]))
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("more than the cache budget"), "{stderr}");
+    assert!(!small.path().join("cache/v1/pins").exists());
+}
