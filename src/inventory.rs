@@ -277,6 +277,20 @@ impl Inventory {
         out
     }
 
+    /// Blobs no cached manifest references (as config, layer or blob), last used before
+    /// `before`: (digest, size).
+    pub fn unreferenced_blobs(&self, before: SystemTime) -> Vec<(String, u64)> {
+        let referenced: BTreeSet<&String> = self.manifests.values().flat_map(|(_, refs)| refs).collect();
+        let mut out: Vec<(String, u64)> = self
+            .blobs
+            .iter()
+            .filter(|(d, f)| !referenced.contains(d) && f.used < before)
+            .map(|(d, f)| (d.clone(), f.size))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Bytes per repository (what its recorded digests take) and in all.
     pub fn usage(&self) -> Usage {
         let mut repositories: Vec<RepoUsage> = self

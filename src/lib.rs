@@ -9,6 +9,7 @@ pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod digest;
+pub mod gc;
 pub mod http;
 pub mod inventory;
 pub mod layout;

@@ -134,6 +134,15 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Remove blobs no cached manifest references and temp files interrupted fills and
+    /// imports left (only files unused for 10 minutes and 1 day). Safe beside a running server.
+    Gc {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Only list what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Read a password from standard input and print its bcrypt hash for [[auth.user]].
     HashPassword {
         /// bcrypt cost (4 to 31).
@@ -299,6 +308,25 @@ fn run(command: Command) -> anyhow::Result<()> {
                 0 => Ok(()),
                 n => anyhow::bail!("{n} of {} imports failed", inputs.len()),
             }
+        }
+        Command::Gc { config, dry_run } => {
+            let config = load(config.as_ref())?;
+            let c = regcache::gc::collect(&config.cache.dir, dry_run)?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for (digest, size) in &c.blobs {
+                println!("{verb} blob {digest} ({})", regcache::inventory::human_bytes(*size));
+            }
+            for p in &c.temps {
+                println!("{verb} stale temp file {}", p.display());
+            }
+            let bytes: u64 = c.blobs.iter().map(|(_, s)| s).sum();
+            println!(
+                "{verb} {} unreferenced blobs ({}) and {} stale temp files",
+                c.blobs.len(),
+                regcache::inventory::human_bytes(bytes),
+                c.temps.len()
+            );
+            Ok(())
         }
         Command::Verify { config, repair, server } => {
             let config = load(config.as_ref())?;

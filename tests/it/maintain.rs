@@ -198,3 +198,94 @@ async fn pinned_images_survive_eviction_that_takes_everything_else() {
     assert!(stderr.contains("more than the cache budget"), "{stderr}");
     assert!(!small.path().join("cache/v1/pins").exists());
 }
+
+/// Sets a file's access and modification times `ago` into the past.
+fn age(path: &Path, ago: std::time::Duration) {
+    let then = std::time::SystemTime::now() - ago;
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_times(std::fs::FileTimes::new().set_accessed(then).set_modified(then))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_removes_only_unreferenced_blobs_while_a_pull_runs() {
+    use http_body_util::BodyExt;
+    let up = FakeUpstream::start().await;
+    let image = multi_platform_image(&up);
+    let orphan = up.add_blob(&crate::harness::random_bytes(50_000, 700));
+    let in_flight_bytes = crate::harness::random_bytes(3 << 20, 701);
+    let in_flight = up.add_blob(&in_flight_bytes);
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    up.fault(&in_flight, [crate::fake_upstream::Fault::Gate(1 << 20, gate.clone())]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_process_config(dir.path(), &up.url(), "", "");
+    let cache = dir.path().join("cache");
+    let out = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || run(&config, &["prefetch", "--all-platforms", "library/multi:1"])
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let server = Process::start(dir.path(), &up.url(), "");
+    // A blob fetched by digest alone: no cached manifest references it.
+    assert_eq!(
+        sha256(get(&server.url(&format!("/v2/library/x/blobs/{orphan}"))).await.bytes()),
+        orphan
+    );
+    // Everything cached so far is an hour old; one temp file two days old.
+    for f in crate::harness::files_under(&cache.join("v1/blobs"))
+        .iter()
+        .chain(&crate::harness::files_under(&cache.join("v1/manifests")))
+    {
+        age(f, std::time::Duration::from_secs(3600));
+    }
+    let stale = cache.join("v1/tmp/left-by-a-crash");
+    std::fs::write(&stale, b"partial").unwrap();
+    age(&stale, std::time::Duration::from_secs(2 * 86_400));
+    // A pull in progress: its temp file is being written.
+    let pulling = crate::harness::open(
+        http::Method::GET,
+        &server.url(&format!("/v2/library/x/blobs/{in_flight}")),
+        &[],
+    )
+    .await;
+    assert_eq!(pulling.status(), 200);
+
+    let out = run(&config, &["gc", "--dry-run"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains(&format!("would remove blob {orphan}")), "{stdout}");
+    assert!(stdout.contains("would remove 1 unreferenced blobs"), "{stdout}");
+    assert!(
+        cached_file(&cache, "blobs", &orphan).exists() && stale.exists(),
+        "a dry run removes nothing"
+    );
+
+    let out = run(&config, &["gc"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("removed 1 unreferenced blobs") && stdout.contains("1 stale temp files"),
+        "{stdout}"
+    );
+    assert!(!cached_file(&cache, "blobs", &orphan).exists() && !stale.exists());
+    for d in image.amd64.iter().chain(&image.arm64).chain([&image.shared]) {
+        assert!(
+            cached_file(&cache, "blobs", d).exists(),
+            "referenced blob {d} was removed"
+        );
+    }
+    // The pull in progress completes, verified; the removed blob is simply fetched again.
+    gate.notify_one();
+    let body = pulling.into_body().collect().await.expect("a complete body").to_bytes();
+    assert_eq!(sha256(&body), in_flight);
+    let before = blob_gets(&up, &orphan);
+    assert_eq!(
+        sha256(get(&server.url(&format!("/v2/library/x/blobs/{orphan}"))).await.bytes()),
+        orphan
+    );
+    assert_eq!(blob_gets(&up, &orphan), before + 1);
+}
