@@ -44,6 +44,36 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default, rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
+    #[serde(default, rename = "sync", skip_serializing_if = "Vec::is_empty")]
+    pub syncs: Vec<SyncConfig>,
+}
+
+/// A `[[sync]]` entry: images kept fresh in the cache while the upstream can be reached.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Names the entry in metrics and logs (default `sync-<n>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Images as Docker names them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
+    /// A repository whose tags matching `tags` are taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// Tag patterns for `repository`: a glob (`v1.*`), `regex:^v\\d+$`, or
+    /// `semver:>=1.2, <2` (a leading `v` is ignored).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// `os/arch[/variant]`, or `all`; default: this machine's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<String>,
+    #[serde(default = "default_sync_interval")]
+    pub interval: HumanDuration,
+}
+
+fn default_sync_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3600))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -452,6 +482,9 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), Error> {
+        for (i, sync) in self.syncs.iter().enumerate() {
+            crate::sync::Job::new(i, sync).map_err(|e| invalid(format!("sync[{i}]"), &e))?;
+        }
         for p in &self.cache.pinned {
             crate::cache::pins::normalize(p).map_err(|e| invalid("cache.pinned", &e))?;
         }

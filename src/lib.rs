@@ -20,6 +20,7 @@ pub mod prefetch;
 pub mod proxy;
 pub mod server;
 pub mod single_flight;
+pub mod sync;
 pub mod tls;
 pub mod upstream;
 pub mod verify;
@@ -41,6 +42,22 @@ pub struct App {
     pub public_url: Option<String>,
     /// `[server] trusted_proxies`.
     pub trusted_proxies: Vec<upstream::egress::Allowed>,
+    /// What regcache's own jobs send (header [`INTERNAL_HEADER`]) on its loopback listener
+    /// to skip client authentication; random per process.
+    pub internal_secret: String,
+}
+
+/// The header that carries [`App::internal_secret`].
+pub const INTERNAL_HEADER: &str = "x-regcache-internal";
+
+fn random_secret() -> String {
+    let mut bytes = [0u8; 32];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        // No system randomness: the secret is then unguessable only locally; never fixed.
+        let seed = format!("{:?}{}", std::time::SystemTime::now(), std::process::id());
+        return digest::Digest::sha256_of(seed.as_bytes()).hex().to_owned();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +139,7 @@ fn build_app(config: &Config, background: bool) -> Result<Arc<App>, BuildError> 
         None => None,
     };
     Ok(Arc::new(App {
+        internal_secret: random_secret(),
         proxy,
         access: access::Access::new(&config.auth),
         limits: config.limits.clone(),
@@ -156,4 +174,10 @@ pub fn start_admin(listener: tokio::net::TcpListener, loaded: admin::Loaded) -> 
 /// shutdown grace.
 pub async fn run(app: Arc<App>, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()>) {
     server::serve(listener, app, shutdown).await;
+}
+
+/// Serves regcache's own jobs (sync) on a loopback `listener`, without client
+/// authentication, until `shutdown` resolves.
+pub async fn run_internal(app: Arc<App>, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()>) {
+    server::serve_as(listener, app, shutdown, true).await;
 }

@@ -619,7 +619,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         upstreams = config.upstreams.len(),
         "regcache serving"
     );
+    let jobs = config
+        .syncs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| regcache::sync::Job::new(i, c))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let (stop_internal, internal_stopped) = tokio::sync::watch::channel(false);
+    if !jobs.is_empty() {
+        // Sync jobs go through a loopback listener of their own, like any client.
+        let internal = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let base = format!("http://{}", internal.local_addr()?);
+        let mut stopped = internal_stopped.clone();
+        tokio::spawn(regcache::run_internal(app.clone(), internal, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+        tracing::info!(entries = jobs.len(), "sync entries scheduled");
+        regcache::sync::start(&app, jobs, base);
+    }
     regcache::run(app, listener, shutdown_signal()).await;
+    let _ = stop_internal.send(true);
     tracing::info!("stopped");
     Ok(())
 }

@@ -31,6 +31,11 @@ pub struct Metrics {
     pub auth_failures: IntCounter,
     pub access_confirmations: IntCounterVec,
     pub connections_open: IntGauge,
+    pub sync_runs: IntCounterVec,
+    pub sync_last_success: IntGaugeVec,
+    pub sync_images: IntGaugeVec,
+    pub sync_bytes: IntCounterVec,
+    pub sync_failures: IntCounterVec,
     pub connections_waiting: IntGauge,
 }
 
@@ -59,6 +64,11 @@ pub const NAMES: &[&str] = &[
     "regcache_auth_failures_total",
     "regcache_access_confirmations_total",
     "regcache_connections_open",
+    "regcache_sync_runs_total",
+    "regcache_sync_last_success_timestamp_seconds",
+    "regcache_sync_images",
+    "regcache_sync_bytes_total",
+    "regcache_sync_failures_total",
     "regcache_connections_waiting",
 ];
 
@@ -126,6 +136,11 @@ impl Metrics {
             cache_evictions: counter(r, "regcache_cache_evictions_total", "Cache entries evicted to stay under the budget."),
             auth_failures: counter(r, "regcache_auth_failures_total", "Client requests refused for missing or wrong credentials."),
             access_confirmations: counter_vec(r, "regcache_access_confirmations_total", "Cached content asked for under a repository not yet known to hold it, checked with an upstream HEAD first, by result (confirmed, refused).", &["result"]),
+            sync_runs: counter_vec(r, "regcache_sync_runs_total", "Runs of each [[sync]] entry, by result (ok, failed).", &["sync", "result"]),
+            sync_last_success: gauge_vec(r, "regcache_sync_last_success_timestamp_seconds", "Unix time of each [[sync]] entry's last run in which every image succeeded.", &["sync"]),
+            sync_images: gauge_vec(r, "regcache_sync_images", "Images each [[sync]] entry took in its last run.", &["sync"]),
+            sync_bytes: counter_vec(r, "regcache_sync_bytes_total", "Blob bytes each [[sync]] entry went through (cached or fetched).", &["sync"]),
+            sync_failures: counter_vec(r, "regcache_sync_failures_total", "Images (or tag listings) a [[sync]] entry could not take.", &["sync"]),
             connections_open: gauge(r, "regcache_connections_open", "Client connections being served (at most limits.max_connections)."),
             connections_waiting: gauge(r, "regcache_connections_waiting", "1 while an accepted connection waits for a slot because limits.max_connections are open (the rest wait in the listen backlog)."),
             registry,
@@ -169,6 +184,11 @@ mod tests {
         m.ratelimit_remaining.with_label_values(&["docker.io"]).set(99);
         m.circuit_open.with_label_values(&["docker.io"]).set(0);
         m.access_confirmations.with_label_values(&["confirmed"]).inc();
+        m.sync_runs.with_label_values(&["s", "ok"]).inc();
+        m.sync_last_success.with_label_values(&["s"]).set(1);
+        m.sync_images.with_label_values(&["s"]).set(1);
+        m.sync_bytes.with_label_values(&["s"]).inc();
+        m.sync_failures.with_label_values(&["s"]).inc();
         let text = String::from_utf8(m.render()).unwrap();
         for name in NAMES {
             assert!(

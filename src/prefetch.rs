@@ -175,6 +175,8 @@ type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Byte
 /// Drives one regcache server (by its base URL, `http://host:port`).
 pub struct Prefetcher {
     base: String,
+    /// Sent with every request (regcache's own jobs: the internal secret).
+    header: Option<(http::HeaderName, http::HeaderValue)>,
     client: HttpClient,
     jobs: Arc<tokio::sync::Semaphore>,
     options: Options,
@@ -236,6 +238,7 @@ impl Prefetcher {
             .enable_http1()
             .build();
         Ok(Prefetcher {
+            header: None,
             base: base.trim_end_matches('/').to_owned(),
             client: Client::builder(TokioExecutor::new()).build(https),
             jobs: Arc::new(tokio::sync::Semaphore::new(options.jobs.max(1))),
@@ -243,12 +246,58 @@ impl Prefetcher {
         })
     }
 
+    /// Sends `name: value` with every request.
+    pub fn with_header(mut self, name: &'static str, value: &str) -> Result<Prefetcher, String> {
+        let value = http::HeaderValue::from_str(value).map_err(|e| e.to_string())?;
+        self.header = Some((http::HeaderName::from_static(name), value));
+        Ok(self)
+    }
+
+    fn request(&self, url: &str) -> http::request::Builder {
+        let mut req = Request::get(url);
+        if let Some((name, value)) = &self.header {
+            req = req.header(name, value);
+        }
+        req
+    }
+
+    /// Every tag of a repository (following `Link` pages).
+    pub async fn tags(&self, image: &ImageRef) -> Result<Vec<String>, String> {
+        let mut tags = Vec::new();
+        let mut next = Some(self.url(image, "tags/list"));
+        let mut pages = 0;
+        while let Some(url) = next.take() {
+            pages += 1;
+            let (status, headers, body) = self.get(&url, None).await?;
+            if status != StatusCode::OK {
+                return Err(format!("{}/{}: tags: {status}", image.registry, image.repo));
+            }
+            let doc: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("tags list: {e}"))?;
+            tags.extend(
+                doc.get("tags")
+                    .and_then(|t| t.as_array())
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|t| t.as_str().map(str::to_owned)),
+            );
+            let link = headers.get(http::header::LINK).and_then(|l| l.to_str().ok());
+            if let Some(path) = link
+                .and_then(|l| l.split('<').nth(1)?.split('>').next())
+                .filter(|_| pages < 1000)
+            {
+                let sep = if path.contains('?') { '&' } else { '?' };
+                next = Some(format!("{}{path}{sep}ns={}", self.base, image.registry));
+            }
+        }
+        Ok(tags)
+    }
+
     fn url(&self, image: &ImageRef, tail: &str) -> String {
         format!("{}/v2/{}/{tail}?ns={}", self.base, image.repo, image.registry)
     }
 
     async fn get(&self, url: &str, accept: Option<&str>) -> Result<(StatusCode, http::HeaderMap, Bytes), String> {
-        let mut req = Request::get(url);
+        let mut req = self.request(url);
         if let Some(a) = accept {
             req = req.header(http::header::ACCEPT, a);
         }
@@ -299,7 +348,7 @@ impl Prefetcher {
     async fn blob(&self, image: &ImageRef, digest: &str, size: Option<u64>) -> Result<u64, String> {
         let _slot = self.jobs.acquire().await.map_err(|e| e.to_string())?;
         let url = self.url(image, &format!("blobs/{digest}"));
-        let req = Request::get(&url).body(Empty::new()).map_err(|e| e.to_string())?;
+        let req = self.request(&url).body(Empty::new()).map_err(|e| e.to_string())?;
         let resp = self.client.request(req).await.map_err(|e| format!("GET {url}: {e}"))?;
         if resp.status() != StatusCode::OK {
             return Err(format!("{image}: blob {digest}: {}", resp.status()));

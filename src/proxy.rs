@@ -291,7 +291,7 @@ impl Proxy {
             }
             None => return None,
         };
-        if record.age() >= up.tag_ttl && !up.offline && !pinned {
+        if !up.offline && (record.expired() || (record.age() >= up.tag_ttl && !pinned)) {
             return None;
         }
         Some(ManifestAnswer { manifest, stale: false })

@@ -200,6 +200,17 @@ impl http_body::Body for Counted {
 /// Serves until `shutdown` resolves; then stops accepting, lets in-flight responses and
 /// upstream fills finish within the shutdown grace, and removes what fills left behind.
 pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+    serve_as(listener, app, shutdown, false).await;
+}
+
+/// A request that came through regcache's own loopback listener with the process's secret
+/// (its sync jobs): client authentication does not apply to it. Without the secret, that
+/// listener is like the main one.
+#[derive(Debug, Clone, Copy)]
+pub struct Internal;
+
+/// [`serve`]; `internal` marks every request as [`Internal`].
+pub async fn serve_as(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>, internal: bool) {
     let builder = Arc::new(builder(&app));
     let (draining, drain) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(app.limits.max_connections));
@@ -271,7 +282,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         tokio::spawn(async move {
             let _permit = permit;
             let _open = open;
-            serve_connection(stream, peer, app, &builder, acceptor, drain).await;
+            serve_connection(stream, peer, app, &builder, acceptor, drain, internal).await;
         });
     }
     drop(listener);
@@ -325,12 +336,17 @@ async fn serve_connection(
     builder: &auto::Builder<TokioExecutor>,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     drain: watch::Receiver<bool>,
+    internal: bool,
 ) {
     let activity = Activity::new();
     let handler = app.clone();
     let counted = activity.clone();
     let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(Peer(peer));
+        let secret = req.headers().get(crate::INTERNAL_HEADER).map(|v| v.as_bytes());
+        if internal && secret == Some(handler.internal_secret.as_bytes()) {
+            req.extensions_mut().insert(Internal);
+        }
         let (app, activity) = (handler.clone(), counted.clone());
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
         async move {

@@ -65,6 +65,11 @@ impl TagRecord {
         (&self.upstream, &self.repo, &self.tag)
     }
 
+    /// Marked by [`TagStore::expire`]: to be revalidated whatever its TTL or pin.
+    pub fn expired(&self) -> bool {
+        self.confirmed_ms == 0
+    }
+
     /// How long ago the upstream last confirmed the mapping.
     pub fn age(&self) -> Duration {
         Duration::from_millis(now_ms().saturating_sub(self.confirmed_ms))
@@ -113,6 +118,25 @@ impl TagStore {
     /// The record if it is in memory (never touches the disk).
     pub fn in_memory(&self, key: &TagKey) -> Option<Arc<TagRecord>> {
         self.memory.get(key)
+    }
+
+    /// Marks a tag's records (every Accept set) for revalidation: the next request asks the
+    /// upstream, pinned or within its TTL. Reads their files if need be. Blocking.
+    pub fn expire(&self, upstream: &str, repo: &str, tag: &str) {
+        for accept in 0..=crate::oci::AcceptSet::ALL.bits() {
+            let key = TagKey {
+                upstream: upstream.to_owned(),
+                repo: repo.to_owned(),
+                tag: tag.to_owned(),
+                accept,
+            };
+            if let Some(r) = self.get(&key) {
+                self.remember(TagRecord {
+                    confirmed_ms: 0,
+                    ..(*r).clone()
+                });
+            }
+        }
     }
 
     /// The record, from memory or from its file. Blocking.

@@ -300,3 +300,39 @@ fn prefetch_refuses_bad_references_and_no_images() {
     // Nothing was created for a run that never started.
     assert!(!dir.path().join("cache").exists());
 }
+
+/// A `[[sync]]` entry takes the matching tags of a repository, picks up a tag pushed later,
+/// and keeps an unchanged one with a HEAD only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_entry_picks_up_new_tags_and_revalidates_unchanged_ones_with_a_head() {
+    let up = FakeUpstream::start().await;
+    let tagged = |tag: &str, seed: u64| {
+        let (bytes, blobs, _) = manifest(&up, seed, &[], None);
+        up.add_manifest("library/app", tag, OCI_MANIFEST, &bytes);
+        blobs
+    };
+    let v10 = tagged("v1.0", 40);
+    let v11 = tagged("v1.1", 41);
+    let latest = tagged("latest", 42);
+    let dir = tempfile::tempdir().unwrap();
+    let sync =
+        "\n[[sync]]\nname = \"app\"\nrepository = \"docker.io/library/app\"\ntags = [\"v1.*\"]\ninterval = \"1s\"\n";
+    let _server = Process::start_with(dir.path(), &up.url(), "", sync);
+    let taken = |blobs: &[String]| blobs.iter().all(|d| blob_gets(&up, d) == 1);
+    crate::harness::wait_until(|| taken(&v10) && taken(&v11)).await;
+    assert!(
+        latest.iter().all(|d| blob_gets(&up, d) == 0),
+        "latest does not match v1.*"
+    );
+
+    // A tag pushed later is taken by a later run; the unchanged one cost HEADs only.
+    let v12 = tagged("v1.2", 43);
+    crate::harness::wait_until(|| taken(&v12)).await;
+    crate::harness::wait_until(|| up.count("HEAD", "/manifests/v1.0") >= 1).await;
+    assert_eq!(
+        up.count("GET", "/manifests/v1.0"),
+        1,
+        "fetched once, then revalidated by HEAD"
+    );
+    assert!(taken(&v10) && taken(&v11), "nothing fetched twice");
+}
