@@ -1,6 +1,6 @@
-//! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process answers) and
-//! `/readyz` (the cache is open and its disk takes data), on a port of
-//! its own. It starts before the cache index is rebuilt, so liveness never waits for it.
+//! The admin listener: `/` (the status page), `/metrics` (Prometheus text), `/healthz`
+//! (the process answers) and `/readyz` (the cache is open and its disk takes data), on a
+//! port of its own. It starts before the cache index is rebuilt, so liveness never waits for it.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -54,7 +54,18 @@ pub async fn handle<B>(loaded: Loaded, req: Request<B>) -> Result<Response<Body>
     }
     Ok(match (req.uri().path(), loaded.get()) {
         ("/healthz", _) => text(StatusCode::OK, "ok\n", PLAIN),
-        ("/metrics" | "/readyz", None) => text(StatusCode::SERVICE_UNAVAILABLE, "opening the cache\n", PLAIN),
+        ("/", Some(proxy)) => {
+            let proxy = proxy.clone();
+            match tokio::task::spawn_blocking(move || crate::status::render(&proxy)).await {
+                Ok(page) => text(StatusCode::OK, page, "text/html; charset=utf-8"),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("status page failed: {e}\n"),
+                    PLAIN,
+                ),
+            }
+        }
+        ("/" | "/metrics" | "/readyz", None) => text(StatusCode::SERVICE_UNAVAILABLE, "opening the cache\n", PLAIN),
         ("/metrics", Some(proxy)) => {
             proxy.refresh_metrics();
             text(

@@ -20,6 +20,7 @@ pub mod prefetch;
 pub mod proxy;
 pub mod server;
 pub mod single_flight;
+pub mod status;
 pub mod sync;
 pub mod tls;
 pub mod upstream;

@@ -180,6 +180,9 @@ async fn run_once(app: &crate::App, job: &Job, base: &str) {
         }
     }
     m.sync_images.with_label_values(&[&job.name]).set(taken);
+    // A pinned image the run took for the first time is pinned now, not at the next round.
+    let cache = app.proxy.cache.clone();
+    let _ = tokio::task::spawn_blocking(move || cache.apply_pins()).await;
     if failed == 0 {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

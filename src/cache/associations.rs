@@ -152,6 +152,21 @@ impl Associations {
         pairs
     }
 
+    /// Every pair with the digests recorded under it.
+    pub fn by_pair(&self) -> std::collections::BTreeMap<(String, String), Vec<Digest>> {
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        let mut pairs: std::collections::BTreeMap<(String, String), Vec<Digest>> = Default::default();
+        for (digest, holders) in known.iter() {
+            for (u, r) in holders {
+                pairs
+                    .entry((u.to_string(), r.to_string()))
+                    .or_default()
+                    .push(digest.clone());
+            }
+        }
+        pairs
+    }
+
     pub fn len(&self) -> usize {
         let known = self.known.read().unwrap_or_else(|p| p.into_inner());
         known.values().map(Vec::len).sum()

@@ -307,6 +307,11 @@ impl Index {
         self.lru().touch(&(kind, digest.clone())).map(|e| e.size)
     }
 
+    /// The recorded size of indexed content, without counting as a use.
+    pub fn size_of(&self, kind: Kind, digest: &Digest) -> Option<u64> {
+        self.lru().entries.get(&(kind, digest.clone())).map(|(e, _)| e.size)
+    }
+
     /// Forgets (and deletes) content that turned out to be missing or unreadable.
     pub fn invalidate(&self, kind: Kind, digest: &Digest) {
         let key = (kind, digest.clone());

@@ -91,6 +91,11 @@ impl Pins {
         f.sync_all()
     }
 
+    /// The patterns in force (configured and recorded).
+    pub fn patterns(&self) -> Vec<String> {
+        self.patterns.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.patterns.read().unwrap_or_else(|p| p.into_inner()).is_empty()
     }

@@ -214,6 +214,11 @@ fn encode(s: &str) -> String {
 }
 
 impl Upstream {
+    /// The registry's base URL, as configured.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
     pub fn new(config: &UpstreamConfig, tls: rustls::ClientConfig, metrics: Arc<Metrics>, all: &Config) -> Upstream {
         let credentials = config
             .credentials()

@@ -18,4 +18,5 @@ mod prefetch;
 mod real_auth;
 mod real_peers;
 mod rights;
+mod status_page;
 mod upstream_reality;
