@@ -337,3 +337,94 @@ async fn upstream_gone_serves_stale_tag_to_skopeo_and_ctr() {
     );
     proxy.stop().await;
 }
+
+/// The edge mirror's promise with real clients: `regcache prefetch` while the upstream is
+/// there, then the upstream gone and `offline = true`, and skopeo, ctr and podman pull the
+/// image by tag with its real digests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_prefetch_skopeo_ctr_and_podman_pull_by_tag_with_no_upstream() {
+    let (registry, image) = seeded_registry(11).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let config = dir.path().join("prefetch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cache]\ndir = \"{}\"\n{}",
+            cache.display(),
+            harness::upstream_toml("docker.io", &registry.url(), true, "5m")
+        ),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .arg("prefetch")
+        .arg("--config")
+        .arg(&config)
+        .arg("docker.io/library/testimg:1")
+        .output()
+        .await
+        .unwrap();
+    assert_success(&out, "regcache prefetch");
+    registry.stop();
+
+    let upstreams = format!(
+        "{}offline = true\n",
+        harness::upstream_toml("docker.io", "http://127.0.0.1:9", true, "5m")
+    );
+    let proxy = TestProxy::start(&cache, "1GiB", &upstreams).await;
+    let copied = dir.path().join("skopeo");
+    let out = skopeo_copy(&format!("docker://{}/library/testimg:1", proxy.addr), &copied, &[]).await;
+    assert_success(&out, "skopeo copy, offline");
+    assert_dir_copy(&copied, &image);
+
+    let containerd = Containerd::start().await;
+    let hosts = containerd.scratch("hosts");
+    write_hosts_toml(&hosts, "docker.io", proxy.addr);
+    let reference = "docker.io/library/testimg:1";
+    let out = containerd.ctr_pull(&hosts, reference).await;
+    containerd.assert_success(&out, "ctr pull, offline");
+    assert_eq!(
+        containerd.image_digest(reference).await.as_deref(),
+        Some(image.manifest_digest.as_str())
+    );
+
+    let podman = dir.path().join("podman");
+    std::fs::create_dir_all(&podman).unwrap();
+    let registries = podman.join("registries.conf");
+    std::fs::write(
+        &registries,
+        format!(
+            "[[registry]]\nprefix = \"docker.io\"\nlocation = \"docker.io\"\n[[registry.mirror]]\nlocation = \"{}/docker.io\"\ninsecure = true\n",
+            proxy.addr
+        ),
+    )
+    .unwrap();
+    let policy = podman.join("policy.json");
+    std::fs::write(&policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).unwrap();
+    let podman_cmd = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(require_binary("podman"));
+        cmd.arg("--root")
+            .arg(podman.join("root"))
+            .arg("--runroot")
+            .arg(podman.join("run"))
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--events-backend",
+                "none",
+            ])
+            .args(args)
+            .env("CONTAINERS_REGISTRIES_CONF", &registries);
+        cmd
+    };
+    let mut pull = podman_cmd(&["pull", "--arch", host_arch()]);
+    pull.arg("--signature-policy").arg(&policy).arg(reference);
+    let out = run_command(pull).await;
+    assert_success(&out, "podman pull, offline");
+    let out = run_command(podman_cmd(&["image", "inspect", "--format", "{{.Digest}}", reference])).await;
+    assert_success(&out, "podman image inspect");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), image.manifest_digest);
+    proxy.stop().await;
+}
