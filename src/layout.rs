@@ -209,9 +209,17 @@ fn index_json(entries: &[serde_json::Value]) -> Vec<u8> {
 
 const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 
-/// Exports `images` from the cache under `cache_dir` to `out`: a tar when it ends in
-/// `.tar`, else a directory (created; it must not hold a layout already).
-pub fn export(cache_dir: &Path, images: &[ImageRef], out: &Path) -> Result<Exported, String> {
+/// Whether `out` names an archive (`.tar` or `.tar.zst`) rather than a directory.
+fn is_archive(out: &Path) -> bool {
+    let name = out.to_string_lossy();
+    name.ends_with(".tar") || name.ends_with(".tar.zst")
+}
+
+/// Exports `images` from the cache under `cache_dir` to `out`: a tar when it ends in `.tar`,
+/// a zstd-compressed tar for `.tar.zst`, else a directory (created; it must not hold a
+/// layout already). With `split`, an archive is written as parts of at most that many
+/// bytes (`OUT.000`, `OUT.001`, …) and `OUT.sha256` listing each part's digest.
+pub fn export(cache_dir: &Path, images: &[ImageRef], out: &Path, split: Option<u64>) -> Result<Exported, String> {
     let root = cache_dir.join("v1");
     if !root.is_dir() {
         return Err(format!("{} holds no regcache cache", cache_dir.display()));
@@ -231,8 +239,11 @@ pub fn export(cache_dir: &Path, images: &[ImageRef], out: &Path) -> Result<Expor
         bytes: exporter.files.values().map(Source::size).sum(),
     };
     let index = index_json(&exporter.entries);
-    let written = if out.extension().is_some_and(|e| e == "tar") {
-        write_tar(out, &exporter.files, &index)
+    if split.is_some() && !is_archive(out) {
+        return Err("--split needs an archive (-o FILE.tar or FILE.tar.zst)".into());
+    }
+    let written = if is_archive(out) {
+        write_tar(out, &exporter.files, &index, split)
     } else {
         write_dir(out, &exporter.files, &index)
     };
@@ -266,13 +277,115 @@ fn write_dir(out: &Path, files: &BTreeMap<String, Source>, index: &[u8]) -> io::
     fs::write(out.join("index.json"), index)
 }
 
-fn write_tar(out: &Path, files: &BTreeMap<String, Source>, index: &[u8]) -> io::Result<()> {
+/// Where an archive's bytes go: one file, or parts of at most `limit` bytes, each hashed.
+struct Parts {
+    base: PathBuf,
+    limit: Option<u64>,
+    current: Option<(io::BufWriter<fs::File>, Verifier, u64)>,
+    done: Vec<(PathBuf, Digest)>,
+}
+
+impl Parts {
+    fn part_path(&self, n: usize) -> PathBuf {
+        match self.limit {
+            Some(_) => PathBuf::from(format!("{}.{n:03}", self.base.display())),
+            None => PathBuf::from(format!("{}.partial", self.base.display())),
+        }
+    }
+
+    fn roll(&mut self) -> io::Result<()> {
+        if let Some((w, verifier, _)) = self.current.take() {
+            let file = w.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            let path = self.part_path(self.done.len());
+            self.done.push((path, verifier.finish()));
+        }
+        Ok(())
+    }
+
+    /// Ends the last part: a single archive is renamed into place, parts get their list.
+    fn finish(mut self) -> io::Result<()> {
+        self.roll()?;
+        match self.limit {
+            None => {
+                let (path, _) = self.done.first().ok_or_else(|| io::Error::other("nothing written"))?;
+                fs::rename(path, &self.base)
+            }
+            Some(_) => {
+                let mut list = String::new();
+                for (path, digest) in &self.done {
+                    let name = path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    list.push_str(&format!("{}  {name}\n", digest.hex()));
+                }
+                fs::write(PathBuf::from(format!("{}.sha256", self.base.display())), list)
+            }
+        }
+    }
+}
+
+impl Write for Parts {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|(_, _, n)| self.limit.is_some_and(|l| *n >= l))
+        {
+            self.roll()?;
+        }
+        if self.current.is_none() {
+            let file = fs::File::create(self.part_path(self.done.len()))?;
+            let verifier = Verifier::new(crate::digest::Algorithm::Sha256);
+            self.current = Some((io::BufWriter::with_capacity(1 << 20, file), verifier, 0));
+        }
+        let Some((w, verifier, n)) = self.current.as_mut() else {
+            return Err(io::Error::other("no part open"));
+        };
+        let room = self
+            .limit
+            .map_or(buf.len(), |l| (l - *n).min(buf.len() as u64) as usize);
+        let written = w.write(&buf[..room])?;
+        verifier.update(&buf[..written]);
+        *n += written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.current.as_mut() {
+            Some((w, _, _)) => w.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+fn write_tar(out: &Path, files: &BTreeMap<String, Source>, index: &[u8], split: Option<u64>) -> io::Result<()> {
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent)?;
     }
-    let tmp = out.with_extension("tar.partial");
-    let file = fs::File::create(&tmp)?;
-    let mut tar = tar::Builder::new(io::BufWriter::with_capacity(1 << 20, file));
+    let parts = Parts {
+        base: out.to_path_buf(),
+        limit: split.map(|s| s.max(1)),
+        current: None,
+        done: Vec::new(),
+    };
+    if out.to_string_lossy().ends_with(".zst") {
+        let mut encoder = zstd::stream::Encoder::new(parts, 3)?;
+        write_entries(&mut encoder, files, index)?;
+        encoder.finish()?.finish()
+    } else {
+        let mut parts = parts;
+        write_entries(&mut parts, files, index)?;
+        parts.finish()
+    }
+}
+
+fn write_entries(out: &mut dyn Write, files: &BTreeMap<String, Source>, index: &[u8]) -> io::Result<()> {
+    let mut tar = tar::Builder::new(out);
     let header = |size: u64, dir: bool| {
         let mut h = tar::Header::new_ustar();
         h.set_size(size);
@@ -304,9 +417,69 @@ fn write_tar(out: &Path, files: &BTreeMap<String, Source>, index: &[u8]) -> io::
             }
         }
     }
-    let file = tar.into_inner()?.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    fs::rename(&tmp, out)
+    tar.finish()
+}
+
+/// An archive's bytes: one file, or a split set checked part by part against its
+/// `.sha256` list first (a damaged part is named), then read as one stream; decompressed
+/// when it is a `.tar.zst`.
+fn open_archive(input: &Path) -> Result<Box<dyn Read>, String> {
+    let name = input.to_string_lossy().into_owned();
+    let base = name
+        .strip_suffix(".sha256")
+        .or_else(|| name.strip_suffix(".000"))
+        .unwrap_or(&name)
+        .to_owned();
+    let list = PathBuf::from(format!("{base}.sha256"));
+    let reader: Box<dyn Read> = if !Path::new(&base).is_file() && list.is_file() {
+        let text = fs::read_to_string(&list).map_err(|e| format!("{}: {e}", list.display()))?;
+        let dir = list.parent().unwrap_or(Path::new("."));
+        let mut parts = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let (hex, part) = line
+                .split_once("  ")
+                .ok_or_else(|| format!("{}: not a list of parts: {line:?}", list.display()))?;
+            let expected: Digest = format!("sha256:{hex}")
+                .parse()
+                .map_err(|_| format!("{}: bad digest in {line:?}", list.display()))?;
+            let path = dir.join(part);
+            let mut file = fs::File::open(&path).map_err(|e| format!("part {}: {e}", path.display()))?;
+            let mut verifier = Verifier::new(expected.algorithm());
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = file
+                    .read(&mut buf)
+                    .map_err(|e| format!("part {}: {e}", path.display()))?;
+                if n == 0 {
+                    break;
+                }
+                verifier.update(&buf[..n]);
+            }
+            let got = verifier.finish();
+            if got != expected {
+                return Err(format!(
+                    "part {} is damaged (its bytes hash to {got}, the list says {expected}); nothing was imported",
+                    path.display()
+                ));
+            }
+            parts.push(path);
+        }
+        let mut chained: Box<dyn Read> = Box::new(io::empty());
+        for path in parts {
+            let file = fs::File::open(&path).map_err(|e| format!("part {}: {e}", path.display()))?;
+            chained = Box::new(chained.chain(file));
+        }
+        chained
+    } else {
+        Box::new(fs::File::open(input).map_err(|e| format!("{}: {e}", input.display()))?)
+    };
+    let reader = io::BufReader::with_capacity(1 << 20, reader);
+    if base.ends_with(".zst") {
+        let decoder = zstd::stream::Decoder::new(reader).map_err(|e| format!("{name}: {e}"))?;
+        Ok(Box::new(decoder))
+    } else {
+        Ok(Box::new(reader))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -360,8 +533,7 @@ fn damaged(digest: &str, got: &Digest, input: &Path) -> String {
 
 /// Reads a tar layout: every blob is verified into the staging directory as it streams.
 fn stage_tar(input: &Path, staged: &mut Staged) -> Result<(), String> {
-    let file = fs::File::open(input).map_err(|e| format!("{}: {e}", input.display()))?;
-    let mut archive = tar::Archive::new(io::BufReader::with_capacity(1 << 20, file));
+    let mut archive = tar::Archive::new(open_archive(input)?);
     let entries = archive
         .entries()
         .map_err(|e| format!("{}: not a tar archive: {e}", input.display()))?;

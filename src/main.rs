@@ -120,8 +120,13 @@ enum Command {
         /// Images as Docker names them (tags are looked up in the cache).
         #[arg(required = true)]
         images: Vec<String>,
+        /// A directory, FILE.tar, or FILE.tar.zst (zstd-compressed).
         #[arg(short, long)]
         output: PathBuf,
+        /// Write the archive as numbered parts of at most this size (e.g. 4GiB), plus
+        /// OUTPUT.sha256 listing them.
+        #[arg(long)]
+        split: Option<regcache::config::ByteSize>,
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -268,14 +273,20 @@ fn run(command: Command) -> anyhow::Result<()> {
             )?;
             Ok(())
         }
-        Command::Export { images, output, config } => {
+        Command::Export {
+            images,
+            output,
+            split,
+            config,
+        } => {
             let config = load(config.as_ref())?;
             let parsed = images
                 .iter()
                 .map(|i| regcache::prefetch::parse_image(i))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(anyhow::Error::msg)?;
-            let r = regcache::layout::export(&config.cache.dir, &parsed, &output).map_err(anyhow::Error::msg)?;
+            let r = regcache::layout::export(&config.cache.dir, &parsed, &output, split.map(|s| s.0))
+                .map_err(anyhow::Error::msg)?;
             println!(
                 "exported {} images and attachments ({} files, {:.1} MiB) to {}",
                 r.entries,

@@ -217,3 +217,46 @@ async fn skopeo_reads_the_export_and_its_own_layout_imports() {
         assert_eq!(sha256(blob.bytes()), *d);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_split_archive_imports_and_a_damaged_part_is_named() {
+    let up = FakeUpstream::start().await;
+    let image = multi_platform_image(&up);
+    let work = tempfile::tempdir().unwrap();
+    let config = write_process_config(work.path(), &up.url(), "", "");
+    ok(&blocking({
+        let config = config.clone();
+        move || run(&config, &["prefetch", "--all-platforms", NAME])
+    })
+    .await);
+    let out = work.path().join("usb/multi.tar.zst");
+    ok(&run(
+        &config,
+        &["export", NAME, "-o", out.to_str().unwrap(), "--split", "40KiB"],
+    ));
+    let list = std::fs::read_to_string(work.path().join("usb/multi.tar.zst.sha256")).unwrap();
+    let parts: Vec<&str> = list.lines().map(|l| l.split("  ").nth(1).unwrap()).collect();
+    assert!(parts.len() >= 3, "{list}");
+    assert_eq!(parts[0], "multi.tar.zst.000");
+    for part in &parts {
+        let len = std::fs::metadata(work.path().join("usb").join(part)).unwrap().len();
+        assert!(len <= 40 * 1024, "{part}: {len} bytes");
+    }
+
+    // Imported by its name (the parts are found through the list), then served offline.
+    let (gap, gap_config) = empty_cache(work.path(), "gap");
+    ok(&run(&gap_config, &["import", out.to_str().unwrap()]));
+    pull_offline(&offline_server(&gap), &image).await;
+
+    // One flipped byte in one part: refused, naming that part, nothing committed.
+    let damaged = work.path().join("usb").join(parts[1]);
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    bytes[10] ^= 0x01;
+    std::fs::write(&damaged, bytes).unwrap();
+    let (gap2, gap2_config) = empty_cache(work.path(), "gap2");
+    let result = run(&gap2_config, &["import", out.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(parts[1]) && stderr.contains("damaged"), "{stderr}");
+    assert!(files_under(&gap2.join("cache/v1/blobs")).is_empty());
+}
