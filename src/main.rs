@@ -510,24 +510,39 @@ async fn prefetch(
     images: &[regcache::prefetch::ImageRef],
     options: regcache::prefetch::Options,
 ) -> anyhow::Result<()> {
-    let prefetcher = regcache::prefetch::Prefetcher::new(base, options).map_err(anyhow::Error::msg)?;
+    // Bars on a terminal (indicatif draws nothing elsewhere); the lines below either way.
+    let bars = indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr());
+    let style = |template: &str| {
+        indicatif::ProgressStyle::with_template(template).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    };
+    let bar = "{bar:30} {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12} eta {eta}";
+    let image_bar = bars.add(indicatif::ProgressBar::new(0).with_style(style(&format!("{{msg:40!}} {bar}"))));
+    let total_bar = bars.add(indicatif::ProgressBar::new(0).with_style(style(&format!("{{prefix:40!}} {bar}"))));
+    let prefetcher = regcache::prefetch::Prefetcher::new(base, options)
+        .map_err(anyhow::Error::msg)?
+        .with_progress(image_bar.clone(), total_bar.clone());
     let mut failed = Vec::new();
-    for image in images {
+    for (n, image) in images.iter().enumerate() {
+        total_bar.set_prefix(format!("all: image {} of {}", n + 1, images.len()));
         match prefetcher.image(image).await {
-            Ok(r) => println!(
-                "{image} {}: {} manifests, {} blobs ({:.1} MiB), {} attached",
-                r.digest,
-                r.manifests,
-                r.blobs,
-                r.bytes as f64 / 1048576.0,
-                r.referrers
-            ),
+            Ok(r) => bars.suspend(|| {
+                println!(
+                    "{image} {}: {} manifests, {} blobs ({:.1} MiB), {} attached",
+                    r.digest,
+                    r.manifests,
+                    r.blobs,
+                    r.bytes as f64 / 1048576.0,
+                    r.referrers
+                )
+            }),
             Err(e) => {
-                eprintln!("regcache: {e}");
+                bars.suspend(|| eprintln!("regcache: {e}"));
                 failed.push(image.to_string());
             }
         }
     }
+    image_bar.finish_and_clear();
+    total_bar.finish_and_clear();
     if !failed.is_empty() {
         anyhow::bail!(
             "{} of {} images failed: {}",

@@ -177,6 +177,8 @@ pub struct Prefetcher {
     base: String,
     /// Sent with every request (regcache's own jobs: the internal secret).
     header: Option<(http::HeaderName, http::HeaderValue)>,
+    /// Bytes of the current image and of the whole run, drawn on a terminal only.
+    bars: Option<(indicatif::ProgressBar, indicatif::ProgressBar)>,
     client: HttpClient,
     jobs: Arc<tokio::sync::Semaphore>,
     options: Options,
@@ -239,11 +241,26 @@ impl Prefetcher {
             .build();
         Ok(Prefetcher {
             header: None,
+            bars: None,
             base: base.trim_end_matches('/').to_owned(),
             client: Client::builder(TokioExecutor::new()).build(https),
             jobs: Arc::new(tokio::sync::Semaphore::new(options.jobs.max(1))),
             options,
         })
+    }
+
+    /// Counts bytes into two bars (this image's, the run's): their lengths grow as
+    /// descriptors are found.
+    pub fn with_progress(mut self, image: indicatif::ProgressBar, total: indicatif::ProgressBar) -> Prefetcher {
+        self.bars = Some((image, total));
+        self
+    }
+
+    fn progress(&self, f: impl Fn(&indicatif::ProgressBar)) {
+        if let Some((image, total)) = &self.bars {
+            f(image);
+            f(total);
+        }
     }
 
     /// Sends `name: value` with every request.
@@ -357,7 +374,9 @@ impl Prefetcher {
         let mut got = 0u64;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| format!("{image}: blob {digest}: broken after {got} bytes: {e}"))?;
-            got += frame.into_data().map_or(0, |d| d.len() as u64);
+            let n = frame.into_data().map_or(0, |d| d.len() as u64);
+            got += n;
+            self.progress(|bar| bar.inc(n));
         }
         if let Some(size) = size.filter(|s| *s != got) {
             return Err(format!(
@@ -369,6 +388,11 @@ impl Prefetcher {
 
     /// Prefetches one image and everything attached to it.
     pub async fn image(&self, image: &ImageRef) -> Result<Report, String> {
+        if let Some((bar, _)) = &self.bars {
+            bar.reset();
+            bar.set_length(0);
+            bar.set_message(image.to_string());
+        }
         let walk = Walk {
             manifests: AtomicUsize::new(0),
             blobs: AtomicUsize::new(0),
@@ -408,6 +432,7 @@ impl Prefetcher {
             let fetches = blobs
                 .into_iter()
                 .filter(|(d, _)| walk.first_time(d))
+                .inspect(|(_, size)| self.progress(|bar| bar.inc_length(*size)))
                 .map(|(d, size)| async move {
                     let got = self.blob(image, &d, Some(size)).await?;
                     walk.blobs.fetch_add(1, Ordering::Relaxed);
