@@ -42,6 +42,8 @@ pub struct Listed {
     pub size: u64,
     /// Unix seconds of the last use of any of those files.
     pub last_used: u64,
+    /// Whether a pin (`[cache] pinned`, `prefetch --pin`) keeps it.
+    pub pinned: bool,
 }
 
 /// `regcache du`: bytes per (upstream, repository) and in all, against the budget.
@@ -219,7 +221,7 @@ impl Inventory {
     /// Cached images: every tag whose manifest is cached, and manifests cached by digest
     /// under a repository without a tag pointing at them; `pattern` (with `*`) is matched
     /// against `<upstream>/<repo>` and `<upstream>/<repo>:<tag>`.
-    pub fn list(&self, pattern: Option<&str>) -> Vec<Listed> {
+    pub fn list(&self, pattern: Option<&str>, pins: &crate::cache::pins::Pins) -> Vec<Listed> {
         let matches = |repo: &str, tag: Option<&str>| match pattern {
             None => true,
             Some(p) => glob_match(p, repo) || tag.is_some_and(|t| glob_match(p, &format!("{repo}:{t}"))),
@@ -238,6 +240,7 @@ impl Inventory {
             }
             let (size, used) = self.closure(&r.digest);
             out.push(Listed {
+                pinned: pins.matches(upstream, repo, tag),
                 repository,
                 tag: Some(tag.to_owned()),
                 digest: r.digest.clone(),
@@ -265,6 +268,7 @@ impl Inventory {
                 }
                 let (size, used) = self.closure(d);
                 out.push(Listed {
+                    pinned: pins.covers_digest(upstream, repo, d),
                     repository: repository.clone(),
                     tag: None,
                     digest: d.clone(),

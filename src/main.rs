@@ -222,7 +222,16 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Ls { pattern, config, json } => {
             let config = load(config.as_ref())?;
             let inventory = regcache::inventory::Inventory::read(&config.cache.dir)?;
-            let rows = inventory.list(pattern.as_deref());
+            let pins = regcache::cache::pins::Pins::new(&config.cache.dir.join("v1"));
+            pins.configure(
+                config
+                    .cache
+                    .pinned
+                    .iter()
+                    .filter_map(|p| regcache::cache::pins::normalize(p).ok())
+                    .collect(),
+            );
+            let rows = inventory.list(pattern.as_deref(), &pins);
             let mut out = std::io::stdout().lock();
             if json {
                 for row in &rows {
@@ -232,19 +241,20 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             writeln!(
                 out,
-                "{:<48} {:<24} {:<20} {:>10}  LAST USED",
-                "REPOSITORY", "TAG", "DIGEST", "SIZE"
+                "{:<48} {:<24} {:<20} {:>10}  {:<19}  PINNED",
+                "REPOSITORY", "TAG", "DIGEST", "SIZE", "LAST USED"
             )?;
             for r in &rows {
                 let short = r.digest.get(..19).unwrap_or(&r.digest);
                 writeln!(
                     out,
-                    "{:<48} {:<24} {:<20} {:>10}  {}",
+                    "{:<48} {:<24} {:<20} {:>10}  {:<19}  {}",
                     r.repository,
                     r.tag.as_deref().unwrap_or("-"),
                     short,
                     regcache::inventory::human_bytes(r.size),
-                    regcache::logging::utc_time(r.last_used)
+                    regcache::logging::utc_time(r.last_used),
+                    if r.pinned { "yes" } else { "" }
                 )?;
             }
             Ok(())

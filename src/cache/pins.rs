@@ -113,6 +113,17 @@ impl Pins {
             .any(|p| glob_match(p, &full) || glob_match(p, &repository))
     }
 
+    /// Whether an image cached by digest is pinned (by its digest or its repository).
+    pub fn covers_digest(&self, upstream: &str, repo: &str, digest: &str) -> bool {
+        let repository = format!("{upstream}/{repo}");
+        let by_digest = format!("{repository}@{digest}");
+        self.patterns
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|p| glob_match(p, &by_digest) || glob_match(p, &repository))
+    }
+
     /// Everything the pinned images are made of, from the tag records and manifests on
     /// disk. Blocking.
     pub fn resolve(&self) -> Resolved {

@@ -31,7 +31,7 @@ async fn pull_offline(server: &Process, image: &Image) {
     }
     let referrers = get(&server.url(&format!("/v2/library/multi/referrers/{}", image.index))).await;
     assert_eq!(referrers.status, 200);
-    assert_eq!(referrers.json()["manifests"].as_array().map(Vec::len), Some(1));
+    assert_eq!(referrers.json()["manifests"].as_array().map(Vec::len), Some(2));
     let sbom_tag = format!("sha256-{}.sbom", image.index.trim_start_matches("sha256:"));
     let sbom = get_with(
         &server.url(&format!("/v2/library/multi/manifests/{sbom_tag}")),
@@ -79,15 +79,15 @@ async fn export_then_import_into_an_empty_cache_serves_identical_digests_offline
     let (tar, layout) = (work.path().join("carry/multi.tar"), work.path().join("carry/layout"));
     for out in [&tar, &layout] {
         let stdout = ok(&run(&config, &["export", NAME, "-o", out.to_str().unwrap()]));
-        // The image, its SBOM tag, and the referrers lists of the index and of each
-        // platform (those two empty: still an answer offline).
-        assert!(stdout.contains("exported 5 images and attachments"), "{stdout}");
+        // The image, its .sig and .sbom tags, and the referrers lists of the index and of
+        // each platform (those two empty: still an answer offline).
+        assert!(stdout.contains("exported 6 images and attachments"), "{stdout}");
     }
 
     // Across the gap: an empty cache, the archive, and no upstream.
     let (gap, gap_config) = empty_cache(work.path(), "gap");
     let stdout = ok(&run(&gap_config, &["import", tar.to_str().unwrap()]));
-    assert!(stdout.contains("5 names recorded"), "{stdout}");
+    assert!(stdout.contains("6 names recorded"), "{stdout}");
     let files = files_under(&gap.join("cache/v1"));
     // The same again changes nothing: no file, no record, no line of the log.
     let log = std::fs::read_to_string(gap.join("cache/v1/associations")).unwrap();
@@ -259,4 +259,45 @@ async fn a_compressed_split_archive_imports_and_a_damaged_part_is_named() {
     assert_eq!(result.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(parts[1]) && stderr.contains("damaged"), "{stderr}");
     assert!(files_under(&gap2.join("cache/v1/blobs")).is_empty());
+}
+
+/// What Docker 25+'s `docker save` writes: an OCI layout whose index names the image in
+/// `io.containerd.image.name` (ref.name holding only the tag), beside a `manifest.json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_docker_save_archive_imports_under_its_full_name() {
+    let up = FakeUpstream::start().await;
+    let image = multi_platform_image(&up);
+    let work = tempfile::tempdir().unwrap();
+    let config = write_process_config(work.path(), &up.url(), "", "");
+    ok(&blocking({
+        let config = config.clone();
+        move || run(&config, &["prefetch", "--all-platforms", NAME])
+    })
+    .await);
+    let layout = work.path().join("saved");
+    ok(&run(&config, &["export", NAME, "-o", layout.to_str().unwrap()]));
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let entry = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["digest"] == image.index.as_str())
+        .unwrap()
+        .clone();
+    index["manifests"] = serde_json::json!([{
+        "mediaType": entry["mediaType"], "digest": entry["digest"], "size": entry["size"],
+        "annotations": {"io.containerd.image.name": NAME, "org.opencontainers.image.ref.name": "1"},
+    }]);
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(layout.join("manifest.json"), b"[]").unwrap();
+    let (gap, gap_config) = empty_cache(work.path(), "gap");
+    let stdout = ok(&run(&gap_config, &["import", layout.to_str().unwrap()]));
+    assert!(stdout.contains("1 names recorded"), "{stdout}");
+    let server = offline_server(&gap);
+    let index = get_with(&server.url("/v2/library/multi/manifests/1"), &[("Accept", ACCEPT_ALL)]).await;
+    assert_eq!(
+        (index.status.as_u16(), sha256(index.bytes())),
+        (200, image.index.clone())
+    );
 }

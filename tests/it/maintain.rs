@@ -142,6 +142,9 @@ async fn pinned_images_survive_eviction_that_takes_everything_else() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("pinned docker.io/library/multi:1"), "{stdout}");
+    let out = run(&config, &["ls", "--json", "docker.io/library/multi:1"]);
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(row["pinned"], true, "{row}");
 
     // 2.4 MB of other blobs through a 1 MiB cache: everything unpinned is evicted in turn.
     let server = Process::start_with_config(&config);

@@ -22,6 +22,9 @@ pub struct Image {
     /// Blobs of the signature attached as a referrer, and of the `.sbom` tag.
     referrer_blobs: Vec<String>,
     sbom_blobs: Vec<String>,
+    /// Blobs of the signature under the `.sig` tag and of the SBOM attached as a referrer.
+    pub sig_tag_blobs: Vec<String>,
+    pub sbom_referrer_blobs: Vec<String>,
     referrer: String,
     sbom: String,
     /// The index, both platform manifests and all their blobs, each once.
@@ -97,6 +100,19 @@ pub fn multi_platform_image(up: &FakeUpstream) -> Image {
     let (sbom_bytes, sbom_blobs, _) = manifest(up, 4, &[], None);
     let sbom_tag = format!("sha256-{}.sbom", index_digest.trim_start_matches("sha256:"));
     let sbom = up.add_manifest(REPO, &sbom_tag, OCI_MANIFEST, &sbom_bytes);
+    // And the other way round: a signature under cosign's tag, an SBOM as a referrer.
+    let (sig_tagged, sig_tag_blobs, _) = manifest(up, 5, &[], None);
+    up.add_manifest(
+        REPO,
+        &format!("sha256-{}.sig", index_digest.trim_start_matches("sha256:")),
+        OCI_MANIFEST,
+        &sig_tagged,
+    );
+    let (sbom_ref, sbom_referrer_blobs, _) = manifest(up, 6, &[], Some("application/spdx+json"));
+    let sbom_ref_digest = up.add_manifest(REPO, "sbom-holder", OCI_MANIFEST, &sbom_ref);
+    let mut d = descriptor(OCI_MANIFEST, &sbom_ref, &sbom_ref_digest);
+    d["artifactType"] = "application/spdx+json".into();
+    up.add_referrer(REPO, &index_digest, d);
     Image {
         index: index_digest,
         amd64,
@@ -104,6 +120,8 @@ pub fn multi_platform_image(up: &FakeUpstream) -> Image {
         shared,
         referrer_blobs,
         sbom_blobs,
+        sig_tag_blobs,
+        sbom_referrer_blobs,
         referrer,
         sbom,
         size,
@@ -153,7 +171,9 @@ async fn prefetch_takes_the_chosen_platforms_and_attachments_once_then_serves_th
         stdout.contains(&format!("docker.io/library/multi:1 {}", image.index)),
         "{stdout}"
     );
-    for d in image.arm64.iter().chain(&image.referrer_blobs).chain(&image.sbom_blobs) {
+    let attached = image.referrer_blobs.iter().chain(&image.sbom_blobs);
+    let attached = attached.chain(&image.sig_tag_blobs).chain(&image.sbom_referrer_blobs);
+    for d in image.arm64.iter().chain(attached) {
         assert_eq!(blob_gets(&up, d), 1, "{d}");
     }
     assert_eq!(blob_gets(&up, &image.shared), 1);
@@ -187,7 +207,7 @@ async fn prefetch_takes_the_chosen_platforms_and_attachments_once_then_serves_th
         tag1["size"], image.size,
         "the index, its platforms and their blobs, once each"
     );
-    let out = run(&config, &["ls", "docker.io/library/multi:sha256-*"]);
+    let out = run(&config, &["ls", "docker.io/library/multi:sha256-*.sbom"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert_eq!(table.lines().count(), 2, "a header and the SBOM tag: {table}");
     assert!(table.contains(".sbom"), "{table}");
@@ -214,7 +234,16 @@ async fn prefetch_takes_the_chosen_platforms_and_attachments_once_then_serves_th
     assert_eq!(sha256(index.bytes()), image.index);
     let referrers = get(&server.url(&format!("/v2/library/multi/referrers/{}", image.index))).await;
     assert_eq!(referrers.status, 200, "{:?}", referrers.bytes());
-    assert_eq!(referrers.json()["manifests"][0]["digest"], image.referrer.as_str());
+    let listed = referrers.json()["manifests"].clone();
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    assert_eq!(listed[0]["digest"], image.referrer.as_str());
+    let sig_tag = format!("sha256-{}.sig", image.index.trim_start_matches("sha256:"));
+    let sig = get_with(&server.url(&format!("/v2/library/multi/manifests/{sig_tag}")), &accept).await;
+    assert_eq!(sig.status, 200);
+    for d in image.sig_tag_blobs.iter().chain(&image.sbom_referrer_blobs) {
+        let blob = get(&server.url(&format!("/v2/library/multi/blobs/{d}"))).await;
+        assert_eq!((blob.status.as_u16(), sha256(blob.bytes())), (200, d.clone()));
+    }
     let sbom_tag = format!("sha256-{}.sbom", image.index.trim_start_matches("sha256:"));
     let sbom = get_with(&server.url(&format!("/v2/library/multi/manifests/{sbom_tag}")), &accept).await;
     assert_eq!((sbom.status.as_u16(), sha256(sbom.bytes())), (200, image.sbom.clone()));
@@ -238,7 +267,7 @@ async fn prefetch_takes_the_chosen_platforms_and_attachments_once_then_serves_th
     // And its tags, from the cache (the upstream is gone).
     let tags = get(&server.url("/v2/library/multi/tags/list")).await;
     assert_eq!(tags.status, 200);
-    assert_eq!(tags.json()["tags"], serde_json::json!(["1", sbom_tag]));
+    assert_eq!(tags.json()["tags"], serde_json::json!(["1", sbom_tag, sig_tag]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
