@@ -8,7 +8,7 @@ use std::process::Command;
 
 use crate::fake_upstream::FakeUpstream;
 use crate::harness::{files_under, get, get_with, sha256, write_process_config, Process};
-use crate::prefetch::{multi_platform_image, run, Image};
+use crate::prefetch::{multi_platform_image, prefetched, run, Image};
 
 const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json";
 const NAME: &str = "docker.io/library/multi:1";
@@ -108,15 +108,7 @@ async fn export_then_import_into_an_empty_cache_serves_identical_digests_offline
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_byte_in_an_archive_is_refused_whole_and_names_the_blob() {
-    let up = FakeUpstream::start().await;
-    let image = multi_platform_image(&up);
-    let work = tempfile::tempdir().unwrap();
-    let config = write_process_config(work.path(), &up.url(), "", "");
-    ok(&blocking({
-        let config = config.clone();
-        move || run(&config, &["prefetch", "--all-platforms", NAME])
-    })
-    .await);
+    let (_up, image, work, config) = prefetched().await;
     let (tar, layout) = (work.path().join("multi.tar"), work.path().join("layout"));
     ok(&run(&config, &["export", NAME, "-o", tar.to_str().unwrap()]));
     ok(&run(&config, &["export", NAME, "-o", layout.to_str().unwrap()]));
@@ -220,15 +212,7 @@ async fn skopeo_reads_the_export_and_its_own_layout_imports() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressed_split_archive_imports_and_a_damaged_part_is_named() {
-    let up = FakeUpstream::start().await;
-    let image = multi_platform_image(&up);
-    let work = tempfile::tempdir().unwrap();
-    let config = write_process_config(work.path(), &up.url(), "", "");
-    ok(&blocking({
-        let config = config.clone();
-        move || run(&config, &["prefetch", "--all-platforms", NAME])
-    })
-    .await);
+    let (_up, image, work, config) = prefetched().await;
     let out = work.path().join("usb/multi.tar.zst");
     ok(&run(
         &config,
@@ -265,15 +249,7 @@ async fn a_compressed_split_archive_imports_and_a_damaged_part_is_named() {
 /// `io.containerd.image.name` (ref.name holding only the tag), beside a `manifest.json`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_docker_save_archive_imports_under_its_full_name() {
-    let up = FakeUpstream::start().await;
-    let image = multi_platform_image(&up);
-    let work = tempfile::tempdir().unwrap();
-    let config = write_process_config(work.path(), &up.url(), "", "");
-    ok(&blocking({
-        let config = config.clone();
-        move || run(&config, &["prefetch", "--all-platforms", NAME])
-    })
-    .await);
+    let (_up, image, work, config) = prefetched().await;
     let layout = work.path().join("saved");
     ok(&run(&config, &["export", NAME, "-o", layout.to_str().unwrap()]));
     let mut index: serde_json::Value =

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::fake_upstream::FakeUpstream;
 use crate::harness::{get, sha256, write_process_config, Process};
-use crate::prefetch::{blob_gets, multi_platform_image, run};
+use crate::prefetch::{blob_gets, multi_platform_image, prefetched, run};
 
 fn cached_file(cache: &Path, kind: &str, digest: &str) -> PathBuf {
     let hex = digest.trim_start_matches("sha256:");
@@ -22,18 +22,8 @@ fn flip_last_byte(path: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_quarantines_flipped_bytes_and_repairs_them() {
-    let up = FakeUpstream::start().await;
-    let image = multi_platform_image(&up);
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_process_config(dir.path(), &up.url(), "", "");
+    let (up, image, dir, config) = prefetched().await;
     let cache = dir.path().join("cache");
-    let out = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || run(&config, &["prefetch", "--all-platforms", "library/multi:1"])
-    })
-    .await
-    .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = run(&config, &["verify"]);
     assert!(
         out.status.success(),

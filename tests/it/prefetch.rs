@@ -143,6 +143,23 @@ pub fn run(config: &Path, args: &[&str]) -> Output {
         .expect("regcache runs")
 }
 
+/// A fake upstream with [`multi_platform_image`], and a cache dir (`dir/cache`, config
+/// `dir/regcache.toml`) into which `regcache prefetch --all-platforms` took all of it.
+pub async fn prefetched() -> (FakeUpstream, Image, tempfile::TempDir, std::path::PathBuf) {
+    let up = FakeUpstream::start().await;
+    let image = multi_platform_image(&up);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_process_config(dir.path(), &up.url(), "", "");
+    let out = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || run(&config, &["prefetch", "--all-platforms", "library/multi:1"])
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (up, image, dir, config)
+}
+
 pub fn blob_gets(up: &FakeUpstream, digest: &str) -> usize {
     up.count("GET", &format!("/blobs/{digest}"))
 }
