@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::fake_upstream::FakeUpstream;
 use crate::harness::{get, sha256, write_process_config, Process};
-use crate::prefetch::{blob_gets, multi_platform_image, prefetched, run};
+use crate::prefetch::{blob_gets, multi_platform_image, prefetched, run, run_ok};
 
 fn cached_file(cache: &Path, kind: &str, digest: &str) -> PathBuf {
     let hex = digest.trim_start_matches("sha256:");
@@ -51,18 +51,7 @@ async fn verify_quarantines_flipped_bytes_and_repairs_them() {
     let config_layer = &image.arm64[0];
     flip_last_byte(&cached_file(&cache, "blobs", config_layer));
     let before = blob_gets(&up, config_layer);
-    let out = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || run(&config, &["verify", "--repair"])
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_ok(&config, &["verify", "--repair"]).await;
     assert!(stdout.contains(&format!("repaired blob {config_layer}")), "{stdout}");
     assert_eq!(blob_gets(&up, config_layer), before + 1);
     let repaired = std::fs::read(cached_file(&cache, "blobs", config_layer)).unwrap();
@@ -73,18 +62,7 @@ async fn verify_quarantines_flipped_bytes_and_repairs_them() {
     let shared = &image.shared;
     flip_last_byte(&cached_file(&cache, "blobs", shared));
     let base = server.url("");
-    let out = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || run(&config, &["verify", "--repair", "--server", &base])
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_ok(&config, &["verify", "--repair", "--server", &base]).await;
     assert!(stdout.contains(&format!("repaired blob {shared}")), "{stdout}");
     let served = get(&server.url(&format!("/v2/library/multi/blobs/{shared}"))).await;
     assert_eq!(sha256(served.bytes()), *shared);
@@ -119,18 +97,7 @@ async fn pinned_images_survive_eviction_that_takes_everything_else() {
     let dir = tempfile::tempdir().unwrap();
     // Tags expire at once here, except a pinned image's.
     let config = budget_config_ttl(dir.path(), &up.url(), "1MiB", "0s");
-    let out = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || run(&config, &["prefetch", "--pin", "--all-platforms", "library/multi:1"])
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_ok(&config, &["prefetch", "--pin", "--all-platforms", "library/multi:1"]).await;
     assert!(stdout.contains("pinned docker.io/library/multi:1"), "{stdout}");
     let out = run(&config, &["ls", "--json", "docker.io/library/multi:1"]);
     let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -143,6 +143,25 @@ pub fn run(config: &Path, args: &[&str]) -> Output {
         .expect("regcache runs")
 }
 
+/// `regcache <args…>` on the blocking pool; it must succeed. Its stdout.
+pub async fn run_ok(config: &Path, args: &[&str]) -> String {
+    let config = config.to_owned();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&config, &args)
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// A fake upstream with [`multi_platform_image`], and a cache dir (`dir/cache`, config
 /// `dir/regcache.toml`) into which `regcache prefetch --all-platforms` took all of it.
 pub async fn prefetched() -> (FakeUpstream, Image, tempfile::TempDir, std::path::PathBuf) {
@@ -150,13 +169,7 @@ pub async fn prefetched() -> (FakeUpstream, Image, tempfile::TempDir, std::path:
     let image = multi_platform_image(&up);
     let dir = tempfile::tempdir().unwrap();
     let config = write_process_config(dir.path(), &up.url(), "", "");
-    let out = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || run(&config, &["prefetch", "--all-platforms", "library/multi:1"])
-    })
-    .await
-    .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    run_ok(&config, &["prefetch", "--all-platforms", "library/multi:1"]).await;
     (up, image, dir, config)
 }
 
@@ -172,18 +185,7 @@ async fn prefetch_takes_the_chosen_platforms_and_attachments_once_then_serves_th
     let config = write_process_config(dir.path(), &up.url(), "", "");
 
     // One platform: its blobs (the shared layer once), the signature's and the SBOM's.
-    let out = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || prefetch(&config, &["--platform", "linux/arm64", "library/multi:1"])
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_ok(&config, &["prefetch", "--platform", "linux/arm64", "library/multi:1"]).await;
     assert!(
         stdout.contains(&format!("docker.io/library/multi:1 {}", image.index)),
         "{stdout}"
