@@ -156,6 +156,17 @@ impl Proxy {
         if !self.restricted || self.cache.associations.contains(digest, &up.name, repo) {
             return Ok(());
         }
+        // Perhaps imported beside this server since it read the log.
+        let (cache, d, u, r) = (self.cache.clone(), digest.clone(), up.name.clone(), repo.to_owned());
+        let imported = tokio::task::spawn_blocking(move || {
+            cache.associations.reread();
+            cache.associations.contains(&d, &u, &r)
+        })
+        .await
+        .unwrap_or(false);
+        if imported {
+            return Ok(());
+        }
         let confirmed = match content {
             Content::Blob => up.head_blob(&target.repo, digest).await.map(|_| ()),
             Content::Manifest => up

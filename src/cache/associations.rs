@@ -21,6 +21,9 @@ pub struct Associations {
     known: RwLock<HashMap<Digest, Vec<Pair>>>,
     log: Mutex<Option<Sender<String>>>,
     path: PathBuf,
+    /// How far the log has been read (lines appended later, by `regcache import`, are read
+    /// by [`Associations::reread`]).
+    read_to: Mutex<u64>,
 }
 
 const FILE: &str = "associations";
@@ -85,6 +88,7 @@ impl Associations {
             fs::rename(&tmp, &path)?;
         }
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let read_to = file.metadata()?.len();
         let (tx, rx) = channel::<String>();
         std::thread::Builder::new().name("associations".into()).spawn(move || {
             let mut out = BufWriter::new(file);
@@ -102,6 +106,7 @@ impl Associations {
             known: RwLock::new(known),
             log: Mutex::new(Some(tx)),
             path,
+            read_to: Mutex::new(read_to),
         })
     }
 
@@ -115,6 +120,36 @@ impl Associations {
         known
             .get(digest)
             .is_some_and(|pairs| pairs.iter().any(|(u, r)| &**u == upstream && &**r == repo))
+    }
+
+    /// Takes in the whole lines appended to the log since it was last read (by another
+    /// process: `regcache import` beside this server; this one's own are known already).
+    /// Blocking.
+    pub fn reread(&self) {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut read_to = self.read_to.lock().unwrap_or_else(|p| p.into_inner());
+        let Ok(mut file) = File::open(&self.path) else { return };
+        if file.seek(SeekFrom::Start(*read_to)).is_err() {
+            return;
+        }
+        let mut tail = Vec::new();
+        if file.read_to_end(&mut tail).is_err() {
+            return;
+        }
+        // A line still being written is read next time.
+        let Some(end) = tail.iter().rposition(|&b| b == b'\n') else {
+            return;
+        };
+        *read_to += end as u64 + 1;
+        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+        for line in String::from_utf8_lossy(&tail[..end]).lines() {
+            if let Some((digest, upstream, repo)) = parse_line(line) {
+                let pairs = known.entry(digest).or_default();
+                if !pairs.iter().any(|(u, r)| **u == *upstream && **r == *repo) {
+                    pairs.push((Arc::from(upstream), Arc::from(repo)));
+                }
+            }
+        }
     }
 
     /// Records that `upstream`/`repo` holds `digest` (a no-op when already known).

@@ -277,3 +277,25 @@ async fn a_docker_save_archive_imports_under_its_full_name() {
         (200, image.index.clone())
     );
 }
+
+/// With access rules, a running server serves content imported beside it to the
+/// repositories the import recorded (it reads the new lines of the associations log), with
+/// no upstream to confirm them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_access_rules_a_running_server_serves_what_was_imported_beside_it() {
+    let (_up, image, work, config) = prefetched().await;
+    let layout = work.path().join("layout");
+    ok(&run(&config, &["export", NAME, "-o", layout.to_str().unwrap()]));
+    let (gap, gap_config) = empty_cache(work.path(), "gap");
+    let rules = "offline = true\n[auth]\nanonymous_allow = [\"docker.io/library/*\"]\n";
+    let server = Process::start_with(&gap, "http://127.0.0.1:9", "", rules);
+    let layer = &image.amd64[1];
+    let url = server.url(&format!("/v2/library/multi/blobs/{layer}"));
+    assert_ne!(get(&url).await.status, 200, "not there yet");
+    ok(&run(&gap_config, &["import", layout.to_str().unwrap()]));
+    let blob = get(&url).await;
+    assert_eq!((blob.status.as_u16(), sha256(blob.bytes())), (200, layer.clone()));
+    // Still only to the repository that holds it.
+    let other = get(&server.url(&format!("/v2/library/other/blobs/{layer}"))).await;
+    assert_ne!(other.status, 200);
+}
