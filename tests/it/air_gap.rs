@@ -208,6 +208,15 @@ async fn skopeo_reads_the_export_and_its_own_layout_imports() {
         let blob = get(&offline.url(&format!("/v2/library/multi/blobs/{d}"))).await;
         assert_eq!(sha256(blob.bytes()), *d);
     }
+    // skopeo lists the mirror's tags, from the cache.
+    let listed = ok(&blocking(skopeo(vec![
+        "list-tags".into(),
+        "--tls-verify=false".into(),
+        format!("docker://{}/library/multi", offline.addr),
+    ]))
+    .await);
+    let tags: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(tags["Tags"], serde_json::json!(["1"]), "{listed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
