@@ -19,6 +19,7 @@ pub mod oci;
 pub mod prefetch;
 pub mod proxy;
 pub mod server;
+pub mod signatures;
 pub mod single_flight;
 pub mod status;
 pub mod sync;
