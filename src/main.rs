@@ -1,4 +1,5 @@
-//! The `regcache` command: `serve` and `check-config`; logging set-up, signals, exit codes.
+//! The `regcache` command: `serve`, `check-config`, the air-gap tools (`prefetch`, `ls`, `du`,
+//! `verify`, `export`, `import`, `gc`) and `hash-password`; logging set-up, signals, exit codes.
 
 #![forbid(unsafe_code)]
 
