@@ -11,7 +11,9 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+use crate::cache::blob_store::Kind;
 use crate::cache::tags::TagRecord;
+use crate::digest::Digest;
 
 /// One committed file: its size and when it was last used (atime or mtime, the later).
 #[derive(Debug, Clone, Copy)]
@@ -62,56 +64,33 @@ pub struct RepoUsage {
     pub bytes: u64,
 }
 
-fn committed(dir: &Path, algo_dirs: &mut dyn FnMut(String, File)) -> io::Result<()> {
-    let Ok(algos) = fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for algo in algos.flatten() {
-        let name = algo.file_name().to_string_lossy().into_owned();
-        for fan in fs::read_dir(algo.path())?.flatten() {
-            for entry in fs::read_dir(fan.path())?.flatten() {
-                let Ok(meta) = entry.metadata() else { continue };
-                let used = [meta.accessed(), meta.modified()]
-                    .into_iter()
-                    .flatten()
-                    .max()
-                    .unwrap_or(SystemTime::UNIX_EPOCH);
-                let hex = entry.file_name().to_string_lossy().into_owned();
-                algo_dirs(format!("{name}:{hex}"), File { size: meta.len(), used });
-            }
-        }
-    }
-    Ok(())
+/// The committed files of `kind`, by digest.
+fn committed(root: &Path, kind: Kind) -> io::Result<Vec<(Digest, File)>> {
+    let mut found = Vec::new();
+    crate::cache::blob_store::scan_dir(root, kind, &mut found)?;
+    Ok(found
+        .into_iter()
+        .map(|f| {
+            (
+                f.digest,
+                File {
+                    size: f.size,
+                    used: f.last_used,
+                },
+            )
+        })
+        .collect())
 }
 
-/// A stored manifest (`media type\nbytes`): its own size and the digests it references.
-fn references(path: &Path) -> (u64, Vec<String>) {
-    let Ok(raw) = fs::read(path) else {
+/// A stored manifest: its own size and the digests it references (blobs and child
+/// manifests).
+fn references(root: &Path, digest: &Digest) -> (u64, Vec<String>) {
+    let Some((_, bytes)) = crate::layout::cached_manifest(root, digest) else {
         return (0, Vec::new());
     };
-    let body = raw
-        .iter()
-        .position(|&b| b == b'\n')
-        .map_or(&raw[..], |nl| &raw[nl + 1..]);
-    let len = body.len() as u64;
-    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return (len, Vec::new());
-    };
-    let mut out = Vec::new();
-    let mut take = |d: &serde_json::Value| {
-        if let Some(digest) = d.get("digest").and_then(|x| x.as_str()) {
-            out.push(digest.to_owned());
-        }
-    };
-    if let Some(config) = doc.get("config") {
-        take(config);
-    }
-    for key in ["layers", "manifests", "blobs"] {
-        for d in doc.get(key).and_then(|l| l.as_array()).into_iter().flatten() {
-            take(d);
-        }
-    }
-    (len, out)
+    let (children, blobs) = crate::layout::references(&bytes);
+    let refs = children.into_iter().chain(blobs.into_iter().map(|(d, _)| d)).collect();
+    (bytes.len() as u64, refs)
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -149,38 +128,19 @@ impl Inventory {
                 format!("{} holds no regcache cache", dir.display()),
             ));
         }
-        let mut blobs = HashMap::new();
-        committed(&root.join("blobs"), &mut |d, f| {
-            blobs.insert(d, f);
-        })?;
-        let mut files = Vec::new();
-        committed(&root.join("manifests"), &mut |d, f| files.push((d, f)))?;
-        let manifests = files
+        let blobs = committed(&root, Kind::Blob)?
+            .into_iter()
+            .map(|(d, f)| (d.to_string(), f))
+            .collect();
+        let manifests = committed(&root, Kind::Manifest)?
             .into_iter()
             .map(|(d, f)| {
-                let (algo, hex) = d.split_once(':').unwrap_or(("sha256", &d));
-                let path = root
-                    .join("manifests")
-                    .join(algo)
-                    .join(hex.get(..2).unwrap_or(""))
-                    .join(hex);
-                let (size, refs) = references(&path);
-                (d, (File { size, ..f }, refs))
+                let (size, refs) = references(&root, &d);
+                (d.to_string(), (File { size, ..f }, refs))
             })
             .collect();
         let mut tags = Vec::new();
-        if let Ok(fans) = fs::read_dir(root.join("tags")) {
-            for fan in fans.flatten() {
-                for file in fs::read_dir(fan.path())?.flatten() {
-                    if let Some(r) = fs::read(file.path())
-                        .ok()
-                        .and_then(|t| serde_json::from_slice::<TagRecord>(&t).ok())
-                    {
-                        tags.push(r);
-                    }
-                }
-            }
-        }
+        crate::cache::tags::TagStore::new(&root).each_record(|_, r| tags.extend(r));
         let mut pairs: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
         if let Ok(log) = fs::read_to_string(root.join("associations")) {
             for line in log.lines() {

@@ -292,17 +292,18 @@ impl Proxy {
     /// A cached tag answer that needs no upstream: within its TTL, or any age when the
     /// upstream is offline by configuration.
     async fn fresh_tag(&self, key: &TagKey, up: &upstream::Upstream) -> Option<ManifestAnswer> {
-        let pinned = self.cache.pins.matches(&key.upstream, &key.repo, &key.tag);
+        // Pins are looked at only when the answer depends on them (not on a fresh hit).
+        let pinned = || self.cache.pins.matches(&key.upstream, &key.repo, &key.tag);
         let (record, manifest) = match self.cache.load_tag(key).await {
             Some(found) => found,
             // A pinned tag is answered from what the cache holds for any client's Accept.
-            None if pinned => {
+            None if pinned() => {
                 self.tag_for_another_accept(key, AcceptSet::from_bits(key.accept))
                     .await?
             }
             None => return None,
         };
-        if !up.offline && (record.expired() || (record.age() >= up.tag_ttl && !pinned)) {
+        if !up.offline && (record.expired() || (record.age() >= up.tag_ttl && !pinned())) {
             return None;
         }
         Some(ManifestAnswer { manifest, stale: false })

@@ -30,27 +30,19 @@ pub struct Checked {
 }
 
 /// Every committed file: (kind, digest, path).
-fn committed(root: &Path) -> Vec<(&'static str, Digest, PathBuf)> {
+fn committed(root: &Path) -> io::Result<Vec<(&'static str, Digest, PathBuf)>> {
+    use crate::cache::blob_store::{path_in, scan_dir, Kind};
     let mut out = Vec::new();
-    for (kind, dir) in [("blob", "blobs"), ("manifest", "manifests")] {
-        let Ok(algos) = fs::read_dir(root.join(dir)) else {
-            continue;
-        };
-        for algo in algos.flatten() {
-            let name = algo.file_name().to_string_lossy().into_owned();
-            let Ok(fans) = fs::read_dir(algo.path()) else { continue };
-            for fan in fans.flatten() {
-                let Ok(files) = fs::read_dir(fan.path()) else { continue };
-                for file in files.flatten() {
-                    let hex = file.file_name().to_string_lossy().into_owned();
-                    if let Ok(digest) = format!("{name}:{hex}").parse::<Digest>() {
-                        out.push((kind, digest, file.path()));
-                    }
-                }
-            }
-        }
+    for (name, kind) in [("blob", Kind::Blob), ("manifest", Kind::Manifest)] {
+        let mut found = Vec::new();
+        scan_dir(root, kind, &mut found)?;
+        out.extend(
+            found
+                .into_iter()
+                .map(|f| (name, f.digest.clone(), path_in(root, kind, &f.digest))),
+        );
     }
-    out
+    Ok(out)
 }
 
 /// Hashes one file: a blob whole, a manifest after its media-type line. Its size, or why it
@@ -99,7 +91,7 @@ pub fn check(dir: &Path, threads: usize) -> io::Result<Checked> {
             format!("{} holds no regcache cache", dir.display()),
         ));
     }
-    let files = committed(&root);
+    let files = committed(&root)?;
     let per_thread = files.len().div_ceil(threads.max(1)).max(1);
     let results: Vec<Checked> = std::thread::scope(|scope| {
         let workers: Vec<_> = files

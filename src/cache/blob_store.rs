@@ -41,6 +41,53 @@ pub fn path_in(root: &Path, kind: Kind, digest: &Digest) -> PathBuf {
         .join(hex)
 }
 
+/// Every committed file of `kind` under a cache's `v1` directory (none when its directory
+/// is missing). Files that are not ours are reported and left alone.
+pub fn scan_dir(root: &Path, kind: Kind, found: &mut Vec<Scanned>) -> io::Result<()> {
+    let algos = match fs::read_dir(root.join(kind.dir())) {
+        Ok(a) => a,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for algo in algos {
+        let algo = algo?;
+        let algo_name = algo.file_name().to_string_lossy().into_owned();
+        if !algo.file_type()?.is_dir() {
+            continue;
+        }
+        for fan in fs::read_dir(algo.path())? {
+            let fan = fan?;
+            if !fan.file_type()?.is_dir() {
+                continue;
+            }
+            for file in fs::read_dir(fan.path())? {
+                let file = file?;
+                let name = file.file_name();
+                let parsed = name
+                    .to_str()
+                    .and_then(|hex| format!("{algo_name}:{hex}").parse::<Digest>().ok());
+                let meta = file.metadata()?;
+                match parsed {
+                    Some(digest) if meta.is_file() => found.push(Scanned {
+                        kind,
+                        digest,
+                        size: meta.len(),
+                        last_used: meta
+                            .modified()
+                            .unwrap_or(SystemTime::UNIX_EPOCH)
+                            .max(meta.accessed().unwrap_or(SystemTime::UNIX_EPOCH)),
+                    }),
+                    // Not ours (or a stray directory): never serve it, leave it be.
+                    _ => {
+                        tracing::warn!(path = %file.path().display(), "ignoring unexpected file in cache")
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One committed file found by the startup scan.
 #[derive(Debug)]
 pub struct Scanned {
@@ -154,43 +201,7 @@ impl BlobStore {
     }
 
     fn scan(&self, kind: Kind, found: &mut Vec<Scanned>) -> io::Result<()> {
-        for algo in fs::read_dir(self.root.join(kind.dir()))? {
-            let algo = algo?;
-            let algo_name = algo.file_name().to_string_lossy().into_owned();
-            if !algo.file_type()?.is_dir() {
-                continue;
-            }
-            for fan in fs::read_dir(algo.path())? {
-                let fan = fan?;
-                if !fan.file_type()?.is_dir() {
-                    continue;
-                }
-                for file in fs::read_dir(fan.path())? {
-                    let file = file?;
-                    let name = file.file_name();
-                    let parsed = name
-                        .to_str()
-                        .and_then(|hex| format!("{algo_name}:{hex}").parse::<Digest>().ok());
-                    let meta = file.metadata()?;
-                    match parsed {
-                        Some(digest) if meta.is_file() => found.push(Scanned {
-                            kind,
-                            digest,
-                            size: meta.len(),
-                            last_used: meta
-                                .modified()
-                                .unwrap_or(SystemTime::UNIX_EPOCH)
-                                .max(meta.accessed().unwrap_or(SystemTime::UNIX_EPOCH)),
-                        }),
-                        // Not ours (or a stray directory): never serve it, leave it be.
-                        _ => {
-                            tracing::warn!(path = %file.path().display(), "ignoring unexpected file in cache")
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
+        scan_dir(&self.root, kind, found)
     }
 
     pub fn path(&self, kind: Kind, digest: &Digest) -> PathBuf {

@@ -11,7 +11,6 @@ use std::sync::RwLock;
 
 use super::blob_store::Kind;
 use super::index::Key;
-use super::tags::TagRecord;
 use crate::digest::Digest;
 use crate::inventory::glob_match;
 
@@ -133,22 +132,14 @@ impl Pins {
         }
         // (upstream, repo) -> tag -> digest, from every record.
         let mut tags: BTreeMap<(String, String), BTreeMap<String, String>> = BTreeMap::new();
-        if let Ok(fans) = fs::read_dir(self.root.join("tags")) {
-            for fan in fans.flatten() {
-                let Ok(files) = fs::read_dir(fan.path()) else { continue };
-                for file in files.flatten() {
-                    if let Some(r) = fs::read(file.path())
-                        .ok()
-                        .and_then(|t| serde_json::from_slice::<TagRecord>(&t).ok())
-                    {
-                        let (upstream, repo, tag) = r.names();
-                        tags.entry((upstream.to_owned(), repo.to_owned()))
-                            .or_default()
-                            .insert(tag.to_owned(), r.digest.clone());
-                    }
-                }
+        super::tags::TagStore::new(&self.root).each_record(|_, r| {
+            if let Some(r) = r {
+                let (upstream, repo, tag) = r.names();
+                tags.entry((upstream.to_owned(), repo.to_owned()))
+                    .or_default()
+                    .insert(tag.to_owned(), r.digest.clone());
             }
-        }
+        });
         let mut roots: Vec<((String, String), String)> = Vec::new();
         for ((upstream, repo), by_tag) in &tags {
             for (tag, digest) in by_tag {

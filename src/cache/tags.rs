@@ -200,29 +200,31 @@ impl TagStore {
     /// file. Blocking.
     pub fn tags_of(&self, upstream: &str, repo: &str, cached: impl Fn(&Digest) -> bool) -> Vec<String> {
         let mut tags = std::collections::BTreeSet::new();
-        let Ok(fans) = fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
+        self.each_record(|_, record| {
+            let Some(record) = record else { return };
+            // Referrers answers are kept as records too; they are not tags.
+            if record.upstream == upstream
+                && record.repo == repo
+                && crate::oci::is_valid_tag(&record.tag)
+                && record.digest().is_some_and(|d| cached(&d))
+            {
+                tags.insert(record.tag);
+            }
+        });
+        tags.into_iter().collect()
+    }
+
+    /// Every record file: its path and what it holds (`None` when unreadable). Blocking.
+    pub fn each_record(&self, mut f: impl FnMut(&std::path::Path, Option<TagRecord>)) {
+        let Ok(fans) = fs::read_dir(&self.dir) else { return };
         for fan in fans.flatten() {
             let Ok(files) = fs::read_dir(fan.path()) else { continue };
             for file in files.flatten() {
-                let Some(record) = fs::read(file.path())
-                    .ok()
-                    .and_then(|t| serde_json::from_slice::<TagRecord>(&t).ok())
-                else {
-                    continue;
-                };
-                // Referrers answers are kept as records too; they are not tags.
-                if record.upstream == upstream
-                    && record.repo == repo
-                    && crate::oci::is_valid_tag(&record.tag)
-                    && record.digest().is_some_and(|d| cached(&d))
-                {
-                    tags.insert(record.tag);
-                }
+                let path = file.path();
+                let record = fs::read(&path).ok().and_then(|t| serde_json::from_slice(&t).ok());
+                f(&path, record);
             }
         }
-        tags.into_iter().collect()
     }
 
     /// Deletes the records whose manifest is no longer cached (`cached` says which are):
@@ -230,23 +232,15 @@ impl TagStore {
     /// bounded by what the cache holds. Blocking: a background thread's work.
     pub fn collect(&self, cached: impl Fn(&Digest) -> bool) -> usize {
         let mut removed = 0;
-        let Ok(fans) = fs::read_dir(&self.dir) else {
-            return 0;
-        };
-        for fan in fans.flatten() {
-            let Ok(files) = fs::read_dir(fan.path()) else { continue };
-            for file in files.flatten() {
-                let path = file.path();
-                let record: Option<TagRecord> = fs::read(&path).ok().and_then(|t| serde_json::from_slice(&t).ok());
-                let keep = record.as_ref().and_then(TagRecord::digest).is_some_and(|d| cached(&d));
-                if !keep && fs::remove_file(&path).is_ok() {
-                    if let Some(r) = record {
-                        self.memory.invalidate(&r.key());
-                    }
-                    removed += 1;
+        self.each_record(|path, record| {
+            let keep = record.as_ref().and_then(TagRecord::digest).is_some_and(|d| cached(&d));
+            if !keep && fs::remove_file(path).is_ok() {
+                if let Some(r) = record {
+                    self.memory.invalidate(&r.key());
                 }
+                removed += 1;
             }
-        }
+        });
         removed
     }
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use crate::fake_upstream::FakeUpstream;
 use crate::harness::{files_under, get, get_with, sha256, write_process_config, Process};
-use crate::prefetch::{multi_platform_image, prefetched, run, Image};
+use crate::prefetch::{multi_platform_image, ok, prefetched, run, Image};
 
 const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json";
 const NAME: &str = "docker.io/library/multi:1";
@@ -43,16 +43,6 @@ async fn pull_offline(server: &Process, image: &Image) {
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.unwrap()
-}
-
-fn ok(out: &std::process::Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
 }
 
 /// A fresh cache (its own dir and config, upstream unreachable).

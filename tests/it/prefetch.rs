@@ -153,6 +153,11 @@ pub async fn run_ok(config: &Path, args: &[&str]) -> String {
     })
     .await
     .unwrap();
+    ok(&out)
+}
+
+/// A command's stdout; it must have succeeded (else its output is the failure message).
+pub fn ok(out: &Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
