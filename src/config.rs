@@ -46,6 +46,58 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     #[serde(default, rename = "sync", skip_serializing_if = "Vec::is_empty")]
     pub syncs: Vec<SyncConfig>,
+    #[serde(default, rename = "policy", skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<PolicyConfig>,
+}
+
+/// A `[[policy]]` entry: the signatures the images of matching repositories must carry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Names the policy in denials, metrics and logs (default `policy-<n>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `<upstream>/<repo>`, where `*` matches any run of characters
+    /// (`docker.io/library/*`, `ghcr.io/acme/*`); the most specific match governs.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    #[serde(default)]
+    pub mode: PolicyMode,
+    /// Cosign public keys (PEM files); a signature by any of them passes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<PathBuf>,
+    /// Keyless signers (Fulcio certificates); needs `trusted_root`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<IdentityConfig>,
+    /// A Sigstore `trusted_root.json` (Fulcio CAs, Rekor and CT log keys, TSAs); with it,
+    /// key signatures' transparency-log entries are verified too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trusted_root: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    /// Unsigned or badly signed images are refused (403 DENIED).
+    #[default]
+    Enforce,
+    /// They are served, logged and counted.
+    Warn,
+    /// Not checked (exempts repositories from a broader policy).
+    Off,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The OIDC issuer in the certificate (`https://token.actions.githubusercontent.com`).
+    pub issuer: String,
+    /// The certificate's subject (email or URI), exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// Or a regular expression the subject must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_regex: Option<String>,
 }
 
 /// A `[[sync]]` entry: images kept fresh in the cache while the upstream can be reached.
@@ -482,6 +534,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), Error> {
+        crate::policy::Policies::from_config(&self.policies).map_err(|(key, message)| invalid(key, message))?;
         for (i, sync) in self.syncs.iter().enumerate() {
             crate::sync::Job::new(i, sync).map_err(|e| invalid(format!("sync[{i}]"), &e))?;
         }

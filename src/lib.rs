@@ -16,6 +16,7 @@ pub mod layout;
 pub mod logging;
 pub mod metrics;
 pub mod oci;
+pub mod policy;
 pub mod prefetch;
 pub mod proxy;
 pub mod server;
@@ -68,6 +69,8 @@ pub enum BuildError {
     Cache(std::path::PathBuf, std::io::Error),
     #[error(transparent)]
     Tls(#[from] tls::Error),
+    #[error("invalid config: key `{0}`: {1}")]
+    Policy(String, String),
 }
 
 /// Opens the cache (rebuilding its index) and sets up upstreams, metrics, access and TLS.
@@ -135,7 +138,15 @@ fn build_app(config: &Config, background: bool) -> Result<Arc<App>, BuildError> 
     let upstreams = upstream::Upstreams::new(config, metrics.clone())?;
     // Only access rules that limit repositories make rights differ between clients.
     let restricted = !config.auth.anonymous_allow.is_empty() || config.auth.users.iter().any(|u| !u.allow.is_empty());
-    let proxy = Arc::new(Proxy::new(cache, upstreams, metrics, &config.limits, restricted));
+    let policies = policy::Policies::from_config(&config.policies).map_err(|(key, e)| BuildError::Policy(key, e))?;
+    let proxy = Arc::new(Proxy::new(
+        cache,
+        upstreams,
+        metrics,
+        &config.limits,
+        restricted,
+        policies,
+    ));
     let tls = match &config.server.tls {
         Some(t) => Some(tls::Reloader::new(&t.cert, &t.key)?),
         None => None,

@@ -201,6 +201,8 @@ pub struct AccessLine<'a> {
     pub bytes: &'a str,
     pub duration_ms: f64,
     pub cache: &'static str,
+    /// What a signature policy decided (verified, warned, denied; "-" if none applied).
+    pub policy: &'static str,
 }
 
 thread_local! {
@@ -220,7 +222,7 @@ pub fn access(line: &AccessLine<'_>) {
     if format == 0 {
         tracing::info!(target: "regcache::access", method = line.method, path = line.path,
             route = line.route, status = line.status, bytes = line.bytes,
-            duration_ms = line.duration_ms, cache = line.cache, "request");
+            duration_ms = line.duration_ms, cache = line.cache, policy = line.policy, "request");
         return;
     }
     ACCESS_SCRATCH.with(|scratch| {
@@ -245,15 +247,15 @@ pub fn access(line: &AccessLine<'_>) {
                 serde_json::to_writer(&mut *buf, line.bytes)?;
                 writeln!(
                     buf,
-                    ",\"duration_ms\":{:.3},\"cache\":\"{}\"}},\"target\":\"regcache::access\"}}",
-                    line.duration_ms, line.cache
+                    ",\"duration_ms\":{:.3},\"cache\":\"{}\",\"policy\":\"{}\"}},\"target\":\"regcache::access\"}}",
+                    line.duration_ms, line.cache, line.policy
                 )
             })()
         } else {
             writeln!(
                 buf,
-                "{stamp}.{micros:06}Z  INFO regcache::access: request method={} path={:?} route={:?} status={} bytes={:?} duration_ms={:.3} cache={:?}",
-                line.method, line.path, line.route, line.status, line.bytes, line.duration_ms, line.cache
+                "{stamp}.{micros:06}Z  INFO regcache::access: request method={} path={:?} route={:?} status={} bytes={:?} duration_ms={:.3} cache={:?} policy={:?}",
+                line.method, line.path, line.route, line.status, line.bytes, line.duration_ms, line.cache, line.policy
             )
         };
         if written.is_ok() && !batch_line(buf) {

@@ -489,6 +489,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             cache_dir,
             admin_listen,
         } => {
+            let path = config.clone();
             let mut config = load(config.as_ref())?;
             if let Some(listen) = listen {
                 config.server.listen = listen;
@@ -505,7 +506,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .on_thread_park(regcache::logging::flush_this_thread)
                 .build()
                 .context("starting the async runtime")?;
-            let result = runtime.block_on(serve(config));
+            let result = runtime.block_on(serve(config, path));
             // Whatever still runs (a blocking disk task, a probe) must not keep a failing
             // process from exiting.
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -629,7 +630,7 @@ where
     result
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     // Liveness first: the admin port answers /healthz while the cache index is rebuilt.
     let loaded = regcache::admin::Loaded::default();
     let _admin = match config.admin.addr() {
@@ -675,10 +676,43 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!(entries = jobs.len(), "sync entries scheduled");
         regcache::sync::start(&app, jobs, base);
     }
+    #[cfg(unix)]
+    if let Some(path) = path {
+        reload_policies_on_hangup(app.clone(), path);
+    }
     regcache::run(app, listener, shutdown_signal()).await;
     let _ = stop_internal.send(true);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// On SIGHUP, reads the config file again and puts its `[[policy]]` entries in force; a
+/// file that does not validate changes nothing. (Other settings need a restart.)
+#[cfg(unix)]
+fn reload_policies_on_hangup(app: std::sync::Arc<regcache::App>, path: std::path::PathBuf) {
+    let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let read = path.clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                let config = Config::from_file(&read).map_err(|e| e.to_string())?;
+                regcache::policy::Policies::from_config(&config.policies)
+                    .map_err(|(key, e)| format!("invalid config: key `{key}`: {e}"))
+            })
+            .await;
+            match loaded {
+                Ok(Ok(policies)) => {
+                    let n = policies.list().len();
+                    app.proxy.gate.replace(policies);
+                    tracing::info!(policies = n, config = %path.display(), "SIGHUP: signature policies reloaded");
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "SIGHUP: config not reloaded; keeping the policies in force"),
+                Err(e) => tracing::warn!(error = %e, "SIGHUP: config not reloaded"),
+            }
+        }
+    });
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub sync_bytes: IntCounterVec,
     pub sync_failures: IntCounterVec,
     pub connections_waiting: IntGauge,
+    pub policy_decisions: IntCounterVec,
 }
 
 /// Every metric name regcache exports (the dashboard test checks its queries against it).
@@ -70,6 +71,7 @@ pub const NAMES: &[&str] = &[
     "regcache_sync_bytes_total",
     "regcache_sync_failures_total",
     "regcache_connections_waiting",
+    "regcache_policy_decisions_total",
 ];
 
 const DURATION_BUCKETS: &[f64] = &[
@@ -135,6 +137,7 @@ impl Metrics {
             cache_pinned: gauge(r, "regcache_cache_pinned_bytes", "Bytes of pinned images in the disk cache (never evicted; part of cache_size_bytes)."),
             cache_evictions: counter(r, "regcache_cache_evictions_total", "Cache entries evicted to stay under the budget."),
             auth_failures: counter(r, "regcache_auth_failures_total", "Client requests refused for missing or wrong credentials."),
+            policy_decisions: counter_vec(r, "regcache_policy_decisions_total", "Manifest and blob requests a signature policy decided, by policy, decision (verified, warned, denied) and reason (no_signature, bad_signature, wrong_identity, digest_mismatch, untrusted, malformed; empty when verified).", &["policy", "decision", "reason"]),
             access_confirmations: counter_vec(r, "regcache_access_confirmations_total", "Cached content asked for under a repository not yet known to hold it, checked with an upstream HEAD first, by result (confirmed, refused).", &["result"]),
             sync_runs: counter_vec(r, "regcache_sync_runs_total", "Runs of each [[sync]] entry, by result (ok, failed).", &["sync", "result"]),
             sync_last_success: gauge_vec(r, "regcache_sync_last_success_timestamp_seconds", "Unix time of each [[sync]] entry's last run in which every image succeeded.", &["sync"]),
@@ -189,6 +192,7 @@ mod tests {
         m.sync_images.with_label_values(&["s"]).set(1);
         m.sync_bytes.with_label_values(&["s"]).inc();
         m.sync_failures.with_label_values(&["s"]).inc();
+        m.policy_decisions.with_label_values(&["p", "verified", ""]).inc();
         let text = String::from_utf8(m.render()).unwrap();
         for name in NAMES {
             assert!(

@@ -39,6 +39,9 @@ pub enum Error {
     Fill(Arc<FillError<upstream::Error>>),
     #[error("cache storage error: {0}")]
     Io(Arc<io::Error>),
+    /// A signature policy refuses the content (the message names the policy and why).
+    #[error("{0}")]
+    Denied(String),
     /// Out of file descriptors (or a like limit): refuse rather than stream uncoalesced.
     #[error("regcache is out of resources ({0}); retry shortly")]
     Overloaded(String),
@@ -62,17 +65,35 @@ fn not_found(e: upstream::Error, missing: impl FnOnce() -> Error) -> Error {
 tokio::task_local! {
     /// The cache result of the request being served (hit, miss, coalesced, stale), for its
     /// access log line.
-    static LOOKUP_RESULT: std::cell::Cell<&'static str>;
+    /// The cache result of the request being served (hit, miss, coalesced, stale) and
+    /// what a signature policy decided, for its access log line.
+    static LOOKUP_RESULT: std::cell::Cell<(&'static str, &'static str)>;
 }
 
-/// Runs a request's work and says what the cache did for it ("-" when nothing was looked up).
-pub async fn with_lookup_result<T>(work: impl std::future::Future<Output = T>) -> (T, &'static str) {
+/// Runs a request's work and says what the cache did for it and what a policy decided
+/// ("-" when nothing was looked up or decided).
+pub async fn with_lookup_result<T>(work: impl std::future::Future<Output = T>) -> (T, &'static str, &'static str) {
     LOOKUP_RESULT
-        .scope(std::cell::Cell::new("-"), async {
+        .scope(std::cell::Cell::new(("-", "-")), async {
             let out = work.await;
-            (out, LOOKUP_RESULT.with(|r| r.get()))
+            let (cache, policy) = LOOKUP_RESULT.with(|r| r.get());
+            (out, cache, policy)
         })
         .await
+}
+
+/// The cache result so far (to be put back after work that is not the client's).
+pub fn current_lookup_result() -> &'static str {
+    LOOKUP_RESULT.try_with(|r| r.get().0).unwrap_or("-")
+}
+
+pub fn restore_lookup_result(result: &'static str) {
+    let _ = LOOKUP_RESULT.try_with(|r| r.set((result, r.get().1)));
+}
+
+/// Notes what a policy decided for the request being served.
+pub fn note_policy_decision(decision: &'static str) {
+    let _ = LOOKUP_RESULT.try_with(|r| r.set((r.get().0, decision)));
 }
 
 #[derive(Clone)]
@@ -118,6 +139,8 @@ pub struct Proxy {
     /// Access rules limit who may pull which repository: cached content is then served to
     /// an (upstream, repository) only when that pair is known to hold it.
     restricted: bool,
+    /// Signature policies and their verdicts.
+    pub gate: crate::policy::Gate,
 }
 
 impl Proxy {
@@ -127,6 +150,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         limits: &LimitsConfig,
         restricted: bool,
+        policies: crate::policy::Policies,
     ) -> Proxy {
         let fills = Arc::new(Fills::new(
             cache.store.clone(),
@@ -143,6 +167,7 @@ impl Proxy {
             writes: Arc::default(),
             manifest_flights: SingleFlight::default(),
             restricted,
+            gate: crate::policy::Gate::new(policies),
         }
     }
 
@@ -685,7 +710,7 @@ impl Proxy {
 
     fn lookup(&self, kind: &str, result: &'static str) {
         self.metrics.cache_lookups.with_label_values(&[kind, result]).inc();
-        let _ = LOOKUP_RESULT.try_with(|r| r.set(result));
+        let _ = LOOKUP_RESULT.try_with(|r| r.set((result, r.get().1)));
     }
 
     /// Brings the gauges that are read rather than counted up to date, before a scrape.

@@ -188,16 +188,28 @@ impl Trust {
                 let text = std::str::from_utf8(json).map_err(|_| Refusal::Malformed("bundle is not UTF-8".into()))?;
                 let bundle = Bundle::from_json(text).map_err(|e| Refusal::Malformed(format!("bundle: {e}")))?;
                 let sha = Sha256Hash::from_hex(digest.hex()).map_err(|e| Refusal::Malformed(e.to_string()))?;
-                self.bundle(&bundle, sigstore_verify::types::Artifact::from_digest(sha), &digest.to_string())
+                self.bundle(
+                    &bundle,
+                    sigstore_verify::types::Artifact::from_digest(sha),
+                    &digest.to_string(),
+                )
             }
         }
     }
 
     /// A bundle over `artifact`, by any trusted key or identity.
     /// `asked` names the artifact in a refusal.
-    fn bundle(&self, bundle: &Bundle, artifact: sigstore_verify::types::Artifact<'_>, asked: &str) -> Result<String, Refusal> {
+    fn bundle(
+        &self,
+        bundle: &Bundle,
+        artifact: sigstore_verify::types::Artifact<'_>,
+        asked: &str,
+    ) -> Result<String, Refusal> {
         use sigstore_verify::types::bundle::VerificationMaterialContent;
-        let keyed = matches!(bundle.verification_material.content, VerificationMaterialContent::PublicKey { .. });
+        let keyed = matches!(
+            bundle.verification_material.content,
+            VerificationMaterialContent::PublicKey { .. }
+        );
         let mut best: Option<Refusal> = None;
         let mut keep = |r: Refusal| {
             if best.as_ref().is_none_or(|b| r.weight() > b.weight()) {
@@ -206,7 +218,9 @@ impl Trust {
         };
         if keyed {
             if self.keys.is_empty() {
-                return Err(Refusal::Untrusted("signed by a key, and the policy names no keys".into()));
+                return Err(Refusal::Untrusted(
+                    "signed by a key, and the policy names no keys".into(),
+                ));
             }
             for key in &self.keys {
                 let mut policy = PublicKeyVerificationPolicy::new(key.der.clone());
@@ -232,7 +246,9 @@ impl Trust {
                         if identity.subject.matches(&subject) {
                             return Ok(format!("{subject} from {}", identity.issuer));
                         }
-                        keep(Refusal::WrongIdentity(format!("signed by {subject}, the policy wants {identity}")));
+                        keep(Refusal::WrongIdentity(format!(
+                            "signed by {subject}, the policy wants {identity}"
+                        )));
                     }
                     Err(e) => keep(from_sigstore(e, asked)),
                 }
@@ -255,7 +271,11 @@ impl Trust {
             // bundle over the payload's bytes, checked like any other.
             Some(cert) => {
                 let bundle = legacy_bundle(payload, signature_b64, cert, text(REKOR_ANNOTATION))?;
-                self.bundle(&bundle, sigstore_verify::types::Artifact::from_blob(payload), &digest.to_string())?
+                self.bundle(
+                    &bundle,
+                    sigstore_verify::types::Artifact::from_blob(payload),
+                    &digest.to_string(),
+                )?
             }
             None => {
                 let signature = base64::engine::general_purpose::STANDARD
@@ -263,7 +283,9 @@ impl Trust {
                     .map_err(|_| Refusal::Malformed("the signature is not base64".into()))?;
                 let signature = SignatureBytes::new(signature);
                 if self.keys.is_empty() {
-                    return Err(Refusal::Untrusted("signed by a key, and the policy names no keys".into()));
+                    return Err(Refusal::Untrusted(
+                        "signed by a key, and the policy names no keys".into(),
+                    ));
                 }
                 self.keys
                     .iter()
@@ -307,7 +329,9 @@ fn legacy_bundle(payload: &[u8], signature_b64: &str, cert_pem: &str, rekor: Opt
         .take_while(|l| !l.starts_with("-----END"))
         .collect();
     if cert_body.is_empty() {
-        return Err(Refusal::Malformed("the certificate annotation holds no PEM certificate".into()));
+        return Err(Refusal::Malformed(
+            "the certificate annotation holds no PEM certificate".into(),
+        ));
     }
     let rekor = rekor.ok_or_else(|| Refusal::Untrusted("keyless signature without a Rekor entry".into()))?;
     let rekor: serde_json::Value =
@@ -485,7 +509,12 @@ mod tests {
     }
 
     fn trust(keys: Vec<PublicKey>, identities: Vec<Identity>, root: &str) -> Trust {
-        Trust::new(keys, identities, Some(&read(&format!("trusted_root/{root}.trusted_root.json")))).unwrap()
+        Trust::new(
+            keys,
+            identities,
+            Some(&read(&format!("trusted_root/{root}.trusted_root.json"))),
+        )
+        .unwrap()
     }
 
     /// A conformance case over a.txt, as its README says to verify it.
@@ -553,7 +582,10 @@ mod tests {
             ),
         };
         let trust = trust(vec![], vec![identity], "production");
-        let json = std::fs::read(fixture("cosign-v3-image-bundle/kubewarden-controller-v1.34.0.sigstore.json")).unwrap();
+        let json = std::fs::read(fixture(
+            "cosign-v3-image-bundle/kubewarden-controller-v1.34.0.sigstore.json",
+        ))
+        .unwrap();
         let digest: Digest = "sha256:c811d58de79c92f03214e63aa339484e488d694ae8a6283b5f3f17a9faf50172"
             .parse()
             .unwrap();
@@ -572,7 +604,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            stranger.verify(&Signature::Bundle(&json), &digest).unwrap_err().reason(),
+            stranger
+                .verify(&Signature::Bundle(&json), &digest)
+                .unwrap_err()
+                .reason(),
             "wrong_identity"
         );
     }
@@ -606,7 +641,10 @@ mod tests {
             SIGNATURE_ANNOTATION.into(),
             read(&format!("{dir}/signature.b64")).into(),
         );
-        for (file, key) in [("cert.pem", CERTIFICATE_ANNOTATION), ("rekor-bundle.json", REKOR_ANNOTATION)] {
+        for (file, key) in [
+            ("cert.pem", CERTIFICATE_ANNOTATION),
+            ("rekor-bundle.json", REKOR_ANNOTATION),
+        ] {
             if let Ok(value) = std::fs::read_to_string(fixture(&format!("{dir}/{file}"))) {
                 annotations.insert(key.into(), value.into());
             }
@@ -616,7 +654,10 @@ mod tests {
 
     #[test]
     fn real_legacy_cosign_signatures_verify_under_their_key_and_fail_under_the_other() {
-        let (key1, key2) = (key("cosign-simplesigning/cosign.pub"), key("cosign-simplesigning/cosign2.pub"));
+        let (key1, key2) = (
+            key("cosign-simplesigning/cosign.pub"),
+            key("cosign-simplesigning/cosign2.pub"),
+        );
         for (dir, right, wrong) in [
             ("dir-img-cosign-valid", &key1, &key2),
             ("dir-img-cosign-key-rekor-valid", &key2, &key1),
@@ -629,7 +670,11 @@ mod tests {
             let good = Trust::new(vec![right.clone()], vec![], None).unwrap();
             assert!(good.verify(&sig, &digest).is_ok(), "{dir}");
             let bad = Trust::new(vec![wrong.clone()], vec![], None).unwrap();
-            assert_eq!(bad.verify(&sig, &digest).unwrap_err().reason(), "bad_signature", "{dir}");
+            assert_eq!(
+                bad.verify(&sig, &digest).unwrap_err().reason(),
+                "bad_signature",
+                "{dir}"
+            );
         }
     }
 
@@ -659,7 +704,10 @@ mod tests {
             subject: Subject::Exact("mitr@redhat.com".into()),
         };
         assert_eq!(
-            trust(vec![], vec![mitr], "staging").verify(&sig, &digest).unwrap_err().reason(),
+            trust(vec![], vec![mitr], "staging")
+                .verify(&sig, &digest)
+                .unwrap_err()
+                .reason(),
             "untrusted"
         );
     }
@@ -689,5 +737,59 @@ mod tests {
         tampered[10] ^= 0x01;
         assert_eq!(sig(&tampered).unwrap_err().reason(), "bad_signature");
         assert!(PublicKey::from_pem("x", "not a key").is_err());
+    }
+}
+
+#[cfg(test)]
+mod own_bundles {
+    //! Bundles in cosign v3's format made here with a fresh key.
+    use super::*;
+
+    fn pem(public: &[u8]) -> String {
+        let prefix: [u8; 26] = [
+            0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
+            0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+        ];
+        let der = [&prefix[..], public].concat();
+        format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(der)
+        )
+    }
+
+    #[test]
+    fn a_key_signed_bundle_without_a_log_entry_or_timestamp_is_refused_as_malformed() {
+        use ring::signature::KeyPair;
+        let rng = ring::rand::SystemRandom::new();
+        let alg = &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING;
+        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+        let pair = ring::signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap();
+        let digest = Digest::sha256_of(b"a manifest");
+        let statement = serde_json::json!({
+            "_type": "https://in-toto.io/Statement/v1",
+            "subject": [{"name": "registry/repo", "digest": {"sha256": digest.hex()}}],
+            "predicateType": "https://sigstore.dev/cosign/sign/v1",
+            "predicate": {},
+        })
+        .to_string();
+        let t = "application/vnd.in-toto+json";
+        let pae = format!("DSSEv1 {} {t} {} {statement}", t.len(), statement.len());
+        let sig = pair.sign(&rng, pae.as_bytes()).unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let bundle = serde_json::json!({
+            "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+            "verificationMaterial": {"publicKey": {"hint": "own"}, "tlogEntries": []},
+            "dsseEnvelope": {"payload": b64.encode(&statement), "payloadType": t,
+                "signatures": [{"sig": b64.encode(sig.as_ref()), "keyid": ""}]},
+        })
+        .to_string();
+        let key = PublicKey::from_pem("own.pub", &pem(pair.public_key().as_ref())).unwrap();
+        let trust = Trust::new(vec![key], vec![], None).unwrap();
+        // Sigstore requires proof of when it was signed; without one nothing vouches for it.
+        let r = trust.verify(&Signature::Bundle(bundle.as_bytes()), &digest);
+        assert!(
+            matches!(&r, Err(Refusal::Malformed(m)) if m.contains("tlog entry")),
+            "{r:?}"
+        );
     }
 }

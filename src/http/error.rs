@@ -72,6 +72,7 @@ impl From<Error> for ApiError {
                 tracing::error!(error = %message, "cache storage failure");
                 ApiError::new(S::INTERNAL_SERVER_ERROR, "UNKNOWN", "cache storage failure")
             }
+            Error::Denied(_) => ApiError::new(S::FORBIDDEN, "DENIED", message),
             Error::Overloaded(_) => ApiError {
                 retry_after: Some("1".into()),
                 ..ApiError::new(S::SERVICE_UNAVAILABLE, "UNAVAILABLE", message)

@@ -45,7 +45,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>,
         repo = tracing::field::Empty,
         reference = tracing::field::Empty,
     );
-    let (result, cache) = proxy::with_lookup_result(dispatch(&app, &req, route).instrument(span)).await;
+    let (result, cache, policy) = proxy::with_lookup_result(dispatch(&app, &req, route).instrument(span)).await;
     let mut resp = result.unwrap_or_else(ApiError::into_response);
     resp.headers_mut()
         .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
@@ -78,6 +78,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>,
         bytes,
         duration_ms: elapsed.as_secs_f64() * 1000.0,
         cache,
+        policy,
     });
     Ok(resp)
 }
@@ -249,8 +250,12 @@ async fn manifest(
     })?;
     let accept = AcceptSet::from_headers(headers.get_all(ACCEPT).iter().filter_map(|v| v.to_str().ok()));
     let answer = proxy.manifest(target, &reference, accept).await?;
+    let admission = admitted(proxy.admit_manifest(target, &answer.manifest).await)?;
     let m = &answer.manifest;
     let mut resp = Response::new(Body::full(m.bytes.clone()));
+    if let Some(v) = admission.and_then(|a| HeaderValue::from_str(&a.detail).ok()) {
+        resp.headers_mut().insert(POLICY, v);
+    }
     let h = resp.headers_mut();
     h.insert(
         CONTENT_TYPE,
@@ -288,6 +293,21 @@ async fn referrers(
     Ok(resp)
 }
 
+/// What a signature policy said (`verified: key cosign.pub (policy library)`), on manifests.
+const POLICY: HeaderName = HeaderName::from_static("x-regcache-policy");
+
+/// Notes a policy's decision for the access log.
+fn admitted(
+    admission: Result<Option<crate::policy::Admission>, proxy::Error>,
+) -> Result<Option<crate::policy::Admission>, proxy::Error> {
+    match &admission {
+        Ok(Some(a)) => proxy::note_policy_decision(a.decision.as_str()),
+        Err(proxy::Error::Denied(_)) => proxy::note_policy_decision("denied"),
+        _ => {}
+    }
+    admission
+}
+
 fn digest_header(d: &Digest) -> HeaderValue {
     HeaderValue::from_str(&d.to_string()).unwrap_or(HeaderValue::from_static(""))
 }
@@ -304,6 +324,7 @@ async fn blob(
     h.insert(DOCKER_CONTENT_DIGEST, digest_header(digest));
     h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    admitted(proxy.admit_blob(target, digest))?;
     if head {
         if let Some(len) = proxy.blob_size(target, digest).await? {
             resp.headers_mut().insert(CONTENT_LENGTH, len.into());

@@ -18,5 +18,6 @@ mod prefetch;
 mod real_auth;
 mod real_peers;
 mod rights;
+mod signed_pulls;
 mod status_page;
 mod upstream_reality;

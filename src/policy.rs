@@ -1,0 +1,689 @@
+//! Signature policy at the mirror (`[[policy]]`): which policy governs an (upstream, repo),
+//! fetching an image's signatures through the cache (legacy `sha256-<hex>.sig` tags and
+//! Sigstore bundles among its OCI referrers), the verdicts (kept per (digest, policy), so
+//! a warm pull pays a map lookup), and the blobs that verified manifests admit.
+//!
+//! A manifest passes when it carries a valid signature by the policy's trust, or when an
+//! index that passed lists it; its config and layers then pass too. Signatures and their
+//! attachments themselves pass (they are what clients such as cosign fetch to check).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::cache::Manifest;
+use crate::config::{PolicyConfig, PolicyMode};
+use crate::digest::Digest;
+use crate::oci::{AcceptSet, Reference};
+use crate::proxy::{Error, Proxy};
+use crate::signatures::{Identity, PublicKey, Refusal, Signature, Subject, Trust};
+use crate::upstream::Target;
+
+/// The artifact type and layer media type of a Sigstore bundle referrer (cosign v3).
+pub const BUNDLE_TYPE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
+const SIMPLE_SIGNING_TYPE: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
+/// Media types of what signers attach to an image: signatures, attestations, SBOMs.
+const ATTACHMENT_TYPES: [&str; 7] = [
+    SIMPLE_SIGNING_TYPE,
+    BUNDLE_TYPE,
+    "application/vnd.dev.sigstore.bundle+json",
+    "application/vnd.dsse.envelope.v1+json",
+    "application/vnd.in-toto+json",
+    "text/spdx+json",
+    "application/vnd.cyclonedx+json",
+];
+/// Largest signature, payload or bundle read.
+const MAX_SIGNATURE_BYTES: u64 = 1 << 20;
+/// How long a refusal is remembered: a signature may be pushed just after its image.
+const REFUSAL_TTL: Duration = Duration::from_secs(30);
+
+/// One `[[policy]]`.
+#[derive(Debug)]
+pub struct Policy {
+    pub name: String,
+    pub pattern: String,
+    pub mode: PolicyMode,
+    pub trust: Trust,
+    /// Differs whenever the policy's text or the files it names change: verdicts are kept
+    /// under it, so a changed policy judges afresh.
+    pub generation: u64,
+}
+
+impl Policy {
+    /// More literal characters match more narrowly.
+    fn specificity(&self) -> usize {
+        self.pattern.chars().filter(|c| *c != '*').count() + usize::from(!self.pattern.contains('*')) * 10_000
+    }
+
+    pub fn describe(&self) -> String {
+        let mut trust: Vec<String> = self.trust.keys.iter().map(|k| format!("key {}", k.name)).collect();
+        trust.extend(self.trust.identities.iter().map(|i| i.to_string()));
+        format!(
+            "{} = {:?}, mode {}, trusts {}",
+            self.name,
+            self.pattern,
+            mode_name(self.mode),
+            if trust.is_empty() {
+                "nothing".into()
+            } else {
+                trust.join(", ")
+            }
+        )
+    }
+}
+
+pub fn mode_name(mode: PolicyMode) -> &'static str {
+    match mode {
+        PolicyMode::Enforce => "enforce",
+        PolicyMode::Warn => "warn",
+        PolicyMode::Off => "off",
+    }
+}
+
+/// The configured policies.
+#[derive(Debug, Default)]
+pub struct Policies {
+    list: Vec<Arc<Policy>>,
+}
+
+impl Policies {
+    /// Reads the policies and the files they name; an error is (config key, why).
+    pub fn from_config(configs: &[PolicyConfig]) -> Result<Policies, (String, String)> {
+        let mut list = Vec::new();
+        for (i, c) in configs.iter().enumerate() {
+            let key = |k: &str| format!("policy[{i}].{k}");
+            if c.pattern.is_empty() || !c.pattern.contains('/') {
+                return Err((
+                    key("match"),
+                    format!("{:?} is not a pattern like \"docker.io/library/*\"", c.pattern),
+                ));
+            }
+            let mut text = serde_json::to_vec(c).unwrap_or_default();
+            let mut keys = Vec::new();
+            for (j, path) in c.keys.iter().enumerate() {
+                let pem = std::fs::read_to_string(path)
+                    .map_err(|e| (format!("policy[{i}].keys[{j}]"), format!("{}: {e}", path.display())))?;
+                let name = path
+                    .file_name()
+                    .map_or(path.display().to_string(), |n| n.to_string_lossy().into_owned());
+                keys.push(
+                    PublicKey::from_pem(&name, &pem)
+                        .map_err(|e| (format!("policy[{i}].keys[{j}]"), format!("{}: {e}", path.display())))?,
+                );
+                text.extend_from_slice(pem.as_bytes());
+            }
+            let mut identities = Vec::new();
+            for (j, id) in c.identities.iter().enumerate() {
+                let subject = match (&id.subject, &id.subject_regex) {
+                    (Some(s), None) => Subject::Exact(s.clone()),
+                    (None, Some(r)) => Subject::Regex(
+                        regex_lite::Regex::new(r)
+                            .map_err(|e| (format!("policy[{i}].identities[{j}].subject_regex"), e.to_string()))?,
+                    ),
+                    _ => {
+                        return Err((
+                            format!("policy[{i}].identities[{j}]"),
+                            "needs exactly one of subject and subject_regex".into(),
+                        ))
+                    }
+                };
+                identities.push(Identity {
+                    issuer: id.issuer.clone(),
+                    subject,
+                });
+            }
+            let root = match &c.trusted_root {
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .map_err(|e| (key("trusted_root"), format!("{}: {e}", path.display())))?,
+                ),
+                None => None,
+            };
+            if c.mode != PolicyMode::Off && keys.is_empty() && identities.is_empty() {
+                return Err((
+                    key("keys"),
+                    "an enforcing or warning policy needs keys or identities".into(),
+                ));
+            }
+            text.extend_from_slice(root.as_deref().unwrap_or_default().as_bytes());
+            let trust = Trust::new(keys, identities, root.as_deref()).map_err(|e| {
+                let k = if e.contains("trusted_root") {
+                    "identities"
+                } else {
+                    "trusted_root"
+                };
+                (key(k), e)
+            })?;
+            let digest = Digest::sha256_of(&text);
+            let generation = u64::from_str_radix(&digest.hex()[..16], 16).unwrap_or_default();
+            list.push(Arc::new(Policy {
+                name: c.name.clone().unwrap_or_else(|| format!("policy-{i}")),
+                pattern: c.pattern.clone(),
+                mode: c.mode,
+                trust,
+                generation,
+            }));
+        }
+        Ok(Policies { list })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub fn list(&self) -> &[Arc<Policy>] {
+        &self.list
+    }
+
+    /// The most specific policy whose pattern matches `<upstream>/<repo>`.
+    pub fn governing(&self, upstream: &str, repo: &str) -> Option<&Arc<Policy>> {
+        let name = format!("{upstream}/{repo}");
+        self.list
+            .iter()
+            .filter(|p| crate::inventory::glob_match(&p.pattern, &name))
+            .max_by_key(|p| p.specificity())
+    }
+}
+
+/// A manifest that passed, and by whom.
+struct Passed {
+    signer: String,
+    /// Whether its config and layers were admitted (once, on its first use).
+    blobs_admitted: AtomicBool,
+}
+
+/// What a policy decided for one request, for its access-log field and the status page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Verified,
+    Warned,
+    Denied,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Verified => "verified",
+            Decision::Warned => "warned",
+            Decision::Denied => "denied",
+        }
+    }
+}
+
+/// The policies in force (replaced whole on a reload) and what they decided.
+pub struct Gate {
+    policies: RwLock<Arc<Policies>>,
+    /// Quick test for the common case of no policy at all.
+    any: AtomicBool,
+    passed: moka::sync::Cache<(Digest, u64), Arc<Passed>>,
+    refused: moka::sync::Cache<(Digest, u64), Refusal>,
+    blobs: moka::sync::Cache<(Digest, u64), ()>,
+    flights: crate::single_flight::SingleFlight<(Digest, u64), Result<String, Refusal>>,
+}
+
+impl Gate {
+    pub fn new(policies: Policies) -> Gate {
+        Gate {
+            any: AtomicBool::new(!policies.is_empty()),
+            policies: RwLock::new(Arc::new(policies)),
+            passed: moka::sync::Cache::new(1 << 20),
+            refused: moka::sync::Cache::builder()
+                .max_capacity(1 << 16)
+                .time_to_live(REFUSAL_TTL)
+                .build(),
+            blobs: moka::sync::Cache::new(1 << 22),
+            flights: Default::default(),
+        }
+    }
+
+    pub fn policies(&self) -> Arc<Policies> {
+        self.policies.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts new policies in force; verdicts of unchanged policies stay valid (same
+    /// generation), the others are judged afresh.
+    pub fn replace(&self, policies: Policies) {
+        self.any.store(!policies.is_empty(), Ordering::Relaxed);
+        *self.policies.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policies);
+        self.refused.invalidate_all();
+    }
+
+    fn governing(&self, target: &Target) -> Option<Arc<Policy>> {
+        if !self.any.load(Ordering::Relaxed) {
+            return None;
+        }
+        let policies = self.policies();
+        policies
+            .governing(&target.upstream.name, target.repo.as_str())
+            .filter(|p| p.mode != PolicyMode::Off)
+            .cloned()
+    }
+}
+
+/// The outcome of a check, as a manifest response reports it.
+pub struct Admission {
+    pub decision: Decision,
+    /// `verified by key cosign.pub (policy library)` and the like.
+    pub detail: String,
+}
+
+impl Proxy {
+    /// Whether `manifest`, asked for under `target`, may be served under the policy that
+    /// governs the target. `Ok(None)`: no policy applies.
+    pub async fn admit_manifest(&self, target: &Target, manifest: &Arc<Manifest>) -> Result<Option<Admission>, Error> {
+        let Some(policy) = self.gate.governing(target) else {
+            return Ok(None);
+        };
+        let key = (manifest.digest.clone(), policy.generation);
+        let verdict = match self.gate.passed.get(&key) {
+            Some(passed) => Ok(passed),
+            None => match self.gate.refused.get(&key) {
+                Some(refusal) => Err(refusal),
+                None => self.judge(target, &policy, manifest).await,
+            },
+        };
+        match verdict {
+            Ok(passed) => {
+                if !passed.blobs_admitted.swap(true, Ordering::Relaxed) {
+                    self.admit_parts(&policy, manifest);
+                }
+                self.metrics
+                    .policy_decisions
+                    .with_label_values(&[&policy.name, "verified", ""])
+                    .inc();
+                Ok(Some(Admission {
+                    decision: Decision::Verified,
+                    detail: format!("verified: {} (policy {})", passed.signer, policy.name),
+                }))
+            }
+            Err(refusal) => self.refuse(
+                &policy,
+                target,
+                &format!("{}@{}", target.repo, manifest.digest),
+                &refusal,
+            ),
+        }
+    }
+
+    /// Whether blob `digest` may be served under `target`'s policy: only as part of a
+    /// manifest that passed it.
+    pub fn admit_blob(&self, target: &Target, digest: &Digest) -> Result<Option<Admission>, Error> {
+        let Some(policy) = self.gate.governing(target) else {
+            return Ok(None);
+        };
+        if self.gate.blobs.contains_key(&(digest.clone(), policy.generation)) {
+            self.metrics
+                .policy_decisions
+                .with_label_values(&[&policy.name, "verified", ""])
+                .inc();
+            return Ok(Some(Admission {
+                decision: Decision::Verified,
+                detail: String::new(),
+            }));
+        }
+        let refusal = Refusal::NoSignature;
+        let what =
+            format!("blob {digest} (no manifest that passed lists it; pull the image by its tag or digest first)");
+        self.refuse(&policy, target, &what, &refusal).map(|a| {
+            a.map(|mut a| {
+                a.detail.clear();
+                a
+            })
+        })
+    }
+
+    fn refuse(
+        &self,
+        policy: &Policy,
+        target: &Target,
+        what: &str,
+        refusal: &Refusal,
+    ) -> Result<Option<Admission>, Error> {
+        let message = format!(
+            "policy {:?} refuses {}/{what}: {refusal}",
+            policy.name, target.upstream.name
+        );
+        match policy.mode {
+            PolicyMode::Warn => {
+                self.metrics
+                    .policy_decisions
+                    .with_label_values(&[&policy.name, "warned", refusal.reason()])
+                    .inc();
+                tracing::warn!(policy = %policy.name, reason = refusal.reason(), "{message} (mode warn: served)");
+                Ok(Some(Admission {
+                    decision: Decision::Warned,
+                    detail: format!("warned: {refusal} (policy {})", policy.name),
+                }))
+            }
+            _ => {
+                self.metrics
+                    .policy_decisions
+                    .with_label_values(&[&policy.name, "denied", refusal.reason()])
+                    .inc();
+                tracing::info!(policy = %policy.name, reason = refusal.reason(), "{message}");
+                Err(Error::Denied(message))
+            }
+        }
+    }
+
+    /// Verifies a manifest not judged yet (one flight per (digest, policy)) and keeps the
+    /// verdict.
+    async fn judge(
+        &self,
+        target: &Target,
+        policy: &Arc<Policy>,
+        manifest: &Arc<Manifest>,
+    ) -> Result<Arc<Passed>, Refusal> {
+        let key = (manifest.digest.clone(), policy.generation);
+        let verdict = self
+            .gate
+            .flights
+            .run(key.clone(), || async {
+                // The signatures' own fetches are not what the client's request did.
+                let outer = crate::proxy::current_lookup_result();
+                let verdict = self.verify(target, policy, manifest).await;
+                crate::proxy::restore_lookup_result(outer);
+                verdict
+            })
+            .await;
+        match verdict {
+            Ok(signer) => {
+                let passed = Arc::new(Passed {
+                    signer,
+                    blobs_admitted: AtomicBool::new(false),
+                });
+                // Another flight may already have admitted it.
+                Ok(self.gate.passed.entry(key).or_insert(passed).into_value())
+            }
+            Err(refusal) => {
+                self.gate.refused.insert(key, refusal.clone());
+                Err(refusal)
+            }
+        }
+    }
+
+    async fn verify(&self, target: &Target, policy: &Arc<Policy>, manifest: &Arc<Manifest>) -> Result<String, Refusal> {
+        let doc: serde_json::Value = serde_json::from_slice(&manifest.bytes).unwrap_or_default();
+        if is_attachment(&doc) {
+            return Ok("an attachment (signature, attestation or SBOM)".into());
+        }
+        let digest = &manifest.digest;
+        let (found, unavailable) = self.signatures_of(target, policy, digest).await;
+        if found.is_empty() {
+            return Err(match unavailable {
+                Some(why) => Refusal::Untrusted(format!("no signature could be fetched ({why})")),
+                None => Refusal::NoSignature,
+            });
+        }
+        let (policy2, digest2) = (policy.clone(), digest.clone());
+        let verdict = tokio::task::spawn_blocking(move || {
+            let mut best: Option<Refusal> = None;
+            for sig in &found {
+                let checked = match sig {
+                    Found::SimpleSigning { payload, annotations } => policy2
+                        .trust
+                        .verify(&Signature::SimpleSigning { payload, annotations }, &digest2),
+                    Found::Bundle(json) => policy2.trust.verify(&Signature::Bundle(json), &digest2),
+                };
+                match checked {
+                    Ok(signer) => return Ok(signer),
+                    Err(r) => {
+                        if best.as_ref().is_none_or(|b| r.weight() > b.weight()) {
+                            best = Some(r);
+                        }
+                    }
+                }
+            }
+            Err(best.unwrap_or(Refusal::NoSignature))
+        })
+        .await
+        .unwrap_or_else(|e| Err(Refusal::Malformed(format!("verification failed: {e}"))))?;
+        // An index that passed vouches for the manifests it lists.
+        if let Some(children) = doc["manifests"].as_array() {
+            for child in children
+                .iter()
+                .filter_map(|c| c["digest"].as_str()?.parse::<Digest>().ok())
+            {
+                let passed = Arc::new(Passed {
+                    signer: format!("listed by {digest}, {verdict}"),
+                    blobs_admitted: AtomicBool::new(false),
+                });
+                self.gate.passed.insert((child, policy.generation), passed);
+            }
+        }
+        Ok(verdict)
+    }
+
+    /// Admits the config and layers of a manifest that passed.
+    fn admit_parts(&self, policy: &Policy, manifest: &Manifest) {
+        let doc: serde_json::Value = serde_json::from_slice(&manifest.bytes).unwrap_or_default();
+        let layers = doc["layers"].as_array().into_iter().flatten();
+        for part in std::iter::once(&doc["config"]).chain(layers) {
+            if let Some(d) = part["digest"].as_str().and_then(|d| d.parse::<Digest>().ok()) {
+                self.gate.blobs.insert((d, policy.generation), ());
+            }
+        }
+    }
+
+    /// The signatures of `digest` in `target`'s repository, fetched through the cache:
+    /// the legacy `.sig` tag's layers and the Sigstore bundles among its referrers. The
+    /// second value says why some could not be fetched.
+    async fn signatures_of(&self, target: &Target, policy: &Policy, digest: &Digest) -> (Vec<Found>, Option<String>) {
+        let mut found = Vec::new();
+        let mut unavailable = None;
+        let tag = Reference::Tag(format!("{}-{}.sig", digest.algorithm().name(), digest.hex()));
+        match self.manifest(target, &tag, AcceptSet::ALL).await {
+            Ok(answer) => {
+                // The signature manifest and its layers are what a client checks, too.
+                self.admit_parts(policy, &answer.manifest);
+                let doc: serde_json::Value = serde_json::from_slice(&answer.manifest.bytes).unwrap_or_default();
+                for layer in doc["layers"].as_array().into_iter().flatten() {
+                    if layer["mediaType"] != SIMPLE_SIGNING_TYPE {
+                        continue;
+                    }
+                    let Some(d) = layer["digest"].as_str().and_then(|d| d.parse::<Digest>().ok()) else {
+                        continue;
+                    };
+                    match self.small_blob(target, &d).await {
+                        Ok(payload) => found.push(Found::SimpleSigning {
+                            payload,
+                            annotations: layer["annotations"].as_object().cloned().unwrap_or_default(),
+                        }),
+                        Err(e) => unavailable = Some(e.to_string()),
+                    }
+                }
+            }
+            Err(Error::ManifestUnknown(_)) => {}
+            Err(e) => unavailable = Some(e.to_string()),
+        }
+        match self.referrers(target, digest, Some(BUNDLE_TYPE)).await {
+            Ok(answer) => {
+                let doc: serde_json::Value = serde_json::from_slice(&answer.manifest.bytes).unwrap_or_default();
+                for referrer in doc["manifests"].as_array().into_iter().flatten() {
+                    if referrer["artifactType"] != BUNDLE_TYPE {
+                        continue;
+                    }
+                    let Some(d) = referrer["digest"].as_str().and_then(|d| d.parse::<Digest>().ok()) else {
+                        continue;
+                    };
+                    let m = match self.manifest(target, &Reference::Digest(d), AcceptSet::ALL).await {
+                        Ok(m) => m.manifest,
+                        Err(e) => {
+                            unavailable = Some(e.to_string());
+                            continue;
+                        }
+                    };
+                    self.admit_parts(policy, &m);
+                    let doc: serde_json::Value = serde_json::from_slice(&m.bytes).unwrap_or_default();
+                    for layer in doc["layers"].as_array().into_iter().flatten() {
+                        if !layer["mediaType"]
+                            .as_str()
+                            .is_some_and(|t| t.starts_with("application/vnd.dev.sigstore.bundle"))
+                        {
+                            continue;
+                        }
+                        let Some(d) = layer["digest"].as_str().and_then(|d| d.parse::<Digest>().ok()) else {
+                            continue;
+                        };
+                        match self.small_blob(target, &d).await {
+                            Ok(json) => found.push(Found::Bundle(json)),
+                            Err(e) => unavailable = Some(e.to_string()),
+                        }
+                    }
+                }
+            }
+            Err(Error::ManifestUnknown(_) | Error::NameUnknown(_)) => {}
+            Err(e) => unavailable = Some(e.to_string()),
+        }
+        (found, unavailable)
+    }
+
+    /// A small blob's bytes, fetched and verified through the cache like any other.
+    async fn small_blob(&self, target: &Target, digest: &Digest) -> Result<Vec<u8>, Error> {
+        use crate::proxy::BlobAnswer;
+        let (file, progress) = match self.blob(target, digest).await? {
+            BlobAnswer::File { file, progress, .. } => (file, progress),
+            BlobAnswer::PassThrough(_) => return Err(Error::Overloaded("the cache disk cannot take data".into())),
+        };
+        let mut total = None;
+        if let Some(mut progress) = progress {
+            use crate::cache::fill::State;
+            let done = progress
+                .wait_for(|p| matches!(p.state, State::Done | State::Failed(_)))
+                .await
+                .map(|p| (p.total, matches!(p.state, State::Done)));
+            match done {
+                Ok((t, true)) => total = t,
+                _ => return Err(Error::BlobUnknown(digest.to_string())),
+            }
+        }
+        let digest = digest.clone();
+        tokio::task::spawn_blocking(move || {
+            let len = match total {
+                Some(t) => t,
+                None => file.metadata()?.len(),
+            };
+            if len > MAX_SIGNATURE_BYTES {
+                return Err(Error::BadContent {
+                    upstream: String::new(),
+                    message: format!("signature blob {digest} is {len} bytes"),
+                });
+            }
+            let mut bytes = vec![0u8; len as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&*file, &mut bytes, 0)?;
+            if !digest.matches(&bytes) {
+                return Err(Error::BlobUnknown(digest.to_string()));
+            }
+            Ok(bytes)
+        })
+        .await
+        .unwrap_or_else(|e| Err(Error::Overloaded(e.to_string())))
+    }
+}
+
+/// A signature as fetched, owned, for the blocking pool.
+enum Found {
+    SimpleSigning {
+        payload: Vec<u8>,
+        annotations: serde_json::Map<String, serde_json::Value>,
+    },
+    Bundle(Vec<u8>),
+}
+
+/// A manifest that holds only signatures, attestations or SBOMs: nothing to run.
+fn is_attachment(doc: &serde_json::Value) -> bool {
+    if doc.get("manifests").is_some() {
+        return false;
+    }
+    if doc["artifactType"]
+        .as_str()
+        .is_some_and(|t| ATTACHMENT_TYPES.contains(&t))
+    {
+        return true;
+    }
+    match doc["layers"].as_array() {
+        Some(layers) if !layers.is_empty() => layers
+            .iter()
+            .all(|l| l["mediaType"].as_str().is_some_and(|t| ATTACHMENT_TYPES.contains(&t))),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IdentityConfig;
+
+    fn key_file() -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/fixtures/sigstore/cosign-simplesigning/cosign.pub")
+    }
+
+    fn config(pattern: &str, mode: PolicyMode) -> PolicyConfig {
+        PolicyConfig {
+            name: None,
+            pattern: pattern.into(),
+            mode,
+            keys: vec![key_file()],
+            identities: vec![],
+            trusted_root: None,
+        }
+    }
+
+    #[test]
+    fn the_most_specific_policy_governs() {
+        let p = Policies::from_config(&[
+            config("docker.io/*", PolicyMode::Warn),
+            config("docker.io/library/*", PolicyMode::Enforce),
+            config("docker.io/library/busybox", PolicyMode::Off),
+        ])
+        .unwrap();
+        assert_eq!(p.governing("docker.io", "library/alpine").unwrap().name, "policy-1");
+        assert_eq!(p.governing("docker.io", "acme/app").unwrap().name, "policy-0");
+        assert_eq!(p.governing("docker.io", "library/busybox").unwrap().name, "policy-2");
+        assert!(p.governing("ghcr.io", "library/alpine").is_none());
+    }
+
+    #[test]
+    fn bad_policies_name_their_key() {
+        let mut c = config("docker.io/*", PolicyMode::Enforce);
+        c.keys = vec!["/nonexistent/cosign.pub".into()];
+        assert_eq!(Policies::from_config(&[c]).unwrap_err().0, "policy[0].keys[0]");
+        let mut c = config("docker.io/*", PolicyMode::Enforce);
+        c.keys.clear();
+        assert_eq!(Policies::from_config(&[c]).unwrap_err().0, "policy[0].keys");
+        let mut c = config("docker.io/*", PolicyMode::Enforce);
+        c.identities = vec![IdentityConfig {
+            issuer: "https://accounts.google.com".into(),
+            subject: Some("me@example.com".into()),
+            subject_regex: None,
+        }];
+        assert_eq!(Policies::from_config(&[c]).unwrap_err().0, "policy[0].identities");
+        assert_eq!(
+            Policies::from_config(&[config("alpine", PolicyMode::Enforce)])
+                .unwrap_err()
+                .0,
+            "policy[0].match"
+        );
+    }
+
+    #[test]
+    fn a_changed_policy_has_a_new_generation() {
+        let a = Policies::from_config(&[config("docker.io/*", PolicyMode::Enforce)]).unwrap();
+        let b = Policies::from_config(&[config("docker.io/*", PolicyMode::Enforce)]).unwrap();
+        let c = Policies::from_config(&[config("docker.io/*", PolicyMode::Warn)]).unwrap();
+        assert_eq!(a.list[0].generation, b.list[0].generation);
+        assert_ne!(a.list[0].generation, c.list[0].generation);
+    }
+
+    #[test]
+    fn only_signature_and_attestation_manifests_are_attachments() {
+        let sig = serde_json::json!({"layers": [{"mediaType": SIMPLE_SIGNING_TYPE}]});
+        let bundle = serde_json::json!({"artifactType": BUNDLE_TYPE, "layers": [{"mediaType": BUNDLE_TYPE}]});
+        let image = serde_json::json!({"layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip"}, {"mediaType": SIMPLE_SIGNING_TYPE}]});
+        let empty = serde_json::json!({"layers": []});
+        let index = serde_json::json!({"manifests": [], "artifactType": BUNDLE_TYPE});
+        assert!(is_attachment(&sig) && is_attachment(&bundle));
+        assert!(!is_attachment(&image) && !is_attachment(&empty) && !is_attachment(&index));
+    }
+}

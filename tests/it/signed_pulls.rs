@@ -1,0 +1,599 @@
+//! Signature policy on pulls: images signed here in exactly cosign's formats with keys made
+//! for the test, and a real cosign-signed manifest from the shared fixtures, served by the
+//! fake upstream; regcache must serve what the policy's trust signed, refuse the rest with
+//! `403 DENIED` naming why, keep its verdicts, work offline and take a reload.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use ring::signature::KeyPair as _;
+
+use crate::fake_upstream::FakeUpstream;
+use crate::harness::{get, get_with, random_bytes, sha256, upstream_toml, Process, TestProxy};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const SIMPLE_SIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
+const ACCEPT: (&str, &str) = (
+    "accept",
+    "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+);
+
+/// A cosign key pair made for one test.
+pub struct CosignKey {
+    pair: ring::signature::EcdsaKeyPair,
+}
+
+impl CosignKey {
+    pub fn generate() -> CosignKey {
+        let rng = ring::rand::SystemRandom::new();
+        let alg = &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING;
+        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).expect("key generated");
+        CosignKey {
+            pair: ring::signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).expect("key parsed"),
+        }
+    }
+
+    /// `cosign.pub`: the public key as PEM SubjectPublicKeyInfo.
+    pub fn public_pem(&self) -> String {
+        const P256_SPKI: [u8; 26] = [
+            0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
+            0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+        ];
+        let der = [&P256_SPKI[..], self.pair.public_key().as_ref()].concat();
+        format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(der)
+        )
+    }
+
+    pub fn write(&self, dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, self.public_pem()).expect("key written");
+        path
+    }
+
+    fn sign(&self, bytes: &[u8]) -> String {
+        let rng = ring::rand::SystemRandom::new();
+        let sig = self.pair.sign(&rng, bytes).expect("signed");
+        base64::engine::general_purpose::STANDARD.encode(sig.as_ref())
+    }
+
+    /// cosign's legacy signature of `signed` (a manifest digest): the simple-signing payload,
+    /// its config, and the `.sig` manifest with the signature annotation.
+    pub fn legacy_signature(&self, reference: &str, signed: &str) -> LegacySignature {
+        let payload = serde_json::to_vec(&serde_json::json!({
+            "critical": {
+                "identity": {"docker-reference": reference},
+                "image": {"docker-manifest-digest": signed},
+                "type": "cosign container image signature",
+            },
+            "optional": null,
+        }))
+        .unwrap();
+        let payload_digest = sha256(&payload);
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "", "os": "", "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [payload_digest]},
+        }))
+        .unwrap();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": sha256(&config)},
+            "layers": [{
+                "mediaType": SIMPLE_SIGNING, "size": payload.len(), "digest": payload_digest,
+                "annotations": {"dev.cosignproject.cosign/signature": self.sign(&payload)},
+            }],
+        }))
+        .unwrap();
+        LegacySignature {
+            tag: sig_tag(signed),
+            manifest,
+            blobs: vec![config, payload],
+        }
+    }
+}
+
+pub struct LegacySignature {
+    pub tag: String,
+    pub manifest: Vec<u8>,
+    pub blobs: Vec<Vec<u8>>,
+}
+
+/// cosign's tag for the signatures of `digest`.
+pub fn sig_tag(digest: &str) -> String {
+    format!("{}.sig", digest.replace(':', "-"))
+}
+
+/// Publishes `signature` beside the image in `repo`.
+fn publish(up: &FakeUpstream, repo: &str, signature: &LegacySignature) {
+    for blob in &signature.blobs {
+        up.add_blob(blob);
+    }
+    up.add_manifest(repo, &signature.tag, OCI_MANIFEST, &signature.manifest);
+}
+
+/// An image at `repo:tag` over fresh blobs; returns (manifest digest, blob digests).
+fn image(up: &FakeUpstream, repo: &str, tag: &str, seed: u64) -> (String, Vec<String>) {
+    let config = format!("{{\"seed\":{seed}}}").into_bytes();
+    let layer = random_bytes(10_000, seed);
+    let (c, l) = (up.add_blob(&config), up.add_blob(&layer));
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": c},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": layer.len(), "digest": l}],
+    }))
+    .unwrap();
+    (up.add_manifest(repo, tag, OCI_MANIFEST, &manifest), vec![c, l])
+}
+
+fn policy_toml(mode: &str, keys: &[&Path]) -> String {
+    let keys: Vec<String> = keys.iter().map(|k| format!("{:?}", k.display().to_string())).collect();
+    format!(
+        "[[policy]]\nname = \"library\"\nmatch = \"docker.io/library/*\"\nmode = \"{mode}\"\nkeys = [{}]\n",
+        keys.join(", ")
+    )
+}
+
+async fn proxy_with(up: &FakeUpstream, dir: &Path, tag_ttl: &str, policy: &str) -> TestProxy {
+    TestProxy::start_sections(
+        &dir.join("cache"),
+        "",
+        "",
+        policy,
+        &upstream_toml("docker.io", &up.url(), true, tag_ttl),
+    )
+    .await
+}
+
+fn denial(reply: &crate::harness::Reply) -> String {
+    assert_eq!(reply.status, 403, "expected a denial, got {reply:?}");
+    assert_eq!(reply.error_code(), "DENIED");
+    reply.json()["errors"][0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn an_enforcing_policy_serves_what_its_key_signed_and_denies_the_rest_naming_why() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (CosignKey::generate(), CosignKey::generate());
+    let key = ours.write(dir.path(), "cosign.pub");
+
+    let (signed, signed_blobs) = image(&up, "library/signed", "1", 1);
+    publish(
+        &up,
+        "library/signed",
+        &ours.legacy_signature("docker.io/library/signed:1", &signed),
+    );
+    let (unsigned, unsigned_blobs) = image(&up, "library/unsigned", "1", 2);
+    let (other, _) = image(&up, "library/otherkey", "1", 3);
+    publish(
+        &up,
+        "library/otherkey",
+        &theirs.legacy_signature("docker.io/library/otherkey:1", &other),
+    );
+    // A valid signature by our key, of another digest, stored as this image's.
+    let (swapped, _) = image(&up, "library/swapped", "1", 4);
+    let mut lie = ours.legacy_signature("docker.io/library/signed:1", &signed);
+    lie.tag = sig_tag(&swapped);
+    publish(&up, "library/swapped", &lie);
+    let (elsewhere, _) = image(&up, "acme/app", "1", 5);
+
+    let proxy = proxy_with(&up, dir.path(), "5m", &policy_toml("enforce", &[&key])).await;
+    let ok = get_with(&proxy.url("/v2/library/signed/manifests/1"), &[ACCEPT]).await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(sha256(ok.bytes()), signed);
+    let said = ok.header("x-regcache-policy").unwrap_or_default().to_owned();
+    assert!(said.contains("key cosign.pub") && said.contains("library"), "{said}");
+    for blob in &signed_blobs {
+        let r = get(&proxy.url(&format!("/v2/library/signed/blobs/{blob}"))).await;
+        assert_eq!(r.status, 200, "blob {blob} of the signed image");
+    }
+    let by_digest = get_with(&proxy.url(&format!("/v2/library/signed/manifests/{signed}")), &[ACCEPT]).await;
+    assert_eq!(by_digest.status, 200);
+
+    let m = denial(&get_with(&proxy.url("/v2/library/unsigned/manifests/1"), &[ACCEPT]).await);
+    assert!(
+        m.contains("policy \"library\"") && m.contains("no signature") && m.contains(&unsigned),
+        "{m}"
+    );
+    let m = denial(&get(&proxy.url(&format!("/v2/library/unsigned/blobs/{}", unsigned_blobs[1]))).await);
+    assert!(m.contains("no manifest that passed"), "{m}");
+    let m = denial(&get_with(&proxy.url("/v2/library/otherkey/manifests/1"), &[ACCEPT]).await);
+    assert!(m.contains("bad signature"), "{m}");
+    let m = denial(&get_with(&proxy.url("/v2/library/swapped/manifests/1"), &[ACCEPT]).await);
+    assert!(m.contains("digest mismatch") && m.contains(&signed), "{m}");
+    // Outside the policy's pattern nothing is checked.
+    let free = get_with(&proxy.url("/v2/acme/app/manifests/1"), &[ACCEPT]).await;
+    assert_eq!((free.status.as_u16(), sha256(free.bytes())), (200, elsewhere));
+    assert!(free.header("x-regcache-policy").is_none());
+
+    // Verdicts are kept: pulling again asks the upstream for no signature.
+    let sig_gets = up.count("GET", &sig_tag(&signed));
+    assert_eq!(sig_gets, 1);
+    for _ in 0..3 {
+        assert_eq!(
+            get_with(&proxy.url("/v2/library/signed/manifests/1"), &[ACCEPT])
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(up.count("GET", &sig_tag(&signed)), sig_gets);
+    assert_eq!(
+        proxy.metric("regcache_policy_decisions_total{decision=\"verified\",policy=\"library\",reason=\"\"}"),
+        7.0
+    );
+    for (reason, n) in [("no_signature", 2.0), ("bad_signature", 1.0), ("digest_mismatch", 1.0)] {
+        let sample =
+            format!("regcache_policy_decisions_total{{decision=\"denied\",policy=\"library\",reason=\"{reason}\"}}");
+        assert_eq!(proxy.metric(&sample), n, "{sample}");
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_tag_moved_to_an_unsigned_digest_is_denied_while_the_signed_digest_still_pulls() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ours = CosignKey::generate();
+    let key = ours.write(dir.path(), "cosign.pub");
+    let (signed, _) = image(&up, "library/app", "latest", 1);
+    publish(
+        &up,
+        "library/app",
+        &ours.legacy_signature("docker.io/library/app:latest", &signed),
+    );
+    let proxy = proxy_with(&up, dir.path(), "0s", &policy_toml("enforce", &[&key])).await;
+    assert_eq!(
+        get_with(&proxy.url("/v2/library/app/manifests/latest"), &[ACCEPT])
+            .await
+            .status,
+        200
+    );
+
+    // The tag is hijacked: it now names content nobody signed.
+    let (hijacked, _) = image(&up, "library/app", "latest", 2);
+    let m = denial(&get_with(&proxy.url("/v2/library/app/manifests/latest"), &[ACCEPT]).await);
+    assert!(m.contains(&hijacked) && m.contains("no signature"), "{m}");
+    let old = get_with(&proxy.url(&format!("/v2/library/app/manifests/{signed}")), &[ACCEPT]).await;
+    assert_eq!((old.status.as_u16(), sha256(old.bytes())), (200, signed));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_index_signed_at_the_top_admits_every_platform_and_its_blobs() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ours = CosignKey::generate();
+    let key = ours.write(dir.path(), "cosign.pub");
+    let (amd, amd_blobs) = image(&up, "library/multi", "amd64", 1);
+    let (arm, arm_blobs) = image(&up, "library/multi", "arm64", 2);
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {"mediaType": OCI_MANIFEST, "size": 1, "digest": amd, "platform": {"os": "linux", "architecture": "amd64"}},
+            {"mediaType": OCI_MANIFEST, "size": 1, "digest": arm, "platform": {"os": "linux", "architecture": "arm64"}},
+        ],
+    }))
+    .unwrap();
+    let index_digest = up.add_manifest("library/multi", "1", OCI_INDEX, &index);
+    publish(
+        &up,
+        "library/multi",
+        &ours.legacy_signature("docker.io/library/multi:1", &index_digest),
+    );
+    let proxy = proxy_with(&up, dir.path(), "5m", &policy_toml("enforce", &[&key])).await;
+
+    assert_eq!(
+        get_with(&proxy.url("/v2/library/multi/manifests/1"), &[ACCEPT])
+            .await
+            .status,
+        200
+    );
+    for (platform, blobs) in [(&amd, &amd_blobs), (&arm, &arm_blobs)] {
+        let r = get_with(
+            &proxy.url(&format!("/v2/library/multi/manifests/{platform}")),
+            &[ACCEPT],
+        )
+        .await;
+        assert_eq!(r.status, 200, "platform manifest {platform}");
+        assert!(r
+            .header("x-regcache-policy")
+            .unwrap_or_default()
+            .contains(&index_digest));
+        for blob in blobs {
+            assert_eq!(
+                get(&proxy.url(&format!("/v2/library/multi/blobs/{blob}"))).await.status,
+                200
+            );
+        }
+    }
+    // Only the index's signature was looked for.
+    assert_eq!(up.count("GET", &sig_tag(&amd)), 0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn warn_serves_unsigned_images_and_counts_them() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = CosignKey::generate().write(dir.path(), "cosign.pub");
+    let (unsigned, blobs) = image(&up, "library/unsigned", "1", 1);
+    let proxy = proxy_with(&up, dir.path(), "5m", &policy_toml("warn", &[&key])).await;
+    let r = get_with(&proxy.url("/v2/library/unsigned/manifests/1"), &[ACCEPT]).await;
+    assert_eq!((r.status.as_u16(), sha256(r.bytes())), (200, unsigned));
+    assert!(r
+        .header("x-regcache-policy")
+        .unwrap_or_default()
+        .starts_with("warned: no signature"));
+    assert_eq!(
+        get(&proxy.url(&format!("/v2/library/unsigned/blobs/{}", blobs[0])))
+            .await
+            .status,
+        200
+    );
+    let warned = "regcache_policy_decisions_total{decision=\"warned\",policy=\"library\",reason=\"no_signature\"}";
+    assert_eq!(proxy.metric(warned), 2.0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn verification_works_offline_from_what_the_cache_holds() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ours = CosignKey::generate();
+    let key = ours.write(dir.path(), "cosign.pub");
+    let (signed, blobs) = image(&up, "library/signed", "1", 1);
+    publish(
+        &up,
+        "library/signed",
+        &ours.legacy_signature("docker.io/library/signed:1", &signed),
+    );
+    let (unsigned, _) = image(&up, "library/unsigned", "1", 2);
+    let policy = policy_toml("enforce", &[&key]);
+    let proxy = proxy_with(&up, dir.path(), "5m", &policy).await;
+    assert_eq!(
+        get_with(&proxy.url("/v2/library/signed/manifests/1"), &[ACCEPT])
+            .await
+            .status,
+        200
+    );
+    for blob in &blobs {
+        assert_eq!(
+            get(&proxy.url(&format!("/v2/library/signed/blobs/{blob}")))
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        get_with(&proxy.url("/v2/library/unsigned/manifests/1"), &[ACCEPT])
+            .await
+            .status,
+        403
+    );
+    proxy.stop().await;
+
+    // A new process with no upstream: the signature is judged again, from the cache.
+    let before = up.total_requests();
+    let offline = TestProxy::start_sections(
+        &dir.path().join("cache"),
+        "",
+        "",
+        &policy,
+        &format!("{}offline = true\n", upstream_toml("docker.io", &up.url(), true, "5m")),
+    )
+    .await;
+    let r = get_with(&offline.url("/v2/library/signed/manifests/1"), &[ACCEPT]).await;
+    assert_eq!((r.status.as_u16(), sha256(r.bytes())), (200, signed.clone()));
+    assert!(r
+        .header("x-regcache-policy")
+        .unwrap_or_default()
+        .contains("key cosign.pub"));
+    for blob in &blobs {
+        assert_eq!(
+            get(&offline.url(&format!("/v2/library/signed/blobs/{blob}")))
+                .await
+                .status,
+            200
+        );
+    }
+    let m = denial(
+        &get_with(
+            &offline.url(&format!("/v2/library/unsigned/manifests/{unsigned}")),
+            &[ACCEPT],
+        )
+        .await,
+    );
+    assert!(m.contains("no signature"), "{m}");
+    assert_eq!(up.total_requests(), before, "an offline mirror asked its upstream");
+    offline.stop().await;
+}
+
+#[tokio::test]
+async fn a_bundle_among_the_referrers_is_fetched_and_judged() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ours = CosignKey::generate();
+    let key = ours.write(dir.path(), "cosign.pub");
+    let (subject, _) = image(&up, "library/bundled", "1", 1);
+    // A DSSE bundle by our key in cosign v3's shape, but with no transparency-log entry or
+    // timestamp: Sigstore refuses it, and the denial must say so (not "no signature").
+    let statement = serde_json::json!({
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": "docker.io/library/bundled", "digest": {"sha256": subject.trim_start_matches("sha256:")}}],
+        "predicateType": "https://sigstore.dev/cosign/sign/v1",
+        "predicate": {},
+    })
+    .to_string();
+    let t = "application/vnd.in-toto+json";
+    let pae = format!("DSSEv1 {} {t} {} {statement}", t.len(), statement.len());
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let bundle = serde_json::to_vec(&serde_json::json!({
+        "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+        "verificationMaterial": {"publicKey": {"hint": "ours"}, "tlogEntries": []},
+        "dsseEnvelope": {"payload": b64.encode(&statement), "payloadType": t,
+            "signatures": [{"sig": ours.sign(pae.as_bytes()), "keyid": ""}]},
+    }))
+    .unwrap();
+    let empty = b"{}".to_vec();
+    let (bundle_digest, empty_digest) = (up.add_blob(&bundle), up.add_blob(&empty));
+    let bundle_type = "application/vnd.dev.sigstore.bundle.v0.3+json";
+    let referrer = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": bundle_type,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "size": 2, "digest": empty_digest},
+        "layers": [{"mediaType": bundle_type, "size": bundle.len(), "digest": bundle_digest}],
+        "subject": {"mediaType": OCI_MANIFEST, "size": 1, "digest": subject},
+    }))
+    .unwrap();
+    let referrer_digest = up.add_manifest("library/bundled", "bundle-holder", OCI_MANIFEST, &referrer);
+    up.add_referrer(
+        "library/bundled",
+        &subject,
+        serde_json::json!({"mediaType": OCI_MANIFEST, "size": referrer.len(), "digest": referrer_digest, "artifactType": bundle_type}),
+    );
+    let proxy = proxy_with(&up, dir.path(), "5m", &policy_toml("enforce", &[&key])).await;
+    let m = denial(&get_with(&proxy.url("/v2/library/bundled/manifests/1"), &[ACCEPT]).await);
+    assert!(m.contains("malformed signature") && m.contains("tlog entry"), "{m}");
+    assert_eq!(up.count("GET", &format!("/blobs/{bundle_digest}")), 1);
+
+    // A valid legacy signature beside it: any valid signature passes.
+    publish(&up, "library/bundled", &ours.legacy_signature("x", &subject));
+    let again = TestProxy::start_sections(
+        &dir.path().join("cache2"),
+        "",
+        "",
+        &policy_toml("enforce", &[&key]),
+        &upstream_toml("docker.io", &up.url(), true, "5m"),
+    )
+    .await;
+    assert_eq!(
+        get_with(&again.url("/v2/library/bundled/manifests/1"), &[ACCEPT])
+            .await
+            .status,
+        200
+    );
+    again.stop().await;
+    proxy.stop().await;
+}
+
+/// The shared fixtures' real cosign-signed manifest (containers/image's
+/// `dir-img-cosign-valid`), with its real signature as a `.sig` manifest.
+fn publish_real_fixture(up: &FakeUpstream) -> String {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/sigstore/cosign-simplesigning/dir-img-cosign-valid");
+    let manifest = std::fs::read(dir.join("manifest.json")).expect("fixture manifest");
+    let media_type = serde_json::from_slice::<serde_json::Value>(&manifest).unwrap()["mediaType"]
+        .as_str()
+        .unwrap_or(OCI_MANIFEST)
+        .to_owned();
+    let digest = up.add_manifest("library/cosign-signed", "latest", &media_type, &manifest);
+    let payload = std::fs::read(dir.join("payload.json")).unwrap();
+    let signature = std::fs::read_to_string(dir.join("signature.b64")).unwrap();
+    let config = b"{}".to_vec();
+    let sig_manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": 2, "digest": up.add_blob(&config)},
+        "layers": [{"mediaType": SIMPLE_SIGNING, "size": payload.len(), "digest": up.add_blob(&payload),
+            "annotations": {"dev.cosignproject.cosign/signature": signature}}],
+    }))
+    .unwrap();
+    up.add_manifest("library/cosign-signed", &sig_tag(&digest), OCI_MANIFEST, &sig_manifest);
+    digest
+}
+
+#[tokio::test]
+async fn a_real_cosign_signed_manifest_passes_under_its_key_and_fails_under_the_other() {
+    let up = FakeUpstream::start().await;
+    let digest = publish_real_fixture(&up);
+    let keys = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/sigstore/cosign-simplesigning");
+    let accept = (
+        "accept",
+        "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json",
+    );
+    for (key, expect) in [("cosign.pub", 200), ("cosign2.pub", 403)] {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = proxy_with(&up, dir.path(), "5m", &policy_toml("enforce", &[&keys.join(key)])).await;
+        let r = get_with(&proxy.url("/v2/library/cosign-signed/manifests/latest"), &[accept]).await;
+        assert_eq!(r.status, expect, "under {key}: {r:?}");
+        if expect == 200 {
+            assert_eq!(sha256(r.bytes()), digest);
+        } else {
+            assert!(denial(&r).contains("bad signature"));
+        }
+        proxy.stop().await;
+    }
+}
+
+/// The binary: `[[policy]]` edits take effect on SIGHUP.
+#[tokio::test]
+async fn a_policy_change_takes_effect_on_sighup() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = CosignKey::generate().write(dir.path(), "cosign.pub");
+    image(&up, "library/unsigned", "1", 1);
+    let config = crate::harness::write_process_config(dir.path(), &up.url(), "", "");
+    let base = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{base}{}", policy_toml("warn", &[&key]))).unwrap();
+    let server = Process::start_with_config(&config);
+    let url = server.url("/v2/library/unsigned/manifests/1");
+    assert_eq!(get_with(&url, &[ACCEPT]).await.status, 200);
+
+    std::fs::write(&config, format!("{base}{}", policy_toml("enforce", &[&key]))).unwrap();
+    server.signal("HUP");
+    let mut status = 200;
+    let started = std::time::Instant::now();
+    while status != 403 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the reload never took effect"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        status = get_with(&url, &[ACCEPT]).await.status.as_u16();
+    }
+    std::fs::write(&config, format!("{base}{}", policy_toml("off", &[&key]))).unwrap();
+    server.signal("HUP");
+    let mut status = 403;
+    let started = std::time::Instant::now();
+    while status != 200 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the last reload never took effect"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        status = get_with(&url, &[ACCEPT]).await.status.as_u16();
+    }
+}
+
+/// `check-config` names a bad policy's key.
+#[test]
+fn check_config_names_a_bad_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "[[policy]]\nmatch = \"docker.io/library/*\"\nkeys = [\"/nonexistent/cosign.pub\"]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("policy[0].keys[0]") && err.contains("/nonexistent/cosign.pub"),
+        "{err}"
+    );
+}
