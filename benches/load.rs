@@ -11,7 +11,7 @@
 //! Knobs (environment):
 //! - `BENCH_QUICK=1`: 64 MiB blob, 1 run, 10 000 startup blobs, short wrk runs;
 //! - `BENCH_RUNS=N`: runs per measure (default 3, or 1 with `BENCH_QUICK`);
-//! - `BENCH_ONLY=blob,manifest,pull,herd,commit,airgap,startup`: a subset of the phases;
+//! - `BENCH_ONLY=blob,manifest,policy,pull,herd,commit,airgap,startup`: a subset of the phases;
 //! - `BENCH_BLOB_MIB`, `BENCH_STARTUP_BLOBS`, `BENCH_SECS` (wrk seconds per run);
 //! - `BENCH_DIR`: where the data goes (default `/dev/shm`, else the target dir);
 //! - `BENCH_ACCESS_LOG=0`: no per-request logging in any server (default: as shipped);
@@ -92,7 +92,7 @@ impl Settings {
         let blob_size = env_num("BENCH_BLOB_MIB").unwrap_or(if quick { 64 } else { 512 }) * MIB;
         let startup_blobs = env_num("BENCH_STARTUP_BLOBS").unwrap_or(if quick { 10_000 } else { 100_000 }) as usize;
         let secs = env_num("BENCH_SECS");
-        let all = ["blob", "manifest", "pull", "herd", "commit", "airgap", "startup"];
+        let all = ["blob", "manifest", "policy", "pull", "herd", "commit", "airgap", "startup"];
         let phases: Vec<String> = match std::env::var("BENCH_ONLY") {
             Ok(list) if !list.trim().is_empty() => list
                 .split(',')
@@ -860,6 +860,11 @@ impl Regcache {
     /// Spawns the release binary on 127.0.0.1:0 with cache `cache_dir`; returns once it has
     /// logged its address, with the time from spawn to that line.
     async fn start(config_dir: &Path, cache_dir: &Path, upstream: &str) -> Result<Regcache, String> {
+        Regcache::start_with(config_dir, cache_dir, upstream, "").await
+    }
+
+    /// [`Regcache::start`] with extra config text (whole tables) at the end.
+    async fn start_with(config_dir: &Path, cache_dir: &Path, upstream: &str, extra: &str) -> Result<Regcache, String> {
         std::fs::create_dir_all(config_dir).map_err(|e| e.to_string())?;
         let config = config_dir.join("regcache.toml");
         std::fs::write(
@@ -867,7 +872,7 @@ impl Regcache {
             format!(
                 "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n\
                  [cache]\ndir = \"{}\"\nmax_size = \"20GiB\"\n\
-                 [[upstream]]\nname = \"docker.io\"\nurl = \"{upstream}\"\ndefault = true\ntag_ttl = \"5m\"\n",
+                 [[upstream]]\nname = \"docker.io\"\nurl = \"{upstream}\"\ndefault = true\ntag_ttl = \"5m\"\n{extra}",
                 cache_dir.display()
             ),
         )
@@ -1388,6 +1393,18 @@ fn render_table(results: &Results, settings: &Settings) -> String {
             target: Target::ValueAtMost(64.0, "MiB"),
         },
         Row {
+            measure: "ptag_rps",
+            label: "Warm manifest by tag under an enforcing signature policy (req/s ↑)".into(),
+            decimals: 0,
+            target: Target::RelativeAtLeast("ptag_base_rps", 0.95, "without a policy"),
+        },
+        Row {
+            measure: "ptag_base_rps",
+            label: "The same without a policy, side by side (req/s ↑)".into(),
+            decimals: 0,
+            target: Target::None,
+        },
+        Row {
             measure: "commit_ms",
             label: format!("Cold manifest GET while a {blob} blob commits (ms ↓)"),
             decimals: 1,
@@ -1695,6 +1712,85 @@ async fn wait_stored(root: &Path, digest: &str) {
     }
     // The file appears when the upload is committed; give its scheduler entry a moment.
     tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+/// Signs the bench image in cosign's legacy format with a fresh key; returns the public
+/// key's PEM.
+async fn sign_bench_image(env: &Env) -> Result<String, String> {
+    use base64::Engine as _;
+    use ring::signature::KeyPair as _;
+    let rng = ring::rand::SystemRandom::new();
+    let alg = &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING;
+    let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).map_err(|e| e.to_string())?;
+    let pair = ring::signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).map_err(|e| e.to_string())?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let digest = &env.seeded.manifest_digest;
+    let payload = serde_json::to_vec(&serde_json::json!({"critical": {
+        "identity": {"docker-reference": format!("docker.io/{REPO}")},
+        "image": {"docker-manifest-digest": digest},
+        "type": "cosign container image signature"}, "optional": null}))
+    .map_err(|e| e.to_string())?;
+    let signature = pair.sign(&rng, &payload).map_err(|e| e.to_string())?;
+    let config = Bytes::from_static(b"{}");
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 2, "digest": sha256(&config)},
+        "layers": [{"mediaType": "application/vnd.dev.cosign.simplesigning.v1+json", "size": payload.len(),
+            "digest": sha256(&payload),
+            "annotations": {"dev.cosignproject.cosign/signature": b64.encode(signature.as_ref())}}],
+    }))
+    .map_err(|e| e.to_string())?;
+    push_blob(&env.upstream, config).await?;
+    push_blob(&env.upstream, Bytes::from(payload)).await?;
+    push_manifest(&env.upstream, &format!("{}.sig", digest.replace(':', "-")), &manifest).await?;
+    const P256_SPKI: [u8; 26] = [
+        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce,
+        0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    ];
+    let der = [&P256_SPKI[..], pair.public_key().as_ref()].concat();
+    Ok(format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n", b64.encode(der)))
+}
+
+/// A warm manifest by tag with an enforcing policy (the signature verified once, then a
+/// cached verdict) against the same without a policy, side by side, order rotated per run.
+async fn policy_phase(env: &Env, settings: &Settings, results: &mut Results) -> Result<(), String> {
+    let pem = sign_bench_image(env).await?;
+    let key = env.work.join("cosign.pub");
+    std::fs::write(&key, pem).map_err(|e| e.to_string())?;
+    let policy = format!(
+        "[[policy]]\nname = \"bench\"\nmatch = \"docker.io/library/*\"\nkeys = [{:?}]\n",
+        key.display().to_string()
+    );
+    let plain = Regcache::start(&env.work.join("rc-plain"), &env.work.join("rc-plain/cache"), &env.upstream.url()).await?;
+    let gated = Regcache::start_with(
+        &env.work.join("rc-policy"),
+        &env.work.join("rc-policy/cache"),
+        &env.upstream.url(),
+        &policy,
+    )
+    .await?;
+    let accept = format!("Accept: {DOCKER_MANIFEST}");
+    let accept_h = [("accept", DOCKER_MANIFEST)];
+    for addr in [plain.addr, gated.addr] {
+        let url = format!("http://{addr}/v2/{REPO}/manifests/{TAG}");
+        let (status, _) = get(&url, &accept_h).await?;
+        if status != StatusCode::OK {
+            return Err(format!("warm-up GET {url}: {status}"));
+        }
+    }
+    let mut order = [("ptag_base_rps", plain.addr), ("ptag_rps", gated.addr)];
+    for run in 0..settings.runs {
+        eprintln!("policy run {}/{}", run + 1, settings.runs);
+        order.reverse();
+        for (measure, addr) in order {
+            let url = format!("http://{addr}/v2/{REPO}/manifests/{TAG}");
+            let r = wrk(env.tool("wrk"), &env.script, &url, 16, settings.manifest_secs, &[&accept]).await;
+            results.record(measure, RC, r.map(|r| r.rps()));
+        }
+    }
+    plain.finish().await?;
+    gated.finish().await
 }
 
 /// Cold pulls: regcache and Distribution each with fresh storage per run, and direct.
@@ -2087,6 +2183,11 @@ async fn run(settings: &Settings, results: &mut Results) -> Result<(), String> {
         let mark = CpuMark::now();
         warm_phases(&env, settings, results).await?;
         results.note_load("warm blob + manifests", &mark);
+    }
+    if settings.phase("policy") {
+        let mark = CpuMark::now();
+        policy_phase(&env, settings, results).await?;
+        results.note_load("manifest by tag under a signature policy", &mark);
     }
     if settings.phase("pull") {
         let mark = CpuMark::now();

@@ -47,9 +47,16 @@ pub struct Policy {
     /// Differs whenever the policy's text or the files it names change: verdicts are kept
     /// under it, so a changed policy judges afresh.
     pub generation: u64,
+    /// Its `verified` counter, looked up once (a warm pull counts without a label lookup).
+    verified: std::sync::OnceLock<prometheus::IntCounter>,
 }
 
 impl Policy {
+    fn verified(&self, metrics: &crate::metrics::Metrics) -> &prometheus::IntCounter {
+        self.verified
+            .get_or_init(|| metrics.policy_decisions.with_label_values(&[&self.name, "verified", ""]))
+    }
+
     /// More literal characters match more narrowly.
     fn specificity(&self) -> usize {
         self.pattern.chars().filter(|c| *c != '*').count() + usize::from(!self.pattern.contains('*')) * 10_000
@@ -162,6 +169,7 @@ impl Policies {
                 mode: c.mode,
                 trust,
                 generation,
+                verified: Default::default(),
             }));
         }
         Ok(Policies { list })
@@ -187,9 +195,20 @@ impl Policies {
 
 /// A manifest that passed, and by whom.
 struct Passed {
-    signer: String,
+    /// What its answers say (the `x-regcache-policy` header), made once.
+    detail: http::HeaderValue,
     /// Whether its config and layers were admitted (once, on its first use).
     blobs_admitted: AtomicBool,
+}
+
+impl Passed {
+    fn new(signer: String, policy: &Policy) -> Arc<Passed> {
+        let text = format!("verified: {signer} (policy {})", policy.name);
+        Arc::new(Passed {
+            detail: http::HeaderValue::from_str(&text).unwrap_or(http::HeaderValue::from_static("verified")),
+            blobs_admitted: AtomicBool::new(false),
+        })
+    }
 }
 
 /// What a policy decided for one request, for its access-log field and the status page.
@@ -263,8 +282,8 @@ impl Gate {
 /// The outcome of a check, as a manifest response reports it.
 pub struct Admission {
     pub decision: Decision,
-    /// `verified by key cosign.pub (policy library)` and the like.
-    pub detail: String,
+    /// `verified: key cosign.pub (policy library)` and the like.
+    pub detail: Option<http::HeaderValue>,
 }
 
 impl Proxy {
@@ -287,13 +306,10 @@ impl Proxy {
                 if !passed.blobs_admitted.swap(true, Ordering::Relaxed) {
                     self.admit_parts(&policy, manifest);
                 }
-                self.metrics
-                    .policy_decisions
-                    .with_label_values(&[&policy.name, "verified", ""])
-                    .inc();
+                policy.verified(&self.metrics).inc();
                 Ok(Some(Admission {
                     decision: Decision::Verified,
-                    detail: format!("verified: {} (policy {})", passed.signer, policy.name),
+                    detail: Some(passed.detail.clone()),
                 }))
             }
             Err(refusal) => self.refuse(
@@ -312,13 +328,10 @@ impl Proxy {
             return Ok(None);
         };
         if self.gate.blobs.contains_key(&(digest.clone(), policy.generation)) {
-            self.metrics
-                .policy_decisions
-                .with_label_values(&[&policy.name, "verified", ""])
-                .inc();
+            policy.verified(&self.metrics).inc();
             return Ok(Some(Admission {
                 decision: Decision::Verified,
-                detail: String::new(),
+                detail: None,
             }));
         }
         let refusal = Refusal::NoSignature;
@@ -326,7 +339,7 @@ impl Proxy {
             format!("blob {digest} (no manifest that passed lists it; pull the image by its tag or digest first)");
         self.refuse(&policy, target, &what, &refusal).map(|a| {
             a.map(|mut a| {
-                a.detail.clear();
+                a.detail = None;
                 a
             })
         })
@@ -352,7 +365,7 @@ impl Proxy {
                 tracing::warn!(policy = %policy.name, reason = refusal.reason(), "{message} (mode warn: served)");
                 Ok(Some(Admission {
                     decision: Decision::Warned,
-                    detail: format!("warned: {refusal} (policy {})", policy.name),
+                    detail: http::HeaderValue::from_str(&format!("warned: {refusal} (policy {})", policy.name)).ok(),
                 }))
             }
             _ => {
@@ -388,10 +401,7 @@ impl Proxy {
             .await;
         match verdict {
             Ok(signer) => {
-                let passed = Arc::new(Passed {
-                    signer,
-                    blobs_admitted: AtomicBool::new(false),
-                });
+                let passed = Passed::new(signer, policy);
                 // Another flight may already have admitted it.
                 Ok(self.gate.passed.entry(key).or_insert(passed).into_value())
             }
@@ -444,10 +454,7 @@ impl Proxy {
                 .iter()
                 .filter_map(|c| c["digest"].as_str()?.parse::<Digest>().ok())
             {
-                let passed = Arc::new(Passed {
-                    signer: format!("listed by {digest}, {verdict}"),
-                    blobs_admitted: AtomicBool::new(false),
-                });
+                let passed = Passed::new(format!("listed by {digest}, {verdict}"), policy);
                 self.gate.passed.insert((child, policy.generation), passed);
             }
         }

@@ -253,7 +253,7 @@ async fn manifest(
     let admission = admitted(proxy.admit_manifest(target, &answer.manifest).await)?;
     let m = &answer.manifest;
     let mut resp = Response::new(Body::full(m.bytes.clone()));
-    if let Some(v) = admission.and_then(|a| HeaderValue::from_str(&a.detail).ok()) {
+    if let Some(v) = admission.and_then(|a| a.detail) {
         resp.headers_mut().insert(POLICY, v);
     }
     let h = resp.headers_mut();
