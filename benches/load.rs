@@ -92,7 +92,9 @@ impl Settings {
         let blob_size = env_num("BENCH_BLOB_MIB").unwrap_or(if quick { 64 } else { 512 }) * MIB;
         let startup_blobs = env_num("BENCH_STARTUP_BLOBS").unwrap_or(if quick { 10_000 } else { 100_000 }) as usize;
         let secs = env_num("BENCH_SECS");
-        let all = ["blob", "manifest", "policy", "pull", "herd", "commit", "airgap", "startup"];
+        let all = [
+            "blob", "manifest", "policy", "pull", "herd", "commit", "airgap", "startup",
+        ];
         let phases: Vec<String> = match std::env::var("BENCH_ONLY") {
             Ok(list) if !list.trim().is_empty() => list
                 .split(',')
@@ -1745,11 +1747,14 @@ async fn sign_bench_image(env: &Env) -> Result<String, String> {
     push_blob(&env.upstream, Bytes::from(payload)).await?;
     push_manifest(&env.upstream, &format!("{}.sig", digest.replace(':', "-")), &manifest).await?;
     const P256_SPKI: [u8; 26] = [
-        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce,
-        0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
+        0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
     ];
     let der = [&P256_SPKI[..], pair.public_key().as_ref()].concat();
-    Ok(format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n", b64.encode(der)))
+    Ok(format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        b64.encode(der)
+    ))
 }
 
 /// A warm manifest by tag with an enforcing policy (the signature verified once, then a
@@ -1762,7 +1767,12 @@ async fn policy_phase(env: &Env, settings: &Settings, results: &mut Results) -> 
         "[[policy]]\nname = \"bench\"\nmatch = \"docker.io/library/*\"\nkeys = [{:?}]\n",
         key.display().to_string()
     );
-    let plain = Regcache::start(&env.work.join("rc-plain"), &env.work.join("rc-plain/cache"), &env.upstream.url()).await?;
+    let plain = Regcache::start(
+        &env.work.join("rc-plain"),
+        &env.work.join("rc-plain/cache"),
+        &env.upstream.url(),
+    )
+    .await?;
     let gated = Regcache::start_with(
         &env.work.join("rc-policy"),
         &env.work.join("rc-policy/cache"),
@@ -1785,7 +1795,15 @@ async fn policy_phase(env: &Env, settings: &Settings, results: &mut Results) -> 
         order.reverse();
         for (measure, addr) in order {
             let url = format!("http://{addr}/v2/{REPO}/manifests/{TAG}");
-            let r = wrk(env.tool("wrk"), &env.script, &url, 16, settings.manifest_secs, &[&accept]).await;
+            let r = wrk(
+                env.tool("wrk"),
+                &env.script,
+                &url,
+                16,
+                settings.manifest_secs,
+                &[&accept],
+            )
+            .await;
             results.record(measure, RC, r.map(|r| r.rps()));
         }
     }

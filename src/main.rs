@@ -1,5 +1,6 @@
-//! The `regcache` command: `serve`, `check-config`, the air-gap tools (`prefetch`, `ls`, `du`,
-//! `verify`, `export`, `import`, `gc`) and `hash-password`; logging set-up, signals, exit codes.
+//! The `regcache` command: `serve`, `check-config`, `verify-image`, the air-gap tools
+//! (`prefetch`, `ls`, `du`, `verify`, `export`, `import`, `gc`) and `hash-password`;
+//! logging set-up, signals, exit codes.
 
 #![forbid(unsafe_code)]
 
@@ -83,6 +84,17 @@ enum Command {
         /// cache dir of --config; a running server applies it within 30 s).
         #[arg(long)]
         pin: bool,
+    },
+    /// Print what a pull of IMAGE would be told under the configured signature policies,
+    /// and why (each platform of an index too). Exits 1 if anything would be refused.
+    /// Without --server it runs on the configured cache dir (no server may be using it).
+    VerifyImage {
+        image: String,
+        /// A running regcache to ask, by URL, instead of the cache dir.
+        #[arg(long)]
+        server: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// List the cached images: repository, tag, digest, size with everything it
     /// references, last use. Reads the cache dir only (a server may be running on it).
@@ -430,6 +442,40 @@ fn run(command: Command) -> anyhow::Result<()> {
                 match server {
                     Some(url) => repair(url).await,
                     None => with_local_server(config, repair).await,
+                }
+            });
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
+        }
+        Command::VerifyImage { image, server, config } => {
+            let image = regcache::prefetch::parse_image(&image).map_err(anyhow::Error::msg)?;
+            let loaded = load(config.as_ref())?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let result = runtime.block_on(async {
+                let ask = |base: String| async move {
+                    let options = regcache::prefetch::Options {
+                        platforms: Vec::new(),
+                        all_platforms: false,
+                        jobs: 1,
+                    };
+                    let fetcher = regcache::prefetch::Prefetcher::new(&base, options).map_err(anyhow::Error::msg)?;
+                    let answers = fetcher.policy_answers(&image).await.map_err(anyhow::Error::msg)?;
+                    let mut refused = 0;
+                    for (label, passed, said) in &answers {
+                        println!("{label}: {}{said}", if *passed { "" } else { "refused: " });
+                        refused += usize::from(!passed);
+                    }
+                    match refused {
+                        0 => Ok(()),
+                        n => Err(anyhow::anyhow!(
+                            "{n} of {} manifests of {image} would be refused",
+                            answers.len()
+                        )),
+                    }
+                };
+                match server {
+                    Some(url) => ask(url).await,
+                    None => with_local_server(loaded, ask).await,
                 }
             });
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -53,8 +53,11 @@ pub struct Policy {
 
 impl Policy {
     fn verified(&self, metrics: &crate::metrics::Metrics) -> &prometheus::IntCounter {
-        self.verified
-            .get_or_init(|| metrics.policy_decisions.with_label_values(&[&self.name, "verified", ""]))
+        self.verified.get_or_init(|| {
+            metrics
+                .policy_decisions
+                .with_label_values(&[&self.name, "verified", ""])
+        })
     }
 
     /// More literal characters match more narrowly.

@@ -348,6 +348,51 @@ impl Prefetcher {
         Ok(Some((digest, body)))
     }
 
+    /// What a pull of `image` is told by the server's signature policy: one line for the
+    /// reference, and one per platform of an index (`label`, passed, what was said).
+    pub async fn policy_answers(&self, image: &ImageRef) -> Result<Vec<(String, bool, String)>, String> {
+        let accept = oci::MANIFEST_TYPES.join(", ");
+        let mut answers = Vec::new();
+        let mut queue = vec![(image.to_string(), image.reference.clone())];
+        while let Some((label, reference)) = queue.pop() {
+            let url = self.url(image, &format!("manifests/{reference}"));
+            let (status, headers, body) = self.get(&url, Some(&accept)).await?;
+            if status != StatusCode::OK {
+                let doc: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let message = doc["errors"][0]["message"].as_str().unwrap_or("no message").to_owned();
+                answers.push((label, false, format!("{status}: {message}")));
+                continue;
+            }
+            let digest = headers
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let said = headers
+                .get("x-regcache-policy")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("no signature policy applies")
+                .to_owned();
+            answers.push((format!("{label} ({digest})"), true, said));
+            if label == image.to_string() {
+                let entries = parse_manifest(&body)?.entries;
+                for entry in entries.iter().rev() {
+                    let Some(d) = entry["digest"].as_str() else { continue };
+                    let p = &entry["platform"];
+                    let platform = match (p["os"].as_str(), p["architecture"].as_str()) {
+                        (Some(os), Some(arch)) => match p["variant"].as_str() {
+                            Some(v) => format!("{os}/{arch}/{v}"),
+                            None => format!("{os}/{arch}"),
+                        },
+                        _ => "an entry".to_owned(),
+                    };
+                    queue.push((format!("  {platform}"), d.to_owned()));
+                }
+            }
+        }
+        Ok(answers)
+    }
+
     /// Fetches one blob or manifest by digest through the server, so that it caches it
     /// (again): `regcache verify --repair`.
     pub async fn refetch(&self, image: &ImageRef, digest: &str, manifest: bool) -> Result<(), String> {

@@ -1,6 +1,6 @@
 //! The status page at the admin listener's `/`: the cache's fill against its budget, hit
 //! ratio, upstream bytes saved, each upstream's state, the sync entries' last runs, the
-//! largest repositories and the pinned images. Server-rendered HTML from the metrics and
+//! signature policies and their decisions, the largest repositories and the pinned images. Server-rendered HTML from the metrics and
 //! the cache itself, no script; every name in it is escaped.
 
 use std::collections::BTreeMap;
@@ -166,6 +166,47 @@ pub fn render(proxy: &Proxy) -> String {
                 "<tr><td>{}</td><td>{ok:.0} / {failed:.0}</td><td>{:.0}</td><td>{when}</td></tr>",
                 escape(&name),
                 of(&images).unwrap_or(0.0)
+            );
+        }
+        h.push_str("</table>\n");
+    }
+
+    h.push_str("<h2>Signature policies</h2>\n");
+    let policies = proxy.gate.policies();
+    if policies.is_empty() {
+        h.push_str("<p>No <code>[[policy]]</code>: signatures are not checked.</p>\n");
+    } else {
+        h.push_str("<table id=\"policies\"><tr><th>Policy</th><th>Match</th><th>Mode</th><th>Trusts</th><th>Verified</th><th>Warned</th><th>Denied (by reason)</th></tr>\n");
+        let decisions = samples(&families, "regcache_policy_decisions_total");
+        for p in policies.list() {
+            let count = |decision: &str| -> f64 {
+                decisions
+                    .iter()
+                    .filter(|(l, _)| label(l, "policy") == p.name && label(l, "decision") == decision)
+                    .fold(0.0, |a, (_, v)| a + v)
+            };
+            let reasons: Vec<String> = decisions
+                .iter()
+                .filter(|(l, _)| label(l, "policy") == p.name && label(l, "decision") == "denied")
+                .map(|(l, v)| format!("{} {v:.0}", label(l, "reason")))
+                .collect();
+            let mut trust: Vec<String> = p.trust.keys.iter().map(|k| format!("key {}", k.name)).collect();
+            trust.extend(p.trust.identities.iter().map(|i| i.to_string()));
+            let _ = writeln!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{:.0}{}</td></tr>",
+                escape(&p.name),
+                escape(&p.pattern),
+                crate::policy::mode_name(p.mode),
+                escape(&trust.join(", ")),
+                count("verified"),
+                count("warned"),
+                count("denied"),
+                if reasons.is_empty() {
+                    String::new()
+                } else {
+                    escape(&format!(" ({})", reasons.join(", ")))
+                },
             );
         }
         h.push_str("</table>\n");

@@ -428,3 +428,73 @@ async fn after_prefetch_skopeo_ctr_and_podman_pull_by_tag_with_no_upstream() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), image.manifest_digest);
     proxy.stop().await;
 }
+
+/// Under an enforcing signature policy, an image signed in cosign's format (by a key made
+/// here, pushed to the real registry as cosign does) pulls with skopeo and ctr with its
+/// real digest; an unsigned one in the same repository space is refused to skopeo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_and_ctr_pull_a_signed_image_under_enforce_and_skopeo_is_refused_an_unsigned_one() {
+    use crate::signed_pulls::CosignKey;
+    let (registry, image) = seeded_registry(41).await;
+    let unsigned = push_image(&registry, "library/unsigned", "1", &[300 * KIB], 42).await;
+    let key = CosignKey::generate();
+    let signature = key.legacy_signature("docker.io/library/testimg:1", &image.manifest_digest);
+    for blob in &signature.blobs {
+        push_blob(&registry, NAME, blob).await;
+    }
+    push_manifest(
+        &registry,
+        NAME,
+        &signature.tag,
+        "application/vnd.oci.image.manifest.v1+json",
+        &signature.manifest,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = key.write(dir.path(), "cosign.pub");
+    let policy = format!(
+        "[[policy]]\nname = \"hub\"\nmatch = \"docker.io/library/*\"\nkeys = [{:?}]\n",
+        key_file.display().to_string()
+    );
+    let proxy = TestProxy::start_sections(
+        &dir.path().join("cache"),
+        "",
+        "",
+        &policy,
+        &harness::upstream_toml("docker.io", &registry.url(), true, "5m"),
+    )
+    .await;
+
+    let copied = dir.path().join("skopeo");
+    let out = skopeo_copy(&format!("docker://{}/library/testimg:1", proxy.addr), &copied, &[]).await;
+    assert_success(&out, "skopeo copy of the signed image under enforce");
+    assert_dir_copy(&copied, &image);
+
+    let containerd = Containerd::start().await;
+    let hosts = containerd.scratch("hosts");
+    write_hosts_toml(&hosts, "docker.io", proxy.addr);
+    let reference = "docker.io/library/testimg:1";
+    let out = containerd.ctr_pull(&hosts, reference).await;
+    containerd.assert_success(&out, "ctr images pull of the signed image under enforce");
+    assert_eq!(
+        containerd.image_digest(reference).await.as_deref(),
+        Some(image.manifest_digest.as_str())
+    );
+
+    let refused = dir.path().join("refused");
+    let out = skopeo_copy(&format!("docker://{}/library/unsigned:1", proxy.addr), &refused, &[]).await;
+    assert!(!out.status.success(), "skopeo copied an unsigned image under enforce");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("denied") && err.contains("no signature"), "{err}");
+    assert_eq!(
+        registry
+            .count_requests(
+                "GET",
+                &format!("/v2/library/unsigned/blobs/{}", unsigned.layer_digests[0])
+            )
+            .await,
+        0,
+        "a layer of a refused image was fetched"
+    );
+    proxy.stop().await;
+}

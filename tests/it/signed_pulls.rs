@@ -234,6 +234,23 @@ async fn an_enforcing_policy_serves_what_its_key_signed_and_denies_the_rest_nami
             format!("regcache_policy_decisions_total{{decision=\"denied\",policy=\"library\",reason=\"{reason}\"}}");
         assert_eq!(proxy.metric(&sample), n, "{sample}");
     }
+    // The status page says the same.
+    let shown = proxy.proxy.clone();
+    let page = tokio::task::spawn_blocking(move || regcache::status::render(&shown))
+        .await
+        .unwrap();
+    let row = page
+        .lines()
+        .find(|l| l.starts_with("<tr><td>library</td>"))
+        .unwrap_or_else(|| panic!("{page}"));
+    assert!(
+        row.contains("<td>enforce</td><td>key cosign.pub</td><td>7</td><td>0</td><td>4 ("),
+        "{row}"
+    );
+    assert!(
+        row.contains("no_signature 2") && row.contains("bad_signature 1"),
+        "{row}"
+    );
     proxy.stop().await;
 }
 
@@ -344,8 +361,16 @@ async fn warn_serves_unsigned_images_and_counts_them() {
     proxy.stop().await;
 }
 
-#[tokio::test]
-async fn verification_works_offline_from_what_the_cache_holds() {
+/// A config file for the binary: `up` as docker.io, the cache in `dir/cache`, `policy`.
+fn process_config(up: &FakeUpstream, dir: &Path, policy: &str) -> PathBuf {
+    let config = crate::harness::write_process_config(dir, &up.url(), "", "");
+    let base = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{base}{policy}")).unwrap();
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_prefetch_verification_works_with_no_upstream() {
     let up = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let ours = CosignKey::generate();
@@ -356,32 +381,20 @@ async fn verification_works_offline_from_what_the_cache_holds() {
         "library/signed",
         &ours.legacy_signature("docker.io/library/signed:1", &signed),
     );
-    let (unsigned, _) = image(&up, "library/unsigned", "1", 2);
+    image(&up, "library/unsigned", "1", 2);
     let policy = policy_toml("enforce", &[&key]);
-    let proxy = proxy_with(&up, dir.path(), "5m", &policy).await;
-    assert_eq!(
-        get_with(&proxy.url("/v2/library/signed/manifests/1"), &[ACCEPT])
-            .await
-            .status,
-        200
+    let config = process_config(&up, dir.path(), &policy);
+    crate::prefetch::run_ok(&config, &["prefetch", "library/signed:1"]).await;
+    // Prefetch goes through the policy too: an unsigned image is refused, and named.
+    let refused = crate::prefetch::run(&config, &["prefetch", "library/unsigned:1"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("library/unsigned") && err.contains("no signature"),
+        "{err}"
     );
-    for blob in &blobs {
-        assert_eq!(
-            get(&proxy.url(&format!("/v2/library/signed/blobs/{blob}")))
-                .await
-                .status,
-            200
-        );
-    }
-    assert_eq!(
-        get_with(&proxy.url("/v2/library/unsigned/manifests/1"), &[ACCEPT])
-            .await
-            .status,
-        403
-    );
-    proxy.stop().await;
 
-    // A new process with no upstream: the signature is judged again, from the cache.
+    // A mirror with no upstream: the signature is judged again, from the cache.
     let before = up.total_requests();
     let offline = TestProxy::start_sections(
         &dir.path().join("cache"),
@@ -405,16 +418,38 @@ async fn verification_works_offline_from_what_the_cache_holds() {
             200
         );
     }
-    let m = denial(
-        &get_with(
-            &offline.url(&format!("/v2/library/unsigned/manifests/{unsigned}")),
-            &[ACCEPT],
-        )
-        .await,
-    );
-    assert!(m.contains("no signature"), "{m}");
     assert_eq!(up.total_requests(), before, "an offline mirror asked its upstream");
     offline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_image_prints_what_a_pull_would_be_told() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ours = CosignKey::generate();
+    let key = ours.write(dir.path(), "cosign.pub");
+    let (signed, _) = image(&up, "library/signed", "1", 1);
+    publish(
+        &up,
+        "library/signed",
+        &ours.legacy_signature("docker.io/library/signed:1", &signed),
+    );
+    image(&up, "library/unsigned", "1", 2);
+    let config = process_config(&up, dir.path(), &policy_toml("enforce", &[&key]));
+    let out = crate::prefetch::run_ok(&config, &["verify-image", "library/signed:1"]).await;
+    assert_eq!(
+        out.trim(),
+        format!("docker.io/library/signed:1 ({signed}): verified: key cosign.pub (policy library)")
+    );
+    let refused = crate::prefetch::run(&config, &["verify-image", "library/unsigned:1"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&refused.stdout);
+    assert!(
+        out.starts_with("docker.io/library/unsigned:1: refused: 403 Forbidden: policy \"library\" refuses"),
+        "{out}"
+    );
+    assert!(out.contains("no signature"), "{out}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("1 of 1 manifests"));
 }
 
 #[tokio::test]
@@ -486,50 +521,105 @@ async fn a_bundle_among_the_referrers_is_fetched_and_judged() {
     proxy.stop().await;
 }
 
-/// The shared fixtures' real cosign-signed manifest (containers/image's
-/// `dir-img-cosign-valid`), with its real signature as a `.sig` manifest.
-fn publish_real_fixture(up: &FakeUpstream) -> String {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/sigstore/cosign-simplesigning/dir-img-cosign-valid");
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/sigstore")
+}
+
+/// A real cosign-signed manifest of the shared fixtures (containers/image's
+/// `cosign-simplesigning/<fixture>`) at `repo:latest`, with its real signature (and, for
+/// keyless, certificate and Rekor bundle) as the layer annotations of a `.sig` manifest.
+fn publish_real_fixture(up: &FakeUpstream, fixture: &str, repo: &str) -> String {
+    let dir = fixtures().join("cosign-simplesigning").join(fixture);
     let manifest = std::fs::read(dir.join("manifest.json")).expect("fixture manifest");
     let media_type = serde_json::from_slice::<serde_json::Value>(&manifest).unwrap()["mediaType"]
         .as_str()
         .unwrap_or(OCI_MANIFEST)
         .to_owned();
-    let digest = up.add_manifest("library/cosign-signed", "latest", &media_type, &manifest);
+    let digest = up.add_manifest(repo, "latest", &media_type, &manifest);
     let payload = std::fs::read(dir.join("payload.json")).unwrap();
+    let mut annotations = serde_json::Map::new();
     let signature = std::fs::read_to_string(dir.join("signature.b64")).unwrap();
+    annotations.insert("dev.cosignproject.cosign/signature".into(), signature.into());
+    for (file, key) in [
+        ("cert.pem", "dev.sigstore.cosign/certificate"),
+        ("rekor-bundle.json", "dev.sigstore.cosign/bundle"),
+    ] {
+        if let Ok(value) = std::fs::read_to_string(dir.join(file)) {
+            annotations.insert(key.into(), value.into());
+        }
+    }
     let config = b"{}".to_vec();
     let sig_manifest = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": 2, "digest": up.add_blob(&config)},
         "layers": [{"mediaType": SIMPLE_SIGNING, "size": payload.len(), "digest": up.add_blob(&payload),
-            "annotations": {"dev.cosignproject.cosign/signature": signature}}],
+            "annotations": annotations}],
     }))
     .unwrap();
-    up.add_manifest("library/cosign-signed", &sig_tag(&digest), OCI_MANIFEST, &sig_manifest);
+    up.add_manifest(repo, &sig_tag(&digest), OCI_MANIFEST, &sig_manifest);
     digest
 }
+
+const FIXTURE_ACCEPT: (&str, &str) = (
+    "accept",
+    "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json",
+);
 
 #[tokio::test]
 async fn a_real_cosign_signed_manifest_passes_under_its_key_and_fails_under_the_other() {
     let up = FakeUpstream::start().await;
-    let digest = publish_real_fixture(&up);
-    let keys = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/sigstore/cosign-simplesigning");
-    let accept = (
-        "accept",
-        "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json",
-    );
+    let digest = publish_real_fixture(&up, "dir-img-cosign-valid", "library/cosign-signed");
+    let keys = fixtures().join("cosign-simplesigning");
     for (key, expect) in [("cosign.pub", 200), ("cosign2.pub", 403)] {
         let dir = tempfile::tempdir().unwrap();
         let proxy = proxy_with(&up, dir.path(), "5m", &policy_toml("enforce", &[&keys.join(key)])).await;
-        let r = get_with(&proxy.url("/v2/library/cosign-signed/manifests/latest"), &[accept]).await;
+        let r = get_with(
+            &proxy.url("/v2/library/cosign-signed/manifests/latest"),
+            &[FIXTURE_ACCEPT],
+        )
+        .await;
         assert_eq!(r.status, expect, "under {key}: {r:?}");
         if expect == 200 {
             assert_eq!(sha256(r.bytes()), digest);
         } else {
             assert!(denial(&r).contains("bad signature"));
+        }
+        proxy.stop().await;
+    }
+}
+
+/// Keyless: the real Fulcio-certified signature passes for its signer's identity under the
+/// production trusted root, and is refused for another identity and under the staging root.
+#[tokio::test]
+async fn a_real_keyless_signature_passes_for_its_identity_only() {
+    let up = FakeUpstream::start().await;
+    let digest = publish_real_fixture(&up, "dir-img-cosign-fulcio-rekor-valid", "library/keyless");
+    let root = |name: &str| fixtures().join(format!("trusted_root/{name}.trusted_root.json"));
+    for (subject, root_name, expect, reason) in [
+        ("mitr@redhat.com", "production", 200, ""),
+        ("someone@example.com", "production", 403, "wrong identity"),
+        ("mitr@redhat.com", "staging", 403, "not trusted"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = format!(
+            "[[policy]]\nname = \"keyless\"\nmatch = \"docker.io/library/*\"\ntrusted_root = {:?}\n\
+             identities = [{{ issuer = \"https://github.com/login/oauth\", subject = \"{subject}\" }}]\n",
+            root(root_name).display().to_string()
+        );
+        let proxy = proxy_with(&up, dir.path(), "5m", &policy).await;
+        let r = get_with(&proxy.url("/v2/library/keyless/manifests/latest"), &[FIXTURE_ACCEPT]).await;
+        assert_eq!(r.status, expect, "{subject} under {root_name}: {r:?}");
+        if expect == 200 {
+            assert_eq!(sha256(r.bytes()), digest);
+            let said = r.header("x-regcache-policy").unwrap_or_default();
+            assert!(
+                said.contains("mitr@redhat.com from https://github.com/login/oauth"),
+                "{said}"
+            );
+        } else {
+            let m = denial(&r);
+            assert!(m.contains(reason), "{subject} under {root_name}: {m}");
         }
         proxy.stop().await;
     }
