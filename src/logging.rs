@@ -5,12 +5,14 @@
 //! lock between lines, so `eprintln!` (the one-line error of a failing command) always
 //! gets through.
 //!
-//! Async worker threads batch their lines (as nginx's `access_log … buffer=`): a worker
-//! appends each line to its own buffer and hands the buffer to the log worker when it
-//! reaches [`BATCH_BYTES`] or when the thread goes idle ([`flush_this_thread`], called from
-//! the runtime's park hook). One channel message and one wake-up per batch instead of per
-//! request is what lets request logging stay on at tens of thousands of requests a second.
-//! Every other thread writes line by line.
+//! Async worker threads batch their lines (as nginx's `access_log … buffer=… flush=`): a
+//! worker appends each line to its own buffer (its first park registers it,
+//! [`batch_this_thread`]) and hands the buffer to the log worker when it reaches
+//! [`BATCH_BYTES`]; a small thread hands over what every buffer holds each [`FLUSH_EVERY`].
+//! A handful of channel messages and wake-ups a second instead of one per request (or per
+//! park, thousands a second under load, each waking the log worker) is what lets request
+//! logging stay on at tens of thousands of requests a second. Every other thread writes
+//! line by line.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,6 +25,8 @@ use tracing_subscriber::fmt::MakeWriter;
 const QUEUE_LINES: usize = 65_536;
 /// A worker's batch is handed over once it holds this much.
 const BATCH_BYTES: usize = 32 * 1024;
+/// And at the latest after this long.
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -64,26 +68,47 @@ fn send(writer: &mut NonBlocking, batch: &[u8]) {
     }
 }
 
-/// Called by the runtime when an async worker goes idle: hands over its batch, and from then
-/// on batches this thread's lines (only async workers park, so only they batch).
-pub fn flush_this_thread() {
+/// Called by the runtime when an async worker goes idle: from then on this thread's lines
+/// are batched (only async workers park, so only they batch).
+pub fn batch_this_thread() {
     THIS_THREAD.with(|this| {
-        let mut this = this.borrow_mut();
-        match this.as_mut() {
-            Some((batch, writer)) => {
-                let full = std::mem::take(&mut *lock(batch));
-                send(writer, &full);
-            }
-            None => {
-                let Some(writer) = lock(&WRITER).clone() else {
-                    return;
-                };
-                let batch: Batch = Arc::new(Mutex::new(Vec::with_capacity(BATCH_BYTES * 2)));
-                lock(&BATCHES).push(batch.clone());
-                *this = Some((batch, writer));
-            }
+        let Ok(mut this) = this.try_borrow_mut() else {
+            return;
+        };
+        if this.is_some() {
+            return;
         }
+        let Some(writer) = lock(&WRITER).clone() else {
+            return;
+        };
+        let batch: Batch = Arc::new(Mutex::new(Vec::with_capacity(BATCH_BYTES * 2)));
+        lock(&BATCHES).push(batch.clone());
+        *this = Some((batch, writer));
     });
+}
+
+/// Held while batches are handed over, so that [`Logging::finish`] never misses one the
+/// flusher has taken and not yet sent.
+static FLUSHING: Mutex<()> = Mutex::new(());
+
+/// Hands over what every batch holds; false once logging has finished.
+fn flush_all() -> bool {
+    let _flushing = lock(&FLUSHING);
+    let Some(mut writer) = lock(&WRITER).clone() else {
+        return false;
+    };
+    let batches: Vec<Batch> = lock(&BATCHES).clone();
+    for batch in batches {
+        let held = {
+            let mut held = lock(&batch);
+            if held.is_empty() {
+                continue;
+            }
+            std::mem::replace(&mut *held, Vec::with_capacity(BATCH_BYTES * 2))
+        };
+        send(&mut writer, &held);
+    }
+    true
 }
 
 /// The subscriber's writer: into this thread's batch when it has one, else straight on.
@@ -141,6 +166,7 @@ impl Logging {
     /// Writes every batch and queued line, then says on stderr how many were dropped (if
     /// any). Returns that number.
     pub fn finish(self) -> usize {
+        let _flushing = lock(&FLUSHING);
         if let Some(mut writer) = lock(&WRITER).take() {
             for batch in lock(&BATCHES).iter() {
                 let held = std::mem::take(&mut *lock(batch));
@@ -168,6 +194,11 @@ pub fn init(format: Format, default_filter: &str) -> Logging {
         .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
     let dropped = writer.error_counter();
     *lock(&WRITER) = Some(writer.clone());
+    let _ = std::thread::Builder::new().name("log-flusher".into()).spawn(|| {
+        while flush_all() {
+            std::thread::sleep(FLUSH_EVERY);
+        }
+    });
     FORMAT.store(
         match format {
             Format::Text => 1,

@@ -549,7 +549,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             config.validate()?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
-                .on_thread_park(regcache::logging::flush_this_thread)
+                .on_thread_park(regcache::logging::batch_this_thread)
                 .build()
                 .context("starting the async runtime")?;
             let result = runtime.block_on(serve(config, path));

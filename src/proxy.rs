@@ -470,11 +470,11 @@ impl Proxy {
         let filtered = filter_index(parse_index(&all.manifest.bytes).unwrap_or_default(), Some(t));
         let bytes = Bytes::from(serde_json::to_vec(&index_document(filtered)).unwrap_or_default());
         Ok(ManifestAnswer {
-            manifest: Arc::new(Manifest {
-                digest: Digest::sha256_of(&bytes),
-                bytes,
-                media_type: oci::OCI_INDEX.to_owned(),
-            }),
+            manifest: Arc::new(Manifest::new(
+                bytes.clone(),
+                oci::OCI_INDEX.to_owned(),
+                Digest::sha256_of(&bytes),
+            )),
             stale: all.stale,
         })
     }
@@ -517,11 +517,11 @@ impl Proxy {
             }
         };
         let bytes = Bytes::from(serde_json::to_vec(&index_document(index)).unwrap_or_default());
-        let manifest = Arc::new(Manifest {
-            digest: Digest::sha256_of(&bytes),
-            bytes,
-            media_type: oci::OCI_INDEX.to_owned(),
-        });
+        let manifest = Arc::new(Manifest::new(
+            bytes.clone(),
+            oci::OCI_INDEX.to_owned(),
+            Digest::sha256_of(&bytes),
+        ));
         self.store_manifest(manifest.clone());
         let record = TagRecord::new(&key, &manifest.digest, oci::OCI_INDEX, manifest.bytes.len() as u64);
         self.store_tag(record, true);
@@ -573,11 +573,7 @@ impl Proxy {
                 computed
             }
         };
-        Ok(Manifest {
-            bytes: fetched.bytes,
-            media_type,
-            digest,
-        })
+        Ok(Manifest::new(fetched.bytes, media_type, digest))
     }
 
     /// A blob to stream: from the cache, or from the fill that fetches it (joined or started).

@@ -182,6 +182,39 @@ struct Ended {
     committed: bool,
 }
 
+/// Written back this much further, a fill's temp file starts an fdatasync of its own.
+const EARLY_SYNC_BYTES: u64 = 8 << 20;
+
+/// Starts writing a fill's data back while it still downloads, so that the fsync before its
+/// commit (which holds back every reader's last byte) finds little left to flush. Never more
+/// than one at a time per fill, detached on the blocking pool: the download does not wait.
+#[derive(Default)]
+struct EarlySync {
+    running: std::sync::atomic::AtomicBool,
+    /// Bytes written when the last early sync started.
+    started_at: std::sync::atomic::AtomicU64,
+}
+
+impl EarlySync {
+    fn maybe_start(self: &Arc<Self>, file: &Arc<File>, written: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if written < self.started_at.load(Relaxed) + EARLY_SYNC_BYTES || self.running.swap(true, Relaxed) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.running.store(false, Relaxed);
+            return;
+        };
+        self.started_at.store(written, Relaxed);
+        let (this, file) = (self.clone(), file.clone());
+        runtime.spawn_blocking(move || {
+            // Only a head start: the commit's own fsync is what makes the file durable.
+            let _ = file.sync_data();
+            this.running.store(false, Relaxed);
+        });
+    }
+}
+
 /// One batch's hash and write: the hash state (kept even if the write failed), where the
 /// batch started, and the write error with the bytes that did not reach the disk.
 struct Written {
@@ -391,6 +424,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         let mut pending: Option<tokio::task::JoinHandle<Written>> = None;
         let mut relay: Option<Arc<Relay>> = None;
         let made_room = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let early_sync = Arc::new(EarlySync::default());
         let mut written = 0u64;
         loop {
             let batch = match batches.next().await {
@@ -448,7 +482,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                 tx.send_modify(|p| p.relay = Some(r));
             }
             let (f, tx2, at, relaying) = (file.clone(), tx.clone(), written, relay.clone());
-            let (index, made_room) = (self.index.clone(), made_room.clone());
+            let (index, made_room, early_sync) = (self.index.clone(), made_room.clone(), early_sync.clone());
             let mut hashing = verifier.take().unwrap_or_else(|| Verifier::new(digest.algorithm()));
             pending = Some(tokio::task::spawn_blocking(move || -> Written {
                 let mut pos = at;
@@ -493,6 +527,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                     }
                     pos += data.len() as u64;
                 }
+                early_sync.maybe_start(&f, pos);
                 tx2.send_modify(|p| p.written = p.written.max(pos));
                 Written {
                     verifier: hashing,

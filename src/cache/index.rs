@@ -31,7 +31,9 @@ struct Lru {
     entries: HashMap<Key, (Entry, u64)>,
     /// Use tick -> key, oldest first (unpinned entries only).
     order: BTreeMap<u64, Key>,
-    next_tick: u64,
+    /// The last tick given (changed under the lock; read without it by
+    /// [`Index::use_unless_latest`]).
+    ticks: Arc<AtomicU64>,
     total: u64,
     capacity: u64,
     /// Pinned keys, present or not yet committed.
@@ -40,13 +42,12 @@ struct Lru {
 
 impl Lru {
     fn tick(&mut self) -> u64 {
-        self.next_tick += 1;
-        self.next_tick
+        self.ticks.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// The entry, now the most recently used.
     fn touch(&mut self, key: &Key) -> Option<Entry> {
-        let next = self.next_tick + 1;
+        let next = self.ticks.load(Ordering::Relaxed) + 1;
         let (entry, tick) = self.entries.get_mut(key)?;
         let entry = *entry;
         if !self.pinned.contains(key) {
@@ -54,7 +55,7 @@ impl Lru {
             *tick = next;
             self.order.insert(next, key.clone());
         }
-        self.next_tick = next;
+        self.ticks.store(next, Ordering::Relaxed);
         Some(entry)
     }
 
@@ -122,6 +123,8 @@ impl Lru {
 
 pub struct Index {
     lru: Mutex<Lru>,
+    /// The LRU's tick counter, shared.
+    ticks: Arc<AtomicU64>,
     generations: Generations,
     next_generation: AtomicU64,
     evictions: Arc<AtomicU64>,
@@ -177,9 +180,12 @@ impl Index {
             generations.clone(),
             evictions.clone(),
         )));
+        let ticks = Arc::new(AtomicU64::new(0));
         Index {
+            ticks: ticks.clone(),
             lru: Mutex::new(Lru {
                 capacity: max_bytes,
+                ticks,
                 ..Lru::default()
             }),
             generations,
@@ -188,6 +194,10 @@ impl Index {
             deleter,
             budget: max_bytes,
         }
+    }
+
+    fn lru_ticks(&self) -> &AtomicU64 {
+        &self.ticks
     }
 
     fn lru(&self) -> std::sync::MutexGuard<'_, Lru> {
@@ -295,6 +305,20 @@ impl Index {
     /// Whether content is indexed; counts as a use for LRU.
     pub fn contains(&self, kind: Kind, digest: &Digest) -> bool {
         self.lru().touch(&(kind, digest.clone())).is_some()
+    }
+
+    /// [`Index::contains`] for a hot entry that remembers its last use in `seen`: when
+    /// nothing was used since, it is still the most recent and nothing changes, so a warm
+    /// hit on one manifest takes no lock.
+    pub fn use_unless_latest(&self, kind: Kind, digest: &Digest, seen: &AtomicU64) {
+        let latest = self.lru_ticks().load(Ordering::Relaxed);
+        if latest != 0 && seen.load(Ordering::Relaxed) == latest {
+            return;
+        }
+        let mut lru = self.lru();
+        if lru.touch(&(kind, digest.clone())).is_some() {
+            seen.store(lru.ticks.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
     }
 
     /// Whether content is indexed, without counting as a use.
@@ -411,6 +435,24 @@ mod tests {
         assert!(!index.contains(Kind::Blob, &pinned));
         index.settle_deletions();
         assert!(store.open_file(Kind::Blob, &pinned).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_use_skipped_as_the_latest_still_keeps_exact_lru_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(BlobStore::open(dir.path()).unwrap().0);
+        let index = Index::new(store.clone(), 100 * 1024);
+        let blobs: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 40 * 1024]).collect();
+        let a = put(&index, &store, &blobs[0]);
+        let b = put(&index, &store, &blobs[1]);
+        let seen = AtomicU64::new(0);
+        index.use_unless_latest(Kind::Blob, &a, &seen); // a is now the most recent
+        index.use_unless_latest(Kind::Blob, &a, &seen); // still is: no lock, no change
+        assert!(index.contains(Kind::Blob, &b)); // b is now the most recent
+        index.use_unless_latest(Kind::Blob, &a, &seen); // so this must count
+        put(&index, &store, &blobs[2]);
+        assert!(index.peek(Kind::Blob, &a), "a was used last before c came");
+        assert!(!index.peek(Kind::Blob, &b), "b is the least recently used");
     }
 
     #[test]

@@ -21,11 +21,30 @@ use index::Index;
 use tags::{TagKey, TagRecord, TagStore};
 
 /// A manifest: its exact bytes, media type and digest.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Manifest {
     pub bytes: Bytes,
     pub media_type: String,
     pub digest: Digest,
+    /// The index's tick of its last use (see [`Index::use_unless_latest`]).
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl Clone for Manifest {
+    fn clone(&self) -> Manifest {
+        Manifest::new(self.bytes.clone(), self.media_type.clone(), self.digest.clone())
+    }
+}
+
+impl Manifest {
+    pub fn new(bytes: Bytes, media_type: String, digest: Digest) -> Manifest {
+        Manifest {
+            bytes,
+            media_type,
+            digest,
+            used: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
 }
 
 pub struct Cache {
@@ -169,7 +188,7 @@ impl Cache {
     /// blocking pool.
     pub async fn load_manifest(self: &Arc<Self>, digest: &Digest) -> Option<Arc<Manifest>> {
         if let Some(m) = self.manifests.get(digest) {
-            self.index.contains(Kind::Manifest, digest);
+            self.index.use_unless_latest(Kind::Manifest, digest, &m.used);
             return Some(m);
         }
         let (cache, digest) = (self.clone(), digest.clone());
@@ -183,8 +202,8 @@ impl Cache {
     /// blocking pool.
     pub async fn load_tag(self: &Arc<Self>, key: &TagKey) -> Option<(Arc<TagRecord>, Arc<Manifest>)> {
         if let Some(record) = self.tags.in_memory(key) {
-            if let Some(m) = record.digest().and_then(|d| self.manifests.get(&d)) {
-                self.index.contains(Kind::Manifest, &m.digest);
+            if let Some(m) = record.parsed_digest().and_then(|d| self.manifests.get(&*d)) {
+                self.index.use_unless_latest(Kind::Manifest, &m.digest, &m.used);
                 return Some((record, m));
             }
         }
@@ -256,11 +275,9 @@ impl Cache {
             let nl = raw.iter().position(|&b| b == b'\n')?;
             let media_type = std::str::from_utf8(&raw[..nl]).ok()?.to_owned();
             let bytes = Bytes::copy_from_slice(&raw[nl + 1..]);
-            digest.matches(&bytes).then(|| Manifest {
-                bytes,
-                media_type,
-                digest: digest.clone(),
-            })
+            digest
+                .matches(&bytes)
+                .then(|| Manifest::new(bytes, media_type, digest.clone()))
         });
         match parsed {
             Some(m) => {

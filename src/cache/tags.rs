@@ -32,6 +32,9 @@ pub struct TagRecord {
     pub size: u64,
     /// Unix milliseconds of the last time the upstream confirmed this mapping.
     pub confirmed_ms: u64,
+    /// `digest`, parsed once for the records kept in memory (a warm tag hit needs it).
+    #[serde(skip)]
+    parsed: Option<Digest>,
 }
 
 impl TagRecord {
@@ -45,6 +48,7 @@ impl TagRecord {
             media_type: media_type.to_owned(),
             size,
             confirmed_ms: now_ms(),
+            parsed: Some(digest.clone()),
         }
     }
 
@@ -57,7 +61,22 @@ impl TagRecord {
     }
 
     pub fn digest(&self) -> Option<Digest> {
-        self.digest.parse().ok()
+        self.parsed.clone().or_else(|| self.digest.parse().ok())
+    }
+
+    /// The digest without parsing it again (records in memory have it parsed).
+    pub fn parsed_digest(&self) -> Option<std::borrow::Cow<'_, Digest>> {
+        match &self.parsed {
+            Some(d) => Some(std::borrow::Cow::Borrowed(d)),
+            None => self.digest.parse().ok().map(std::borrow::Cow::Owned),
+        }
+    }
+
+    fn with_parsed(mut self) -> TagRecord {
+        if self.parsed.is_none() {
+            self.parsed = self.digest.parse().ok();
+        }
+        self
     }
 
     /// (upstream, repository, tag).
@@ -149,7 +168,7 @@ impl TagStore {
         if record.key() != *key {
             return None;
         }
-        let record = Arc::new(record);
+        let record = Arc::new(record.with_parsed());
         self.memory.insert(key.clone(), record.clone());
         Some(record)
     }
@@ -157,7 +176,7 @@ impl TagStore {
     /// Keeps a mapping in memory, where it is answered from at once (even if its file
     /// cannot be written).
     pub fn remember(&self, record: TagRecord) -> Arc<TagRecord> {
-        let record = Arc::new(record);
+        let record = Arc::new(record.with_parsed());
         self.memory.insert(record.key(), record.clone());
         record
     }
