@@ -687,3 +687,71 @@ fn check_config_names_a_bad_policy() {
         "{err}"
     );
 }
+
+/// A real Sigstore bundle (cosign's attestation of go-containerregistry's empty image, in
+/// the shared fixtures) attached as an OCI referrer of that image, which the fake upstream
+/// serves byte for byte: it verifies, offline, for its signer's identity only.
+#[tokio::test]
+async fn a_real_sigstore_bundle_among_the_referrers_verifies_the_image() {
+    let up = FakeUpstream::start().await;
+    // go-containerregistry's `empty.Image`, whose digest the bundle's subject names.
+    let config = br#"{"architecture":"","created":"0001-01-01T00:00:00Z","os":"","rootfs":{"type":"layers","diff_ids":null},"config":{}}"#;
+    let config_digest = up.add_blob(config);
+    let docker = "application/vnd.docker.distribution.manifest.v2+json";
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{docker}","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","size":{},"digest":"{config_digest}"}},"layers":[]}}"#,
+        config.len()
+    );
+    let subject = up.add_manifest("library/empty", "latest", docker, manifest.as_bytes());
+    assert_eq!(
+        subject,
+        "sha256:732112270d7e59418a8c080b134b24cabd67d250d0d0147a97ed95ba5c280aa4"
+    );
+    let bundle = std::fs::read(fixtures().join("cosign-oci-attestation/oci-attestation.sigstore.json")).unwrap();
+    let bundle_type = "application/vnd.dev.sigstore.bundle.v0.3+json";
+    let empty = up.add_blob(b"{}");
+    let referrer = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": bundle_type,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "size": 2, "digest": empty},
+        "layers": [{"mediaType": bundle_type, "size": bundle.len(), "digest": up.add_blob(&bundle)}],
+        "subject": {"mediaType": docker, "size": manifest.len(), "digest": subject},
+    }))
+    .unwrap();
+    let referrer_digest = up.add_manifest("library/empty", "bundle-holder", OCI_MANIFEST, &referrer);
+    up.add_referrer(
+        "library/empty",
+        &subject,
+        serde_json::json!({"mediaType": OCI_MANIFEST, "size": referrer.len(), "digest": referrer_digest, "artifactType": bundle_type}),
+    );
+    let root = fixtures().join("trusted_root/production.trusted_root.json");
+    for (subject_name, expect) in [("cody@soyland.com", 200), ("someone@example.com", 403)] {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = format!(
+            "[[policy]]\nname = \"keyless\"\nmatch = \"docker.io/library/*\"\ntrusted_root = {:?}\n\
+             identities = [{{ issuer = \"https://github.com/login/oauth\", subject = \"{subject_name}\" }}]\n",
+            root.display().to_string()
+        );
+        let proxy = proxy_with(&up, dir.path(), "5m", &policy).await;
+        let r = get_with(&proxy.url("/v2/library/empty/manifests/latest"), &[FIXTURE_ACCEPT]).await;
+        assert_eq!(r.status, expect, "{subject_name}: {r:?}");
+        if expect == 200 {
+            assert_eq!(sha256(r.bytes()), subject);
+            let said = r.header("x-regcache-policy").unwrap_or_default();
+            assert!(
+                said.contains("cody@soyland.com from https://github.com/login/oauth"),
+                "{said}"
+            );
+            assert_eq!(
+                get(&proxy.url(&format!("/v2/library/empty/blobs/{config_digest}")))
+                    .await
+                    .status,
+                200
+            );
+        } else {
+            assert!(denial(&r).contains("wrong identity"));
+        }
+        proxy.stop().await;
+    }
+}
