@@ -85,6 +85,10 @@ pub struct Progress<E> {
     /// Set once the cache disk refused a write: bytes from its `from` on live only in
     /// memory, and the blob will not be cached.
     pub relay: Option<Arc<Relay>>,
+    /// The last [`HEAD_BYTES`] written, also kept in memory: readers that keep up with the
+    /// download (the usual case: one client, or a herd) are served from here, without
+    /// reading back from the disk what was just written.
+    pub head: Option<Arc<Relay>>,
 }
 
 impl<E> Clone for Progress<E> {
@@ -94,9 +98,13 @@ impl<E> Clone for Progress<E> {
             total: self.total,
             state: self.state.clone(),
             relay: self.relay.clone(),
+            head: self.head.clone(),
         }
     }
 }
+
+/// Memory a fill keeps of what it wrote last, for readers at the head.
+const HEAD_BYTES: u64 = 4 * 1024 * 1024;
 
 /// The part of a fill that the disk could not take, kept in memory for the fill's readers:
 /// a full disk degrades one blob to verified pass-through (same hold-back of the last
@@ -107,30 +115,59 @@ pub struct Relay {
     /// Offset of the first byte not on disk.
     pub from: u64,
     chunks: Mutex<std::collections::VecDeque<(u64, Bytes)>>,
+    /// Bytes kept for readers behind the newest.
+    keep: u64,
 }
 
 /// Memory one relaying fill may hold for readers that lag behind.
 const RELAY_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Relay {
+    fn new(from: u64, keep: u64) -> Relay {
+        Relay {
+            from,
+            chunks: Mutex::default(),
+            keep,
+        }
+    }
+
     fn push(&self, at: u64, data: Bytes) {
         let mut chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
         chunks.push_back((at, data));
         let end = at + chunks.back().map_or(0, |(_, d)| d.len() as u64);
         while chunks
             .front()
-            .is_some_and(|(o, d)| end - (o + d.len() as u64) >= RELAY_BYTES)
+            .is_some_and(|(o, d)| end - (o + d.len() as u64) >= self.keep)
         {
             chunks.pop_front();
         }
     }
 
+    /// Up to `n` bytes at `pos` (several chunks' worth, as pieces), or `None` if they were
+    /// already dropped (the reader lags) or not yet pushed.
+    fn read_pieces(&self, pos: u64, n: usize) -> Option<Vec<Bytes>> {
+        let chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+        let first = chunks.partition_point(|(o, d)| o + d.len() as u64 <= pos);
+        let (offset, _) = chunks.get(first).filter(|(o, _)| *o <= pos)?;
+        let mut at = *offset;
+        let (mut pieces, mut left) = (Vec::new(), n);
+        for (o, data) in chunks.range(first..) {
+            if *o != at || left == 0 {
+                break;
+            }
+            let skip = pos.saturating_sub(*o) as usize;
+            let take = (data.len() - skip).min(left);
+            pieces.push(data.slice(skip..skip + take));
+            left -= take;
+            at += data.len() as u64;
+        }
+        Some(pieces)
+    }
+
     /// Up to `n` bytes at `pos`, or `None` if they were already dropped (the reader lags).
     fn read(&self, pos: u64, n: usize) -> Option<Bytes> {
-        let chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
-        let (offset, data) = chunks.iter().find(|(o, d)| *o <= pos && pos < o + d.len() as u64)?;
-        let skip = (pos - offset) as usize;
-        Some(data.slice(skip..(skip + n).min(data.len())))
+        let mut pieces = self.read_pieces(pos, n)?;
+        (!pieces.is_empty()).then(|| pieces.swap_remove(0))
     }
 }
 
@@ -341,6 +378,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             total: None,
             state: State::Connecting,
             relay: None,
+            head: Some(Arc::new(Relay::new(0, HEAD_BYTES))),
         });
         let tx = Arc::new(tx);
         inflight.insert(
@@ -474,14 +512,12 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             // announced): relayed to its clients, never written only to be evicted at once.
             if relay.is_none() && written + len > self.index.budget() {
                 tracing::warn!(%digest, budget = self.index.budget(), "blob larger than the cache budget; relaying it uncached");
-                let r = Arc::new(Relay {
-                    from: written,
-                    chunks: Mutex::default(),
-                });
+                let r = Arc::new(Relay::new(written, RELAY_BYTES));
                 relay = Some(r.clone());
                 tx.send_modify(|p| p.relay = Some(r));
             }
             let (f, tx2, at, relaying) = (file.clone(), tx.clone(), written, relay.clone());
+            let head = tx.borrow().head.clone();
             let (index, made_room, early_sync) = (self.index.clone(), made_room.clone(), early_sync.clone());
             let mut hashing = verifier.take().unwrap_or_else(|| Verifier::new(digest.algorithm()));
             pending = Some(tokio::task::spawn_blocking(move || -> Written {
@@ -527,6 +563,14 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                     }
                     pos += data.len() as u64;
                 }
+                if let Some(head) = &head {
+                    let mut at = at;
+                    for data in parts {
+                        let len = data.len() as u64;
+                        head.push(at, data);
+                        at += len;
+                    }
+                }
                 early_sync.maybe_start(&f, pos);
                 tx2.send_modify(|p| p.written = p.written.max(pos));
                 Written {
@@ -566,10 +610,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         if let Some((error, rest)) = done.failed {
             tracing::warn!(error = %error, at = done.at,
                 "the cache disk refused a write; relaying this blob to its clients uncached");
-            let r = Arc::new(Relay {
-                from: done.at,
-                chunks: Mutex::default(),
-            });
+            let r = Arc::new(Relay::new(done.at, RELAY_BYTES));
             let mut pos = done.at;
             for data in rest {
                 let len = data.len() as u64;
@@ -845,6 +886,8 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
         }
     };
     let mut pos = start;
+    // Where the file's own offset is (reads from memory do not move it).
+    let mut file_at = start;
     loop {
         let limit = match &mut progress {
             None => end.unwrap_or(pos),
@@ -893,10 +936,28 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
             .and_then(|rx| rx.borrow().relay.as_ref().map(|r| r.from))
             .unwrap_or(u64::MAX);
         let n = (limit.min(on_disk_until) - pos).min(READ_CHUNK) as usize;
+        // Just written by the fill: still in its memory.
+        let head = progress.as_ref().and_then(|rx| rx.borrow().head.clone());
+        if let Some(pieces) = head.and_then(|h| h.read_pieces(pos, n)).filter(|p| !p.is_empty()) {
+            for data in pieces {
+                let len = data.len() as u64;
+                if tx.send(Ok(data)).await.is_err() {
+                    return ended(pos, false);
+                }
+                pos += len;
+            }
+            continue;
+        }
         let f = file.clone();
-        let read = tokio::task::spawn_blocking(move || read_next(&f, n))
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e)));
+        let skip_to = (file_at != pos).then_some(pos);
+        let read = tokio::task::spawn_blocking(move || {
+            if let Some(at) = skip_to {
+                (&*f).seek(SeekFrom::Start(at))?;
+            }
+            read_next(&f, n)
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)));
         let len = match &read {
             Ok(bytes) => bytes.len() as u64,
             Err(e) => {
@@ -909,6 +970,7 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
             return ended(pos, false); // the client went away
         }
         pos += len;
+        file_at = pos;
     }
 }
 
@@ -954,6 +1016,58 @@ pub async fn stream_verified(mut source: Source, digest: Digest, tx: mpsc::Sende
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reader that moves from the disk to the fill's memory and back to the disk (it fell
+    /// behind again) gets every byte in order, and the last one only once the fill is done.
+    #[tokio::test]
+    async fn a_reader_switching_between_disk_and_memory_gets_exact_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let content: Vec<u8> = (0..5 * READ_CHUNK as usize).map(|i| (i * 7 % 251) as u8).collect();
+        let path = dir.path().join("fill");
+        std::fs::write(&path, &content).unwrap();
+        let file = Arc::new(File::open(&path).unwrap());
+        // In memory: only the third MiB (as if the reader had caught up there once).
+        let head = Arc::new(Relay::new(0, 8 * READ_CHUNK));
+        let mib = READ_CHUNK as usize;
+        for at in (2 * mib..3 * mib).step_by(64 * 1024) {
+            head.push(at as u64, Bytes::copy_from_slice(&content[at..at + 64 * 1024]));
+        }
+        let (ptx, prx) = watch::channel(Progress::<io::Error> {
+            written: content.len() as u64,
+            total: Some(content.len() as u64),
+            state: State::Streaming,
+            relay: None,
+            head: Some(head),
+        });
+        let (tx, mut rx) = mpsc::channel(4);
+        let reader = tokio::spawn(stream_file(file, 0, None, Some(prx), tx));
+        let mut got = Vec::new();
+        while got.len() < content.len() - 1 {
+            got.extend_from_slice(&rx.recv().await.unwrap().unwrap());
+        }
+        assert_eq!(got.len(), content.len() - 1, "the last byte is held back");
+        ptx.send_modify(|p| p.state = State::Done);
+        while let Some(chunk) = rx.recv().await {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(reader.await.unwrap().sent, content.len() as u64);
+        assert!(got == content, "bytes differ");
+    }
+
+    #[test]
+    fn the_head_window_gives_contiguous_bytes_across_chunks_and_forgets_old_ones() {
+        let w = Relay::new(0, 10);
+        w.push(0, Bytes::from_static(b"abcd"));
+        w.push(4, Bytes::from_static(b"efgh"));
+        w.push(8, Bytes::from_static(b"ij"));
+        let joined = |p: Vec<Bytes>| p.iter().flat_map(|b| b.to_vec()).collect::<Vec<u8>>();
+        assert_eq!(joined(w.read_pieces(2, 5).unwrap()), b"cdefg");
+        assert_eq!(joined(w.read_pieces(6, 100).unwrap()), b"ghij");
+        assert!(w.read_pieces(10, 4).is_none(), "not written yet");
+        w.push(10, Bytes::from_static(b"klmnopq")); // 17 bytes: the first chunks go
+        assert!(w.read_pieces(1, 2).is_none(), "forgotten: read it from the disk");
+        assert_eq!(joined(w.read_pieces(9, 3).unwrap()), b"jkl");
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("test source error")]
