@@ -1621,7 +1621,6 @@ async fn warm_phases(env: &Env, settings: &Settings, results: &mut Results) -> R
         Some(&env.upstream.url()),
     )
     .await?;
-    let accept = format!("Accept: {DOCKER_MANIFEST}");
     let accept_h = [("accept", DOCKER_MANIFEST)];
     let m = &env.seeded;
     let peers: [(&'static str, SocketAddr); 4] = [
@@ -1674,16 +1673,7 @@ async fn warm_phases(env: &Env, settings: &Settings, results: &mut Results) -> R
                 // Digest first one run, tag first the next: neither gains from its place.
                 references.rotate_left(run % 2);
                 for (reference, rps, p99) in references {
-                    let url = format!("http://{addr}/v2/{REPO}/manifests/{reference}");
-                    let r = wrk(
-                        env.tool("wrk"),
-                        &env.script,
-                        &url,
-                        16,
-                        settings.manifest_secs,
-                        &[&accept],
-                    )
-                    .await;
+                    let r = manifest_wrk(env, settings, addr, reference).await;
                     results.record(rps, peer, r.as_ref().map(|r| r.rps()).map_err(String::clone));
                     results.record(p99, peer, r.map(|r| r.p99_ms));
                 }
@@ -1717,6 +1707,22 @@ async fn wait_stored(root: &Path, digest: &str) {
     }
     // The file appears when the upload is committed; give its scheduler entry a moment.
     tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+/// wrk on the bench image's manifest at `addr` by `reference`, as the manifest rows measure
+/// it (16 connections, Docker's manifest type accepted).
+async fn manifest_wrk(env: &Env, settings: &Settings, addr: SocketAddr, reference: &str) -> Result<WrkResult, String> {
+    let url = format!("http://{addr}/v2/{REPO}/manifests/{reference}");
+    let accept = format!("Accept: {DOCKER_MANIFEST}");
+    wrk(
+        env.tool("wrk"),
+        &env.script,
+        &url,
+        16,
+        settings.manifest_secs,
+        &[&accept],
+    )
+    .await
 }
 
 /// Signs the bench image in cosign's legacy format with a fresh key; returns the public
@@ -1783,7 +1789,6 @@ async fn policy_phase(env: &Env, settings: &Settings, results: &mut Results) -> 
         &policy,
     )
     .await?;
-    let accept = format!("Accept: {DOCKER_MANIFEST}");
     let accept_h = [("accept", DOCKER_MANIFEST)];
     for addr in [plain.addr, gated.addr] {
         let url = format!("http://{addr}/v2/{REPO}/manifests/{TAG}");
@@ -1797,16 +1802,7 @@ async fn policy_phase(env: &Env, settings: &Settings, results: &mut Results) -> 
         eprintln!("policy run {}/{}", run + 1, settings.runs);
         order.reverse();
         for (measure, addr) in order {
-            let url = format!("http://{addr}/v2/{REPO}/manifests/{TAG}");
-            let r = wrk(
-                env.tool("wrk"),
-                &env.script,
-                &url,
-                16,
-                settings.manifest_secs,
-                &[&accept],
-            )
-            .await;
+            let r = manifest_wrk(env, settings, addr, TAG).await;
             results.record(measure, RC, r.map(|r| r.rps()));
         }
     }

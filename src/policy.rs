@@ -452,14 +452,9 @@ impl Proxy {
         .await
         .unwrap_or_else(|e| Err(Refusal::Malformed(format!("verification failed: {e}"))))?;
         // An index that passed vouches for the manifests it lists.
-        if let Some(children) = doc["manifests"].as_array() {
-            for child in children
-                .iter()
-                .filter_map(|c| c["digest"].as_str()?.parse::<Digest>().ok())
-            {
-                let passed = Passed::new(format!("listed by {digest}, {verdict}"), policy);
-                self.gate.passed.insert((child, policy.generation), passed);
-            }
+        for (_, child) in descriptors(&doc, "manifests") {
+            let passed = Passed::new(format!("listed by {digest}, {verdict}"), policy);
+            self.gate.passed.insert((child, policy.generation), passed);
         }
         Ok(verdict)
     }
@@ -467,11 +462,9 @@ impl Proxy {
     /// Admits the config and layers of a manifest that passed.
     fn admit_parts(&self, policy: &Policy, manifest: &Manifest) {
         let doc: serde_json::Value = serde_json::from_slice(&manifest.bytes).unwrap_or_default();
-        let layers = doc["layers"].as_array().into_iter().flatten();
-        for part in std::iter::once(&doc["config"]).chain(layers) {
-            if let Some(d) = part["digest"].as_str().and_then(|d| d.parse::<Digest>().ok()) {
-                self.gate.blobs.insert((d, policy.generation), ());
-            }
+        let config = doc["config"]["digest"].as_str().and_then(|d| d.parse::<Digest>().ok());
+        for d in config.into_iter().chain(descriptors(&doc, "layers").map(|(_, d)| d)) {
+            self.gate.blobs.insert((d, policy.generation), ());
         }
     }
 
@@ -487,13 +480,10 @@ impl Proxy {
                 // The signature manifest and its layers are what a client checks, too.
                 self.admit_parts(policy, &answer.manifest);
                 let doc: serde_json::Value = serde_json::from_slice(&answer.manifest.bytes).unwrap_or_default();
-                for layer in doc["layers"].as_array().into_iter().flatten() {
+                for (layer, d) in descriptors(&doc, "layers") {
                     if layer["mediaType"] != SIMPLE_SIGNING_TYPE {
                         continue;
                     }
-                    let Some(d) = layer["digest"].as_str().and_then(|d| d.parse::<Digest>().ok()) else {
-                        continue;
-                    };
                     match self.small_blob(target, &d).await {
                         Ok(payload) => found.push(Found::SimpleSigning {
                             payload,
@@ -509,13 +499,10 @@ impl Proxy {
         match self.referrers(target, digest, Some(BUNDLE_TYPE)).await {
             Ok(answer) => {
                 let doc: serde_json::Value = serde_json::from_slice(&answer.manifest.bytes).unwrap_or_default();
-                for referrer in doc["manifests"].as_array().into_iter().flatten() {
+                for (referrer, d) in descriptors(&doc, "manifests") {
                     if referrer["artifactType"] != BUNDLE_TYPE {
                         continue;
                     }
-                    let Some(d) = referrer["digest"].as_str().and_then(|d| d.parse::<Digest>().ok()) else {
-                        continue;
-                    };
                     let m = match self.manifest(target, &Reference::Digest(d), AcceptSet::ALL).await {
                         Ok(m) => m.manifest,
                         Err(e) => {
@@ -525,16 +512,13 @@ impl Proxy {
                     };
                     self.admit_parts(policy, &m);
                     let doc: serde_json::Value = serde_json::from_slice(&m.bytes).unwrap_or_default();
-                    for layer in doc["layers"].as_array().into_iter().flatten() {
+                    for (layer, d) in descriptors(&doc, "layers") {
                         if !layer["mediaType"]
                             .as_str()
                             .is_some_and(|t| t.starts_with("application/vnd.dev.sigstore.bundle"))
                         {
                             continue;
                         }
-                        let Some(d) = layer["digest"].as_str().and_then(|d| d.parse::<Digest>().ok()) else {
-                            continue;
-                        };
                         match self.small_blob(target, &d).await {
                             Ok(json) => found.push(Found::Bundle(json)),
                             Err(e) => unavailable = Some(e.to_string()),
@@ -598,6 +582,15 @@ enum Found {
         annotations: serde_json::Map<String, serde_json::Value>,
     },
     Bundle(Vec<u8>),
+}
+
+/// The descriptors of a manifest's `key` list (`layers`, `manifests`) with a valid digest.
+fn descriptors<'a>(doc: &'a serde_json::Value, key: &str) -> impl Iterator<Item = (&'a serde_json::Value, Digest)> {
+    doc[key]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| Some((d, d["digest"].as_str()?.parse::<Digest>().ok()?)))
 }
 
 /// A manifest that holds only signatures, attestations or SBOMs: nothing to run.

@@ -393,12 +393,18 @@ mod tests {
         d
     }
 
-    #[test]
-    fn evicts_least_recently_used_and_deletes_files() {
+    /// An index of 100 KiB and three 40 KiB blobs (not yet put): the third evicts one.
+    fn three_blobs_over_budget() -> (tempfile::TempDir, Arc<BlobStore>, Index, Vec<Vec<u8>>) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(BlobStore::open(dir.path()).unwrap().0);
         let index = Index::new(store.clone(), 100 * 1024);
-        let blobs: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 40 * 1024]).collect();
+        let blobs = (0..3u8).map(|i| vec![i; 40 * 1024]).collect();
+        (dir, store, index, blobs)
+    }
+
+    #[test]
+    fn evicts_least_recently_used_and_deletes_files() {
+        let (_dir, store, index, blobs) = three_blobs_over_budget();
         let a = put(&index, &store, &blobs[0]);
         let b = put(&index, &store, &blobs[1]);
         assert!(index.contains(Kind::Blob, &a)); // a is now more recent than b
@@ -439,10 +445,7 @@ mod tests {
 
     #[test]
     fn a_use_skipped_as_the_latest_still_keeps_exact_lru_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(BlobStore::open(dir.path()).unwrap().0);
-        let index = Index::new(store.clone(), 100 * 1024);
-        let blobs: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 40 * 1024]).collect();
+        let (_dir, store, index, blobs) = three_blobs_over_budget();
         let a = put(&index, &store, &blobs[0]);
         let b = put(&index, &store, &blobs[1]);
         let seen = AtomicU64::new(0);

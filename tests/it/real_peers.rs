@@ -27,6 +27,25 @@ async fn start_proxy(cache_dir: &Path, registry_url: &str, default: bool) -> Tes
     .await
 }
 
+/// skopeo and ctr pull `library/testimg:1` through `proxy` and get `image` (skopeo's copy
+/// byte for byte, ctr's image by its manifest digest).
+async fn skopeo_and_ctr_pull(proxy: &TestProxy, dir: &Path, image: &PushedImage, how: &str) {
+    let copied = dir.join("skopeo");
+    let out = skopeo_copy(&format!("docker://{}/library/testimg:1", proxy.addr), &copied, &[]).await;
+    assert_success(&out, &format!("skopeo copy, {how}"));
+    assert_dir_copy(&copied, image);
+    let containerd = Containerd::start().await;
+    let hosts = containerd.scratch("hosts");
+    write_hosts_toml(&hosts, "docker.io", proxy.addr);
+    let reference = "docker.io/library/testimg:1";
+    let out = containerd.ctr_pull(&hosts, reference).await;
+    containerd.assert_success(&out, &format!("ctr images pull, {how}"));
+    assert_eq!(
+        containerd.image_digest(reference).await.as_deref(),
+        Some(image.manifest_digest.as_str())
+    );
+}
+
 /// Every blob of `image` was fetched from the registry exactly once.
 async fn assert_one_upstream_get_per_blob(registry: &Registry, image: &PushedImage) {
     for (digest, _) in image.blobs() {
@@ -372,21 +391,8 @@ async fn after_prefetch_skopeo_ctr_and_podman_pull_by_tag_with_no_upstream() {
         harness::upstream_toml("docker.io", "http://127.0.0.1:9", true, "5m")
     );
     let proxy = TestProxy::start(&cache, "1GiB", &upstreams).await;
-    let copied = dir.path().join("skopeo");
-    let out = skopeo_copy(&format!("docker://{}/library/testimg:1", proxy.addr), &copied, &[]).await;
-    assert_success(&out, "skopeo copy, offline");
-    assert_dir_copy(&copied, &image);
-
-    let containerd = Containerd::start().await;
-    let hosts = containerd.scratch("hosts");
-    write_hosts_toml(&hosts, "docker.io", proxy.addr);
+    skopeo_and_ctr_pull(&proxy, dir.path(), &image, "offline").await;
     let reference = "docker.io/library/testimg:1";
-    let out = containerd.ctr_pull(&hosts, reference).await;
-    containerd.assert_success(&out, "ctr pull, offline");
-    assert_eq!(
-        containerd.image_digest(reference).await.as_deref(),
-        Some(image.manifest_digest.as_str())
-    );
 
     let podman = dir.path().join("podman");
     std::fs::create_dir_all(&podman).unwrap();
@@ -465,21 +471,7 @@ async fn skopeo_and_ctr_pull_a_signed_image_under_enforce_and_skopeo_is_refused_
     )
     .await;
 
-    let copied = dir.path().join("skopeo");
-    let out = skopeo_copy(&format!("docker://{}/library/testimg:1", proxy.addr), &copied, &[]).await;
-    assert_success(&out, "skopeo copy of the signed image under enforce");
-    assert_dir_copy(&copied, &image);
-
-    let containerd = Containerd::start().await;
-    let hosts = containerd.scratch("hosts");
-    write_hosts_toml(&hosts, "docker.io", proxy.addr);
-    let reference = "docker.io/library/testimg:1";
-    let out = containerd.ctr_pull(&hosts, reference).await;
-    containerd.assert_success(&out, "ctr images pull of the signed image under enforce");
-    assert_eq!(
-        containerd.image_digest(reference).await.as_deref(),
-        Some(image.manifest_digest.as_str())
-    );
+    skopeo_and_ctr_pull(&proxy, dir.path(), &image, "under enforce").await;
 
     let refused = dir.path().join("refused");
     let out = skopeo_copy(&format!("docker://{}/library/unsigned:1", proxy.addr), &refused, &[]).await;

@@ -361,6 +361,22 @@ async fn warn_serves_unsigned_images_and_counts_them() {
     proxy.stop().await;
 }
 
+/// A fake upstream with `library/signed:1`, signed by a fresh key written to
+/// `dir/cosign.pub`, and `library/unsigned:1`: (upstream, key file, signed digest, its blobs).
+async fn signed_and_unsigned(dir: &Path) -> (FakeUpstream, PathBuf, String, Vec<String>) {
+    let up = FakeUpstream::start().await;
+    let ours = CosignKey::generate();
+    let key = ours.write(dir, "cosign.pub");
+    let (signed, blobs) = image(&up, "library/signed", "1", 1);
+    publish(
+        &up,
+        "library/signed",
+        &ours.legacy_signature("docker.io/library/signed:1", &signed),
+    );
+    image(&up, "library/unsigned", "1", 2);
+    (up, key, signed, blobs)
+}
+
 /// A config file for the binary: `up` as docker.io, the cache in `dir/cache`, `policy`.
 fn process_config(up: &FakeUpstream, dir: &Path, policy: &str) -> PathBuf {
     let config = crate::harness::write_process_config(dir, &up.url(), "", "");
@@ -371,17 +387,8 @@ fn process_config(up: &FakeUpstream, dir: &Path, policy: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_prefetch_verification_works_with_no_upstream() {
-    let up = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let ours = CosignKey::generate();
-    let key = ours.write(dir.path(), "cosign.pub");
-    let (signed, blobs) = image(&up, "library/signed", "1", 1);
-    publish(
-        &up,
-        "library/signed",
-        &ours.legacy_signature("docker.io/library/signed:1", &signed),
-    );
-    image(&up, "library/unsigned", "1", 2);
+    let (up, key, signed, blobs) = signed_and_unsigned(dir.path()).await;
     let policy = policy_toml("enforce", &[&key]);
     let config = process_config(&up, dir.path(), &policy);
     crate::prefetch::run_ok(&config, &["prefetch", "library/signed:1"]).await;
@@ -424,17 +431,8 @@ async fn after_prefetch_verification_works_with_no_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_image_prints_what_a_pull_would_be_told() {
-    let up = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let ours = CosignKey::generate();
-    let key = ours.write(dir.path(), "cosign.pub");
-    let (signed, _) = image(&up, "library/signed", "1", 1);
-    publish(
-        &up,
-        "library/signed",
-        &ours.legacy_signature("docker.io/library/signed:1", &signed),
-    );
-    image(&up, "library/unsigned", "1", 2);
+    let (up, key, signed, _) = signed_and_unsigned(dir.path()).await;
     let config = process_config(&up, dir.path(), &policy_toml("enforce", &[&key]));
     let out = crate::prefetch::run_ok(&config, &["verify-image", "library/signed:1"]).await;
     assert_eq!(
