@@ -270,7 +270,22 @@ impl Trust {
             // Keyless: the certificate, the signature and the Rekor promise make a v0.1
             // bundle over the payload's bytes, checked like any other.
             Some(cert) => {
-                let bundle = legacy_bundle(payload, signature_b64, cert, text(REKOR_ANNOTATION))?;
+                let bundle = legacy_bundle(payload, signature_b64, Some(cert), text(REKOR_ANNOTATION))?;
+                self.bundle(
+                    &bundle,
+                    sigstore_verify::types::Artifact::from_blob(payload),
+                    &digest.to_string(),
+                )?
+            }
+            // By a key, under a trusted root: its Rekor entry must verify too (as `cosign
+            // verify --key` asks by default), through the same bundle check.
+            None if self.rooted => {
+                if text(REKOR_ANNOTATION).is_none() {
+                    return Err(Refusal::Untrusted(
+                        "signed by a key without a transparency-log entry, and the policy has a trusted_root".into(),
+                    ));
+                }
+                let bundle = legacy_bundle(payload, signature_b64, None, text(REKOR_ANNOTATION))?;
                 self.bundle(
                     &bundle,
                     sigstore_verify::types::Artifact::from_blob(payload),
@@ -319,21 +334,34 @@ fn signed_digest(payload: &[u8]) -> Result<String, Refusal> {
         .ok_or_else(|| Refusal::Malformed("no critical.image.docker-manifest-digest".into()))
 }
 
-/// A v0.1 Sigstore bundle made of a legacy keyless signature's annotations.
-fn legacy_bundle(payload: &[u8], signature_b64: &str, cert_pem: &str, rekor: Option<&str>) -> Result<Bundle, Refusal> {
+/// A v0.1 Sigstore bundle made of a legacy signature's annotations: its Fulcio
+/// certificate (keyless) or a key hint (the policy's keys are then tried), and its Rekor
+/// entry with the signed entry timestamp.
+fn legacy_bundle(
+    payload: &[u8],
+    signature_b64: &str,
+    cert_pem: Option<&str>,
+    rekor: Option<&str>,
+) -> Result<Bundle, Refusal> {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let cert_body: String = cert_pem
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    if cert_body.is_empty() {
-        return Err(Refusal::Malformed(
-            "the certificate annotation holds no PEM certificate".into(),
-        ));
-    }
-    let rekor = rekor.ok_or_else(|| Refusal::Untrusted("keyless signature without a Rekor entry".into()))?;
+    let material = match cert_pem {
+        Some(pem) => {
+            let cert_body: String = pem
+                .lines()
+                .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
+                .skip(1)
+                .take_while(|l| !l.starts_with("-----END"))
+                .collect();
+            if cert_body.is_empty() {
+                return Err(Refusal::Malformed(
+                    "the certificate annotation holds no PEM certificate".into(),
+                ));
+            }
+            serde_json::json!({ "certificates": [ { "rawBytes": cert_body } ] })
+        }
+        None => serde_json::Value::Null,
+    };
+    let rekor = rekor.ok_or_else(|| Refusal::Untrusted("signature without a Rekor entry".into()))?;
     let rekor: serde_json::Value =
         serde_json::from_str(rekor).map_err(|e| Refusal::Malformed(format!("Rekor bundle: {e}")))?;
     let entry = &rekor["Payload"];
@@ -341,10 +369,9 @@ fn legacy_bundle(payload: &[u8], signature_b64: &str, cert_pem: &str, rekor: Opt
     let log_id: Vec<u8> = (0..log_id.len() / 2)
         .filter_map(|i| u8::from_str_radix(log_id.get(2 * i..2 * i + 2)?, 16).ok())
         .collect();
-    let bundle = serde_json::json!({
+    let mut bundle = serde_json::json!({
         "mediaType": "application/vnd.dev.sigstore.bundle+json;version=0.1",
         "verificationMaterial": {
-            "x509CertificateChain": { "certificates": [ { "rawBytes": cert_body } ] },
             "tlogEntries": [ {
                 "logIndex": entry["logIndex"].as_u64().unwrap_or_default().to_string(),
                 "logId": { "keyId": b64.encode(log_id) },
@@ -362,6 +389,11 @@ fn legacy_bundle(payload: &[u8], signature_b64: &str, cert_pem: &str, rekor: Opt
             "signature": signature_b64.trim(),
         },
     });
+    let (field, value) = match material {
+        serde_json::Value::Null => ("publicKey", serde_json::json!({ "hint": "" })),
+        chain => ("x509CertificateChain", chain),
+    };
+    bundle["verificationMaterial"][field] = value;
     Bundle::from_json(&bundle.to_string()).map_err(|e| Refusal::Malformed(format!("legacy signature: {e}")))
 }
 
@@ -676,6 +708,58 @@ mod tests {
                 "{dir}"
             );
         }
+    }
+
+    #[test]
+    fn under_a_trusted_root_a_key_signature_needs_its_rekor_entry() {
+        let (payload, annotations, digest) = legacy("dir-img-cosign-key-rekor-valid");
+        let sig = Signature::SimpleSigning {
+            payload: &payload,
+            annotations: &annotations,
+        };
+        let rooted = |k: &str| trust(vec![key(k)], vec![], "production");
+        assert_eq!(
+            rooted("cosign-simplesigning/cosign2.pub").verify(&sig, &digest),
+            Ok("key cosign-simplesigning/cosign2.pub".into())
+        );
+        assert_eq!(
+            rooted("cosign-simplesigning/cosign.pub")
+                .verify(&sig, &digest)
+                .unwrap_err()
+                .reason(),
+            "bad_signature"
+        );
+        // The promise of another entry does not vouch for this one.
+        let mut forged = annotations.clone();
+        let mut rekor: serde_json::Value = serde_json::from_str(forged[REKOR_ANNOTATION].as_str().unwrap()).unwrap();
+        rekor["Payload"]["integratedTime"] = (rekor["Payload"]["integratedTime"].as_u64().unwrap() + 1).into();
+        forged.insert(REKOR_ANNOTATION.into(), rekor.to_string().into());
+        let sig = Signature::SimpleSigning {
+            payload: &payload,
+            annotations: &forged,
+        };
+        assert_eq!(
+            rooted("cosign-simplesigning/cosign2.pub")
+                .verify(&sig, &digest)
+                .unwrap_err()
+                .reason(),
+            "untrusted"
+        );
+        // No Rekor entry at all: refused under a root, accepted by the key alone without one.
+        let (payload, annotations, digest) = legacy("dir-img-cosign-valid");
+        let sig = Signature::SimpleSigning {
+            payload: &payload,
+            annotations: &annotations,
+        };
+        let reason = rooted("cosign-simplesigning/cosign.pub")
+            .verify(&sig, &digest)
+            .unwrap_err();
+        assert!(
+            matches!(&reason, Refusal::Untrusted(m) if m.contains("transparency-log")),
+            "{reason}"
+        );
+        let keyed = Trust::new(vec![key("cosign-simplesigning/cosign.pub")], vec![], None).unwrap();
+        assert!(keyed.verify(&sig, &digest).is_ok());
     }
 
     #[test]
