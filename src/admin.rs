@@ -1,5 +1,5 @@
 //! The admin listener: `/` (the status page), `/metrics` (Prometheus text), `/healthz`
-//! (the process answers) and `/readyz` (the cache is open and its disk takes data), on a
+//! (the process answers) and `/readyz` (the cache is open, its disk takes data, and a shared bucket answers), on a
 //! port of its own. It starts before the cache index is rebuilt, so liveness never waits for it.
 
 use std::convert::Infallible;
@@ -43,8 +43,15 @@ async fn writable(proxy: &Proxy) -> Result<(), String> {
         written.and(removed)
     });
     match probe.await {
-        Ok(result) => result.map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
+        Ok(result) => result.map_err(|e| e.to_string())?,
+        Err(e) => return Err(e.to_string()),
+    }
+    match &proxy.bucket {
+        Some(bucket) => bucket
+            .check()
+            .await
+            .map_err(|e| format!("shared bucket {}: {e}", bucket.name)),
+        None => Ok(()),
     }
 }
 

@@ -300,6 +300,47 @@ pub struct CacheConfig {
     /// `ghcr.io/org/app` (every tag), `ghcr.io/org/*`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pinned: Vec<String>,
+    /// A bucket shared by replicas: each local miss reads it before the upstream, and what
+    /// one replica verified is uploaded for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Config>,
+}
+
+/// `[cache.s3]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    /// For anything but AWS itself: `https://s3.example.com`, `http://127.0.0.1:8333`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Keys go under `<prefix>/v1/`.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// `https://endpoint/bucket/key` (most S3-compatible stores) instead of
+    /// `https://bucket.endpoint/key`.
+    #[serde(default = "default_true")]
+    pub path_style: bool,
+    /// With `secret_access_key_file`; else the AWS environment variables, else the
+    /// instance's role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_file: Option<PathBuf>,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+fn default_prefix() -> String {
+    "regcache".into()
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for CacheConfig {
@@ -310,6 +351,7 @@ impl Default for CacheConfig {
             memory_manifests: default_memory_manifests(),
             offline: false,
             pinned: Vec::new(),
+            s3: None,
         }
     }
 }
@@ -534,6 +576,24 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), Error> {
+        if let Some(s3) = &self.cache.s3 {
+            if s3.bucket.is_empty() {
+                return Err(invalid("cache.s3.bucket", "must name a bucket"));
+            }
+            if let Some(e) = &s3.endpoint {
+                let ok = e
+                    .parse::<http::Uri>()
+                    .ok()
+                    .is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+                if !ok {
+                    return Err(invalid(
+                        "cache.s3.endpoint",
+                        format!("{e:?} is not a URL like \"https://s3.example.com\""),
+                    ));
+                }
+            }
+            crate::cache::bucket::Bucket::new(s3).map_err(|e| invalid("cache.s3", e))?;
+        }
         crate::policy::Policies::from_config(&self.policies).map_err(|(key, message)| invalid(key, message))?;
         for (i, sync) in self.syncs.iter().enumerate() {
             crate::sync::Job::new(i, sync).map_err(|e| invalid(format!("sync[{i}]"), &e))?;

@@ -69,6 +69,7 @@ pub enum BuildError {
     Cache(std::path::PathBuf, std::io::Error),
     #[error(transparent)]
     Tls(#[from] tls::Error),
+    /// A config value that could not be put to use (a policy's files, the S3 client).
     #[error("invalid config: key `{0}`: {1}")]
     Policy(String, String),
 }
@@ -139,6 +140,12 @@ fn build_app(config: &Config, background: bool) -> Result<Arc<App>, BuildError> 
     // Only access rules that limit repositories make rights differ between clients.
     let restricted = !config.auth.anonymous_allow.is_empty() || config.auth.users.iter().any(|u| !u.allow.is_empty());
     let policies = policy::Policies::from_config(&config.policies).map_err(|(key, e)| BuildError::Policy(key, e))?;
+    let bucket = match &config.cache.s3 {
+        Some(s3) => Some(Arc::new(
+            cache::bucket::Bucket::new(s3).map_err(|e| BuildError::Policy("cache.s3".into(), e))?,
+        )),
+        None => None,
+    };
     let proxy = Arc::new(Proxy::new(
         cache,
         upstreams,
@@ -146,6 +153,7 @@ fn build_app(config: &Config, background: bool) -> Result<Arc<App>, BuildError> 
         &config.limits,
         restricted,
         policies,
+        bucket,
     ));
     let tls = match &config.server.tls {
         Some(t) => Some(tls::Reloader::new(&t.cert, &t.key)?),

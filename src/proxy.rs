@@ -141,6 +141,8 @@ pub struct Proxy {
     restricted: bool,
     /// Signature policies and their verdicts.
     pub gate: crate::policy::Gate,
+    /// The bucket replicas share (`[cache.s3]`): read before the upstream, written after.
+    pub bucket: Option<Arc<crate::cache::bucket::Bucket>>,
 }
 
 impl Proxy {
@@ -151,6 +153,7 @@ impl Proxy {
         limits: &LimitsConfig,
         restricted: bool,
         policies: crate::policy::Policies,
+        bucket: Option<Arc<crate::cache::bucket::Bucket>>,
     ) -> Proxy {
         let fills = Arc::new(Fills::new(
             cache.store.clone(),
@@ -168,6 +171,7 @@ impl Proxy {
             manifest_flights: SingleFlight::default(),
             restricted,
             gate: crate::policy::Gate::new(policies),
+            bucket,
         }
     }
 
@@ -224,6 +228,18 @@ impl Proxy {
     /// (which on a real disk can wait for another file's commit of gigabytes).
     fn store_manifest(&self, manifest: Arc<Manifest>) {
         self.cache.remember_manifest(manifest.clone());
+        if let Some(bucket) = self.bucket.clone() {
+            let m = manifest.clone();
+            let record = Bytes::from([m.media_type.as_bytes(), b"\n", &m.bytes].concat());
+            self.upload_in_background(
+                async move {
+                    bucket
+                        .put_bytes(crate::cache::blob_store::Kind::Manifest, &m.digest, record)
+                        .await
+                },
+                format!("manifest {}", manifest.digest),
+            );
+        }
         let cache = self.cache.clone();
         self.in_background(move || {
             if let Err(e) = cache.put_manifest(manifest.clone()) {
@@ -244,6 +260,16 @@ impl Proxy {
                 tracing::warn!(error = %e, "cannot persist a tag mapping");
             }
         });
+    }
+
+    /// Runs an upload to the shared bucket as a task of its own, counted like
+    /// [`Proxy::in_background`] work.
+    fn upload_in_background(
+        &self,
+        work: impl std::future::Future<Output = Result<(), String>> + Send + 'static,
+        what: String,
+    ) {
+        upload_counted(self.writes.clone(), work, what);
     }
 
     /// Runs disk work on the blocking pool, counted in [`Proxy::work_in_flight`] so that a
@@ -339,6 +365,19 @@ impl Proxy {
         if let Some(manifest) = self.cache.load_manifest(digest).await {
             self.authorize(target, Content::Manifest, digest).await?;
             self.lookup("manifest", "coalesced");
+            return Ok(ManifestAnswer { manifest, stale: false });
+        }
+        if let Some(manifest) = self.manifest_from_bucket(target, digest).await {
+            self.lookup("manifest", "bucket");
+            self.associate(target, digest);
+            self.cache.remember_manifest(manifest.clone());
+            let cache = self.cache.clone();
+            let m = manifest.clone();
+            self.in_background(move || {
+                if let Err(e) = cache.put_manifest(m.clone()) {
+                    tracing::warn!(digest = %m.digest, error = %e, "cannot store a manifest on the cache disk");
+                }
+            });
             return Ok(ManifestAnswer { manifest, stale: false });
         }
         self.lookup("manifest", "miss");
@@ -576,6 +615,39 @@ impl Proxy {
         Ok(Manifest::new(fetched.bytes, media_type, digest))
     }
 
+    /// The shared bucket, if the caller may take `digest` from it: with access rules, only
+    /// a pair known (or confirmed upstream) to hold it, as for local content.
+    async fn bucket_for(&self, target: &Target, digest: &Digest) -> Option<Arc<crate::cache::bucket::Bucket>> {
+        let bucket = self.bucket.clone()?;
+        if self.restricted && self.authorize(target, Content::Blob, digest).await.is_err() {
+            return None;
+        }
+        Some(bucket)
+    }
+
+    /// A manifest another replica verified, from the shared bucket (verified again here).
+    async fn manifest_from_bucket(&self, target: &Target, digest: &Digest) -> Option<Arc<Manifest>> {
+        let bucket = self.bucket.clone()?;
+        if self.restricted && self.authorize(target, Content::Manifest, digest).await.is_err() {
+            return None;
+        }
+        let raw = match bucket.get_bytes(crate::cache::blob_store::Kind::Manifest, digest).await {
+            Ok(raw) => raw?,
+            Err(e) => {
+                tracing::warn!(bucket = %bucket.name, %digest, error = %e, "shared bucket unreadable; asking the upstream");
+                return None;
+            }
+        };
+        let nl = raw.iter().position(|&b| b == b'\n')?;
+        let media_type = std::str::from_utf8(&raw[..nl]).ok()?.to_owned();
+        let bytes = raw.slice(nl + 1..);
+        if !digest.matches(&bytes) {
+            tracing::warn!(bucket = %bucket.name, %digest, "a manifest in the shared bucket does not match its digest; ignored");
+            return None;
+        }
+        Some(Arc::new(Manifest::new(bytes, media_type, digest.clone())))
+    }
+
     /// A blob to stream: from the cache, or from the fill that fetches it (joined or started).
     pub async fn blob(&self, target: &Target, digest: &Digest) -> Result<BlobAnswer, Error> {
         if let Some(answer) = self.cached_blob(digest).await? {
@@ -633,6 +705,14 @@ impl Proxy {
     /// Joins the fill of `digest`, or starts one under `target`.
     async fn join_fill(&self, target: &Target, digest: &Digest, own: &Pair) -> Result<Joined, Error> {
         let mut started_here = false;
+        let bucket = self.bucket_for(target, digest).await;
+        let uploader = self.bucket.clone().map(|b| {
+            (
+                b,
+                self.writes.clone(),
+                self.cache.store.path(crate::cache::blob_store::Kind::Blob, digest),
+            )
+        });
         let metrics = self.metrics.clone();
         let joined = self.fills.join(
             digest,
@@ -640,7 +720,7 @@ impl Proxy {
             || {
                 started_here = true;
                 metrics.fills_in_flight.inc();
-                opener(target, digest)
+                opener(target, digest, bucket.clone())
             },
             {
                 let (metrics, digest, started) = (self.metrics.clone(), digest.clone(), std::time::Instant::now());
@@ -666,7 +746,11 @@ impl Proxy {
                     match result {
                         Ok(true) => {
                             cache.associations.record(&digest, &upstream, &repo);
-                            tracing::info!(%digest, resumes, "fill committed")
+                            tracing::info!(%digest, resumes, "fill committed");
+                            if let Some((bucket, writes, path)) = uploader {
+                                let d = digest.clone();
+                                upload_counted(writes, async move { bucket.put_file(&d, path).await }, format!("blob {digest}"));
+                            }
                         }
                         Ok(false) => tracing::warn!(%digest, resumes, "fill verified and relayed, not cached (cache disk full or failing)"),
                         Err(e) => tracing::warn!(%digest, resumes, error = %e, "fill failed"),
@@ -796,12 +880,65 @@ fn fill_error(e: Arc<FillError<upstream::Error>>, digest: &Digest) -> Error {
     }
 }
 
-fn opener(target: &Target, digest: &Digest) -> Opener<upstream::Error> {
+/// Opens a blob's source at an offset: the shared bucket when it holds the blob (and the
+/// caller may have it), else the upstream; a resumption stays with the bucket once it
+/// served the start, falling back to the upstream if it fails.
+fn opener(
+    target: &Target,
+    digest: &Digest,
+    bucket: Option<Arc<crate::cache::bucket::Bucket>>,
+) -> Opener<upstream::Error> {
     let (upstream, repo, digest) = (target.upstream.clone(), target.repo.clone(), digest.clone());
+    let from_bucket = Arc::new(std::sync::atomic::AtomicBool::new(false));
     Box::new(move |offset| {
-        let (upstream, repo, digest) = (upstream.clone(), repo.clone(), digest.clone());
-        Box::pin(async move { upstream.get_blob(&repo, &digest, offset).await })
+        let (upstream, repo, digest, bucket, from_bucket) = (
+            upstream.clone(),
+            repo.clone(),
+            digest.clone(),
+            bucket.clone(),
+            from_bucket.clone(),
+        );
+        Box::pin(async move {
+            if let Some(b) = bucket.filter(|_| offset == 0 || from_bucket.load(std::sync::atomic::Ordering::Relaxed)) {
+                match b.get(crate::cache::blob_store::Kind::Blob, &digest, offset).await {
+                    Ok(Some(source)) => {
+                        from_bucket.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return Ok(source);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(bucket = %b.name, %digest, error = %e, "shared bucket unreadable; asking the upstream")
+                    }
+                }
+            }
+            upstream.get_blob(&repo, &digest, offset).await
+        })
     })
+}
+
+/// Runs an upload to the shared bucket, counted in `writes` (a shutdown waits for it).
+fn upload_counted(
+    writes: Arc<std::sync::atomic::AtomicUsize>,
+    work: impl std::future::Future<Output = Result<(), String>> + Send + 'static,
+    what: String,
+) {
+    struct Done(Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let done = Done(writes);
+    runtime.spawn(async move {
+        let _done = done;
+        if let Err(e) = work.await {
+            tracing::warn!(%what, error = %e, "cannot upload to the shared bucket");
+        }
+    });
 }
 
 type JsonObject = serde_json::Map<String, serde_json::Value>;

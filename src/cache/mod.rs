@@ -3,6 +3,7 @@
 
 pub mod associations;
 pub mod blob_store;
+pub mod bucket;
 pub mod fill;
 pub mod index;
 pub mod pins;

@@ -50,6 +50,11 @@ impl TestProxy {
             dir.display()
         );
         let config = regcache::Config::from_toml(&text).expect("test config is valid");
+        TestProxy::start_config(config).await
+    }
+
+    /// Starts regcache with this config (its listen address is ignored: 127.0.0.1:0).
+    pub async fn start_config(config: regcache::Config) -> TestProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();

@@ -18,6 +18,7 @@ mod prefetch;
 mod real_auth;
 mod real_peers;
 mod rights;
+mod shared_bucket;
 mod signed_pulls;
 mod status_page;
 mod upstream_reality;

