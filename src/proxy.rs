@@ -254,6 +254,13 @@ impl Proxy {
     /// the cost of one early HEAD.
     fn store_tag(&self, record: TagRecord, durable: bool) {
         let record = self.cache.tags.remember(record);
+        if let (Some(bucket), Ok(json)) = (self.bucket.clone(), serde_json::to_vec(&*record)) {
+            let id = record.key().id();
+            self.upload_in_background(
+                async move { bucket.put_tag(&id, Bytes::from(json)).await },
+                "a tag mapping".to_owned(),
+            );
+        }
         let cache = self.cache.clone();
         self.in_background(move || {
             if let Err(e) = cache.tags.persist(&record, durable) {
@@ -417,6 +424,9 @@ impl Proxy {
         let up = &target.upstream;
         if let Some(answer) = self.fresh_tag(&key, up).await {
             self.lookup("tag", "coalesced");
+            return Ok(answer);
+        }
+        if let Some(answer) = self.tag_from_bucket(target, &key).await {
             return Ok(answer);
         }
         self.lookup("tag", "miss");
@@ -623,6 +633,50 @@ impl Proxy {
             return None;
         }
         Some(bucket)
+    }
+
+    /// A tag mapping another replica recorded in the shared bucket, if still fresh, with its
+    /// manifest (from this cache or the bucket).
+    async fn tag_from_bucket(&self, target: &Target, key: &TagKey) -> Option<ManifestAnswer> {
+        let bucket = self.bucket.clone()?;
+        let raw = match bucket.get_tag(&key.id()).await {
+            Ok(raw) => raw?,
+            Err(e) => {
+                tracing::warn!(bucket = %bucket.name, error = %e, "shared bucket unreadable; asking the upstream");
+                return None;
+            }
+        };
+        let record: TagRecord = serde_json::from_slice(&raw).ok()?;
+        let up = &target.upstream;
+        if record.key() != *key || (!up.offline && (record.expired() || record.age() >= up.tag_ttl)) {
+            return None;
+        }
+        let digest = record.digest()?;
+        // The mapping says this repository holds the digest.
+        self.associate(target, &digest);
+        let manifest = match self.cache.load_manifest(&digest).await {
+            Some(m) => m,
+            None => {
+                let m = self.manifest_from_bucket(target, &digest).await?;
+                self.cache.remember_manifest(m.clone());
+                let (cache, stored) = (self.cache.clone(), m.clone());
+                self.in_background(move || {
+                    if let Err(e) = cache.put_manifest(stored.clone()) {
+                        tracing::warn!(digest = %stored.digest, error = %e, "cannot store a manifest on the cache disk");
+                    }
+                });
+                m
+            }
+        };
+        let record = self.cache.tags.remember(record);
+        let cache = self.cache.clone();
+        self.in_background(move || {
+            if let Err(e) = cache.tags.persist(&record, false) {
+                tracing::warn!(error = %e, "cannot persist a tag mapping");
+            }
+        });
+        self.lookup("tag", "bucket");
+        Some(ManifestAnswer { manifest, stale: false })
     }
 
     /// A manifest another replica verified, from the shared bucket (verified again here).

@@ -131,6 +131,31 @@ impl Bucket {
         }
     }
 
+    fn tag_path(&self, id: &str) -> Path {
+        Path::from(
+            format!("{}/v1/tags/{id}.json", self.prefix)
+                .trim_start_matches('/')
+                .to_owned(),
+        )
+    }
+
+    /// A tag mapping another replica recorded (its JSON), by [`TagKey::id`](super::tags::TagKey::id).
+    pub async fn get_tag(&self, id: &str) -> Result<Option<Bytes>, String> {
+        match self.store.get(&self.tag_path(id)).await {
+            Ok(got) => got.bytes().await.map(Some).map_err(|e| e.to_string()),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub async fn put_tag(&self, id: &str, json: Bytes) -> Result<(), String> {
+        self.store
+            .put(&self.tag_path(id), PutPayload::from_bytes(json))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     pub async fn contains(&self, kind: Kind, digest: &Digest) -> bool {
         self.store.head(&self.path(kind, digest)).await.is_ok()
     }

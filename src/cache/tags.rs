@@ -21,6 +21,16 @@ pub struct TagKey {
     pub accept: u8,
 }
 
+impl TagKey {
+    /// A name for the mapping that is safe as a file or object name: the hex of a hash of
+    /// the key.
+    pub fn id(&self) -> String {
+        let id =
+            Digest::sha256_of(format!("{}\n{}\n{}\n{}", self.upstream, self.repo, self.tag, self.accept).as_bytes());
+        id.hex().to_owned()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TagRecord {
     upstream: String,
@@ -94,7 +104,7 @@ impl TagRecord {
         Duration::from_millis(now_ms().saturating_sub(self.confirmed_ms))
     }
 
-    fn key(&self) -> TagKey {
+    pub fn key(&self) -> TagKey {
         TagKey {
             upstream: self.upstream.clone(),
             repo: self.repo.clone(),
@@ -129,8 +139,7 @@ impl TagStore {
     }
 
     fn path(&self, key: &TagKey) -> PathBuf {
-        let id = Digest::sha256_of(format!("{}\n{}\n{}\n{}", key.upstream, key.repo, key.tag, key.accept).as_bytes());
-        let hex = id.hex();
+        let hex = key.id();
         self.dir.join(&hex[..2]).join(format!("{hex}.json"))
     }
 
