@@ -329,6 +329,13 @@ pub struct S3Config {
     pub access_key_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_access_key_file: Option<PathBuf>,
+    /// How the other replicas reach this one (`http://10.0.0.5:5000`); with
+    /// `peer_secret_file`, replicas fetch each blob from the upstream once for the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_url: Option<String>,
+    /// The cluster's shared secret (at least 16 characters), which peer requests carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_secret_file: Option<PathBuf>,
 }
 
 fn default_region() -> String {

@@ -146,6 +146,16 @@ fn build_app(config: &Config, background: bool) -> Result<Arc<App>, BuildError> 
         )),
         None => None,
     };
+    let cluster = match (&bucket, &config.cache.s3) {
+        (Some(b), Some(s3)) => cache::cluster::Cluster::new(b.clone(), s3, metrics.lease_takeovers.clone())
+            .map_err(|e| BuildError::Policy("cache.s3.peer_secret_file".into(), e))?
+            .map(Arc::new),
+        _ => None,
+    };
+    if let (Some(c), Ok(runtime)) = (&cluster, tokio::runtime::Handle::try_current()) {
+        let c = c.clone();
+        runtime.spawn(async move { c.probe().await });
+    }
     let proxy = Arc::new(Proxy::new(
         cache,
         upstreams,
@@ -153,7 +163,7 @@ fn build_app(config: &Config, background: bool) -> Result<Arc<App>, BuildError> 
         &config.limits,
         restricted,
         policies,
-        bucket,
+        (bucket, cluster),
     ));
     let tls = match &config.server.tls {
         Some(t) => Some(tls::Reloader::new(&t.cert, &t.key)?),

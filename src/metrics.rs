@@ -38,6 +38,7 @@ pub struct Metrics {
     pub sync_failures: IntCounterVec,
     pub connections_waiting: IntGauge,
     pub policy_decisions: IntCounterVec,
+    pub lease_takeovers: IntCounter,
 }
 
 /// Every metric name regcache exports (the dashboard test checks its queries against it).
@@ -72,6 +73,7 @@ pub const NAMES: &[&str] = &[
     "regcache_sync_failures_total",
     "regcache_connections_waiting",
     "regcache_policy_decisions_total",
+    "regcache_cluster_lease_takeovers_total",
 ];
 
 const DURATION_BUCKETS: &[f64] = &[
@@ -137,6 +139,7 @@ impl Metrics {
             cache_pinned: gauge(r, "regcache_cache_pinned_bytes", "Bytes of pinned images in the disk cache (never evicted; part of cache_size_bytes)."),
             cache_evictions: counter(r, "regcache_cache_evictions_total", "Cache entries evicted to stay under the budget."),
             auth_failures: counter(r, "regcache_auth_failures_total", "Client requests refused for missing or wrong credentials."),
+            lease_takeovers: counter(r, "regcache_cluster_lease_takeovers_total", "Leases of a fetch taken over from a replica that stopped renewing them."),
             policy_decisions: counter_vec(r, "regcache_policy_decisions_total", "Manifest and blob requests a signature policy decided, by policy, decision (verified, warned, denied) and reason (no_signature, bad_signature, wrong_identity, digest_mismatch, untrusted, malformed; empty when verified).", &["policy", "decision", "reason"]),
             access_confirmations: counter_vec(r, "regcache_access_confirmations_total", "Cached content asked for under a repository not yet known to hold it, checked with an upstream HEAD first, by result (confirmed, refused).", &["result"]),
             sync_runs: counter_vec(r, "regcache_sync_runs_total", "Runs of each [[sync]] entry, by result (ok, failed).", &["sync", "result"]),

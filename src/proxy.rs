@@ -143,6 +143,8 @@ pub struct Proxy {
     pub gate: crate::policy::Gate,
     /// The bucket replicas share (`[cache.s3]`): read before the upstream, written after.
     pub bucket: Option<Arc<crate::cache::bucket::Bucket>>,
+    /// Who fetches what for the whole cluster (leases in the bucket, peer streaming).
+    pub cluster: Option<Arc<crate::cache::cluster::Cluster>>,
 }
 
 impl Proxy {
@@ -153,7 +155,10 @@ impl Proxy {
         limits: &LimitsConfig,
         restricted: bool,
         policies: crate::policy::Policies,
-        bucket: Option<Arc<crate::cache::bucket::Bucket>>,
+        (bucket, cluster): (
+            Option<Arc<crate::cache::bucket::Bucket>>,
+            Option<Arc<crate::cache::cluster::Cluster>>,
+        ),
     ) -> Proxy {
         let fills = Arc::new(Fills::new(
             cache.store.clone(),
@@ -172,6 +177,7 @@ impl Proxy {
             restricted,
             gate: crate::policy::Gate::new(policies),
             bucket,
+            cluster,
         }
     }
 
@@ -702,6 +708,22 @@ impl Proxy {
         Some(Arc::new(Manifest::new(bytes, media_type, digest.clone())))
     }
 
+    /// What a peer replica may have of `digest`: the cached blob or the fill in progress,
+    /// never a new fetch.
+    pub async fn peer_blob(&self, digest: &Digest) -> Result<Option<BlobAnswer>, Error> {
+        if let Some(answer) = self.cached_blob(digest).await? {
+            return Ok(Some(answer));
+        }
+        Ok(self.fills.running(digest).map(|fill| {
+            let total = fill.progress.borrow().total;
+            BlobAnswer::File {
+                file: fill.file,
+                total,
+                progress: Some(fill.progress),
+            }
+        }))
+    }
+
     /// A blob to stream: from the cache, or from the fill that fetches it (joined or started).
     pub async fn blob(&self, target: &Target, digest: &Digest) -> Result<BlobAnswer, Error> {
         if let Some(answer) = self.cached_blob(digest).await? {
@@ -760,11 +782,15 @@ impl Proxy {
     async fn join_fill(&self, target: &Target, digest: &Digest, own: &Pair) -> Result<Joined, Error> {
         let mut started_here = false;
         let bucket = self.bucket_for(target, digest).await;
+        // The cluster lease this fill may take, kept until its blob is in the bucket.
+        let lease: LeaseSlot = Arc::default();
+        let cluster = self.cluster.clone().filter(|_| bucket.is_some());
         let uploader = self.bucket.clone().map(|b| {
             (
                 b,
                 self.writes.clone(),
                 self.cache.store.path(crate::cache::blob_store::Kind::Blob, digest),
+                lease.clone(),
             )
         });
         let metrics = self.metrics.clone();
@@ -774,7 +800,7 @@ impl Proxy {
             || {
                 started_here = true;
                 metrics.fills_in_flight.inc();
-                opener(target, digest, bucket.clone())
+                opener(target, digest, bucket.clone(), cluster.clone(), lease.clone())
             },
             {
                 let (metrics, digest, started) = (self.metrics.clone(), digest.clone(), std::time::Instant::now());
@@ -801,9 +827,18 @@ impl Proxy {
                         Ok(true) => {
                             cache.associations.record(&digest, &upstream, &repo);
                             tracing::info!(%digest, resumes, "fill committed");
-                            if let Some((bucket, writes, path)) = uploader {
+                            if let Some((bucket, writes, path, lease)) = uploader {
                                 let d = digest.clone();
-                                upload_counted(writes, async move { bucket.put_file(&d, path).await }, format!("blob {digest}"));
+                                let held = lease.lock().unwrap_or_else(|p| p.into_inner()).take();
+                                upload_counted(
+                                    writes,
+                                    async move {
+                                        let uploaded = bucket.put_file(&d, path).await;
+                                        drop(held); // the others now find the blob in the bucket
+                                        uploaded
+                                    },
+                                    format!("blob {digest}"),
+                                );
                             }
                         }
                         Ok(false) => tracing::warn!(%digest, resumes, "fill verified and relayed, not cached (cache disk full or failing)"),
@@ -934,34 +969,72 @@ fn fill_error(e: Arc<FillError<upstream::Error>>, digest: &Digest) -> Error {
     }
 }
 
-/// Opens a blob's source at an offset: the shared bucket when it holds the blob (and the
-/// caller may have it), else the upstream; a resumption stays with the bucket once it
+/// A fill's cluster lease, once it took one.
+type LeaseSlot = Arc<std::sync::Mutex<Option<crate::cache::cluster::Lease>>>;
+
+/// Opens a blob's source at an offset, in this order: the shared bucket when it holds the
+/// blob (and the caller may have it); the replica whose lease says it is fetching it; the
+/// upstream, under this replica's own lease. A resumption stays with the source that
 /// served the start, falling back to the upstream if it fails.
 fn opener(
     target: &Target,
     digest: &Digest,
     bucket: Option<Arc<crate::cache::bucket::Bucket>>,
+    cluster: Option<Arc<crate::cache::cluster::Cluster>>,
+    lease: LeaseSlot,
 ) -> Opener<upstream::Error> {
+    use std::sync::atomic::Ordering::Relaxed;
     let (upstream, repo, digest) = (target.upstream.clone(), target.repo.clone(), digest.clone());
     let from_bucket = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let from_peer: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     Box::new(move |offset| {
-        let (upstream, repo, digest, bucket, from_bucket) = (
+        let (upstream, repo, digest, bucket, cluster, lease, from_bucket, from_peer) = (
             upstream.clone(),
             repo.clone(),
             digest.clone(),
             bucket.clone(),
+            cluster.clone(),
+            lease.clone(),
             from_bucket.clone(),
+            from_peer.clone(),
         );
         Box::pin(async move {
-            if let Some(b) = bucket.filter(|_| offset == 0 || from_bucket.load(std::sync::atomic::Ordering::Relaxed)) {
+            if let Some(b) = bucket.filter(|_| offset == 0 || from_bucket.load(Relaxed)) {
                 match b.get(crate::cache::blob_store::Kind::Blob, &digest, offset).await {
                     Ok(Some(source)) => {
-                        from_bucket.store(true, std::sync::atomic::Ordering::Relaxed);
+                        from_bucket.store(true, Relaxed);
                         return Ok(source);
                     }
                     Ok(None) => {}
                     Err(e) => {
                         tracing::warn!(bucket = %b.name, %digest, error = %e, "shared bucket unreadable; asking the upstream")
+                    }
+                }
+            }
+            if let Some(cluster) = cluster {
+                let known = from_peer.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let peer = match known {
+                    Some(p) => Some(p),
+                    None if offset == 0 => match cluster.claim(&digest).await {
+                        Some(crate::cache::cluster::Claim::Mine(held)) => {
+                            *lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(held);
+                            None
+                        }
+                        Some(crate::cache::cluster::Claim::Theirs(p)) => Some(p),
+                        None => None,
+                    },
+                    None => None,
+                };
+                if let Some(peer) = peer {
+                    match cluster.from_peer(&peer, &digest, offset).await {
+                        Ok(source) => {
+                            *from_peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(peer);
+                            return Ok(source);
+                        }
+                        Err(e) => {
+                            *from_peer.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                            tracing::warn!(%digest, error = %e, "the replica fetching this blob cannot stream it; asking the upstream");
+                        }
                     }
                 }
             }

@@ -156,6 +156,77 @@ impl Bucket {
             .map_err(|e| e.to_string())
     }
 
+    fn lease_path(&self, name: &str) -> Path {
+        Path::from(
+            format!("{}/v1/leases/{name}", self.prefix)
+                .trim_start_matches('/')
+                .to_owned(),
+        )
+    }
+
+    /// Creates a lease object only if none exists (`If-None-Match: *`): `Ok(true)` if this
+    /// call created it.
+    pub async fn create_lease(&self, name: &str, body: Bytes) -> Result<bool, String> {
+        let opts = object_store::PutOptions {
+            mode: object_store::PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&self.lease_path(name), PutPayload::from_bytes(body), opts)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// A lease's body and the version a replacement must name, or `None`.
+    pub async fn read_lease(&self, name: &str) -> Result<Option<(Bytes, object_store::UpdateVersion)>, String> {
+        match self.store.get(&self.lease_path(name)).await {
+            Ok(got) => {
+                let version = object_store::UpdateVersion {
+                    e_tag: got.meta.e_tag.clone(),
+                    version: got.meta.version.clone(),
+                };
+                let body = got.bytes().await.map_err(|e| e.to_string())?;
+                Ok(Some((body, version)))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Replaces a lease only if it is still the version read (`If-Match`): `Ok(true)` if so.
+    pub async fn replace_lease(
+        &self,
+        name: &str,
+        body: Bytes,
+        version: object_store::UpdateVersion,
+    ) -> Result<Option<object_store::UpdateVersion>, String> {
+        let opts = object_store::PutOptions {
+            mode: object_store::PutMode::Update(version),
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&self.lease_path(name), PutPayload::from_bytes(body), opts)
+            .await
+        {
+            Ok(done) => Ok(Some(object_store::UpdateVersion {
+                e_tag: done.e_tag,
+                version: done.version,
+            })),
+            Err(object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub async fn delete_lease(&self, name: &str) {
+        let _ = self.store.delete(&self.lease_path(name)).await;
+    }
+
     pub async fn contains(&self, kind: Kind, digest: &Digest) -> bool {
         self.store.head(&self.path(kind, digest)).await.is_ok()
     }

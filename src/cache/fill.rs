@@ -349,6 +349,15 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         self.inflight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The fill of `digest` if one runs (never starts one).
+    pub fn running(&self, digest: &Digest) -> Option<Fill<E>> {
+        self.lock().get(digest).map(|s| Fill {
+            file: s.file.clone(),
+            progress: s.progress.clone(),
+            owner: s.owner.clone(),
+        })
+    }
+
     /// Joins the fill of `digest`, starting it (with the opener `make` builds) if none runs.
     /// Returns `Ok(None)` if the content was committed meanwhile: read it from the store.
     /// `on_end` runs once when a fill this call started ends, with the number of resumes.

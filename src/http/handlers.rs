@@ -34,6 +34,11 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>,
     if req.uri().path() == "/token" {
         return Ok(auth::token_endpoint(&app, &req).await);
     }
+    if let Some(digest) = req.uri().path().strip_prefix("/_regcache/peer/blobs/") {
+        return Ok(peer_blob(&app, &req, digest)
+            .await
+            .unwrap_or_else(ApiError::into_response));
+    }
     let route = routes::parse(req.method(), req.uri().path());
     let label = route_label(&route);
     // The span gives context to whatever is logged inside the request; at debug level, as
@@ -331,8 +336,53 @@ async fn blob(
         }
         return Ok(resp);
     }
+    let answer = proxy.blob(target, digest).await?;
+    send_blob(proxy, digest, answer, headers, resp).await
+}
+
+/// Another replica of the cluster asking for a blob it knows this one is fetching: with the
+/// cluster's secret only, and only what this replica has or is fetching (never a new fetch:
+/// it is no proxy).
+async fn peer_blob<B>(app: &App, req: &Request<B>, digest: &str) -> Result<Response<Body>, ApiError> {
+    let proxy = &*app.proxy;
+    let refused = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "peer requests need the cluster's secret",
+        )
+    };
+    let cluster = proxy.cluster.as_ref().ok_or_else(refused)?;
+    let presented = req
+        .headers()
+        .get(crate::cache::cluster::SECRET_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    if !cluster.admits(presented) {
+        return Err(refused());
+    }
+    let digest = parse_digest(digest)?;
+    let answer = proxy
+        .peer_blob(&digest)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", format!("not here: {digest}")))?;
+    let mut resp = Response::new(Body::empty());
+    resp.headers_mut().insert(DOCKER_CONTENT_DIGEST, digest_header(&digest));
+    resp.headers_mut()
+        .insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    send_blob(proxy, &digest, answer, req.headers(), resp).await
+}
+
+/// Streams a blob answer into `resp` (its headers set), honouring Range.
+async fn send_blob(
+    proxy: &Proxy,
+    digest: &Digest,
+    answer: BlobAnswer,
+    headers: &HeaderMap,
+    mut resp: Response<Body>,
+) -> Result<Response<Body>, ApiError> {
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok()).and_then(parse_range);
-    let (file, mut total, mut progress) = match proxy.blob(target, digest).await? {
+    let (file, mut total, mut progress) = match answer {
         BlobAnswer::File { file, total, progress } => (file, total, progress),
         BlobAnswer::PassThrough(source) => {
             // No file to seek in: the whole blob (RFC 9110 lets a server ignore Range).

@@ -56,6 +56,12 @@ impl TestProxy {
     /// Starts regcache with this config (its listen address is ignored: 127.0.0.1:0).
     pub async fn start_config(config: regcache::Config) -> TestProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        TestProxy::start_config_on(config, listener).await
+    }
+
+    /// [`TestProxy::start_config`] on a listener bound beforehand (its address can then be
+    /// in the config).
+    pub async fn start_config_on(config: regcache::Config, listener: tokio::net::TcpListener) -> TestProxy {
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let app = regcache::build(&config).expect("cache opens");

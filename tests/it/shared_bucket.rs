@@ -20,6 +20,7 @@ pub struct Seaweed {
     _watchdog: std::process::Child,
 }
 
+/// A free port for a server of the test's own (from the kernel's ephemeral range).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -31,65 +32,78 @@ pub fn seaweed() -> &'static Seaweed {
     static ONE: OnceLock<Seaweed> = OnceLock::new();
     ONE.get_or_init(|| {
         let weed = crate::peers::require_binary("weed");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut args = vec![
-            "mini".to_owned(),
-            format!("-dir={}", dir.path().display()),
-            "-ip=127.0.0.1".into(),
-            "-ip.bind=127.0.0.1".into(),
-            "-admin.ui=false".into(),
-            "-webdav=false".into(),
-            format!("-bucket={BUCKET}"),
-        ];
-        let s3 = free_port();
-        args.push(format!("-s3.port={s3}"));
-        for flag in [
-            "master.port",
-            "master.port.grpc",
-            "volume.port",
-            "volume.port.grpc",
-            "filer.port",
-            "filer.port.grpc",
-            "s3.port.grpc",
-            "admin.port",
-            "admin.port.grpc",
-            "metricsPort",
-        ] {
-            args.push(format!("-{flag}={}", free_port()));
-        }
-        // A watchdog shell: SeaweedFS goes when this test process goes.
-        let script = format!(
-            "{} {} > {}/weed.log 2>&1 & w=$!; while kill -0 {} 2>/dev/null; do sleep 1; done; kill $w; sleep 2; kill -9 $w",
-            weed.display(),
-            args.join(" "),
-            dir.path().display(),
-            std::process::id()
-        );
-        let watchdog = std::process::Command::new("sh")
-            .args(["-c", &script])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("weed starts");
-        let url = format!("http://127.0.0.1:{s3}");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            if bucket_answers(s3) {
-                break;
+        // Ports below the kernel's ephemeral range (where other tests bind port 0), every
+        // one set, from a base that moves on if something holds one of them.
+        let mut base = 20_000 + (std::process::id() % 400) as u16 * 20;
+        let mut last_log = String::new();
+        for _attempt in 0..5 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut args = vec![
+                "mini".to_owned(),
+                format!("-dir={}", dir.path().display()),
+                "-ip=127.0.0.1".into(),
+                "-ip.bind=127.0.0.1".into(),
+                "-admin.ui=false".into(),
+                "-webdav=false".into(),
+                format!("-bucket={BUCKET}"),
+            ];
+            let flags = [
+                "s3.port",
+                "master.port",
+                "master.port.grpc",
+                "volume.port",
+                "volume.port.grpc",
+                "filer.port",
+                "filer.port.grpc",
+                "s3.port.grpc",
+                "admin.port",
+                "admin.port.grpc",
+                "metricsPort",
+                "s3.port.iceberg",
+                "s3.port.lance",
+                "s3.metricsPort",
+            ];
+            for (i, flag) in flags.iter().enumerate() {
+                args.push(format!("-{flag}={}", base + i as u16));
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "SeaweedFS did not answer on {url}; its log:\n{}",
-                std::fs::read_to_string(dir.path().join("weed.log")).unwrap_or_default()
+            let s3 = base;
+            // A watchdog shell: SeaweedFS goes when this test process goes, and the shell
+            // ends when SeaweedFS does (so a failed start is seen).
+            let script = format!(
+                "{} {} > {}/weed.log 2>&1 & w=$!; while kill -0 {} 2>/dev/null && kill -0 $w 2>/dev/null; do sleep 1; done; kill $w 2>/dev/null; sleep 2; kill -9 $w 2>/dev/null",
+                weed.display(),
+                args.join(" "),
+                dir.path().display(),
+                std::process::id()
             );
-            std::thread::sleep(std::time::Duration::from_millis(200));
+            let mut watchdog = std::process::Command::new("sh")
+                .args(["-c", &script])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("weed starts");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+            loop {
+                if bucket_answers(s3) {
+                    return Seaweed {
+                        s3: format!("http://127.0.0.1:{s3}"),
+                        _dir: dir,
+                        _watchdog: watchdog,
+                    };
+                }
+                let exited = matches!(watchdog.try_wait(), Ok(Some(_)));
+                if exited || std::time::Instant::now() > deadline {
+                    let _ = watchdog.kill();
+                    let _ = watchdog.wait();
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            last_log = std::fs::read_to_string(dir.path().join("weed.log")).unwrap_or_default();
+            base += 20;
         }
-        Seaweed {
-            s3: url,
-            _dir: dir,
-            _watchdog: watchdog,
-        }
+        panic!("SeaweedFS did not start; its last log:\n{last_log}");
     })
 }
 
@@ -135,6 +149,21 @@ fn secret_file() -> &'static Path {
         std::fs::write(f.path(), "any-secret\n").expect("written");
         f.into_temp_path()
     })
+}
+
+/// A replica of a cluster: `[cache.s3]` with its own peer URL and the cluster's secret.
+async fn cluster_replica(up: &FakeUpstream, dir: &Path, prefix: &str, secret: &Path) -> TestProxy {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let peer = format!("http://{}", listener.local_addr().expect("addr"));
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}peer_url = \"{peer}\"\npeer_secret_file = \"{}\"\n{}",
+        dir.display(),
+        s3_keys(prefix),
+        secret.display(),
+        upstream_toml("docker.io", &up.url(), true, "5m")
+    );
+    let config = regcache::Config::from_toml(&text).expect("test config is valid");
+    TestProxy::start_config_on(config, listener).await
 }
 
 async fn replica(up: &FakeUpstream, dir: &Path, prefix: &str, upstream_extra: &str) -> TestProxy {
@@ -347,4 +376,137 @@ async fn readiness_reports_an_unreachable_bucket_and_check_config_a_bad_one() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cache.s3.endpoint"), "{err}");
+}
+
+/// Three replicas, one cold blob, clients on all three: the upstream is asked once for the
+/// whole cluster. The first replica's lease sends the others to its peer endpoint, where
+/// they stream its fill in progress (verifying it themselves).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_fetches_a_cold_blob_from_the_upstream_once() {
+    let up = FakeUpstream::start().await;
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "a-cluster-secret-of-some-length\n").unwrap();
+    let blob = random_bytes(4 << 20, 21);
+    let digest = up.add_blob(&blob);
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
+    let prefix = "cluster";
+    let mut replicas = Vec::new();
+    for d in &dirs {
+        replicas.push(cluster_replica(&up, d.path(), prefix, secret.path()).await);
+    }
+    let url = |i: usize| replicas[i].url(&format!("/v2/library/big/blobs/{digest}"));
+    let fetch = |u: String| async move { get(&u).await };
+    let first = tokio::spawn(fetch(url(0)));
+    let gets = || up.count("GET", &format!("/blobs/{digest}"));
+    wait_until(|| gets() == 1).await;
+    let mut others = Vec::new();
+    for i in [1, 2, 1, 2] {
+        others.push(tokio::spawn(fetch(url(i))));
+    }
+    // Each of the others follows the lease to replica 0 before the upstream sends more.
+    let (b, c) = (replicas[1].proxy.clone(), replicas[2].proxy.clone());
+    wait_until(|| b.fills_in_flight() == 1 && c.fills_in_flight() == 1).await;
+    gate.notify_one();
+    for reply in std::iter::once(first).chain(others) {
+        let r = reply.await.unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.bytes().as_ref() == blob.as_slice(), "wrong bytes");
+    }
+    assert_eq!(gets(), 1, "the cluster asked the upstream more than once");
+    for r in replicas {
+        r.stop().await;
+    }
+}
+
+/// The peer endpoint is no open proxy: without the cluster's secret it refuses; with it, it
+/// gives only what the replica has, never fetching.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_endpoint_needs_the_secret_and_never_fetches() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "a-cluster-secret-of-some-length\n").unwrap();
+    let digest = up.add_blob(&random_bytes(1000, 5));
+    let a = cluster_replica(&up, dir.path(), "peer-endpoint", secret.path()).await;
+    let path = a.url(&format!("/_regcache/peer/blobs/{digest}"));
+    assert_eq!(get(&path).await.status, 401);
+    assert_eq!(
+        get_with(&path, &[("x-regcache-peer-secret", "wrong-secret-of-some-length")])
+            .await
+            .status,
+        401
+    );
+    let r = get_with(&path, &[("x-regcache-peer-secret", "a-cluster-secret-of-some-length")]).await;
+    assert_eq!(r.status, 404, "{r:?}");
+    assert_eq!(up.total_requests(), 0, "the peer endpoint fetched from the upstream");
+    // Once it has the blob, it gives it.
+    assert_eq!(get(&a.url(&format!("/v2/library/x/blobs/{digest}"))).await.status, 200);
+    let r = get_with(&path, &[("x-regcache-peer-secret", "a-cluster-secret-of-some-length")]).await;
+    assert_eq!(r.status, 200);
+    a.stop().await;
+}
+
+/// The replica holding the lease dies mid-fill (SIGKILL, the real binary): its client sees
+/// an aborted response, the replica that was streaming from it resumes from the upstream and
+/// serves verified bytes, and the bucket holds only the verified blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_lease_holder_dies_mid_fill_the_others_finish_from_the_upstream() {
+    let up = FakeUpstream::start().await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let secret = dirs.0.path().join("secret");
+    std::fs::write(&secret, "a-cluster-secret-of-some-length\n").unwrap();
+    let blob = random_bytes(4 << 20, 33);
+    let digest = up.add_blob(&blob);
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
+    let prefix = "takeover";
+    let port = free_port();
+    let config = dirs.0.path().join("regcache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}peer_url = \"http://127.0.0.1:{port}\"\npeer_secret_file = \"{}\"\n{}",
+            dirs.0.path().join("cache").display(),
+            s3_keys(prefix),
+            secret.display(),
+            upstream_toml("docker.io", &up.url(), true, "5m")
+        ),
+    )
+    .unwrap();
+    let holder = crate::harness::Process::start_with_config(&config);
+    let path = format!("/v2/library/big/blobs/{digest}");
+    let to_holder = tokio::spawn({
+        let url = holder.url(&path);
+        async move { get(&url).await }
+    });
+    let gets = || up.count("GET", &format!("/blobs/{digest}"));
+    wait_until(|| gets() == 1).await;
+    let b = cluster_replica(&up, dirs.1.path(), prefix, &secret).await;
+    let to_b = tokio::spawn({
+        let url = b.url(&path);
+        async move { get(&url).await }
+    });
+    let b_proxy = b.proxy.clone();
+    wait_until(|| b_proxy.fills_in_flight() == 1).await;
+    holder.signal("KILL");
+    let r = to_holder.await.unwrap();
+    assert!(r.body.is_err(), "the dead holder's client got a complete response");
+    let r = to_b.await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.bytes().as_ref() == blob.as_slice(), "wrong bytes after the takeover");
+    assert_eq!(gets(), 2, "one fetch by the holder, one resumption by B");
+    wait_until(|| b_proxy.work_in_flight() == 0).await;
+    let keys = seaweed().keys(prefix).await;
+    let blobs: Vec<&String> = keys.iter().filter(|k| k.contains("/v1/blobs/")).collect();
+    assert_eq!(
+        blobs,
+        vec![&format!(
+            "{prefix}/v1/blobs/sha256/{}",
+            digest.trim_start_matches("sha256:")
+        )]
+    );
+    gate.notify_one();
+    b.stop().await;
 }

@@ -1,0 +1,256 @@
+//! One upstream fetch per digest for the whole cluster: replicas sharing a bucket agree
+//! through it on who fetches a blob that none holds. A small lease object under
+//! `<prefix>/v1/leases/<hex>`, created with a conditional put (`If-None-Match: *`), names
+//! the replica that fetches and how to reach it; it renews the lease (`If-Match`) while the
+//! fill runs and removes it once the blob is in the bucket. The others stream the fill
+//! in progress from that replica's peer endpoint (`/_regcache/peer/blobs/<digest>`, which
+//! asks for the cluster's shared secret and never fetches anything itself), verifying it
+//! as any fill. A lease whose holder stopped renewing expires, and the next replica to
+//! miss takes it over. If the store does not honour conditional puts (found out at
+//! startup), replicas coalesce each on its own.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+
+use super::bucket::Bucket;
+use super::fill::{Source, SourceBody};
+use crate::config::S3Config;
+use crate::digest::Digest;
+
+/// The header that carries the cluster's secret to a peer endpoint.
+pub const SECRET_HEADER: &str = "x-regcache-peer-secret";
+/// How long a lease holds without renewal.
+const LEASE_TTL: Duration = Duration::from_secs(15);
+const RENEW_EVERY: Duration = Duration::from_secs(5);
+
+pub struct Cluster {
+    bucket: Arc<Bucket>,
+    /// This replica, for the leases it holds.
+    id: String,
+    /// How the others reach this replica's peer endpoint.
+    peer_url: String,
+    secret: String,
+    client: hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        http_body_util::Empty<Bytes>,
+    >,
+    /// Whether the store honours conditional puts (else: no leases).
+    leases: AtomicBool,
+    /// Lease takeovers, for the metric.
+    pub takeovers: prometheus::IntCounter,
+}
+
+/// Who fetches a digest.
+pub enum Claim {
+    /// This replica: fetch from the upstream, holding the lease until it is dropped.
+    Mine(Lease),
+    /// Another replica, reachable at this peer URL.
+    Theirs(String),
+}
+
+/// A held lease: renewed while alive; dropping it stops the renewal and removes the lease.
+pub struct Lease {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LeaseBody {
+    holder: String,
+    peer: String,
+    expires_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Cluster {
+    /// `None` unless `[cache.s3]` names this replica's `peer_url` and a `peer_secret_file`.
+    pub fn new(
+        bucket: Arc<Bucket>,
+        config: &S3Config,
+        takeovers: prometheus::IntCounter,
+    ) -> Result<Option<Cluster>, String> {
+        let (Some(peer_url), Some(secret_file)) = (&config.peer_url, &config.peer_secret_file) else {
+            return Ok(None);
+        };
+        let secret = std::fs::read_to_string(secret_file)
+            .map_err(|e| format!("{}: {e}", secret_file.display()))?
+            .trim()
+            .to_owned();
+        if secret.len() < 16 {
+            return Err("the peer secret must be at least 16 characters".into());
+        }
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(Duration::from_secs(2)));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let mut id = [0u8; 8];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
+        Ok(Some(Cluster {
+            bucket,
+            id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            peer_url: peer_url.trim_end_matches('/').to_owned(),
+            secret,
+            client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https),
+            leases: AtomicBool::new(true),
+            takeovers,
+        }))
+    }
+
+    /// Whether `presented` is the cluster's secret (compared in constant time).
+    pub fn admits(&self, presented: &[u8]) -> bool {
+        let expected = self.secret.as_bytes();
+        presented.len() == expected.len() && presented.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
+    /// Finds out whether the store honours `If-None-Match: *` (a second create of one name
+    /// must fail); if not, says so and turns leases off.
+    pub async fn probe(&self) {
+        let name = format!("probe-{}", self.id);
+        let first = self.bucket.create_lease(&name, Bytes::from_static(b"{}")).await;
+        let second = self.bucket.create_lease(&name, Bytes::from_static(b"{}")).await;
+        self.bucket.delete_lease(&name).await;
+        match (first, second) {
+            (Ok(true), Ok(false)) => {
+                tracing::info!(bucket = %self.bucket.name, "cluster leases on: the store honours conditional puts")
+            }
+            other => {
+                self.leases.store(false, Ordering::Relaxed);
+                tracing::warn!(bucket = %self.bucket.name, result = ?other,
+                    "the store does not honour conditional puts; each replica fetches on its own (no cluster-wide coalescing)");
+            }
+        }
+    }
+
+    fn body(&self) -> Bytes {
+        let body = LeaseBody {
+            holder: self.id.clone(),
+            peer: self.peer_url.clone(),
+            expires_ms: now_ms() + LEASE_TTL.as_millis() as u64,
+        };
+        Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+    }
+
+    /// Who fetches `digest`: this replica (a new lease, or an expired one taken over), or
+    /// the live holder. `None` when leases are off or the bucket cannot tell.
+    pub async fn claim(self: &Arc<Self>, digest: &Digest) -> Option<Claim> {
+        if !self.leases.load(Ordering::Relaxed) {
+            return None;
+        }
+        let name = digest.hex().to_owned();
+        for _ in 0..3 {
+            match self.bucket.create_lease(&name, self.body()).await {
+                Ok(true) => {
+                    let (_, version) = self.bucket.read_lease(&name).await.ok()??;
+                    return Some(Claim::Mine(self.hold(name, version)));
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(bucket = %self.bucket.name, error = %e, "cannot create a lease; fetching without one");
+                    return None;
+                }
+            }
+            let Ok(Some((body, version))) = self.bucket.read_lease(&name).await else {
+                continue; // removed meanwhile: try to create it again
+            };
+            let Ok(lease) = serde_json::from_slice::<LeaseBody>(&body) else {
+                continue;
+            };
+            if lease.expires_ms > now_ms() && lease.holder != self.id {
+                return Some(Claim::Theirs(lease.peer));
+            }
+            // Its holder stopped renewing: take it over.
+            if let Ok(Some(version)) = self.bucket.replace_lease(&name, self.body(), version).await {
+                self.takeovers.inc();
+                tracing::info!(%digest, previous = %lease.holder, "took over an expired lease");
+                return Some(Claim::Mine(self.hold(name, version)));
+            }
+        }
+        None
+    }
+
+    /// Renews the lease until the returned handle is dropped, then removes it (if still ours).
+    fn hold(self: &Arc<Self>, name: String, mut version: object_store::UpdateVersion) -> Lease {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tokio::time::sleep(RENEW_EVERY) => {
+                        match this.bucket.replace_lease(&name, this.body(), version.clone()).await {
+                            Ok(Some(v)) => version = v,
+                            Ok(None) => {
+                                tracing::warn!(lease = %name, "lost a lease to another replica");
+                                return;
+                            }
+                            Err(e) => tracing::warn!(lease = %name, error = %e, "cannot renew a lease"),
+                        }
+                    }
+                }
+            }
+            this.bucket.delete_lease(&name).await;
+        });
+        Lease { stop: Some(stop) }
+    }
+
+    /// The fill in progress (or the blob) at the peer, from byte `offset` on.
+    pub async fn from_peer(&self, peer: &str, digest: &Digest, offset: u64) -> Result<Source, String> {
+        let url = format!("{}/_regcache/peer/blobs/{digest}", peer.trim_end_matches('/'));
+        let mut req = http::Request::get(&url).header(SECRET_HEADER, &self.secret);
+        if offset > 0 {
+            req = req.header(http::header::RANGE, format!("bytes={offset}-"));
+        }
+        let req = req.body(http_body_util::Empty::new()).map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
+            .await
+            .map_err(|_| format!("peer {peer} did not answer"))?
+            .map_err(|e| format!("peer {peer}: {e}"))?;
+        let status = resp.status();
+        let length = |name| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let (start, total) = match status {
+            http::StatusCode::OK => (0, length(http::header::CONTENT_LENGTH).and_then(|v| v.parse().ok())),
+            http::StatusCode::PARTIAL_CONTENT => {
+                let range = length(http::header::CONTENT_RANGE).unwrap_or_default();
+                let (span, total) = range.trim_start_matches("bytes ").split_once('/').unwrap_or(("", ""));
+                let start = span.split('-').next().and_then(|s| s.parse().ok()).unwrap_or(0);
+                (start, total.parse().ok())
+            }
+            s => return Err(format!("peer {peer} answered {s}")),
+        };
+        let body: SourceBody = resp
+            .into_body()
+            .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })
+            .boxed();
+        Ok(Source {
+            total,
+            offset: start,
+            body,
+        })
+    }
+}
