@@ -336,6 +336,11 @@ pub struct S3Config {
     /// The cluster's shared secret (at least 16 characters), which peer requests carry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_secret_file: Option<PathBuf>,
+    /// Blobs at least this large that the bucket holds are answered with a 307 to a
+    /// presigned URL of the bucket (valid 15 minutes), so clients download from the store
+    /// itself. Off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_min_size: Option<ByteSize>,
 }
 
 fn default_region() -> String {

@@ -708,6 +708,18 @@ impl Proxy {
         Some(Arc::new(Manifest::new(bytes, media_type, digest.clone())))
     }
 
+    /// Where to send the client for a large blob the bucket holds (`redirect_min_size`):
+    /// a presigned URL, for a caller that may have the blob (with access rules: a pair
+    /// known, or confirmed upstream, to hold it).
+    pub async fn redirect(&self, target: &Target, digest: &Digest) -> Option<String> {
+        let bucket = self.bucket.as_ref()?;
+        let min = bucket.redirect_min_size?;
+        if self.restricted && self.authorize(target, Content::Blob, digest).await.is_err() {
+            return None;
+        }
+        bucket.presigned(digest, min).await
+    }
+
     /// What a peer replica may have of `digest`: the cached blob or the fill in progress,
     /// never a new fetch.
     pub async fn peer_blob(&self, digest: &Digest) -> Result<Option<BlobAnswer>, Error> {

@@ -31,6 +31,8 @@ const PART_BYTES: usize = 8 << 20;
 pub struct Bucket {
     store: AmazonS3,
     prefix: String,
+    /// `[cache.s3] redirect_min_size`.
+    pub redirect_min_size: Option<u64>,
     /// What logs call it: `s3://bucket/prefix`.
     pub name: String,
 }
@@ -76,6 +78,7 @@ impl Bucket {
             name: format!("s3://{}/{prefix}", config.bucket),
             store,
             prefix,
+            redirect_min_size: config.redirect_min_size.map(|s| s.0),
         })
     }
 
@@ -225,6 +228,22 @@ impl Bucket {
 
     pub async fn delete_lease(&self, name: &str) {
         let _ = self.store.delete(&self.lease_path(name)).await;
+    }
+
+    /// A presigned GET URL of a blob the bucket holds, if it is at least `min` bytes.
+    pub async fn presigned(&self, digest: &Digest, min: u64) -> Option<String> {
+        use object_store::signer::Signer as _;
+        let path = self.path(Kind::Blob, digest);
+        let meta = self.store.head(&path).await.ok()?;
+        if meta.size < min {
+            return None;
+        }
+        let url = self
+            .store
+            .signed_url(http::Method::GET, &path, std::time::Duration::from_secs(15 * 60))
+            .await
+            .ok()?;
+        Some(url.to_string())
     }
 
     pub async fn contains(&self, kind: Kind, digest: &Digest) -> bool {

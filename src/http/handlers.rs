@@ -336,6 +336,14 @@ async fn blob(
         }
         return Ok(resp);
     }
+    if let Some(location) = proxy.redirect(target, digest).await {
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+            resp.headers_mut().insert(http::header::LOCATION, v);
+            resp.headers_mut().remove(CONTENT_TYPE);
+            return Ok(resp);
+        }
+    }
     let answer = proxy.blob(target, digest).await?;
     send_blob(proxy, digest, answer, headers, resp).await
 }

@@ -510,3 +510,45 @@ async fn when_the_lease_holder_dies_mid_fill_the_others_finish_from_the_upstream
     gate.notify_one();
     b.stop().await;
 }
+
+/// `redirect_min_size`: a large blob the bucket holds is answered with a 307 to a presigned
+/// URL the client downloads from the store itself; a small one is served as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_blobs_in_the_bucket_are_redirected_to_a_presigned_url() {
+    let up = FakeUpstream::start().await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let big = random_bytes(2 << 20, 41);
+    let small = random_bytes(1000, 42);
+    let (big_digest, small_digest) = (up.add_blob(&big), up.add_blob(&small));
+    let prefix = "redirect";
+    let a = replica(&up, dirs.0.path(), prefix, "").await;
+    for d in [&big_digest, &small_digest] {
+        assert_eq!(get(&a.url(&format!("/v2/library/x/blobs/{d}"))).await.status, 200);
+    }
+    let a_proxy = a.proxy.clone();
+    wait_until(|| a_proxy.work_in_flight() == 0).await;
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}redirect_min_size = \"1MiB\"\n{}",
+        dirs.1.path().display(),
+        s3_keys(prefix),
+        upstream_toml("docker.io", &up.url(), true, "5m")
+    );
+    let b = TestProxy::start_config(regcache::Config::from_toml(&text).unwrap()).await;
+    let r = get(&b.url(&format!("/v2/library/x/blobs/{big_digest}"))).await;
+    assert_eq!(r.status, 307, "{r:?}");
+    let location = r.header("location").unwrap_or_default().to_owned();
+    assert!(
+        location.starts_with(&seaweed().s3) && location.contains("X-Amz-Signature"),
+        "{location}"
+    );
+    let from_store = get(&location).await;
+    assert_eq!(from_store.status, 200);
+    assert!(
+        from_store.bytes().as_ref() == big.as_slice(),
+        "the presigned URL gave other bytes"
+    );
+    let r = get(&b.url(&format!("/v2/library/x/blobs/{small_digest}"))).await;
+    assert_eq!((r.status.as_u16(), r.bytes().as_ref() == small.as_slice()), (200, true));
+    a.stop().await;
+    b.stop().await;
+}
