@@ -329,7 +329,8 @@ pub struct S3Config {
     pub access_key_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_access_key_file: Option<PathBuf>,
-    /// How the other replicas reach this one (`http://10.0.0.5:5000`); with
+    /// How the other replicas reach this one (`http://10.0.0.5:5000`, or
+    /// `http://${POD_IP}:5000` from the environment); with
     /// `peer_secret_file`, replicas fetch each blob from the upstream once for the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_url: Option<String>,

@@ -78,6 +78,25 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// `peer_url` with each `${NAME}` replaced by that environment variable (a pod's
+/// `POD_IP`, from the downward API), so that one config serves every replica.
+fn expand_env(text: &str) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..]
+            .find('}')
+            .ok_or_else(|| format!("unclosed ${{ in {text:?}"))?
+            + start;
+        let name = &rest[start + 2..end];
+        out.push_str(&std::env::var(name).map_err(|_| format!("{text:?} names ${{{name}}}, which is not set"))?);
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 impl Cluster {
     /// `None` unless `[cache.s3]` names this replica's `peer_url` and a `peer_secret_file`.
     pub fn new(
@@ -109,7 +128,7 @@ impl Cluster {
         Ok(Some(Cluster {
             bucket,
             id: id.iter().map(|b| format!("{b:02x}")).collect(),
-            peer_url: peer_url.trim_end_matches('/').to_owned(),
+            peer_url: expand_env(peer_url)?.trim_end_matches('/').to_owned(),
             secret,
             client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https),
             leases: AtomicBool::new(true),
@@ -252,5 +271,20 @@ impl Cluster {
             offset: start,
             body,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn peer_urls_take_the_environment() {
+        std::env::set_var("REGCACHE_TEST_POD_IP", "10.1.2.3");
+        assert_eq!(
+            super::expand_env("http://${REGCACHE_TEST_POD_IP}:5000").unwrap(),
+            "http://10.1.2.3:5000"
+        );
+        assert_eq!(super::expand_env("http://plain:5000").unwrap(), "http://plain:5000");
+        assert!(super::expand_env("http://${REGCACHE_TEST_UNSET_VAR}:5000").is_err());
+        assert!(super::expand_env("http://${OPEN:5000").is_err());
     }
 }

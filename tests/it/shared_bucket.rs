@@ -552,3 +552,50 @@ async fn large_blobs_in_the_bucket_are_redirected_to_a_presigned_url() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Real peers on two replicas of one bucket: skopeo pulls through A, ctr through B, and they
+/// get the same digest; B takes every blob from the bucket (no blob GET to the registry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_and_ctr_pull_through_different_replicas_with_identical_digests() {
+    use crate::peers::*;
+    let registry = Registry::start().await;
+    let image = push_image(&registry, "library/testimg", "1", &[1 << 20, 300 << 10], 51).await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let prefix = "real-peers";
+    let start = |dir: std::path::PathBuf| {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}{}",
+            dir.display(),
+            s3_keys(prefix),
+            upstream_toml("docker.io", &registry.url(), true, "5m")
+        );
+        TestProxy::start_config(regcache::Config::from_toml(&text).unwrap())
+    };
+    let a = start(dirs.0.path().join("cache")).await;
+    let copied = dirs.0.path().join("skopeo");
+    let out = skopeo_copy(&format!("docker://{}/library/testimg:1", a.addr), &copied, &[]).await;
+    assert_success(&out, "skopeo copy through replica A");
+    assert_dir_copy(&copied, &image);
+    let a_proxy = a.proxy.clone();
+    wait_until(|| a_proxy.work_in_flight() == 0).await;
+    let blob_gets = registry.count_requests("GET", "/blobs/").await;
+
+    let b = start(dirs.1.path().join("cache")).await;
+    let containerd = Containerd::start().await;
+    let hosts = containerd.scratch("hosts");
+    write_hosts_toml(&hosts, "docker.io", b.addr);
+    let reference = "docker.io/library/testimg:1";
+    let out = containerd.ctr_pull(&hosts, reference).await;
+    containerd.assert_success(&out, "ctr pull through replica B");
+    assert_eq!(
+        containerd.image_digest(reference).await.as_deref(),
+        Some(image.manifest_digest.as_str())
+    );
+    assert_eq!(
+        registry.count_requests("GET", "/blobs/").await,
+        blob_gets,
+        "replica B fetched blobs from the registry that the bucket holds"
+    );
+    a.stop().await;
+    b.stop().await;
+}
