@@ -120,7 +120,7 @@ impl Metrics {
         Metrics {
             http_requests: counter_vec(r, "regcache_http_requests_total", "Registry API requests answered, by route, method and status.", &["route", "method", "status"]),
             http_duration: histogram_vec(r, "regcache_http_request_duration_seconds", "Time to the response headers of registry API requests.", &["route", "method"]),
-            cache_lookups: counter_vec(r, "regcache_cache_lookups_total", "Cache lookups by kind (blob, manifest, tag) and result (hit, miss, coalesced, stale).", &["kind", "result"]),
+            cache_lookups: counter_vec(r, "regcache_cache_lookups_total", "Cache lookups by kind (blob, manifest, tag) and result (hit, miss, coalesced, stale, bucket: from the shared bucket).", &["kind", "result"]),
             bytes_served: counter_vec(r, "regcache_bytes_served_total", "Blob bytes sent to clients, by source (cache, fill, upstream = passed through uncached).", &["source"]),
             upstream_requests: counter_vec(r, "regcache_upstream_requests_total", "Requests sent to upstream registries, by upstream, method and status (or error).", &["upstream", "method", "status"]),
             upstream_bytes: counter_vec(r, "regcache_upstream_bytes_total", "Blob bytes received from upstream registries.", &["upstream"]),

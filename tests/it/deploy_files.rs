@@ -213,7 +213,10 @@ fn check_workload(file: &str, doc: &Yaml, config_maps: &BTreeMap<String, Yaml>, 
         "{what}: cache mount is read-only"
     );
     let cache_volume = volume(cache_mount);
-    if let Some(claim) = cache_volume["persistentVolumeClaim"]["claimName"].as_str() {
+    // Replicas of a shared bucket keep only a disposable local tier.
+    let shared = config.cache.s3.is_some();
+    if shared && !cache_volume["emptyDir"].is_null() {
+    } else if let Some(claim) = cache_volume["persistentVolumeClaim"]["claimName"].as_str() {
         assert!(
             pvcs.contains(claim),
             "{what}: PersistentVolumeClaim {claim} is not in {file}"
@@ -291,7 +294,28 @@ fn check_workload(file: &str, doc: &Yaml, config_maps: &BTreeMap<String, Yaml>, 
         "{what}: terminationGracePeriodSeconds {grace:?}"
     );
 
-    if kind == "Deployment" {
+    if let Some(s3) = config.cache.s3.as_ref().filter(|s| s.peer_url.is_some()) {
+        // A cluster: replicas tell each other their pod IP, and show the peer secret mounted
+        // from a Secret.
+        assert!(doc["spec"]["replicas"].as_u64() >= Some(2), "{what}: a cluster of one");
+        let peer_url = s3.peer_url.as_deref().unwrap_or_default();
+        assert!(peer_url.contains("${POD_IP}"), "{what}: peer_url {peer_url}");
+        let env = seq_at(&container["env"], &what);
+        assert!(
+            env.iter().any(|e| e["name"].as_str() == Some("POD_IP")
+                && e["valueFrom"]["fieldRef"]["fieldPath"].as_str() == Some("status.podIP")),
+            "{what}: POD_IP from the downward API"
+        );
+        let secret = s3.peer_secret_file.as_ref().expect("peer_secret_file");
+        let mount = mounts
+            .iter()
+            .find(|m| Some(Path::new(str_at(&m["mountPath"], &what))) == secret.parent())
+            .unwrap_or_else(|| panic!("{what}: nothing mounted at {}", secret.display()));
+        assert!(
+            !volume(mount)["secret"]["secretName"].is_null(),
+            "{what}: the peer secret is not a Secret"
+        );
+    } else if kind == "Deployment" {
         // One process per cache directory: one replica, old pod gone before the new starts.
         assert_eq!(doc["spec"]["replicas"].as_u64(), Some(1), "{what}: replicas");
         assert_eq!(
@@ -327,8 +351,9 @@ fn check_kubernetes_file(path: &Path) -> Vec<String> {
             "{what}: the manifests are namespace-less"
         );
         let expected_api = match kind {
-            "ConfigMap" | "Service" | "PersistentVolumeClaim" => "v1",
+            "ConfigMap" | "Service" | "PersistentVolumeClaim" | "Secret" => "v1",
             "Deployment" | "DaemonSet" => "apps/v1",
+            "PodDisruptionBudget" => "policy/v1",
             other => panic!("{what}: unexpected kind {other}"),
         };
         assert_eq!(api, expected_api, "{what}: apiVersion of {kind}");
@@ -401,6 +426,14 @@ fn kubernetes_manifests_parse_and_agree_with_regcache() {
         BTreeSet::from(["ConfigMap", "PersistentVolumeClaim", "Deployment", "Service"]),
         "regcache.yaml kinds"
     );
+    if let Some(kinds) = all.get("cluster.yaml") {
+        let kinds: BTreeSet<&str> = kinds.iter().map(String::as_str).collect();
+        assert_eq!(
+            kinds,
+            BTreeSet::from(["Secret", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]),
+            "cluster.yaml kinds"
+        );
+    }
     if let Some(kinds) = all.get("daemonset.yaml") {
         assert!(kinds.iter().any(|k| k == "DaemonSet"), "daemonset.yaml: {kinds:?}");
     }
