@@ -202,6 +202,13 @@ impl Proxy {
         if imported {
             return Ok(());
         }
+        // Perhaps another replica of the shared bucket knows the pair.
+        if let Some(bucket) = &self.bucket {
+            if bucket.has_pair(digest, &up.name, repo).await {
+                self.cache.associations.record(digest, &up.name, repo);
+                return Ok(());
+            }
+        }
         let confirmed = match content {
             Content::Blob => up.head_blob(&target.repo, digest).await.map(|_| ()),
             Content::Manifest => up
@@ -217,7 +224,7 @@ impl Proxy {
         self.metrics.access_confirmations.with_label_values(&[result]).inc();
         match confirmed {
             Ok(()) => {
-                self.cache.associations.record(digest, &up.name, repo);
+                self.record_pair(digest, &up.name, repo);
                 Ok(())
             }
             Err(e) => Err(not_found(e, || match content {
@@ -303,9 +310,21 @@ impl Proxy {
     }
 
     fn associate(&self, target: &Target, digest: &Digest) {
-        self.cache
-            .associations
-            .record(digest, &target.upstream.name, target.repo.as_str());
+        self.record_pair(digest, &target.upstream.name, target.repo.as_str());
+    }
+
+    /// Records that (upstream, repo) holds `digest`, here and (new pairs only) in the
+    /// shared bucket, where the other replicas' access checks find it.
+    fn record_pair(&self, digest: &Digest, upstream: &str, repo: &str) {
+        if self.cache.associations.record(digest, upstream, repo) {
+            if let Some(bucket) = self.bucket.clone() {
+                let (d, u, r) = (digest.clone(), upstream.to_owned(), repo.to_owned());
+                self.upload_in_background(
+                    async move { bucket.put_pair(&d, &u, &r).await },
+                    format!("pair {upstream}/{repo}"),
+                );
+            }
+        }
     }
 
     pub fn fills_in_flight(&self) -> usize {
@@ -837,9 +856,13 @@ impl Proxy {
                         .observe(started.elapsed().as_secs_f64());
                     match result {
                         Ok(true) => {
-                            cache.associations.record(&digest, &upstream, &repo);
+                            let new_pair = cache.associations.record(&digest, &upstream, &repo);
                             tracing::info!(%digest, resumes, "fill committed");
                             if let Some((bucket, writes, path, lease)) = uploader {
+                                if new_pair {
+                                    let (b, d, u, r) = (bucket.clone(), digest.clone(), upstream.clone(), repo.clone());
+                                    upload_counted(writes.clone(), async move { b.put_pair(&d, &u, &r).await }, "a pair".into());
+                                }
                                 let d = digest.clone();
                                 let held = lease.lock().unwrap_or_else(|p| p.into_inner()).take();
                                 upload_counted(

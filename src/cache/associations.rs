@@ -153,21 +153,23 @@ impl Associations {
     }
 
     /// Records that `upstream`/`repo` holds `digest` (a no-op when already known).
-    pub fn record(&self, digest: &Digest, upstream: &str, repo: &str) {
+    /// Records that (upstream, repo) holds `digest`; true if it was not known yet.
+    pub fn record(&self, digest: &Digest, upstream: &str, repo: &str) -> bool {
         if self.contains(digest, upstream, repo) {
-            return;
+            return false;
         }
         {
             let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
             let pairs = known.entry(digest.clone()).or_default();
             if pairs.iter().any(|(u, r)| &**u == upstream && &**r == repo) {
-                return;
+                return false;
             }
             pairs.push((Arc::from(upstream), Arc::from(repo)));
         }
         if let Some(tx) = &*self.log.lock().unwrap_or_else(|p| p.into_inner()) {
             let _ = tx.send(format!("{digest} {upstream} {repo}\n"));
         }
+        true
     }
 
     /// Every pair that holds at least one digest `cached` says is still there.

@@ -246,6 +246,31 @@ impl Bucket {
         Some(url.to_string())
     }
 
+    /// Where the bucket records that (upstream, repo) holds a digest: an empty object.
+    fn pair_path(&self, digest: &Digest, upstream: &str, repo: &str) -> Path {
+        let pair = Digest::sha256_of(format!("{upstream}\n{repo}").as_bytes());
+        Path::from(
+            format!("{}/v1/pairs/{}/{}", self.prefix, digest.hex(), pair.hex())
+                .trim_start_matches('/')
+                .to_owned(),
+        )
+    }
+
+    pub async fn has_pair(&self, digest: &Digest, upstream: &str, repo: &str) -> bool {
+        self.store.head(&self.pair_path(digest, upstream, repo)).await.is_ok()
+    }
+
+    pub async fn put_pair(&self, digest: &Digest, upstream: &str, repo: &str) -> Result<(), String> {
+        self.store
+            .put(
+                &self.pair_path(digest, upstream, repo),
+                PutPayload::from_bytes(Bytes::new()),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     pub async fn contains(&self, kind: Kind, digest: &Digest) -> bool {
         self.store.head(&self.path(kind, digest)).await.is_ok()
     }

@@ -332,8 +332,19 @@ async fn the_bucket_does_not_bypass_access_rules() {
         r.status, 404,
         "a private layer was served from the bucket under library/alpine"
     );
+    // The pair that does hold it is known cluster-wide: a replica with no upstream at all
+    // serves it to a client allowed there (the bucket records which pairs hold what).
+    let dir3 = tempfile::tempdir().unwrap();
+    let rules = "[auth]\nanonymous_allow = [\"docker.io/acme/*\"]\n";
+    let c = replica_with(&up, dir3.path(), prefix, "offline = true\n", rules).await;
+    let before = up.total_requests();
+    let r = get(&c.url(&format!("/v2/acme/private/blobs/{digest}"))).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.bytes().as_ref() == private.as_slice());
+    assert_eq!(up.total_requests(), before);
     a.stop().await;
     b.stop().await;
+    c.stop().await;
 }
 
 /// `/readyz` says so when the shared bucket does not answer; `check-config` names a bad
