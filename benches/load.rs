@@ -93,7 +93,7 @@ impl Settings {
         let startup_blobs = env_num("BENCH_STARTUP_BLOBS").unwrap_or(if quick { 10_000 } else { 100_000 }) as usize;
         let secs = env_num("BENCH_SECS");
         let all = [
-            "blob", "manifest", "policy", "pull", "herd", "commit", "airgap", "startup",
+            "blob", "manifest", "policy", "cluster", "pull", "herd", "commit", "airgap", "startup",
         ];
         let phases: Vec<String> = match std::env::var("BENCH_ONLY") {
             Ok(list) if !list.trim().is_empty() => list
