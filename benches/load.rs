@@ -1133,32 +1133,7 @@ async fn skopeo_pull(bin: &Path, host: &str, sandbox: &Path, manifest_digest: &s
 /// `clients` GETs of `url` at once, each on its own connection, reading and discarding the
 /// body; returns the wall time once every one of them has its `expected` bytes.
 async fn herd(url: &str, clients: usize, expected: u64) -> Result<f64, String> {
-    let barrier = Arc::new(tokio::sync::Barrier::new(clients + 1));
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let (barrier, url) = (barrier.clone(), url.to_owned());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                get_discard(&url).await
-            })
-        })
-        .collect();
-    barrier.wait().await;
-    let start = Instant::now();
-    let limit = Duration::from_secs(120 + expected / (4 * MIB));
-    let all = tokio::time::timeout(limit, futures_join(tasks))
-        .await
-        .map_err(|_| format!("herd on {url} did not finish within {limit:?}"))?;
-    let secs = start.elapsed().as_secs_f64();
-    for (i, r) in all.into_iter().enumerate() {
-        match r {
-            Ok(Ok(n)) if n == expected => {}
-            Ok(Ok(n)) => return Err(format!("herd client {i}: {n} bytes, expected {expected}")),
-            Ok(Err(e)) => return Err(format!("herd client {i}: {e}")),
-            Err(e) => return Err(format!("herd client {i}: {e}")),
-        }
-    }
-    Ok(secs)
+    herd_spread(&[url.to_owned()], clients, expected).await
 }
 
 async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<Result<T, tokio::task::JoinError>> {
