@@ -234,13 +234,25 @@ impl Proxy {
         }
     }
 
-    /// Stores a verified manifest (on the blocking pool: it fsyncs). A disk that cannot
-    /// take it costs the cache, not the answer: the manifest is still served from memory.
     /// Keeps a verified manifest in memory, where the answer and every later request get
     /// it, and writes it to disk in the background: an answer never waits for an fsync
-    /// (which on a real disk can wait for another file's commit of gigabytes).
-    fn store_manifest(&self, manifest: Arc<Manifest>) {
+    /// (which on a real disk can wait for another file's commit of gigabytes). A disk that
+    /// cannot take it costs the cache, not the answer.
+    fn keep_manifest(&self, manifest: Arc<Manifest>) {
         self.cache.remember_manifest(manifest.clone());
+        let cache = self.cache.clone();
+        self.in_background(move || {
+            if let Err(e) = cache.put_manifest(manifest.clone()) {
+                tracing::warn!(digest = %manifest.digest, error = %e,
+                    "cannot store a manifest on the cache disk; answering from memory");
+            }
+        });
+    }
+
+    /// [`Proxy::keep_manifest`] for a manifest fetched from the upstream, which also goes to
+    /// the shared bucket.
+    fn store_manifest(&self, manifest: Arc<Manifest>) {
+        self.keep_manifest(manifest.clone());
         if let Some(bucket) = self.bucket.clone() {
             let m = manifest.clone();
             let record = Bytes::from([m.media_type.as_bytes(), b"\n", &m.bytes].concat());
@@ -253,13 +265,6 @@ impl Proxy {
                 format!("manifest {}", manifest.digest),
             );
         }
-        let cache = self.cache.clone();
-        self.in_background(move || {
-            if let Err(e) = cache.put_manifest(manifest.clone()) {
-                tracing::warn!(digest = %manifest.digest, error = %e,
-                    "cannot store a manifest on the cache disk; answering from memory");
-            }
-        });
     }
 
     /// Keeps a tag mapping in memory and persists it in the background: `durable` (fsync)
@@ -295,14 +300,7 @@ impl Proxy {
     /// Runs disk work on the blocking pool, counted in [`Proxy::work_in_flight`] so that a
     /// shutdown waits for it.
     fn in_background(&self, work: impl FnOnce() + Send + 'static) {
-        struct Done(Arc<std::sync::atomic::AtomicUsize>);
-        impl Drop for Done {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        self.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let done = Done(self.writes.clone());
+        let done = InFlight::count(&self.writes);
         tokio::task::spawn_blocking(move || {
             let _done = done;
             work();
@@ -402,14 +400,7 @@ impl Proxy {
         if let Some(manifest) = self.manifest_from_bucket(target, digest).await {
             self.lookup("manifest", "bucket");
             self.associate(target, digest);
-            self.cache.remember_manifest(manifest.clone());
-            let cache = self.cache.clone();
-            let m = manifest.clone();
-            self.in_background(move || {
-                if let Err(e) = cache.put_manifest(m.clone()) {
-                    tracing::warn!(digest = %m.digest, error = %e, "cannot store a manifest on the cache disk");
-                }
-            });
+            self.keep_manifest(manifest.clone());
             return Ok(ManifestAnswer { manifest, stale: false });
         }
         self.lookup("manifest", "miss");
@@ -654,7 +645,11 @@ impl Proxy {
     /// a pair known (or confirmed upstream) to hold it, as for local content.
     async fn bucket_for(&self, target: &Target, digest: &Digest) -> Option<Arc<crate::cache::bucket::Bucket>> {
         let bucket = self.bucket.clone()?;
-        if self.restricted && self.authorize(target, Content::Blob, digest).await.is_err() {
+        // An upstream HEAD only when the bucket has something to give.
+        if self.restricted
+            && (!bucket.contains(crate::cache::blob_store::Kind::Blob, digest).await
+                || self.authorize(target, Content::Blob, digest).await.is_err())
+        {
             return None;
         }
         Some(bucket)
@@ -683,13 +678,7 @@ impl Proxy {
             Some(m) => m,
             None => {
                 let m = self.manifest_from_bucket(target, &digest).await?;
-                self.cache.remember_manifest(m.clone());
-                let (cache, stored) = (self.cache.clone(), m.clone());
-                self.in_background(move || {
-                    if let Err(e) = cache.put_manifest(stored.clone()) {
-                        tracing::warn!(digest = %stored.digest, error = %e, "cannot store a manifest on the cache disk");
-                    }
-                });
+                self.keep_manifest(m.clone());
                 m
             }
         };
@@ -1078,23 +1067,32 @@ fn opener(
     })
 }
 
+/// One piece of background work, counted in [`Proxy::work_in_flight`] while it lives.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn count(counter: &Arc<std::sync::atomic::AtomicUsize>) -> InFlight {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Runs an upload to the shared bucket, counted in `writes` (a shutdown waits for it).
 fn upload_counted(
     writes: Arc<std::sync::atomic::AtomicUsize>,
     work: impl std::future::Future<Output = Result<(), String>> + Send + 'static,
     what: String,
 ) {
-    struct Done(Arc<std::sync::atomic::AtomicUsize>);
-    impl Drop for Done {
-        fn drop(&mut self) {
-            self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let done = Done(writes);
+    let done = InFlight::count(&writes);
     runtime.spawn(async move {
         let _done = done;
         if let Err(e) = work.await {

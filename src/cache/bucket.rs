@@ -87,17 +87,20 @@ impl Bucket {
             Kind::Manifest => "manifests",
             _ => "blobs",
         };
-        let key = format!("v1/{dir}/{}/{}", digest.algorithm().name(), digest.hex());
-        if self.prefix.is_empty() {
-            Path::from(key)
-        } else {
-            Path::from(format!("{}/{key}", self.prefix))
+        self.key(&format!("{dir}/{}/{}", digest.algorithm().name(), digest.hex()))
+    }
+
+    /// `<prefix>/v1/<rest>` (no leading `/` when the prefix is empty).
+    fn key(&self, rest: &str) -> Path {
+        match self.prefix.as_str() {
+            "" => Path::from(format!("v1/{rest}")),
+            prefix => Path::from(format!("{prefix}/v1/{rest}")),
         }
     }
 
     /// Whether the bucket answers (for `/readyz`).
     pub async fn check(&self) -> Result<(), String> {
-        let probe = Path::from(format!("{}/v1/ready", self.prefix));
+        let probe = self.key("ready");
         match self.store.head(&probe).await {
             Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.to_string()),
@@ -135,11 +138,7 @@ impl Bucket {
     }
 
     fn tag_path(&self, id: &str) -> Path {
-        Path::from(
-            format!("{}/v1/tags/{id}.json", self.prefix)
-                .trim_start_matches('/')
-                .to_owned(),
-        )
+        self.key(&format!("tags/{id}.json"))
     }
 
     /// A tag mapping another replica recorded (its JSON), by [`TagKey::id`](super::tags::TagKey::id).
@@ -160,11 +159,7 @@ impl Bucket {
     }
 
     fn lease_path(&self, name: &str) -> Path {
-        Path::from(
-            format!("{}/v1/leases/{name}", self.prefix)
-                .trim_start_matches('/')
-                .to_owned(),
-        )
+        self.key(&format!("leases/{name}"))
     }
 
     /// Creates a lease object only if none exists (`If-None-Match: *`): `Ok(true)` if this
@@ -249,11 +244,7 @@ impl Bucket {
     /// Where the bucket records that (upstream, repo) holds a digest: an empty object.
     fn pair_path(&self, digest: &Digest, upstream: &str, repo: &str) -> Path {
         let pair = Digest::sha256_of(format!("{upstream}\n{repo}").as_bytes());
-        Path::from(
-            format!("{}/v1/pairs/{}/{}", self.prefix, digest.hex(), pair.hex())
-                .trim_start_matches('/')
-                .to_owned(),
-        )
+        self.key(&format!("pairs/{}/{}", digest.hex(), pair.hex()))
     }
 
     pub async fn has_pair(&self, digest: &Digest, upstream: &str, repo: &str) -> bool {
