@@ -802,15 +802,14 @@ impl Proxy {
     async fn join_fill(&self, target: &Target, digest: &Digest, own: &Pair) -> Result<Joined, Error> {
         let mut started_here = false;
         let bucket = self.bucket_for(target, digest).await;
-        // The cluster lease this fill may take, kept until its blob is in the bucket.
-        let lease: LeaseSlot = Arc::default();
+        let origin: Arc<Origin> = Arc::default();
         let cluster = self.cluster.clone().filter(|_| bucket.is_some());
         let uploader = self.bucket.clone().map(|b| {
             (
                 b,
                 self.writes.clone(),
                 self.cache.store.path(crate::cache::blob_store::Kind::Blob, digest),
-                lease.clone(),
+                origin.clone(),
             )
         });
         let metrics = self.metrics.clone();
@@ -820,7 +819,7 @@ impl Proxy {
             || {
                 started_here = true;
                 metrics.fills_in_flight.inc();
-                opener(target, digest, bucket.clone(), cluster.clone(), lease.clone())
+                opener(target, digest, bucket.clone(), cluster.clone(), origin.clone())
             },
             {
                 let (metrics, digest, started) = (self.metrics.clone(), digest.clone(), std::time::Instant::now());
@@ -847,22 +846,25 @@ impl Proxy {
                         Ok(true) => {
                             let new_pair = cache.associations.record(&digest, &upstream, &repo);
                             tracing::info!(%digest, resumes, "fill committed");
-                            if let Some((bucket, writes, path, lease)) = uploader {
+                            if let Some((bucket, writes, path, origin)) = uploader {
                                 if new_pair {
                                     let (b, d, u, r) = (bucket.clone(), digest.clone(), upstream.clone(), repo.clone());
                                     upload_counted(writes.clone(), async move { b.put_pair(&d, &u, &r).await }, "a pair".into());
                                 }
-                                let d = digest.clone();
-                                let held = lease.lock().unwrap_or_else(|p| p.into_inner()).take();
-                                upload_counted(
-                                    writes,
-                                    async move {
-                                        let uploaded = bucket.put_file(&d, path).await;
-                                        drop(held); // the others now find the blob in the bucket
-                                        uploaded
-                                    },
-                                    format!("blob {digest}"),
-                                );
+                                // A fill that resumed from the upstream after its peer failed
+                                // uploads once committed (one that began there uploads as it streams).
+                                if origin.claim_upload() {
+                                    let d = digest.clone();
+                                    upload_counted(
+                                        writes,
+                                        async move {
+                                            let uploaded = bucket.put_file(&d, path).await;
+                                            origin.release_lease(); // the others now find the blob in the bucket
+                                            uploaded
+                                        },
+                                        format!("blob {digest}"),
+                                    );
+                                }
                             }
                         }
                         Ok(false) => tracing::warn!(%digest, resumes, "fill verified and relayed, not cached (cache disk full or failing)"),
@@ -871,6 +873,22 @@ impl Proxy {
                 }
             },
         );
+        if let (Ok(Some(fill)), true, Some(bucket)) = (&joined, started_here, self.bucket.clone()) {
+            let (mut fill, origin, d) = (fill.clone(), origin.clone(), digest.clone());
+            upload_counted(
+                self.writes.clone(),
+                async move {
+                    fill.started().await;
+                    if !origin.claim_upload() {
+                        return Ok(());
+                    }
+                    let uploaded = bucket.put_while_filling(&d, fill).await;
+                    origin.release_lease();
+                    uploaded
+                },
+                format!("blob {digest}"),
+            );
+        }
         match joined {
             Ok(Some(fill)) => Ok(Joined::Fill(fill, started_here)),
             Ok(None) => {
@@ -993,8 +1011,31 @@ fn fill_error(e: Arc<FillError<upstream::Error>>, digest: &Digest) -> Error {
     }
 }
 
-/// A fill's cluster lease, once it took one.
-type LeaseSlot = Arc<std::sync::Mutex<Option<crate::cache::cluster::Lease>>>;
+/// Where a fill's bytes come from, as its opener found out, and the cluster lease it took.
+#[derive(Default)]
+struct Origin {
+    /// The shared bucket served the start (a resumption stays there).
+    bucket: std::sync::atomic::AtomicBool,
+    /// The replica whose fill this one streams.
+    peer: std::sync::Mutex<Option<String>>,
+    /// The upstream was asked, first or on a resumption: this replica then uploads the blob.
+    upstream: std::sync::atomic::AtomicBool,
+    uploading: std::sync::atomic::AtomicBool,
+    lease: std::sync::Mutex<Option<crate::cache::cluster::Lease>>,
+}
+
+impl Origin {
+    /// Whether the caller is the one to upload the blob: its bytes came from the upstream
+    /// and no upload was started yet.
+    fn claim_upload(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.upstream.load(Relaxed) && !self.uploading.swap(true, Relaxed)
+    }
+
+    fn release_lease(&self) {
+        drop(self.lease.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+}
 
 /// Opens a blob's source at an offset, in this order: the shared bucket when it holds the
 /// blob (and the caller may have it); the replica whose lease says it is fetching it; the
@@ -1005,28 +1046,24 @@ fn opener(
     digest: &Digest,
     bucket: Option<Arc<crate::cache::bucket::Bucket>>,
     cluster: Option<Arc<crate::cache::cluster::Cluster>>,
-    lease: LeaseSlot,
+    origin: Arc<Origin>,
 ) -> Opener<upstream::Error> {
     use std::sync::atomic::Ordering::Relaxed;
     let (upstream, repo, digest) = (target.upstream.clone(), target.repo.clone(), digest.clone());
-    let from_bucket = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let from_peer: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     Box::new(move |offset| {
-        let (upstream, repo, digest, bucket, cluster, lease, from_bucket, from_peer) = (
+        let (upstream, repo, digest, bucket, cluster, origin) = (
             upstream.clone(),
             repo.clone(),
             digest.clone(),
             bucket.clone(),
             cluster.clone(),
-            lease.clone(),
-            from_bucket.clone(),
-            from_peer.clone(),
+            origin.clone(),
         );
         Box::pin(async move {
-            if let Some(b) = bucket.filter(|_| offset == 0 || from_bucket.load(Relaxed)) {
+            if let Some(b) = bucket.filter(|_| offset == 0 || origin.bucket.load(Relaxed)) {
                 match b.get(crate::cache::blob_store::Kind::Blob, &digest, offset).await {
                     Ok(Some(source)) => {
-                        from_bucket.store(true, Relaxed);
+                        origin.bucket.store(true, Relaxed);
                         return Ok(source);
                     }
                     Ok(None) => {}
@@ -1036,12 +1073,12 @@ fn opener(
                 }
             }
             if let Some(cluster) = cluster {
-                let known = from_peer.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let known = origin.peer.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let peer = match known {
                     Some(p) => Some(p),
                     None if offset == 0 => match cluster.claim(&digest).await {
                         Some(crate::cache::cluster::Claim::Mine(held)) => {
-                            *lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(held);
+                            *origin.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(held);
                             None
                         }
                         Some(crate::cache::cluster::Claim::Theirs(p)) => Some(p),
@@ -1052,16 +1089,17 @@ fn opener(
                 if let Some(peer) = peer {
                     match cluster.from_peer(&peer, &digest, offset).await {
                         Ok(source) => {
-                            *from_peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(peer);
+                            *origin.peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(peer);
                             return Ok(source);
                         }
                         Err(e) => {
-                            *from_peer.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                            *origin.peer.lock().unwrap_or_else(|p| p.into_inner()) = None;
                             tracing::warn!(%digest, error = %e, "the replica fetching this blob cannot stream it; asking the upstream");
                         }
                     }
                 }
             }
+            origin.upstream.store(true, Relaxed);
             upstream.get_blob(&repo, &digest, offset).await
         })
     })

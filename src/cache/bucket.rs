@@ -21,7 +21,7 @@ use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt as _, PutPayload, WriteMultipart};
 
 use super::blob_store::Kind;
-use super::fill::{Source, SourceBody};
+use super::fill::{stream_file, Fill, Source, SourceBody, State};
 use crate::config::S3Config;
 use crate::digest::Digest;
 
@@ -272,6 +272,52 @@ impl Bucket {
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+
+    /// Uploads a blob while its fill streams: each part goes up as soon as the fill has
+    /// written it (read back like any reader of the fill, so the last byte only once the
+    /// digest matched), and the upload is completed only after that; a fill that fails or
+    /// does not match aborts it. A key under `blobs/` thus appears only with verified bytes.
+    pub async fn put_while_filling<E: std::error::Error + Send + Sync + 'static>(
+        &self,
+        digest: &Digest,
+        fill: Fill<E>,
+    ) -> Result<(), String> {
+        let path = self.path(Kind::Blob, digest);
+        if self.store.head(&path).await.is_ok() {
+            return Ok(());
+        }
+        let Fill { file, progress, .. } = fill;
+        let total = progress.borrow().total;
+        let upload = self.store.put_multipart(&path).await.map_err(|e| e.to_string())?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let reader = tokio::spawn(stream_file(file, 0, total, Some(progress.clone()), tx));
+        let mut sent = 0u64;
+        while let Some(chunk) = rx.recv().await {
+            let failed = match chunk {
+                Ok(bytes) => match writer.wait_for_capacity(2).await {
+                    Ok(()) => {
+                        sent += bytes.len() as u64;
+                        writer.put(bytes);
+                        continue;
+                    }
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => format!("the fill failed: {e}"),
+            };
+            drop(rx);
+            let _ = writer.abort().await;
+            return Err(format!("{failed}; upload aborted"));
+        }
+        let _ = reader.await;
+        let end = progress.borrow().clone();
+        let complete = matches!(end.state, State::Done) && sent == end.total.unwrap_or(end.written);
+        if !complete {
+            let _ = writer.abort().await;
+            return Err(format!("the fill ended after {sent} bytes unverified; upload aborted"));
+        }
+        writer.finish().await.map(|_| ()).map_err(|e| e.to_string())
     }
 
     /// Uploads a verified, committed blob from its cache file, in parts (a multipart upload,

@@ -180,6 +180,16 @@ pub struct Fill<E> {
     pub owner: Pair,
 }
 
+impl<E> Clone for Fill<E> {
+    fn clone(&self) -> Self {
+        Fill {
+            file: self.file.clone(),
+            progress: self.progress.clone(),
+            owner: self.owner.clone(),
+        }
+    }
+}
+
 impl<E> Fill<E> {
     /// Waits until the upstream has answered: the total length is known, or the fill failed.
     pub async fn started(&mut self) -> Progress<E> {

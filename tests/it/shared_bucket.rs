@@ -131,6 +131,32 @@ impl Seaweed {
             .map(str::to_owned)
             .collect()
     }
+
+    /// The multipart uploads in progress under `prefix`: (key, upload id).
+    pub async fn uploads(&self, prefix: &str) -> Vec<(String, String)> {
+        let reply = get(&format!("{}/{BUCKET}?uploads&prefix={prefix}", self.s3)).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let text = String::from_utf8_lossy(reply.bytes()).into_owned();
+        text.split("<Upload>")
+            .skip(1)
+            .map(|u| (between(u, "<Key>", "</Key>"), between(u, "<UploadId>", "</UploadId>")))
+            .collect()
+    }
+
+    /// The parts an upload in progress holds so far.
+    pub async fn parts(&self, key: &str, upload_id: &str) -> usize {
+        let reply = get(&format!("{}/{BUCKET}/{key}?uploadId={upload_id}", self.s3)).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        String::from_utf8_lossy(reply.bytes()).matches("<Part>").count()
+    }
+}
+
+fn between(text: &str, open: &str, close: &str) -> String {
+    text.split(open)
+        .nth(1)
+        .and_then(|t| t.split(close).next())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// `[cache.s3]` for SeaweedFS with a prefix of the test's own.
@@ -305,6 +331,70 @@ async fn bytes_that_fail_their_digest_never_reach_the_bucket() {
     let good = format!("{prefix}/v1/blobs/sha256/{}", digests[2].trim_start_matches("sha256:"));
     assert!(!keys.contains(&bad), "corrupt bytes in the bucket: {keys:?}");
     assert!(keys.contains(&good), "{keys:?}");
+    // The upload begun while the corrupt bytes streamed was aborted, not left behind.
+    assert_eq!(
+        seaweed().uploads(prefix).await,
+        vec![],
+        "an upload was left in progress"
+    );
+    a.stop().await;
+}
+
+/// A blob goes up while it streams, in parts, and its key appears only once the whole of it
+/// matched its digest: the bucket holds the blob as soon as the fill ends, and memory stays
+/// flat whatever its size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_goes_up_in_parts_while_it_streams_and_appears_only_once_verified() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = "streaming-upload";
+    let data = random_bytes(20 << 20, 31);
+    let digest = up.add_blob(&data);
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    up.fault(&digest, [Fault::Gate(18 << 20, gate.clone())]);
+    let a = replica(&up, dir.path(), prefix, "").await;
+    let url = a.url(&format!("/v2/library/app/blobs/{digest}"));
+    let client = tokio::spawn(async move { get(&url).await });
+    let key = format!("{prefix}/v1/blobs/sha256/{}", digest.trim_start_matches("sha256:"));
+
+    // The upstream holds back the last 2 MiB: two 8 MiB parts are already up.
+    let started = std::time::Instant::now();
+    let upload_id = loop {
+        let uploads = seaweed().uploads(prefix).await;
+        if let Some((_, id)) = uploads.iter().find(|(k, _)| *k == key) {
+            if seaweed().parts(&key, id).await >= 2 {
+                break id.clone();
+            }
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "no parts uploaded while streaming: {uploads:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(
+        !seaweed().keys(prefix).await.contains(&key),
+        "the blob's key exists before its digest was checked"
+    );
+
+    gate.notify_one();
+    let r = client.await.unwrap();
+    assert_eq!((r.status.as_u16(), sha256(r.bytes())), (200, digest.clone()));
+    let a_proxy = a.proxy.clone();
+    wait_until(|| a_proxy.work_in_flight() == 0).await;
+    assert!(
+        seaweed().keys(prefix).await.contains(&key),
+        "not in the bucket after the fill"
+    );
+    assert_eq!(
+        seaweed().uploads(prefix).await,
+        vec![],
+        "upload {upload_id} still in progress"
+    );
+    // What went up is the blob itself.
+    let stored = get(&format!("{}/{BUCKET}/{key}", seaweed().s3)).await;
+    assert_eq!(sha256(stored.bytes()), digest);
+    assert_eq!(up.count("GET", "/blobs/"), 1);
     a.stop().await;
 }
 
