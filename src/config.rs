@@ -342,6 +342,19 @@ pub struct S3Config {
     /// itself. Off unless set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redirect_min_size: Option<ByteSize>,
+    /// The bucket's budget for blobs, kept by one elected replica: blobs no manifest in
+    /// the bucket references are collected, then the least recently used ones. None unless
+    /// set (the bucket grows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<ByteSize>,
+    /// How often each replica notes what it served and the elected one collects; blobs
+    /// used within two intervals are never collected.
+    #[serde(default = "default_collect_every")]
+    pub collect_every: HumanDuration,
+}
+
+fn default_collect_every() -> HumanDuration {
+    HumanDuration(Duration::from_secs(600))
 }
 
 fn default_region() -> String {
@@ -604,6 +617,9 @@ impl Config {
                         format!("{e:?} is not a URL like \"https://s3.example.com\""),
                     ));
                 }
+            }
+            if s3.collect_every.0 < Duration::from_secs(1) {
+                return Err(invalid("cache.s3.collect_every", "must be at least 1s"));
             }
             crate::cache::bucket::Bucket::new(s3).map_err(|e| invalid("cache.s3", e))?;
         }

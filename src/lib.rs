@@ -156,6 +156,24 @@ fn build_app(config: &Config, background: bool) -> Result<Arc<App>, BuildError> 
         let c = c.clone();
         runtime.spawn(async move { c.probe().await });
     }
+    let budget = match (&bucket, &config.cache.s3) {
+        (Some(b), Some(s3)) => s3.max_size.map(|max| {
+            Arc::new(cache::bucket_budget::BucketBudget::new(
+                b.clone(),
+                max.0,
+                s3.collect_every.0,
+                cache::bucket_budget::BudgetMetrics {
+                    bytes: metrics.bucket_size.clone(),
+                    budget: metrics.bucket_budget.clone(),
+                    collected: metrics.bucket_collected.clone(),
+                },
+            ))
+        }),
+        _ => None,
+    };
+    if let (Some(b), Ok(_)) = (&budget, tokio::runtime::Handle::try_current()) {
+        b.start(cache.clone());
+    }
     let proxy = Arc::new(Proxy::new(
         cache,
         upstreams,
@@ -163,7 +181,11 @@ fn build_app(config: &Config, background: bool) -> Result<Arc<App>, BuildError> 
         &config.limits,
         restricted,
         policies,
-        (bucket, cluster),
+        proxy::SharedTier {
+            bucket,
+            cluster,
+            budget,
+        },
     ));
     let tls = match &config.server.tls {
         Some(t) => Some(tls::Reloader::new(&t.cert, &t.key)?),

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub connections_waiting: IntGauge,
     pub policy_decisions: IntCounterVec,
     pub lease_takeovers: IntCounter,
+    pub bucket_size: IntGauge,
+    pub bucket_budget: IntGauge,
+    pub bucket_collected: IntCounterVec,
 }
 
 /// Every metric name regcache exports (the dashboard test checks its queries against it).
@@ -74,6 +77,9 @@ pub const NAMES: &[&str] = &[
     "regcache_connections_waiting",
     "regcache_policy_decisions_total",
     "regcache_cluster_lease_takeovers_total",
+    "regcache_bucket_size_bytes",
+    "regcache_bucket_budget_bytes",
+    "regcache_bucket_collected_total",
 ];
 
 const DURATION_BUCKETS: &[f64] = &[
@@ -140,6 +146,9 @@ impl Metrics {
             cache_evictions: counter(r, "regcache_cache_evictions_total", "Cache entries evicted to stay under the budget."),
             auth_failures: counter(r, "regcache_auth_failures_total", "Client requests refused for missing or wrong credentials."),
             lease_takeovers: counter(r, "regcache_cluster_lease_takeovers_total", "Leases of a fetch taken over from a replica that stopped renewing them."),
+            bucket_size: gauge(r, "regcache_bucket_size_bytes", "Bytes of blobs in the shared bucket, as the last collection on this replica counted them."),
+            bucket_budget: gauge(r, "regcache_bucket_budget_bytes", "The shared bucket's budget for blobs ([cache.s3] max_size; 0 when unset)."),
+            bucket_collected: counter_vec(r, "regcache_bucket_collected_total", "Blobs this replica removed from the shared bucket, by reason: unreferenced, budget.", &["reason"]),
             policy_decisions: counter_vec(r, "regcache_policy_decisions_total", "Manifest and blob requests a signature policy decided, by policy, decision (verified, warned, denied) and reason (no_signature, bad_signature, wrong_identity, digest_mismatch, untrusted, malformed; empty when verified).", &["policy", "decision", "reason"]),
             access_confirmations: counter_vec(r, "regcache_access_confirmations_total", "Cached content asked for under a repository not yet known to hold it, checked with an upstream HEAD first, by result (confirmed, refused).", &["result"]),
             sync_runs: counter_vec(r, "regcache_sync_runs_total", "Runs of each [[sync]] entry, by result (ok, failed).", &["sync", "result"]),

@@ -145,6 +145,16 @@ pub struct Proxy {
     pub bucket: Option<Arc<crate::cache::bucket::Bucket>>,
     /// Who fetches what for the whole cluster (leases in the bucket, peer streaming).
     pub cluster: Option<Arc<crate::cache::cluster::Cluster>>,
+    /// The bucket's budget (`[cache.s3] max_size`), which learns here what is used.
+    pub budget: Option<Arc<crate::cache::bucket_budget::BucketBudget>>,
+}
+
+/// What replicas share (`[cache.s3]`): the bucket, the cluster's leases, the bucket's budget.
+#[derive(Default)]
+pub struct SharedTier {
+    pub bucket: Option<Arc<crate::cache::bucket::Bucket>>,
+    pub cluster: Option<Arc<crate::cache::cluster::Cluster>>,
+    pub budget: Option<Arc<crate::cache::bucket_budget::BucketBudget>>,
 }
 
 impl Proxy {
@@ -155,10 +165,7 @@ impl Proxy {
         limits: &LimitsConfig,
         restricted: bool,
         policies: crate::policy::Policies,
-        (bucket, cluster): (
-            Option<Arc<crate::cache::bucket::Bucket>>,
-            Option<Arc<crate::cache::cluster::Cluster>>,
-        ),
+        shared: SharedTier,
     ) -> Proxy {
         let fills = Arc::new(Fills::new(
             cache.store.clone(),
@@ -176,8 +183,9 @@ impl Proxy {
             manifest_flights: SingleFlight::default(),
             restricted,
             gate: crate::policy::Gate::new(policies),
-            bucket,
-            cluster,
+            bucket: shared.bucket,
+            cluster: shared.cluster,
+            budget: shared.budget,
         }
     }
 
@@ -725,7 +733,11 @@ impl Proxy {
         if self.restricted && self.authorize(target, Content::Blob, digest).await.is_err() {
             return None;
         }
-        bucket.presigned(digest, min).await
+        let url = bucket.presigned(digest, min).await?;
+        if let Some(budget) = &self.budget {
+            budget.touch(digest);
+        }
+        Some(url)
     }
 
     /// What a peer replica may have of `digest`: the cached blob or the fill in progress,
@@ -746,6 +758,14 @@ impl Proxy {
 
     /// A blob to stream: from the cache, or from the fill that fetches it (joined or started).
     pub async fn blob(&self, target: &Target, digest: &Digest) -> Result<BlobAnswer, Error> {
+        let answer = self.find_blob(target, digest).await;
+        if let (Ok(_), Some(budget)) = (&answer, &self.budget) {
+            budget.touch(digest);
+        }
+        answer
+    }
+
+    async fn find_blob(&self, target: &Target, digest: &Digest) -> Result<BlobAnswer, Error> {
         if let Some(answer) = self.cached_blob(digest).await? {
             self.authorize(target, Content::Blob, digest).await?;
             self.lookup("blob", "hit");

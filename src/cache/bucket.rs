@@ -225,6 +225,50 @@ impl Bucket {
         let _ = self.store.delete(&self.lease_path(name)).await;
     }
 
+    /// A small object under `<prefix>/v1/` by the rest of its key, or `None`.
+    pub async fn get_key(&self, rest: &str) -> Result<Option<Bytes>, String> {
+        match self.store.get(&self.key(rest)).await {
+            Ok(got) => got.bytes().await.map(Some).map_err(|e| e.to_string()),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub async fn put_key(&self, rest: &str, body: Bytes) -> Result<(), String> {
+        self.store
+            .put(&self.key(rest), PutPayload::from_bytes(body))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    pub async fn delete_key(&self, rest: &str) {
+        let _ = self.store.delete(&self.key(rest)).await;
+    }
+
+    /// Every object under `<prefix>/v1/<rest>`.
+    pub async fn list_keys(&self, rest: &str) -> Result<Vec<object_store::ObjectMeta>, String> {
+        let prefix = self.key(rest.trim_end_matches('/'));
+        let mut listed = self.store.list(Some(&prefix));
+        let mut all = Vec::new();
+        while let Some(meta) = listed.next().await {
+            all.push(meta.map_err(|e| e.to_string())?);
+        }
+        Ok(all)
+    }
+
+    /// Removes a blob and the (upstream, repo) pairs recorded for it.
+    pub async fn delete_blob(&self, hex: &str) -> Result<(), String> {
+        self.store
+            .delete(&self.key(&format!("blobs/sha256/{hex}")))
+            .await
+            .map_err(|e| e.to_string())?;
+        for pair in self.list_keys(&format!("pairs/{hex}/")).await? {
+            let _ = self.store.delete(&pair.location).await;
+        }
+        Ok(())
+    }
+
     /// A presigned GET URL of a blob the bucket holds, if it is at least `min` bytes.
     pub async fn presigned(&self, digest: &Digest, min: u64) -> Option<String> {
         use object_store::signer::Signer as _;

@@ -4,6 +4,7 @@
 pub mod associations;
 pub mod blob_store;
 pub mod bucket;
+pub mod bucket_budget;
 pub mod cluster;
 pub mod fill;
 pub mod index;

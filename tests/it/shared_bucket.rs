@@ -439,6 +439,136 @@ async fn the_bucket_does_not_bypass_access_rules() {
 
 /// `/readyz` says so when the shared bucket does not answer; `check-config` names a bad
 /// `[cache.s3]` key.
+/// A replica keeping the bucket within `max_size` (collecting every second), with
+/// `docker.io/library/pinned:1` pinned.
+async fn budget_replica(up: &FakeUpstream, dir: &Path, prefix: &str, max_size: u64) -> TestProxy {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\npinned = [\"docker.io/library/pinned:1\"]\n{}max_size = {max_size}\ncollect_every = \"1s\"\n{}",
+        dir.display(),
+        s3_keys(prefix),
+        upstream_toml("docker.io", &up.url(), true, "5m")
+    );
+    TestProxy::start_config(regcache::Config::from_toml(&text).expect("test config is valid")).await
+}
+
+/// `library/<repo>:1` with a small config and one layer: (manifest, config, layer) digests.
+fn one_layer_image(up: &FakeUpstream, repo: &str, layer: &[u8]) -> (String, String, String) {
+    let config = format!("{{\"repo\":\"{repo}\"}}").into_bytes();
+    let (c, l) = (up.add_blob(&config), up.add_blob(layer));
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": c},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": layer.len(), "digest": l}],
+    }))
+    .unwrap();
+    (
+        up.add_manifest(&format!("library/{repo}"), "1", OCI_MANIFEST, &manifest),
+        c,
+        l,
+    )
+}
+
+async fn pull_one(proxy: &TestProxy, repo: &str, digests: &[&str]) {
+    let m = get_with(
+        &proxy.url(&format!("/v2/library/{repo}/manifests/1")),
+        &[("accept", OCI_MANIFEST)],
+    )
+    .await;
+    assert_eq!(m.status, 200, "{repo}");
+    for d in digests {
+        let r = get(&proxy.url(&format!("/v2/library/{repo}/blobs/{d}"))).await;
+        assert_eq!(
+            (r.status.as_u16(), sha256(r.bytes())),
+            (200, d.to_string()),
+            "{repo} {d}"
+        );
+    }
+}
+
+/// The bucket keeps its budget across replicas: one elected replica removes a blob no
+/// manifest references, then the least recently used one (by what every replica served),
+/// never a pinned image's blob nor a recent one; the others only note what they serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bucket_keeps_its_budget_across_replicas() {
+    let up = FakeUpstream::start().await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let prefix = "budget";
+    let mib = |seed| random_bytes(1 << 20, seed);
+    let (_, c_pin, pin) = one_layer_image(&up, "pinned", &mib(41));
+    let (_, c_app, old) = one_layer_image(&up, "app", &mib(42));
+    let (_, c_app2, used) = one_layer_image(&up, "app2", &mib(43));
+    let (_, c_late, late) = one_layer_image(&up, "late", &mib(44));
+    let loose = up.add_blob(&random_bytes(500_000, 45));
+    // Four 1 MiB layers and four small configs do not fit; three layers and the configs do.
+    let budget = (3 << 20) + (512 << 10);
+    let a = budget_replica(&up, dirs.0.path(), prefix, budget).await;
+    let b = budget_replica(&up, dirs.1.path(), prefix, budget).await;
+    let blob_key = |d: &str| format!("{prefix}/v1/blobs/sha256/{}", d.trim_start_matches("sha256:"));
+
+    pull_one(&a, "pinned", &[&c_pin, &pin]).await;
+    pull_one(&a, "app", &[&c_app, &old]).await;
+    pull_one(&a, "app2", &[&c_app2, &used]).await;
+    // Fetched by digest alone: no manifest in the bucket references it.
+    let r = get(&a.url(&format!("/v2/library/app/blobs/{loose}"))).await;
+    assert_eq!(r.status, 200);
+    let a_proxy = a.proxy.clone();
+    wait_until(|| a_proxy.work_in_flight() == 0).await;
+
+    // Replica B serves `app2` (from the bucket): that use counts for the whole cluster.
+    pull_one(&b, "app2", &[&c_app2, &used]).await;
+    // Once B's note is folded in, `app2` is used more recently than `app`.
+    let merged = format!("{}/{BUCKET}/{prefix}/v1/access/merged.json", seaweed().s3);
+    let hex = |d: &str| d.trim_start_matches("sha256:").to_owned();
+    let started = std::time::Instant::now();
+    loop {
+        let r = get(&merged).await;
+        if r.status == 200 {
+            let m: std::collections::HashMap<String, u64> = serde_json::from_slice(r.bytes()).unwrap();
+            if m.get(&hex(&used)) > m.get(&hex(&old)) {
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "B's use never reached the bucket"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    pull_one(&b, "late", &[&c_late, &late]).await;
+
+    let started = std::time::Instant::now();
+    loop {
+        let keys = seaweed().keys(prefix).await;
+        // The least recently used image goes, config and layer.
+        let gone = [&old, &c_app, &loose];
+        if gone.iter().all(|d| !keys.contains(&blob_key(d))) {
+            for kept in [&pin, &c_pin, &used, &c_app2, &late, &c_late] {
+                assert!(keys.contains(&blob_key(kept)), "{kept} was collected: {keys:?}");
+            }
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the budget was not kept: {keys:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let sum = |sample: &str| a.metric(sample) + b.metric(sample);
+    assert_eq!(sum("regcache_bucket_collected_total{reason=\"unreferenced\"}"), 1.0);
+    assert_eq!(sum("regcache_bucket_collected_total{reason=\"budget\"}"), 2.0);
+    assert_eq!(a.metric("regcache_bucket_budget_bytes"), budget as f64);
+    // What was evicted from the bucket is still a plain miss: fetched again.
+    let c_dir = tempfile::tempdir().unwrap();
+    let c = budget_replica(&up, c_dir.path(), prefix, budget).await;
+    let gets = up.count("GET", &format!("/blobs/{old}"));
+    pull_one(&c, "app", &[&old]).await;
+    assert_eq!(up.count("GET", &format!("/blobs/{old}")), gets + 1);
+    for p in [a, b, c] {
+        p.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_reports_an_unreachable_bucket_and_check_config_a_bad_one() {
     use http_body_util::BodyExt as _;
@@ -477,6 +607,20 @@ async fn readiness_reports_an_unreachable_bucket_and_check_config_a_bad_one() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cache.s3.endpoint"), "{err}");
+
+    std::fs::write(
+        &bad,
+        "[cache.s3]\nbucket = \"b\"\nmax_size = \"1TiB\"\ncollect_every = \"0s\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cache.s3.collect_every"), "{err}");
 }
 
 /// Three replicas, one cold blob, clients on all three: the upstream is asked once for the
