@@ -18,6 +18,7 @@ mod prefetch;
 mod real_auth;
 mod real_peers;
 mod rights;
+mod seaweed_cluster;
 mod shared_bucket;
 mod signed_pulls;
 mod status_page;

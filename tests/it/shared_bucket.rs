@@ -303,6 +303,39 @@ async fn a_second_replica_serves_what_the_first_fetched_with_no_upstream_blob_re
     }
 }
 
+/// Every replica restarts with an empty local tier (a rollout of pods with `emptyDir`):
+/// warm pulls then ask the upstream nothing at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_restarted_with_empty_local_tiers_pull_warm_with_no_upstream_request() {
+    let up = FakeUpstream::start().await;
+    let prefix = "rollout";
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "a-cluster-secret-of-some-length\n").unwrap();
+    let (manifest, digests, bytes) = image(&up, 61);
+    let first: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for dir in &first {
+        let r = cluster_replica(&up, dir.path(), prefix, secret.path()).await;
+        pull(&r, &manifest, &digests, &bytes).await;
+        let proxy = r.proxy.clone();
+        wait_until(|| proxy.work_in_flight() == 0).await;
+        r.stop().await;
+    }
+    drop(first); // the local tiers are gone with their pods
+    let total = up.total_requests();
+    let second: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for dir in &second {
+        let r = cluster_replica(&up, dir.path(), prefix, secret.path()).await;
+        pull(&r, &manifest, &digests, &bytes).await;
+        r.stop().await;
+    }
+    assert_eq!(
+        up.total_requests(),
+        total,
+        "restarted replicas asked the upstream: {:?}",
+        &up.seen()[total..]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_that_fail_their_digest_never_reach_the_bucket() {
     let up = FakeUpstream::start().await;
