@@ -205,6 +205,7 @@ mod tests {
         m.sync_bytes.with_label_values(&["s"]).inc();
         m.sync_failures.with_label_values(&["s"]).inc();
         m.policy_decisions.with_label_values(&["p", "verified", ""]).inc();
+        m.bucket_collected.with_label_values(&["budget"]).inc();
         let text = String::from_utf8(m.render()).unwrap();
         for name in NAMES {
             assert!(

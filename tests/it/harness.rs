@@ -299,6 +299,17 @@ impl Process {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Its peak resident set size so far (`VmHWM`), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("its /proc status");
+        let kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM");
+        kib * 1024
+    }
+
     /// Sends a signal by name (`TERM`, `HUP`, …).
     pub fn signal(&self, name: &str) {
         let ok = std::process::Command::new("kill")

@@ -700,6 +700,79 @@ async fn a_cluster_fetches_a_cold_blob_from_the_upstream_once() {
 
 /// The peer endpoint is no open proxy: without the cluster's secret it refuses; with it, it
 /// gives only what the replica has, never fetching.
+/// The herd: three replicas (the real binary), 32 clients spread over them, one cold
+/// 512 MiB blob. Exactly one upstream GET for the cluster, 32 bodies equal to the blob, and
+/// each replica's peak memory far below the blob's size (streamed, never buffered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_herd_of_32_on_three_replica_processes_fetches_512_mib_once_with_flat_memory() {
+    use http_body_util::BodyExt as _;
+    const SIZE: usize = 512 << 20;
+    let up = FakeUpstream::start().await;
+    let blob = std::sync::Arc::new(random_bytes(SIZE, 71));
+    let digest = up.add_blob(&blob);
+    let prefix = "herd-512";
+    let work = tempfile::tempdir().unwrap();
+    let secret = work.path().join("secret");
+    std::fs::write(&secret, "a-cluster-secret-of-some-length\n").unwrap();
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        let port = free_port();
+        let dir = work.path().join(format!("replica-{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("regcache.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}peer_url = \"http://127.0.0.1:{port}\"\npeer_secret_file = \"{}\"\n{}",
+                dir.join("cache").display(),
+                s3_keys(prefix),
+                secret.display(),
+                upstream_toml("docker.io", &up.url(), true, "5m")
+            ),
+        )
+        .unwrap();
+        replicas.push(crate::harness::Process::start_with_config(&config));
+    }
+    let idle: Vec<u64> = replicas.iter().map(|r| r.peak_rss()).collect();
+    let mut clients = Vec::new();
+    for i in 0..32 {
+        let url = replicas[i % 3].url(&format!("/v2/library/big/blobs/{digest}"));
+        let blob = blob.clone();
+        clients.push(tokio::spawn(async move {
+            let resp = crate::harness::open(http::Method::GET, &url, &[]).await;
+            assert_eq!(resp.status(), 200, "{url}");
+            let mut body = resp.into_body();
+            let mut at = 0usize;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.unwrap_or_else(|e| panic!("{url}: body broke after {at} bytes: {e}"));
+                if let Ok(data) = frame.into_data() {
+                    assert!(blob[at..at + data.len()] == data[..], "{url}: wrong bytes at {at}");
+                    at += data.len();
+                }
+            }
+            assert_eq!(at, SIZE, "{url}: short body");
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(
+        up.count("GET", &format!("/blobs/{digest}")),
+        1,
+        "the cluster fetched the blob more than once"
+    );
+    for (r, idle) in replicas.iter().zip(idle) {
+        let peak = r.peak_rss();
+        eprintln!("replica peak RSS: {} MiB (idle {} MiB)", peak >> 20, idle >> 20);
+        assert!(
+            peak < idle + (128 << 20),
+            "a replica's peak RSS grew from {} MiB to {} MiB serving a 512 MiB blob",
+            idle >> 20,
+            peak >> 20
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_peer_endpoint_needs_the_secret_and_never_fetches() {
     let up = FakeUpstream::start().await;
