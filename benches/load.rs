@@ -16,7 +16,8 @@
 //! - `BENCH_DIR`: where the data goes (default `/dev/shm`, else the target dir);
 //! - `BENCH_ACCESS_LOG=0`: no per-request logging in any server (default: as shipped);
 //! - `BENCH_REPORT=path`: where the report goes instead of `<target dir>/bench-report.md`;
-//! - `BENCH_HOLD=secs`: after seeding, keep the upstream and nginx up that long (profiling).
+//! - `BENCH_HOLD=secs`: after seeding, keep the upstream and nginx up that long (profiling);
+//! - `BENCH_SEAWEED_NICE=n`: SeaweedFS's nice level in the cluster phase (default 19).
 //!
 //! Everything listens on 127.0.0.1 only; every loop is bounded in count and time; every child
 //! process is killed when its guard drops (also on panic or Ctrl-C).
@@ -1416,8 +1417,29 @@ fn render_table(results: &Results, settings: &Settings) -> String {
             target: Target::ValueExactly(1.0, "GET"),
         },
         Row {
+            measure: "cherd_rss",
+            label: "Cluster herd: peak RSS of the largest replica (MiB ↓)".into(),
+            decimals: 1,
+            target: Target::ValueAtMost(128.0, "MiB"),
+        },
+        Row {
+            measure: "tier_mibs",
+            label: format!("Warm blob {blob} from a replica's local tier, 8 conns, side by side with nginx (MiB/s ↑)"),
+            decimals: 0,
+            target: Target::AtLeast(NGINX, 0.9),
+        },
+        Row {
+            measure: "startup_bucket",
+            label: format!(
+                "Replica startup on a bucket of {} blobs (collector on): spawn to the first blob from the bucket (s ↓)",
+                group_digits(settings.startup_blobs)
+            ),
+            decimals: 2,
+            target: Target::ValueAtMost(1.0, "s"),
+        },
+        Row {
             measure: "bucket_mibs",
-            label: format!("One cold GET of the {blob} blob through a fresh replica, read from the bucket (MiB/s ↑)"),
+            label: format!("Warm blob {blob} from the bucket: one GET through a fresh replica (empty local tier), 1 conn (MiB/s ↑)"),
             decimals: 0,
             target: Target::None,
         },
@@ -2089,14 +2111,23 @@ async fn start_seaweed(dir: &Path, base: u16) -> Result<(Daemon, String), String
         }
     };
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(weed);
-    cmd.arg("mini").arg(format!("-dir={}", dir.display())).args([
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        "-admin.ui=false",
-        "-webdav=false",
-        "-bucket=regcache",
-    ]);
+    // At the lowest priority by default: it stands in for a store on machines of its own,
+    // and ingesting a 512 MiB object costs SeaweedFS about 6 CPU-seconds, which on this
+    // 2-core box would otherwise be taken from the replicas under test
+    // (`BENCH_SEAWEED_NICE=0` runs it at normal priority).
+    let nice = std::env::var("BENCH_SEAWEED_NICE").unwrap_or_else(|_| "19".into());
+    let mut cmd = Command::new("nice");
+    cmd.args(["-n", &nice])
+        .arg(weed)
+        .arg("mini")
+        .arg(format!("-dir={}", dir.display()))
+        .args([
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-bucket=regcache",
+        ]);
     let flags = [
         "s3.port",
         "master.port",
@@ -2196,6 +2227,22 @@ async fn cluster_phase(env: &Env, settings: &Settings, results: &mut Results) ->
                 Err(e) => results.fail("cherd_gets", CL, e),
             }
         }
+        let peaks: Vec<Option<f64>> = replicas.iter().map(|(r, _)| r.daemon.peak_rss_mib()).collect();
+        match peaks.iter().copied().collect::<Option<Vec<f64>>>() {
+            Some(p) => results.add("cherd_rss", CL, p.into_iter().fold(0.0, f64::max)),
+            None => results.fail("cherd_rss", CL, "no VmHWM".into()),
+        }
+        // Warm blob throughput from a replica's local tier, side by side with nginx on the
+        // same file (the order alternates per run).
+        let mut sides = [
+            (CL, urls[0].clone()),
+            (NGINX, format!("http://{}{}", env.nginx.addr, env.blob_path())),
+        ];
+        sides.rotate_left(run % 2);
+        for (peer, url) in &sides {
+            let r = wrk(env.tool("wrk"), &env.script, url, 8, settings.blob_secs, &[]).await;
+            results.record("tier_mibs", peer, r.map(|r| r.mib_per_s()));
+        }
         // Wait for the upload, then one cold GET through a fresh replica: from the bucket.
         let key = format!(
             "{s3}/regcache/{prefix}/v1/blobs/sha256/{}",
@@ -2234,6 +2281,66 @@ async fn cluster_phase(env: &Env, settings: &Settings, results: &mut Results) ->
             drop(r);
             let _ = std::fs::remove_dir_all(&dir);
         }
+    }
+    // Startup of a replica on a bucket of many blobs (under a budget, so the collector
+    // lists them all): from spawn to the first blob answered from the bucket.
+    let n = settings.startup_blobs;
+    let t = Instant::now();
+    seed_bucket(&s3, "startup", n).await?;
+    eprintln!("put {n} blobs in the bucket in {:.1} s", t.elapsed().as_secs_f64());
+    let probe = format!("/v2/library/x/blobs/{}", Digest::sha256_of(b"0"));
+    for run in 0..settings.runs {
+        let dir = env.work.join(format!("startup-bucket-{run}"));
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n\
+             [cache.s3]\nbucket = \"regcache\"\nendpoint = \"{s3}\"\nprefix = \"startup\"\naccess_key_id = \"any\"\n\
+             secret_access_key_file = \"{}\"\nmax_size = \"1TiB\"\n\
+             [[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n",
+            dir.join("cache").display(),
+            env.work.join("s3-secret").display(),
+            env.upstream.url()
+        );
+        let started = Instant::now();
+        let rc = Regcache::start_text(&dir, &text).await?;
+        let r = match get(&format!("http://{}{probe}", rc.addr), &[]).await {
+            Ok((StatusCode::OK, body)) if body.as_ref() == b"0" => Ok(started.elapsed().as_secs_f64()),
+            Ok((status, _)) => Err(format!("GET {probe}: {status}")),
+            Err(e) => Err(e),
+        };
+        results.record("startup_bucket", CL, r);
+        drop(rc);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+/// Puts `n` small blobs (the decimal strings 0, 1, …, under their digests) in the bucket
+/// under `<prefix>/v1/blobs/`, 64 at a time.
+async fn seed_bucket(s3: &str, prefix: &str, n: usize) -> Result<(), String> {
+    let next = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..64)
+        .map(|_| {
+            let (next, s3, prefix) = (next.clone(), s3.to_owned(), prefix.to_owned());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n as u64 {
+                        return Ok(());
+                    }
+                    let content = i.to_string();
+                    let hex = Digest::sha256_of(content.as_bytes()).hex().to_owned();
+                    let url = format!("{s3}/regcache/{prefix}/v1/blobs/sha256/{hex}");
+                    match send(Method::PUT, &url, &[], Bytes::from(content), Duration::from_secs(30)).await {
+                        Ok((StatusCode::OK, _, _)) => {}
+                        Ok((status, _, _)) => return Err(format!("PUT {url}: {status}")),
+                        Err(e) => return Err(e),
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in futures_join(workers).await {
+        w.map_err(|e| e.to_string())??;
     }
     Ok(())
 }

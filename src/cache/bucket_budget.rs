@@ -283,21 +283,25 @@ impl BucketBudget {
 
     /// Reads each manifest of the bucket not read before; returns every blob they reference.
     async fn referenced(&self) -> Result<HashSet<String>, String> {
-        for meta in self.bucket.list_keys("manifests/sha256/").await? {
-            let Some(hex) = meta.location.filename().filter(|n| is_hex64(n)).map(str::to_owned) else {
-                continue;
-            };
-            if self
-                .references
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(&hex)
-            {
-                continue;
-            }
-            let Some(record) = self.bucket.get_key(&format!("manifests/sha256/{hex}")).await? else {
-                continue;
-            };
+        use futures_util::StreamExt as _;
+        let unread: Vec<String> = {
+            let listed = self.bucket.list_keys("manifests/sha256/").await?;
+            let known = self.references.lock().unwrap_or_else(|p| p.into_inner());
+            listed
+                .into_iter()
+                .filter_map(|m| m.location.filename().filter(|n| is_hex64(n)).map(str::to_owned))
+                .filter(|hex| !known.contains_key(hex))
+                .collect()
+        };
+        // A first collection on a big bucket reads every manifest: 16 at a time.
+        let mut reads = futures_util::stream::iter(unread)
+            .map(|hex| async move {
+                let record = self.bucket.get_key(&format!("manifests/sha256/{hex}")).await;
+                (hex, record)
+            })
+            .buffer_unordered(16);
+        while let Some((hex, record)) = reads.next().await {
+            let Some(record) = record? else { continue };
             // `<media type>\n<manifest>`
             let bytes = record.splitn(2, |b| *b == b'\n').nth(1).unwrap_or_default();
             let (children, blobs) = crate::layout::references(bytes);
