@@ -1411,6 +1411,12 @@ fn render_table(results: &Results, settings: &Settings) -> String {
             target: Target::None,
         },
         Row {
+            measure: "cherd_apart_s",
+            label: "The same herd over 3 replicas without a bucket, each fetching on its own (s ↓)".into(),
+            decimals: 2,
+            target: Target::None,
+        },
+        Row {
             measure: "cherd_gets",
             label: "Cluster herd: upstream blob GETs for the whole cluster (↓)".into(),
             decimals: 0,
@@ -2196,6 +2202,25 @@ async fn cluster_phase(env: &Env, settings: &Settings, results: &mut Results) ->
         results.record("cherd_single_s", CL, herd(&url, HERD_CLIENTS, size).await);
         drop(single);
         let _ = std::fs::remove_dir_all(&dir);
+        // Three replicas without a bucket (each fetches on its own): what splitting the herd
+        // over three processes costs on this machine, without any shared tier.
+        let mut apart = Vec::new();
+        for i in 0..3 {
+            let dir = env.work.join(format!("apart-{run}-{i}"));
+            apart.push((
+                Regcache::start(&dir, &dir.join("cache"), &env.upstream.url()).await?,
+                dir,
+            ));
+        }
+        let urls: Vec<String> = apart
+            .iter()
+            .map(|(r, _)| format!("http://{}{}", r.addr, env.blob_path()))
+            .collect();
+        results.record("cherd_apart_s", CL, herd_spread(&urls, HERD_CLIENTS, size).await);
+        for (r, dir) in apart {
+            drop(r);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         // Three replicas on one bucket.
         let mut replicas = Vec::new();
         for i in 0..3 {
