@@ -130,32 +130,32 @@ impl Bucket {
 
     /// A small object's bytes (a manifest), or `None`.
     pub async fn get_bytes(&self, kind: Kind, digest: &Digest) -> Result<Option<Bytes>, String> {
-        match self.store.get(&self.path(kind, digest)).await {
+        self.get_at(&self.path(kind, digest)).await
+    }
+
+    async fn get_at(&self, path: &Path) -> Result<Option<Bytes>, String> {
+        match self.store.get(path).await {
             Ok(got) => got.bytes().await.map(Some).map_err(|e| e.to_string()),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.to_string()),
         }
     }
 
-    fn tag_path(&self, id: &str) -> Path {
-        self.key(&format!("tags/{id}.json"))
+    async fn put_at(&self, path: &Path, body: Bytes) -> Result<(), String> {
+        self.store
+            .put(path, PutPayload::from_bytes(body))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     /// A tag mapping another replica recorded (its JSON), by [`TagKey::id`](super::tags::TagKey::id).
     pub async fn get_tag(&self, id: &str) -> Result<Option<Bytes>, String> {
-        match self.store.get(&self.tag_path(id)).await {
-            Ok(got) => got.bytes().await.map(Some).map_err(|e| e.to_string()),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.to_string()),
-        }
+        self.get_key(&format!("tags/{id}.json")).await
     }
 
     pub async fn put_tag(&self, id: &str, json: Bytes) -> Result<(), String> {
-        self.store
-            .put(&self.tag_path(id), PutPayload::from_bytes(json))
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        self.put_key(&format!("tags/{id}.json"), json).await
     }
 
     fn lease_path(&self, name: &str) -> Path {
@@ -227,19 +227,11 @@ impl Bucket {
 
     /// A small object under `<prefix>/v1/` by the rest of its key, or `None`.
     pub async fn get_key(&self, rest: &str) -> Result<Option<Bytes>, String> {
-        match self.store.get(&self.key(rest)).await {
-            Ok(got) => got.bytes().await.map(Some).map_err(|e| e.to_string()),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.to_string()),
-        }
+        self.get_at(&self.key(rest)).await
     }
 
     pub async fn put_key(&self, rest: &str, body: Bytes) -> Result<(), String> {
-        self.store
-            .put(&self.key(rest), PutPayload::from_bytes(body))
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        self.put_at(&self.key(rest), body).await
     }
 
     pub async fn delete_key(&self, rest: &str) {
@@ -296,14 +288,7 @@ impl Bucket {
     }
 
     pub async fn put_pair(&self, digest: &Digest, upstream: &str, repo: &str) -> Result<(), String> {
-        self.store
-            .put(
-                &self.pair_path(digest, upstream, repo),
-                PutPayload::from_bytes(Bytes::new()),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        self.put_at(&self.pair_path(digest, upstream, repo), Bytes::new()).await
     }
 
     pub async fn contains(&self, kind: Kind, digest: &Digest) -> bool {
@@ -311,11 +296,7 @@ impl Bucket {
     }
 
     pub async fn put_bytes(&self, kind: Kind, digest: &Digest, bytes: Bytes) -> Result<(), String> {
-        self.store
-            .put(&self.path(kind, digest), PutPayload::from_bytes(bytes))
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        self.put_at(&self.path(kind, digest), bytes).await
     }
 
     /// Uploads a blob while its fill streams: each part goes up as soon as the fill has

@@ -16,6 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::bucket::Bucket;
+use super::cluster::now_ms;
 use super::pins::Pins;
 use crate::digest::Digest;
 
@@ -72,12 +73,6 @@ pub struct Collected {
 struct LeaseBody {
     holder: String,
     expires_ms: u64,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn is_hex64(s: &str) -> bool {

@@ -194,7 +194,10 @@ type Answer = (u16, Result<bytes::Bytes, String>);
 
 /// One client's GET.
 async fn pull(url: String) -> Answer {
-    let resp = open(Method::GET, &url, &[]).await;
+    read(open(Method::GET, &url, &[]).await).await
+}
+
+async fn read(resp: http::Response<hyper::body::Incoming>) -> Answer {
     let status = resp.status().as_u16();
     let body = resp
         .into_body()
@@ -253,14 +256,7 @@ async fn losing_a_volume_server_mid_herd_serves_no_corrupt_byte() {
         clients.push(tokio::spawn(async move {
             let resp = open(Method::GET, &url, &[]).await;
             let _ = headers_in.send(()).await;
-            let status = resp.status().as_u16();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .map_err(|e| e.to_string());
-            (url, (status, body))
+            (url.clone(), read(resp).await)
         }));
     }
     for _ in 0..8 {

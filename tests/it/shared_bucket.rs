@@ -630,30 +630,28 @@ async fn readiness_reports_an_unreachable_bucket_and_check_config_a_bad_one() {
     );
     proxy.stop().await;
 
+    // `check-config` names the key at fault.
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "[cache.s3]\nbucket = \"b\"\nendpoint = \"s3.example.com\"\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
-        .args(["check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cache.s3.endpoint"), "{err}");
-
-    std::fs::write(
-        &bad,
-        "[cache.s3]\nbucket = \"b\"\nmax_size = \"1TiB\"\ncollect_every = \"0s\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
-        .args(["check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cache.s3.collect_every"), "{err}");
+    for (text, key) in [
+        (
+            "[cache.s3]\nbucket = \"b\"\nendpoint = \"s3.example.com\"\n",
+            "cache.s3.endpoint",
+        ),
+        (
+            "[cache.s3]\nbucket = \"b\"\nmax_size = \"1TiB\"\ncollect_every = \"0s\"\n",
+            "cache.s3.collect_every",
+        ),
+    ] {
+        std::fs::write(&bad, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+            .args(["check-config", "--config"])
+            .arg(&bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{err}");
+    }
 }
 
 /// Three replicas, one cold blob, clients on all three: the upstream is asked once for the
