@@ -156,6 +156,21 @@ impl FakeUpstream {
         digest
     }
 
+    /// Publishes an OCI image of one config and one layer at `repo:tag`: returns the
+    /// (manifest, config, layer) digests.
+    pub fn add_one_layer_image(&self, repo: &str, tag: &str, config: &[u8], layer: &[u8]) -> (String, String, String) {
+        const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+        let (c, l) = (self.add_blob(config), self.add_blob(layer));
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": c},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": layer.len(), "digest": l}],
+        }))
+        .expect("a manifest");
+        (self.add_manifest(repo, tag, OCI_MANIFEST, &manifest), c, l)
+    }
+
     /// Publishes a manifest at `repo:tag` (several media types may share a tag) and at its
     /// digest; returns the digest.
     pub fn add_manifest(&self, repo: &str, tag: &str, media_type: &str, bytes: &[u8]) -> String {

@@ -487,19 +487,7 @@ async fn budget_replica(up: &FakeUpstream, dir: &Path, prefix: &str, max_size: u
 /// `library/<repo>:1` with a small config and one layer: (manifest, config, layer) digests.
 fn one_layer_image(up: &FakeUpstream, repo: &str, layer: &[u8]) -> (String, String, String) {
     let config = format!("{{\"repo\":\"{repo}\"}}").into_bytes();
-    let (c, l) = (up.add_blob(&config), up.add_blob(layer));
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": c},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": layer.len(), "digest": l}],
-    }))
-    .unwrap();
-    (
-        up.add_manifest(&format!("library/{repo}"), "1", OCI_MANIFEST, &manifest),
-        c,
-        l,
-    )
+    up.add_one_layer_image(&format!("library/{repo}"), "1", &config, layer)
 }
 
 async fn pull_one(proxy: &TestProxy, repo: &str, digests: &[&str]) {

@@ -117,16 +117,8 @@ fn publish(up: &FakeUpstream, repo: &str, signature: &LegacySignature) {
 /// An image at `repo:tag` over fresh blobs; returns (manifest digest, blob digests).
 fn image(up: &FakeUpstream, repo: &str, tag: &str, seed: u64) -> (String, Vec<String>) {
     let config = format!("{{\"seed\":{seed}}}").into_bytes();
-    let layer = random_bytes(10_000, seed);
-    let (c, l) = (up.add_blob(&config), up.add_blob(&layer));
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": c},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": layer.len(), "digest": l}],
-    }))
-    .unwrap();
-    (up.add_manifest(repo, tag, OCI_MANIFEST, &manifest), vec![c, l])
+    let (m, c, l) = up.add_one_layer_image(repo, tag, &config, &random_bytes(10_000, seed));
+    (m, vec![c, l])
 }
 
 fn policy_toml(mode: &str, keys: &[&Path]) -> String {
