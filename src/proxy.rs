@@ -808,14 +808,38 @@ impl Proxy {
                     return Err(fill_error(e, digest));
                 }
                 _ => {
+                    // A relayed fill (the disk would not take the rest of the blob) keeps only
+                    // its last bytes in memory: a client that would need bytes it dropped
+                    // downloads on its own.
+                    let relay = fill.progress.borrow().relay.clone();
+                    if relay.is_some_and(|r| !r.holds(r.from)) {
+                        tracing::info!(%digest, "the relayed download is past what it keeps; passing the blob through on its own");
+                        return self.pass_through(target, digest).await;
+                    }
                     return Ok(BlobAnswer::File {
                         file: fill.file,
                         total: started.total,
                         progress: Some(fill.progress),
-                    })
+                    });
                 }
             }
         }
+    }
+
+    /// The blob streamed to this client alone, uncached (verified on the way, last byte held
+    /// back): from the shared bucket if it holds it for this caller, else the upstream.
+    async fn pass_through(&self, target: &Target, digest: &Digest) -> Result<BlobAnswer, Error> {
+        if let Some(bucket) = self.bucket_for(target, digest).await {
+            if let Ok(Some(source)) = bucket.get(crate::cache::blob_store::Kind::Blob, digest, 0).await {
+                return Ok(BlobAnswer::PassThrough(source));
+            }
+        }
+        let source = target
+            .upstream
+            .get_blob(&target.repo, digest, 0)
+            .await
+            .map_err(|e| not_found(e, || Error::BlobUnknown(digest.to_string())))?;
+        Ok(BlobAnswer::PassThrough(source))
     }
 
     /// Joins the fill of `digest`, or starts one under `target`.
@@ -929,12 +953,7 @@ impl Proxy {
             Err(e) => {
                 tracing::warn!(error = %e, %digest, "cache disk unusable; passing the blob through uncached");
                 self.lookup("blob", "miss");
-                let source = target
-                    .upstream
-                    .get_blob(&target.repo, digest, 0)
-                    .await
-                    .map_err(|e| not_found(e, || Error::BlobUnknown(digest.to_string())))?;
-                Ok(Joined::PassThrough(BlobAnswer::PassThrough(source)))
+                Ok(Joined::PassThrough(self.pass_through(target, digest).await?))
             }
         }
     }

@@ -143,6 +143,15 @@ impl Relay {
         }
     }
 
+    /// Whether byte `pos` can still be read from here (it was not dropped yet).
+    pub fn holds(&self, pos: u64) -> bool {
+        let chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+        match chunks.front() {
+            Some((first, _)) => *first <= pos,
+            None => pos >= self.from,
+        }
+    }
+
     /// Up to `n` bytes at `pos` (several chunks' worth, as pieces), or `None` if they were
     /// already dropped (the reader lags) or not yet pushed.
     fn read_pieces(&self, pos: u64, n: usize) -> Option<Vec<Bytes>> {

@@ -164,6 +164,43 @@ async fn a_blob_bigger_than_the_budget_is_relayed_not_cached() {
     assert!(files_under(&dir.path().join("v1/tmp")).is_empty());
 }
 
+/// A client that asks for a relayed blob once the relay no longer holds its start (it
+/// keeps only the last 64 MiB in memory) is passed the blob on its own, not aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_client_of_a_relayed_blob_gets_it_whole() {
+    let up = FakeUpstream::start().await;
+    let data = random_bytes(80 << 20, 113);
+    let digest = up.add_blob(&data);
+    let gate = Arc::new(tokio::sync::Notify::new());
+    up.fault(&digest, [Fault::Gate(72 << 20, gate.clone())]);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_on(&up, dir.path(), "2MiB").await;
+    let url = proxy.url(&format!("/v2/library/x/blobs/{digest}"));
+    let first = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url).await }
+    });
+    // The relay is past its first 64 MiB: byte 0 is gone from memory.
+    let p = proxy.proxy.clone();
+    crate::harness::wait_until(|| p.metrics.upstream_bytes.with_label_values(&["docker.io"]).get() >= 72 << 20).await;
+    let late = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url).await }
+    });
+    // The late client's own download (not gated) completes first.
+    let r = late.await.unwrap();
+    assert_eq!(
+        (r.status.as_u16(), sha256(r.bytes())),
+        (200, digest.clone()),
+        "the late client: {:?}",
+        r.body.as_ref().err()
+    );
+    gate.notify_one();
+    let r = first.await.unwrap();
+    assert_eq!(sha256(r.bytes()), digest);
+    assert_eq!(up.count("GET", &format!("/blobs/{digest}")), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_the_recently_read_blob_outlives_an_older_unread_one() {
     let up = FakeUpstream::start().await;
