@@ -922,8 +922,8 @@ impl Proxy {
             upload_counted(
                 self.writes.clone(),
                 async move {
-                    fill.started().await;
-                    if !origin.claim_upload() {
+                    // A fill the upstream refused (an unknown digest) has nothing to upload.
+                    if matches!(fill.started().await.state, State::Failed(_)) || !origin.claim_upload() {
                         return Ok(());
                     }
                     let uploaded = bucket.put_while_filling(&d, fill).await;

@@ -201,6 +201,7 @@ impl BucketBudget {
             let used = last_use.get(&hex).copied().unwrap_or(0).max(modified);
             blobs.push((hex, meta.size, used));
         }
+        let mut present: HashSet<String> = blobs.iter().map(|b| b.0.clone()).collect();
         let before: u64 = blobs.iter().map(|b| b.1).sum();
         let mut total = before;
         let mut outcome = Collected {
@@ -222,6 +223,7 @@ impl BucketBudget {
                 continue;
             };
             self.bucket.delete_blob(&hex).await?;
+            present.remove(&hex);
             total -= size;
             self.metrics.collected.with_label_values(&[reason]).inc();
             match reason {
@@ -231,16 +233,9 @@ impl BucketBudget {
         }
         outcome.after = total;
         self.metrics.bytes.set(total as i64);
-        // The merged notes keep only blobs still in the bucket.
-        let present: HashSet<String> = self
-            .bucket
-            .list_keys("blobs/sha256/")
-            .await?
-            .into_iter()
-            .filter_map(|m| m.location.filename().map(str::to_owned))
-            .collect();
+        // The merged notes keep only blobs still in the bucket (or uploaded since the listing).
         let pruned = last_use.len();
-        last_use.retain(|hex, _| present.contains(hex));
+        last_use.retain(|hex, at| present.contains(hex) || *at + grace >= started);
         if !folded.is_empty() || last_use.len() != pruned {
             let body = serde_json::to_vec(&last_use).map_err(|e| e.to_string())?;
             self.bucket.put_key(MERGED, Bytes::from(body)).await?;
