@@ -1186,6 +1186,15 @@ fn machine_busy_ticks() -> u64 {
     [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum()
 }
 
+/// CPU-seconds the given regcache processes have used since they started.
+fn cpu_seconds(servers: &[&Regcache]) -> f64 {
+    servers
+        .iter()
+        .filter_map(|r| proc_times(r.daemon.pid()))
+        .map(|(_, ticks)| ticks as f64 / TICKS)
+        .sum()
+}
+
 /// `(ppid, utime + stime + cutime + cstime)` of a process, from `/proc/PID/stat`.
 fn proc_times(pid: u32) -> Option<(u32, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -1414,6 +1423,24 @@ fn render_table(results: &Results, settings: &Settings) -> String {
             measure: "cherd_apart_s",
             label: "The same herd over 3 replicas without a bucket, each fetching on its own (s ↓)".into(),
             decimals: 2,
+            target: Target::None,
+        },
+        Row {
+            measure: "cherd_cpu",
+            label: "Cluster herd: CPU-seconds of the 3 replicas".into(),
+            decimals: 1,
+            target: Target::None,
+        },
+        Row {
+            measure: "cherd_single_cpu",
+            label: "CPU-seconds of the one replica in its herd".into(),
+            decimals: 1,
+            target: Target::None,
+        },
+        Row {
+            measure: "cherd_apart_cpu",
+            label: "CPU-seconds of the 3 replicas without a bucket in their herd".into(),
+            decimals: 1,
             target: Target::None,
         },
         Row {
@@ -2200,6 +2227,7 @@ async fn cluster_phase(env: &Env, settings: &Settings, results: &mut Results) ->
         let single = Regcache::start(&dir, &dir.join("cache"), &env.upstream.url()).await?;
         let url = format!("http://{}{}", single.addr, env.blob_path());
         results.record("cherd_single_s", CL, herd(&url, HERD_CLIENTS, size).await);
+        results.add("cherd_single_cpu", CL, cpu_seconds(&[&single]));
         drop(single);
         let _ = std::fs::remove_dir_all(&dir);
         // Three replicas without a bucket (each fetches on its own): what splitting the herd
@@ -2217,6 +2245,11 @@ async fn cluster_phase(env: &Env, settings: &Settings, results: &mut Results) ->
             .map(|(r, _)| format!("http://{}{}", r.addr, env.blob_path()))
             .collect();
         results.record("cherd_apart_s", CL, herd_spread(&urls, HERD_CLIENTS, size).await);
+        results.add(
+            "cherd_apart_cpu",
+            CL,
+            cpu_seconds(&apart.iter().map(|(r, _)| r).collect::<Vec<_>>()),
+        );
         for (r, dir) in apart {
             drop(r);
             let _ = std::fs::remove_dir_all(&dir);
@@ -2252,6 +2285,11 @@ async fn cluster_phase(env: &Env, settings: &Settings, results: &mut Results) ->
                 Err(e) => results.fail("cherd_gets", CL, e),
             }
         }
+        results.add(
+            "cherd_cpu",
+            CL,
+            cpu_seconds(&replicas.iter().map(|(r, _)| r).collect::<Vec<_>>()),
+        );
         let peaks: Vec<Option<f64>> = replicas.iter().map(|(r, _)| r.daemon.peak_rss_mib()).collect();
         match peaks.iter().copied().collect::<Option<Vec<f64>>>() {
             Some(p) => results.add("cherd_rss", CL, p.into_iter().fold(0.0, f64::max)),
