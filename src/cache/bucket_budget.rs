@@ -237,7 +237,11 @@ impl BucketBudget {
         let pruned = last_use.len();
         last_use.retain(|hex, at| present.contains(hex) || *at + grace >= started);
         if !folded.is_empty() || last_use.len() != pruned {
-            let body = serde_json::to_vec(&last_use).map_err(|e| e.to_string())?;
+            // Megabytes for a big bucket: encoded on the blocking pool, not an async worker.
+            let body = tokio::task::spawn_blocking(move || serde_json::to_vec(&last_use))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
             self.bucket.put_key(MERGED, Bytes::from(body)).await?;
             for name in folded {
                 self.bucket.delete_key(&format!("access/{name}")).await;
@@ -250,7 +254,9 @@ impl BucketBudget {
     /// use (Unix ms), and the notes folded in (to delete once the merge is stored).
     async fn read_access(&self) -> Result<(HashMap<String, u64>, Vec<String>), String> {
         let mut merged: HashMap<String, u64> = match self.bucket.get_key(MERGED).await? {
-            Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            Some(bytes) => tokio::task::spawn_blocking(move || serde_json::from_slice(&bytes).unwrap_or_default())
+                .await
+                .unwrap_or_default(),
             None => HashMap::new(),
         };
         let mut folded = Vec::new();
