@@ -351,6 +351,11 @@ pub struct S3Config {
     /// used within two intervals are never collected.
     #[serde(default = "default_collect_every")]
     pub collect_every: HumanDuration,
+    /// Whether `[cache] dir` keeps a hot set in front of the bucket. `false`: the disk only
+    /// stages a fill until the bucket holds it, and every other read is a GET (a Range, a
+    /// ranged GET) of the bucket, for replicas with little disk.
+    #[serde(default = "default_true")]
+    pub local_tier: bool,
 }
 
 fn default_collect_every() -> HumanDuration {

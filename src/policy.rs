@@ -535,9 +535,27 @@ impl Proxy {
     /// A small blob's bytes, fetched and verified through the cache like any other.
     async fn small_blob(&self, target: &Target, digest: &Digest) -> Result<Vec<u8>, Error> {
         use crate::proxy::BlobAnswer;
-        let (file, progress) = match self.blob(target, digest).await? {
+        let (file, progress) = match self.blob(target, digest, crate::proxy::Want::Whole).await? {
             BlobAnswer::File { file, progress, .. } => (file, progress),
             BlobAnswer::PassThrough(_) => return Err(Error::Overloaded("the cache disk cannot take data".into())),
+            BlobAnswer::Bucket { bucket, total } => {
+                if total > MAX_SIGNATURE_BYTES {
+                    return Err(Error::BadContent {
+                        upstream: String::new(),
+                        message: format!("signature blob {digest} is {total} bytes"),
+                    });
+                }
+                let unreadable = |e: String| Error::Overloaded(format!("the shared bucket failed: {e}"));
+                let bytes = bucket
+                    .get_bytes(crate::cache::blob_store::Kind::Blob, digest)
+                    .await
+                    .map_err(unreadable)?
+                    .ok_or_else(|| Error::BlobUnknown(digest.to_string()))?;
+                if !digest.matches(&bytes) {
+                    return Err(Error::BlobUnknown(digest.to_string()));
+                }
+                return Ok(bytes.to_vec());
+            }
         };
         let mut total = None;
         if let Some(mut progress) = progress {

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::cache::associations::Pair;
+use crate::cache::blob_store::Kind;
 use crate::cache::fill::{FillError, Fills, Opener, Progress, Source, State};
 use crate::cache::tags::{TagKey, TagRecord};
 use crate::cache::{Cache, Manifest};
@@ -112,6 +113,20 @@ pub enum BlobAnswer {
     },
     /// The cache disk cannot take it: streamed from the upstream, verified on the way.
     PassThrough(Source),
+    /// Read from the shared bucket per request (a Range as a ranged GET): a replica
+    /// without a local tier, or a part of a blob the tier does not hold.
+    Bucket {
+        bucket: Arc<crate::cache::bucket::Bucket>,
+        total: u64,
+    },
+}
+
+/// How much of a blob a client asked for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    Whole,
+    /// A `Range`: served from the bucket rather than waiting for a fill to reach it.
+    Part,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -265,11 +280,7 @@ impl Proxy {
             let m = manifest.clone();
             let record = Bytes::from([m.media_type.as_bytes(), b"\n", &m.bytes].concat());
             self.upload_in_background(
-                async move {
-                    bucket
-                        .put_bytes(crate::cache::blob_store::Kind::Manifest, &m.digest, record)
-                        .await
-                },
+                async move { bucket.put_bytes(Kind::Manifest, &m.digest, record).await },
                 format!("manifest {}", manifest.digest),
             );
         }
@@ -655,7 +666,7 @@ impl Proxy {
         let bucket = self.bucket.clone()?;
         // An upstream HEAD only when the bucket has something to give.
         if self.restricted
-            && (!bucket.contains(crate::cache::blob_store::Kind::Blob, digest).await
+            && (!bucket.contains(Kind::Blob, digest).await
                 || self.authorize(target, Content::Blob, digest).await.is_err())
         {
             return None;
@@ -707,7 +718,7 @@ impl Proxy {
         if self.restricted && self.authorize(target, Content::Manifest, digest).await.is_err() {
             return None;
         }
-        let raw = match bucket.get_bytes(crate::cache::blob_store::Kind::Manifest, digest).await {
+        let raw = match bucket.get_bytes(Kind::Manifest, digest).await {
             Ok(raw) => raw?,
             Err(e) => {
                 tracing::warn!(bucket = %bucket.name, %digest, error = %e, "shared bucket unreadable; asking the upstream");
@@ -757,18 +768,22 @@ impl Proxy {
     }
 
     /// A blob to stream: from the cache, or from the fill that fetches it (joined or started).
-    pub async fn blob(&self, target: &Target, digest: &Digest) -> Result<BlobAnswer, Error> {
-        let answer = self.find_blob(target, digest).await;
+    pub async fn blob(&self, target: &Target, digest: &Digest, want: Want) -> Result<BlobAnswer, Error> {
+        let answer = self.find_blob(target, digest, want).await;
         if let (Ok(_), Some(budget)) = (&answer, &self.budget) {
             budget.touch(digest);
         }
         answer
     }
 
-    async fn find_blob(&self, target: &Target, digest: &Digest) -> Result<BlobAnswer, Error> {
+    async fn find_blob(&self, target: &Target, digest: &Digest, want: Want) -> Result<BlobAnswer, Error> {
         if let Some(answer) = self.cached_blob(digest).await? {
             self.authorize(target, Content::Blob, digest).await?;
             self.lookup("blob", "hit");
+            return Ok(answer);
+        }
+        if let Some(answer) = self.bucket_read(target, digest, want).await {
+            self.lookup("blob", "bucket");
             return Ok(answer);
         }
         let own: Pair = (
@@ -826,11 +841,29 @@ impl Proxy {
         }
     }
 
+    /// A blob the shared bucket holds, read there for this request alone, when no local fill
+    /// of it runs and either the local tier is off or the client wants a part: a fill
+    /// would have to reach the part first.
+    async fn bucket_read(&self, target: &Target, digest: &Digest, want: Want) -> Option<BlobAnswer> {
+        let bucket = self.bucket.as_ref()?;
+        if (bucket.local_tier && want == Want::Whole) || self.fills.running(digest).is_some() {
+            return None;
+        }
+        let total = bucket.size_of(Kind::Blob, digest).await?;
+        if self.restricted && self.authorize(target, Content::Blob, digest).await.is_err() {
+            return None;
+        }
+        Some(BlobAnswer::Bucket {
+            bucket: bucket.clone(),
+            total,
+        })
+    }
+
     /// The blob streamed to this client alone, uncached (verified on the way, last byte held
     /// back): from the shared bucket if it holds it for this caller, else the upstream.
     async fn pass_through(&self, target: &Target, digest: &Digest) -> Result<BlobAnswer, Error> {
         if let Some(bucket) = self.bucket_for(target, digest).await {
-            if let Ok(Some(source)) = bucket.get(crate::cache::blob_store::Kind::Blob, digest, 0).await {
+            if let Ok(Some(source)) = bucket.get(Kind::Blob, digest, 0).await {
                 return Ok(BlobAnswer::PassThrough(source));
             }
         }
@@ -852,7 +885,7 @@ impl Proxy {
             (
                 b,
                 self.writes.clone(),
-                self.cache.store.path(crate::cache::blob_store::Kind::Blob, digest),
+                self.cache.store.path(Kind::Blob, digest),
                 origin.clone(),
             )
         });
@@ -904,6 +937,9 @@ impl Proxy {
                                         async move {
                                             let uploaded = bucket.put_file(&d, path).await;
                                             origin.release_lease(); // the others now find the blob in the bucket
+                                            if uploaded.is_ok() && !bucket.local_tier {
+                                                cache.drop_blob(&d);
+                                            }
                                             uploaded
                                         },
                                         format!("blob {digest}"),
@@ -918,16 +954,29 @@ impl Proxy {
             },
         );
         if let (Ok(Some(fill)), true, Some(bucket)) = (&joined, started_here, self.bucket.clone()) {
-            let (mut fill, origin, d) = (fill.clone(), origin.clone(), digest.clone());
+            let (mut fill, origin, d, cache) = (fill.clone(), origin.clone(), digest.clone(), self.cache.clone());
             upload_counted(
                 self.writes.clone(),
                 async move {
                     // A fill the upstream refused (an unknown digest) has nothing to upload.
-                    if matches!(fill.started().await.state, State::Failed(_)) || !origin.claim_upload() {
+                    if matches!(fill.started().await.state, State::Failed(_)) {
                         return Ok(());
                     }
-                    let uploaded = bucket.put_while_filling(&d, fill).await;
-                    origin.release_lease();
+                    let uploaded = if origin.claim_upload() {
+                        let uploaded = bucket.put_while_filling(&d, fill).await;
+                        origin.release_lease();
+                        uploaded
+                    } else if bucket.local_tier {
+                        return Ok(());
+                    } else {
+                        // Streamed from a peer (or the bucket), which holds it.
+                        fill.finished().await;
+                        Ok(())
+                    };
+                    // Without a local tier the disk only stages a fill until the bucket has it.
+                    if uploaded.is_ok() && !bucket.local_tier && bucket.contains(Kind::Blob, &d).await {
+                        cache.drop_blob(&d);
+                    }
                     uploaded
                 },
                 format!("blob {digest}"),
@@ -989,6 +1038,9 @@ impl Proxy {
             self.authorize(target, Content::Blob, digest).await?;
             return Ok(Some(len));
         }
+        if let Some(BlobAnswer::Bucket { total, .. }) = self.bucket_read(target, digest, Want::Part).await {
+            return Ok(Some(total));
+        }
         target
             .upstream
             .head_blob(&target.repo, digest)
@@ -1008,9 +1060,9 @@ impl Proxy {
                     target.repo.to_string(),
                 );
                 let tags = tokio::task::spawn_blocking(move || {
-                    cache.tags.tags_of(&upstream, &repo, |d| {
-                        cache.index.peek(crate::cache::blob_store::Kind::Manifest, d)
-                    })
+                    cache
+                        .tags
+                        .tags_of(&upstream, &repo, |d| cache.index.peek(Kind::Manifest, d))
                 })
                 .await
                 .unwrap_or_default();
@@ -1100,7 +1152,7 @@ fn opener(
         );
         Box::pin(async move {
             if let Some(b) = bucket.filter(|_| offset == 0 || origin.bucket.load(Relaxed)) {
-                match b.get(crate::cache::blob_store::Kind::Blob, &digest, offset).await {
+                match b.get(Kind::Blob, &digest, offset).await {
                     Ok(Some(source)) => {
                         origin.bucket.store(true, Relaxed);
                         return Ok(source);

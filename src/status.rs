@@ -67,7 +67,7 @@ pub fn render(proxy: &Proxy) -> String {
         &families,
         "regcache_cache_lookups_total",
         "result",
-        &["hit", "coalesced", "stale"],
+        &["hit", "coalesced", "stale", "bucket"],
     );
     let misses = sum_where(&families, "regcache_cache_lookups_total", "result", &["miss"]);
     // Float sums start from 0.0 here, not from -0.0 as Iterator::sum does.

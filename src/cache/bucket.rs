@@ -33,6 +33,8 @@ pub struct Bucket {
     prefix: String,
     /// `[cache.s3] redirect_min_size`.
     pub redirect_min_size: Option<u64>,
+    /// `[cache.s3] local_tier`: false when the local disk only stages fills.
+    pub local_tier: bool,
     /// What logs call it: `s3://bucket/prefix`.
     pub name: String,
 }
@@ -79,6 +81,7 @@ impl Bucket {
             store,
             prefix,
             redirect_min_size: config.redirect_min_size.map(|s| s.0),
+            local_tier: config.local_tier,
         })
     }
 
@@ -109,8 +112,19 @@ impl Bucket {
 
     /// Content from byte `offset` on, or `None` if the bucket does not hold it.
     pub async fn get(&self, kind: Kind, digest: &Digest, offset: u64) -> Result<Option<Source>, String> {
+        self.get_range(kind, digest, (offset > 0).then_some(GetRange::Offset(offset)))
+            .await
+    }
+
+    /// Bytes `start..end` of a blob (one ranged GET), or `None` if the bucket does not hold it.
+    pub async fn get_blob_range(&self, digest: &Digest, start: u64, end: u64) -> Result<Option<Source>, String> {
+        self.get_range(Kind::Blob, digest, Some(GetRange::Bounded(start..end)))
+            .await
+    }
+
+    async fn get_range(&self, kind: Kind, digest: &Digest, range: Option<GetRange>) -> Result<Option<Source>, String> {
         let options = GetOptions {
-            range: (offset > 0).then_some(GetRange::Offset(offset)),
+            range,
             ..Default::default()
         };
         let got = match self.store.get_opts(&self.path(kind, digest), options).await {
@@ -292,7 +306,12 @@ impl Bucket {
     }
 
     pub async fn contains(&self, kind: Kind, digest: &Digest) -> bool {
-        self.store.head(&self.path(kind, digest)).await.is_ok()
+        self.size_of(kind, digest).await.is_some()
+    }
+
+    /// The size of what the bucket holds, or `None` (absent or unreadable).
+    pub async fn size_of(&self, kind: Kind, digest: &Digest) -> Option<u64> {
+        self.store.head(&self.path(kind, digest)).await.ok().map(|m| m.size)
     }
 
     pub async fn put_bytes(&self, kind: Kind, digest: &Digest, bytes: Bytes) -> Result<(), String> {

@@ -254,6 +254,12 @@ impl Cache {
         }
     }
 
+    /// Takes a blob out of the local tier: its file goes (on the deleter thread), readers
+    /// that have it open keep reading.
+    pub fn drop_blob(&self, digest: &Digest) {
+        self.index.invalidate(Kind::Blob, digest);
+    }
+
     /// Takes damaged content out of service: moved aside and forgotten, so the next
     /// request fetches it anew.
     pub fn quarantine(&self, kind: Kind, digest: &Digest) {

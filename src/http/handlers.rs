@@ -344,7 +344,11 @@ async fn blob(
             return Ok(resp);
         }
     }
-    let answer = proxy.blob(target, digest).await?;
+    let want = match headers.get(RANGE) {
+        Some(_) => proxy::Want::Part,
+        None => proxy::Want::Whole,
+    };
+    let answer = proxy.blob(target, digest, want).await?;
     send_blob(proxy, digest, answer, headers, resp).await
 }
 
@@ -392,6 +396,54 @@ async fn send_blob(
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok()).and_then(parse_range);
     let (file, mut total, mut progress) = match answer {
         BlobAnswer::File { file, total, progress } => (file, total, progress),
+        BlobAnswer::Bucket { bucket, total } => {
+            let (start, end) = match place_range(range, Some(total), &mut resp) {
+                Ok(placed) => placed,
+                Err(total) => return Ok(unsatisfiable(total)),
+            };
+            let end = end.unwrap_or(total);
+            let whole = start == 0 && end == total;
+            let got = if whole {
+                bucket.get(Kind::Blob, digest, 0).await
+            } else {
+                bucket.get_blob_range(digest, start, end).await
+            };
+            let source = match got {
+                Ok(Some(source)) => source,
+                // Collected or unreadable since it was found there: the client's retry
+                // takes the next source.
+                Ok(None) => {
+                    return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UNAVAILABLE",
+                        format!("{digest} left the shared bucket"),
+                    ))
+                }
+                Err(e) => {
+                    return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UNAVAILABLE",
+                        format!("the shared bucket failed: {e}"),
+                    ))
+                }
+            };
+            resp.headers_mut().insert(CONTENT_LENGTH, (end - start).into());
+            let (tx, body) = Body::channel();
+            let served = proxy.metrics.bytes_served.with_label_values(&["bucket"]);
+            let digest = digest.clone();
+            tokio::spawn(async move {
+                // The whole blob is verified on the way; a part cannot be (the bucket holds
+                // only verified blobs), but must be exactly as long as asked.
+                let sent = if whole {
+                    stream_verified(source, digest, tx).await
+                } else {
+                    stream_exact(source, end - start, tx).await
+                };
+                served.inc_by(sent);
+            });
+            *resp.body_mut() = body;
+            return Ok(resp);
+        }
         BlobAnswer::PassThrough(source) => {
             // No file to seek in: the whole blob (RFC 9110 lets a server ignore Range).
             if let Some(total) = source.total {
@@ -416,33 +468,9 @@ async fn send_blob(
             total = progress.borrow().total;
         }
     }
-    let (start, end) = match (range, total) {
-        (Some(spec), Some(total)) => match spec.resolve(total) {
-            Some((start, end)) => {
-                *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
-                let value = format!("bytes {start}-{}/{total}", end - 1);
-                resp.headers_mut().insert(
-                    CONTENT_RANGE,
-                    HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("")),
-                );
-                (start, Some(end))
-            }
-            None => {
-                let mut err = ApiError::new(
-                    StatusCode::RANGE_NOT_SATISFIABLE,
-                    "BLOB_UNKNOWN",
-                    format!("range not satisfiable for a blob of {total} bytes"),
-                )
-                .into_response();
-                let value = format!("bytes */{total}");
-                err.headers_mut().insert(
-                    CONTENT_RANGE,
-                    HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("")),
-                );
-                return Ok(err);
-            }
-        },
-        (_, total) => (0, total),
+    let (start, end) = match place_range(range, total, &mut resp) {
+        Ok(placed) => placed,
+        Err(total) => return Ok(unsatisfiable(total)),
     };
     if let Some(end) = end {
         resp.headers_mut().insert(CONTENT_LENGTH, (end - start).into());
@@ -462,6 +490,86 @@ async fn send_blob(
     });
     *resp.body_mut() = body;
     Ok(resp)
+}
+
+/// Where a requested range lies in a blob of `total` bytes: `(start, end)` with the 206
+/// status and `Content-Range` set on `resp`, the whole blob without a range (or a length),
+/// or `Err(total)` when the range lies outside.
+fn place_range(
+    range: Option<RangeSpec>,
+    total: Option<u64>,
+    resp: &mut Response<Body>,
+) -> Result<(u64, Option<u64>), u64> {
+    let (Some(spec), Some(total)) = (range, total) else {
+        return Ok((0, total));
+    };
+    let Some((start, end)) = spec.resolve(total) else {
+        return Err(total);
+    };
+    *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+    let value = format!("bytes {start}-{}/{total}", end - 1);
+    resp.headers_mut().insert(
+        CONTENT_RANGE,
+        HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("")),
+    );
+    Ok((start, Some(end)))
+}
+
+/// The 416 answer for a range outside a blob of `total` bytes.
+fn unsatisfiable(total: u64) -> Response<Body> {
+    let mut err = ApiError::new(
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        "BLOB_UNKNOWN",
+        format!("range not satisfiable for a blob of {total} bytes"),
+    )
+    .into_response();
+    let value = format!("bytes */{total}");
+    err.headers_mut().insert(
+        CONTENT_RANGE,
+        HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("")),
+    );
+    err
+}
+
+/// Forwards exactly `len` bytes of `source`; a body that ends short or runs long is cut
+/// with an error, never passed off as complete.
+async fn stream_exact(
+    mut source: crate::cache::fill::Source,
+    len: u64,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+) -> u64 {
+    use http_body_util::BodyExt as _;
+    let mut sent = 0u64;
+    while let Some(frame) = source.body.frame().await {
+        let data = match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+            Err(e) => {
+                let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                return sent;
+            }
+        };
+        if sent + data.len() as u64 > len {
+            let _ = tx
+                .send(Err(std::io::Error::other("the bucket sent more than the range")))
+                .await;
+            return sent;
+        }
+        sent += data.len() as u64;
+        if tx.send(Ok(data)).await.is_err() {
+            return sent;
+        }
+    }
+    if sent != len {
+        let _ = tx
+            .send(Err(std::io::Error::other(format!(
+                "the bucket sent {sent} of {len} bytes"
+            ))))
+            .await;
+    }
+    sent
 }
 
 /// One `Range: bytes=…` spec; anything else (several ranges, other units) is ignored and

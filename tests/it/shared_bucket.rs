@@ -255,6 +255,88 @@ async fn pull(proxy: &TestProxy, manifest: &str, digests: &[String], bytes: &[Ve
     }
 }
 
+/// A replica without a local tier (`local_tier = false`): its disk only stages a fill until
+/// the bucket holds the blob; every later read, whole or a Range, is a GET of the bucket.
+/// With a tier, a Range the tier lacks is one ranged GET too, not a fill to wait for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_local_tier_reads_go_to_the_bucket_and_ranges_are_ranged_gets() {
+    let up = FakeUpstream::start().await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (manifest, digests, bytes) = image(&up, 7);
+    let prefix = "no-tier";
+    let staged = |dir: &Path| crate::harness::files_under(&dir.join("v1/blobs"));
+    let a = replica_with(&up, dirs.0.path(), prefix, "", "local_tier = false\n").await;
+    pull(&a, &manifest, &digests, &bytes).await;
+    let a_proxy = a.proxy.clone();
+    wait_until(|| a_proxy.work_in_flight() == 0).await;
+    let keys = seaweed().keys(prefix).await;
+    for d in &digests {
+        let key = format!("{prefix}/v1/blobs/sha256/{}", d.trim_start_matches("sha256:"));
+        assert!(keys.contains(&key), "{key} not in the bucket: {keys:?}");
+    }
+    // The deleter thread removes the staged copies once the bucket holds them.
+    let dir_a = dirs.0.path().to_owned();
+    wait_until(|| staged(&dir_a).is_empty()).await;
+
+    let requests = up.total_requests();
+    pull(&a, &manifest, &digests, &bytes).await;
+    assert_eq!(up.total_requests(), requests, "{:?}", up.seen());
+    assert!(staged(dirs.0.path()).is_empty(), "a bucket read was staged on disk");
+    assert_eq!(
+        a.metric("regcache_cache_lookups_total{kind=\"blob\",result=\"bucket\"}"),
+        3.0
+    );
+
+    let layer = &bytes[1];
+    let url = |p: &crate::harness::TestProxy| p.url(&format!("/v2/library/app/blobs/{}", digests[1]));
+    for (range, want, content_range) in [
+        (
+            "bytes=1000-1999",
+            &layer[1000..2000],
+            format!("bytes 1000-1999/{}", layer.len()),
+        ),
+        (
+            "bytes=-10",
+            &layer[layer.len() - 10..],
+            format!("bytes {}-{}/{}", layer.len() - 10, layer.len() - 1, layer.len()),
+        ),
+        (
+            "bytes=0-",
+            &layer[..],
+            format!("bytes 0-{}/{}", layer.len() - 1, layer.len()),
+        ),
+    ] {
+        let r = get_with(&url(&a), &[("range", range)]).await;
+        assert_eq!(r.status, 206, "{range}: {r:?}");
+        assert_eq!(r.header("content-range"), Some(content_range.as_str()), "{range}");
+        assert!(r.bytes().as_ref() == want, "{range}: wrong bytes");
+    }
+    let r = get_with(&url(&a), &[("range", "bytes=99999999-")]).await;
+    assert_eq!(r.status, 416);
+    let h = crate::harness::head(&url(&a)).await;
+    assert_eq!(h.header("content-length"), Some(layer.len().to_string().as_str()));
+    assert_eq!(up.total_requests(), requests, "{:?}", up.seen());
+    assert!(staged(dirs.0.path()).is_empty());
+
+    // With a tier: the Range is answered by one ranged GET (1000 bytes from the bucket, no
+    // fill started); the whole blob then fills the tier.
+    let b = replica(&up, dirs.1.path(), prefix, "").await;
+    let r = get_with(&url(&b), &[("range", "bytes=5000-5999")]).await;
+    assert_eq!(r.status, 206);
+    assert!(r.bytes().as_ref() == &layer[5000..6000]);
+    assert_eq!(b.metric("regcache_bytes_served_total{source=\"bucket\"}"), 1000.0);
+    assert_eq!(b.proxy.fills_in_flight(), 0);
+    assert!(staged(dirs.1.path()).is_empty(), "a Range filled the tier");
+    let r = get(&url(&b)).await;
+    assert!(r.bytes().as_ref() == layer.as_slice());
+    let b_proxy = b.proxy.clone();
+    wait_until(|| b_proxy.work_in_flight() == 0).await;
+    assert_eq!(staged(dirs.1.path()).len(), 1, "the tier keeps a whole read");
+    assert_eq!(up.total_requests(), requests, "{:?}", up.seen());
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_replica_serves_what_the_first_fetched_with_no_upstream_blob_request() {
     let up = FakeUpstream::start().await;
