@@ -1477,6 +1477,12 @@ fn render_table(results: &Results, settings: &Settings) -> String {
             target: Target::None,
         },
         Row {
+            measure: "bucket8_mibs",
+            label: format!("Warm blob {blob} from the bucket through a replica without a local tier (local_tier = false), 8 conns (MiB/s ↑)"),
+            decimals: 0,
+            target: Target::None,
+        },
+        Row {
             measure: "ptag_rps",
             label: "Warm manifest by tag under an enforcing signature policy (req/s ↑)".into(),
             decimals: 0,
@@ -2339,6 +2345,28 @@ async fn cluster_phase(env: &Env, settings: &Settings, results: &mut Results) ->
             }),
         );
         drop(fresh);
+        let _ = std::fs::remove_dir_all(&dir);
+        // A replica without a local tier: every GET is a GET of the bucket.
+        let dir = env.work.join(format!("tierless-{run}"));
+        let tierless = Regcache::start_with(
+            &dir,
+            &dir.join("cache"),
+            &env.upstream.url(),
+            &format!("{}local_tier = false\n", s3_section(None)),
+        )
+        .await?;
+        let url = format!("http://{}{}", tierless.addr, env.blob_path());
+        let r = wrk(env.tool("wrk"), &env.script, &url, 8, settings.blob_secs, &[]).await;
+        // Each counted request must have had its whole body (an aborted one would not).
+        let r = r.and_then(|r| {
+            if r.bytes >= r.requests * size as f64 {
+                Ok(r.mib_per_s())
+            } else {
+                Err(format!("{} bytes for {} requests", r.bytes, r.requests))
+            }
+        });
+        results.record("bucket8_mibs", CL, r);
+        drop(tierless);
         let _ = std::fs::remove_dir_all(&dir);
         for (r, dir) in replicas {
             drop(r);
