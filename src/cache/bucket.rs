@@ -336,7 +336,7 @@ impl Bucket {
         let upload = self.store.put_multipart(&path).await.map_err(|e| e.to_string())?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-        let reader = tokio::spawn(stream_file(file, 0, total, Some(progress.clone()), tx));
+        let reader = tokio::spawn(stream_file(file, 0, total, Some(progress.clone()), tx, true));
         let mut sent = 0u64;
         while let Some(chunk) = rx.recv().await {
             let failed = match chunk {

@@ -109,7 +109,8 @@ const HEAD_BYTES: u64 = 4 * 1024 * 1024;
 /// The part of a fill that the disk could not take, kept in memory for the fill's readers:
 /// a full disk degrades one blob to verified pass-through (same hold-back of the last
 /// byte), instead of failing every client of it. Bounded: a reader that falls further
-/// behind than [`RELAY_BYTES`] is aborted.
+/// behind than [`RELAY_BYTES`] is aborted, except the anchored one (the upload to the
+/// shared bucket), which the fill waits for instead.
 #[derive(Debug)]
 pub struct Relay {
     /// Offset of the first byte not on disk.
@@ -117,7 +118,16 @@ pub struct Relay {
     chunks: Mutex<std::collections::VecDeque<(u64, Bytes)>>,
     /// Bytes kept for readers behind the newest.
     keep: u64,
+    /// Where the reader that must get every byte is: nothing from there on is dropped.
+    anchor: Mutex<Option<u64>>,
+    anchor_moved: tokio::sync::Notify,
+    /// The anchored reader stalled too long and was let go.
+    anchor_cut: std::sync::atomic::AtomicBool,
 }
+
+/// How long a relayed fill waits for its anchored reader to make room before letting it
+/// go (its upload then fails cleanly): a stalled store must not stall every client.
+const ANCHOR_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Memory one relaying fill may hold for readers that lag behind.
 const RELAY_BYTES: u64 = 64 * 1024 * 1024;
@@ -128,6 +138,36 @@ impl Relay {
             from,
             chunks: Mutex::default(),
             keep,
+            anchor: Mutex::default(),
+            anchor_moved: tokio::sync::Notify::new(),
+            anchor_cut: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The anchored reader is at `pos` (`None`: it is gone); the fill may drop what lies
+    /// before it.
+    fn anchor_at(&self, pos: Option<u64>) {
+        let cut = self.anchor_cut.load(std::sync::atomic::Ordering::Relaxed);
+        *self.anchor.lock().unwrap_or_else(|p| p.into_inner()) = pos.filter(|_| !cut);
+        self.anchor_moved.notify_waiters();
+    }
+
+    /// Lets the anchored reader go for good.
+    fn cut_anchor(&self) {
+        self.anchor_cut.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.anchor_at(None);
+    }
+
+    /// Waits until the relay can grow to `end` without dropping a byte the anchored reader
+    /// has yet to read.
+    async fn room_until(&self, end: u64) {
+        loop {
+            let moved = self.anchor_moved.notified();
+            let anchor = *self.anchor.lock().unwrap_or_else(|p| p.into_inner());
+            if anchor.is_none_or(|a| end <= a + self.keep) {
+                return;
+            }
+            moved.await;
         }
     }
 
@@ -544,6 +584,16 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                 relay = Some(r.clone());
                 tx.send_modify(|p| p.relay = Some(r));
             }
+            if let Some(r) = &relay {
+                // The upload to the shared bucket must get every byte: it sets the pace.
+                if tokio::time::timeout(ANCHOR_WAIT, r.room_until(written + len))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(%digest, "the upload of a relayed blob stalled; relaying without it");
+                    r.cut_anchor();
+                }
+            }
             let (f, tx2, at, relaying) = (file.clone(), tx.clone(), written, relay.clone());
             let head = tx.borrow().head.clone();
             let (index, made_room, early_sync) = (self.index.clone(), made_room.clone(), early_sync.clone());
@@ -870,6 +920,26 @@ fn readable_until<E>(p: &Progress<E>, end: Option<u64>) -> u64 {
     }
 }
 
+/// An anchored reader's hold on a relayed fill, let go however the reader ends.
+struct Anchor(Option<Arc<Relay>>);
+
+impl Anchor {
+    fn at(&mut self, relay: Option<&Arc<Relay>>, pos: u64) {
+        if let Some(relay) = relay {
+            relay.anchor_at(Some(pos));
+            self.0 = Some(relay.clone());
+        }
+    }
+}
+
+impl Drop for Anchor {
+    fn drop(&mut self) {
+        if let Some(relay) = &self.0 {
+            relay.anchor_at(None);
+        }
+    }
+}
+
 /// How a stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Streamed {
@@ -885,13 +955,15 @@ pub struct Streamed {
 /// the process). With `progress` (a fill), it follows the growing file, and sends the last
 /// byte only once the fill is verified and committed; on failure it sends an error so that
 /// the response is aborted, never completed. `end` is `None` when the fill's total length
-/// is still unknown.
+/// is still unknown. An `anchored` reader (the upload to the shared bucket) is never
+/// dropped by a relayed fill: the fill waits for it.
 pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
     file: Arc<File>,
     start: u64,
     end: Option<u64>,
     mut progress: Option<watch::Receiver<Progress<E>>>,
     tx: mpsc::Sender<io::Result<Bytes>>,
+    anchored: bool,
 ) -> Streamed {
     use std::io::{Seek, SeekFrom};
     let committed = progress.is_none();
@@ -916,6 +988,7 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
     let mut pos = start;
     // Where the file's own offset is (reads from memory do not move it).
     let mut file_at = start;
+    let mut anchor = Anchor(None);
     loop {
         let limit = match &mut progress {
             None => end.unwrap_or(pos),
@@ -944,6 +1017,9 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
             return ended(pos, false);
         }
         let relay = progress.as_ref().and_then(|rx| rx.borrow().relay.clone());
+        if anchored {
+            anchor.at(relay.as_ref(), pos);
+        }
         if let Some(relay) = relay.filter(|r| pos >= r.from) {
             let n = (limit - pos).min(READ_CHUNK) as usize;
             let Some(data) = relay.read(pos, n) else {
@@ -1068,7 +1144,7 @@ mod tests {
             head: Some(head),
         });
         let (tx, mut rx) = mpsc::channel(4);
-        let reader = tokio::spawn(stream_file(file, 0, None, Some(prx), tx));
+        let reader = tokio::spawn(stream_file(file, 0, None, Some(prx), tx, false));
         let mut got = Vec::new();
         while got.len() < content.len() - 1 {
             got.extend_from_slice(&rx.recv().await.unwrap().unwrap());
@@ -1095,6 +1171,28 @@ mod tests {
         w.push(10, Bytes::from_static(b"klmnopq")); // 17 bytes: the first chunks go
         assert!(w.read_pieces(1, 2).is_none(), "forgotten: read it from the disk");
         assert_eq!(joined(w.read_pieces(9, 3).unwrap()), b"jkl");
+    }
+
+    /// A relay grows past its anchored reader's position plus what it keeps only once the
+    /// reader moves on; a reader let go (stalled) holds it back no more.
+    #[tokio::test]
+    async fn a_relay_waits_for_its_anchored_reader_until_that_reader_is_cut() {
+        use futures_util::FutureExt as _;
+        let r = Arc::new(Relay::new(0, 10));
+        r.anchor_at(Some(0));
+        assert!(r.room_until(10).now_or_never().is_some(), "within what it keeps");
+        let waiting = tokio::spawn({
+            let r = r.clone();
+            async move { r.room_until(25).await }
+        });
+        r.anchor_at(Some(14));
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "14 + 10 < 25: still waiting");
+        r.anchor_at(Some(15));
+        waiting.await.unwrap();
+        r.cut_anchor();
+        r.anchor_at(Some(0)); // the reader, unaware, anchors again: ignored
+        assert!(r.room_until(1000).now_or_never().is_some());
     }
 
     #[derive(Debug, thiserror::Error)]

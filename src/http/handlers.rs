@@ -481,7 +481,7 @@ async fn send_blob(
     // Weak: a response still streaming must not keep a stopped cache (and its lock) open.
     let (cache, digest) = (Arc::downgrade(&proxy.cache), digest.clone());
     tokio::spawn(async move {
-        let streamed = stream_file(file, start, end, progress, tx).await;
+        let streamed = stream_file(file, start, end, progress, tx, false).await;
         served.inc_by(streamed.sent);
         if let Some(cache) = cache.upgrade().filter(|_| streamed.damaged) {
             // One aborted response, then a refetch: never the process, never a wrong 200.

@@ -255,6 +255,45 @@ async fn pull(proxy: &TestProxy, manifest: &str, digests: &[String], bytes: &[Ve
     }
 }
 
+/// A blob bigger than the local disk takes is relayed (only its last 64 MiB kept in
+/// memory), yet it still reaches the bucket whole: the relay waits for the upload instead of
+/// dropping bytes the upload has not read, however far the upload lags behind the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_blob_bigger_than_the_local_disk_still_reaches_the_bucket() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = "relayed";
+    let blob = random_bytes(160 << 20, 160);
+    let digest = up.add_blob(&blob);
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\nmax_size = \"4MiB\"\n{}{}",
+        dir.path().display(),
+        s3_keys(prefix),
+        upstream_toml("docker.io", &up.url(), true, "5m")
+    );
+    let a = TestProxy::start_config(regcache::Config::from_toml(&text).expect("test config is valid")).await;
+    let r = get(&a.url(&format!("/v2/library/x/blobs/{digest}"))).await;
+    assert_eq!((r.status.as_u16(), sha256(r.bytes())), (200, digest.clone()));
+    assert_eq!(a.metric("regcache_fills_total{result=\"relayed\"}"), 1.0);
+    let a_proxy = a.proxy.clone();
+    wait_until(|| a_proxy.work_in_flight() == 0).await;
+    let key = format!("{prefix}/v1/blobs/sha256/{}", digest.trim_start_matches("sha256:"));
+    assert!(
+        seaweed().keys(prefix).await.contains(&key),
+        "the relayed blob never reached the bucket"
+    );
+    assert!(seaweed().uploads(prefix).await.is_empty());
+    // And another replica then serves it from the bucket, with no upstream request.
+    let dir2 = tempfile::tempdir().unwrap();
+    let b = replica(&up, dir2.path(), prefix, "").await;
+    let requests = up.total_requests();
+    let r = get(&b.url(&format!("/v2/library/x/blobs/{digest}"))).await;
+    assert_eq!(sha256(r.bytes()), digest);
+    assert_eq!(up.total_requests(), requests);
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A replica without a local tier (`local_tier = false`): its disk only stages a fill until
 /// the bucket holds the blob; every later read, whole or a Range, is a GET of the bucket.
 /// With a tier, a Range the tier lacks is one ranged GET too, not a fill to wait for.
