@@ -1457,7 +1457,7 @@ fn render_table(results: &Results, settings: &Settings) -> String {
         },
         Row {
             measure: "cherd_single_cpu",
-            label: "CPU-seconds of the one replica in its herd".into(),
+            label: "CPU-seconds of the one replica without a bucket in its herd".into(),
             decimals: 1,
             target: Target::None,
         },
