@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::cache::associations::Pair;
 use crate::cache::blob_store::Kind;
-use crate::cache::fill::{FillError, Fills, Opener, Progress, Source, State};
+use crate::cache::fill::{FillError, Fills, Kept, Opener, Progress, Source, State};
 use crate::cache::tags::{TagKey, TagRecord};
 use crate::cache::{Cache, Manifest};
 use crate::config::LimitsConfig;
@@ -827,7 +827,7 @@ impl Proxy {
                     // its last bytes in memory: a client that would need bytes it dropped
                     // downloads on its own.
                     let relay = fill.progress.borrow().relay.clone();
-                    if relay.is_some_and(|r| !r.holds(r.from)) {
+                    if relay.is_some_and(|r| !r.holds(r.from) && !r.follows_peer()) {
                         tracing::info!(%digest, "the relayed download is past what it keeps; passing the blob through on its own");
                         return self.pass_through(target, digest).await;
                     }
@@ -905,8 +905,9 @@ impl Proxy {
                     metrics.fills_in_flight.dec();
                     metrics.fill_resumes.inc_by(u64::from(resumes));
                     let outcome = match result {
-                        Ok(true) => "committed",
-                        Ok(false) => "relayed",
+                        Ok(Kept::Committed) => "committed",
+                        Ok(Kept::Relayed) => "relayed",
+                        Ok(Kept::AtPeer) => "at_peer",
                         Err(e) => match **e {
                             FillError::DigestMismatch { .. } => "digest_mismatch",
                             FillError::WrongLength { .. } | FillError::Broken { .. } => "truncated",
@@ -920,9 +921,12 @@ impl Proxy {
                         .with_label_values(&[outcome])
                         .observe(started.elapsed().as_secs_f64());
                     match result {
-                        Ok(true) => {
+                        Ok(kept @ (Kept::Committed | Kept::AtPeer)) => {
                             let new_pair = cache.associations.record(&digest, &upstream, &repo);
-                            tracing::info!(%digest, resumes, "fill committed");
+                            match kept {
+                                Kept::Committed => tracing::info!(%digest, resumes, "fill committed"),
+                                _ => tracing::info!(%digest, resumes, "fill relayed from the replica that holds it"),
+                            }
                             if let Some((bucket, writes, path, origin)) = uploader {
                                 if new_pair {
                                     let (b, d, u, r) = (bucket.clone(), digest.clone(), upstream.clone(), repo.clone());
@@ -930,7 +934,7 @@ impl Proxy {
                                 }
                                 // A fill that resumed from the upstream after its peer failed
                                 // uploads once committed (one that began there uploads as it streams).
-                                if origin.claim_upload() {
+                                if *kept == Kept::Committed && origin.claim_upload() {
                                     let d = digest.clone();
                                     upload_counted(
                                         writes,
@@ -947,7 +951,7 @@ impl Proxy {
                                 }
                             }
                         }
-                        Ok(false) => tracing::warn!(%digest, resumes, "fill verified and relayed, not cached (cache disk full or failing)"),
+                        Ok(Kept::Relayed) => tracing::warn!(%digest, resumes, "fill verified and relayed, not cached (cache disk full or failing)"),
                         Err(e) => tracing::warn!(%digest, resumes, error = %e, "fill failed"),
                     }
                 }
@@ -1179,7 +1183,8 @@ fn opener(
                 };
                 if let Some(peer) = peer {
                     match cluster.from_peer(&peer, &digest, offset).await {
-                        Ok(source) => {
+                        Ok(mut source) => {
+                            source.reopen = Some(cluster.reopen(&peer, &digest));
                             *origin.peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(peer);
                             return Ok(source);
                         }

@@ -144,6 +144,7 @@ impl Bucket {
             total: Some(total),
             offset: start,
             body,
+            reopen: None,
         }))
     }
 

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt as _;
 
 use super::bucket::Bucket;
-use super::fill::{Source, SourceBody};
+use super::fill::{Reopen, Source, SourceBody};
 use crate::config::S3Config;
 use crate::digest::Digest;
 
@@ -233,6 +233,16 @@ impl Cluster {
         Lease { stop: Some(stop) }
     }
 
+    /// How to open the peer's copy of `digest` again at an offset (for a reader that a
+    /// relay of it left behind).
+    pub fn reopen(self: &Arc<Self>, peer: &str, digest: &Digest) -> Reopen {
+        let (this, peer, digest) = (self.clone(), peer.to_owned(), digest.clone());
+        Arc::new(move |offset| {
+            let (this, peer, digest) = (this.clone(), peer.clone(), digest.clone());
+            Box::pin(async move { this.from_peer(&peer, &digest, offset).await })
+        })
+    }
+
     /// The fill in progress (or the blob) at the peer, from byte `offset` on.
     pub async fn from_peer(&self, peer: &str, digest: &Digest, offset: u64) -> Result<Source, String> {
         let url = format!("{}/_regcache/peer/blobs/{digest}", peer.trim_end_matches('/'));
@@ -270,6 +280,7 @@ impl Cluster {
             total,
             offset: start,
             body,
+            reopen: None,
         })
     }
 }

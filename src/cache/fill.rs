@@ -36,11 +36,16 @@ pub struct Source {
     /// Position in the blob of the body's first byte (0 when the upstream ignored a Range).
     pub offset: u64,
     pub body: SourceBody,
+    /// Set when the body is another replica's fill (or blob): how to open it there again at
+    /// an offset. Such a fill is relayed from memory, not written to this replica's disk.
+    pub reopen: Option<Reopen>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// Opens the upstream at a byte offset; called again to resume after a break.
 pub type Opener<E> = Box<dyn Fn(u64) -> BoxFuture<Result<Source, E>> + Send + Sync>;
+/// Opens a peer replica's copy of a blob at a byte offset.
+pub type Reopen = Arc<dyn Fn(u64) -> BoxFuture<Result<Source, String>> + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FillError<E> {
@@ -111,7 +116,6 @@ const HEAD_BYTES: u64 = 4 * 1024 * 1024;
 /// byte), instead of failing every client of it. Bounded: a reader that falls further
 /// behind than [`RELAY_BYTES`] is aborted, except the anchored one (the upload to the
 /// shared bucket), which the fill waits for instead.
-#[derive(Debug)]
 pub struct Relay {
     /// Offset of the first byte not on disk.
     pub from: u64,
@@ -123,6 +127,11 @@ pub struct Relay {
     anchor_moved: tokio::sync::Notify,
     /// The anchored reader stalled too long and was let go.
     anchor_cut: std::sync::atomic::AtomicBool,
+    /// A fill streamed from a peer replica: how a reader left behind goes on from the peer.
+    reopen: Option<Reopen>,
+    /// Where each reader that paces a peer relay is, by reader id.
+    followers: Mutex<HashMap<u64, u64>>,
+    next_follower: std::sync::atomic::AtomicU64,
 }
 
 /// How long a relayed fill waits for its anchored reader to make room before letting it
@@ -131,6 +140,24 @@ const ANCHOR_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Memory one relaying fill may hold for readers that lag behind.
 const RELAY_BYTES: u64 = 64 * 1024 * 1024;
+
+/// What a fill streamed from a peer replica keeps for its readers. Such a fill waits (up to
+/// [`PACE_WAIT`]) for its slowest reader to come within this distance; a reader left
+/// further behind streams on from the peer itself.
+const PEER_RELAY_BYTES: u64 = 16 * 1024 * 1024;
+/// How long a peer relay waits for a lagging reader before leaving it behind: one slow
+/// client must not set the pace of all the others.
+const PACE_WAIT: Duration = Duration::from_millis(500);
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("from", &self.from)
+            .field("keep", &self.keep)
+            .field("follows_peer", &self.follows_peer())
+            .finish_non_exhaustive()
+    }
+}
 
 impl Relay {
     fn new(from: u64, keep: u64) -> Relay {
@@ -141,7 +168,80 @@ impl Relay {
             anchor: Mutex::default(),
             anchor_moved: tokio::sync::Notify::new(),
             anchor_cut: std::sync::atomic::AtomicBool::new(false),
+            reopen: None,
+            followers: Mutex::default(),
+            next_follower: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The relay of a fill that streams another replica's copy, from byte 0.
+    fn of_peer(reopen: Reopen) -> Relay {
+        Relay {
+            reopen: Some(reopen),
+            ..Relay::new(0, PEER_RELAY_BYTES)
+        }
+    }
+
+    /// Whether this relays a peer replica's copy (a reader it left behind can follow the
+    /// peer instead of failing).
+    pub fn follows_peer(&self) -> bool {
+        self.reopen.is_some()
+    }
+
+    /// A new reader at `pos` that the relay waits for (up to [`PACE_WAIT`] at a time).
+    fn follow(&self, pos: u64) -> u64 {
+        let id = self.next_follower.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.followers.lock().unwrap_or_else(|p| p.into_inner()).insert(id, pos);
+        id
+    }
+
+    /// Reader `id` moved to `pos` (ignored once it was left behind or went away).
+    fn followed_to(&self, id: u64, pos: u64) {
+        if let Some(at) = self.followers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&id) {
+            *at = pos;
+        }
+        self.anchor_moved.notify_waiters();
+    }
+
+    fn unfollow(&self, id: u64) {
+        self.followers.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.anchor_moved.notify_waiters();
+    }
+
+    /// Waits until the relay can grow to `end` without dropping what a follower has yet to read.
+    async fn followers_room_until(&self, end: u64) {
+        loop {
+            let moved = self.anchor_moved.notified();
+            let slowest = self
+                .followers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .min()
+                .copied();
+            if slowest.is_none_or(|a| end <= a + self.keep) {
+                return;
+            }
+            moved.await;
+        }
+    }
+
+    /// Stops waiting for the followers that growing to `end` leaves behind.
+    fn leave_behind(&self, end: u64) {
+        self.followers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, at| end <= *at + self.keep);
+    }
+
+    /// Every chunk still held, in order.
+    fn held(&self) -> Vec<(u64, Bytes)> {
+        self.chunks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// The anchored reader is at `pos` (`None`: it is gone); the fill may drop what lies
@@ -212,12 +312,6 @@ impl Relay {
         }
         Some(pieces)
     }
-
-    /// Up to `n` bytes at `pos`, or `None` if they were already dropped (the reader lags).
-    fn read(&self, pos: u64, n: usize) -> Option<Bytes> {
-        let mut pieces = self.read_pieces(pos, n)?;
-        (!pieces.is_empty()).then(|| pieces.swap_remove(0))
-    }
 }
 
 /// A client's view of a fill: the growing file and its progress.
@@ -262,20 +356,33 @@ struct Shared<E> {
     owner: Pair,
 }
 
-/// Told how a fill ended: `Ok(true)` committed to the cache, `Ok(false)` verified and
-/// relayed to its clients but not cached (the disk refused it), `Err` failed.
-type OnEnd<E> = Box<dyn FnOnce(&Result<bool, Arc<FillError<E>>>, u32) + Send>;
+/// What became of a verified fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// Committed to this replica's cache.
+    Committed,
+    /// Relayed to its clients but not cached: the disk refused it, or it exceeds the budget.
+    Relayed,
+    /// Relayed to its clients from a peer replica, which holds it (and puts it in the bucket).
+    AtPeer,
+}
 
-/// What [`Fills::run`] got: the verified length and whether all of it reached the disk.
+/// Told how a fill ended (with the number of resumes), before its clients hear of it.
+type OnEnd<E> = Box<dyn FnOnce(&Result<Kept, Arc<FillError<E>>>, u32) + Send>;
+
+/// What [`Fills::run`] got: the verified length and where the bytes went.
 struct Filled {
     written: u64,
+    /// All of it reached the disk.
     on_disk: bool,
+    /// Relayed from a peer replica's copy.
+    at_peer: bool,
 }
 
 /// How a fill ended well.
 struct Ended {
     written: u64,
-    committed: bool,
+    kept: Kept,
 }
 
 /// Written back this much further, a fill's temp file starts an fdatasync of its own.
@@ -337,12 +444,18 @@ impl<E: std::error::Error + Send + Sync + 'static> Settle<E> {
         let Some(on_end) = self.on_end.take() else {
             return;
         };
-        if !matches!(result, Ok(Ended { committed: true, .. })) {
+        if !matches!(
+            result,
+            Ok(Ended {
+                kept: Kept::Committed,
+                ..
+            })
+        ) {
             let _ = std::fs::remove_file(&self.tmp);
         }
         self.fills.index.release(&self.digest);
         self.fills.lock().remove(&self.digest);
-        let outcome = result.as_ref().map(|e| e.committed).map_err(Arc::clone);
+        let outcome = result.as_ref().map(|e| e.kept).map_err(Arc::clone);
         on_end(&outcome, self.resumes);
         self.tx.send_modify(|p| match &result {
             Ok(ended) => {
@@ -425,7 +538,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         digest: &Digest,
         owner: Pair,
         make: impl FnOnce() -> Opener<E>,
-        on_end: impl FnOnce(&Result<bool, Arc<FillError<E>>>, u32) + Send + 'static,
+        on_end: impl FnOnce(&Result<Kept, Arc<FillError<E>>>, u32) + Send + 'static,
     ) -> io::Result<Option<Fill<E>>> {
         let mut inflight = self.lock();
         if let Some(s) = inflight.get(digest) {
@@ -476,19 +589,16 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             // Committed before clients get their last byte: a complete response means the
             // blob is in the cache (an offline pull right after works).
             let result = match fills.run(&digest, &task_file, &opener, &tx, &mut settle.resumes).await {
-                Ok(Filled { written, on_disk: true }) => {
-                    fills.commit(&digest, &tmp, &task_file, written).await.map(|()| Ended {
-                        written,
-                        committed: true,
-                    })
-                }
-                // Verified, but not all on disk: the clients got it, the cache did not.
                 Ok(Filled {
+                    written, on_disk: true, ..
+                }) => fills.commit(&digest, &tmp, &task_file, written).await.map(|()| Ended {
                     written,
-                    on_disk: false,
-                }) => Ok(Ended {
+                    kept: Kept::Committed,
+                }),
+                // Verified, but not all on disk: the clients got it, this cache did not.
+                Ok(Filled { written, at_peer, .. }) => Ok(Ended {
                     written,
-                    committed: false,
+                    kept: if at_peer { Kept::AtPeer } else { Kept::Relayed },
                 }),
                 Err(e) => Err(Arc::new(e)),
             };
@@ -515,12 +625,17 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
     ) -> Result<Filled, FillError<E>> {
         let source = opener(0).await.map_err(FillError::Source)?;
         let total = source.total;
-        if let Some(t) = total.filter(|t| *t <= self.index.budget()) {
+        // Another replica's copy is relayed from memory: that replica holds the blob and
+        // puts it in the shared bucket, a local copy would only cost a disk write (and the
+        // readers' reads back). The local tier fills from the bucket on a later miss.
+        let mut relay: Option<Arc<Relay>> = source.reopen.clone().map(|r| Arc::new(Relay::of_peer(r)));
+        if let Some(t) = total.filter(|t| *t <= self.index.budget() && relay.is_none()) {
             self.index.reserve(digest, t);
         }
         tx.send_modify(|p| {
             p.total = total;
             p.state = State::Streaming;
+            p.relay = relay.clone();
         });
         let mut batches = Batches::new(source, self.idle_timeout, self.min_rate);
         // One hash+write runs on a blocking thread while the next batch is received, so
@@ -528,7 +643,6 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         // progress when its bytes are on disk.
         let mut verifier = Some(Verifier::new(digest.algorithm()));
         let mut pending: Option<tokio::task::JoinHandle<Written>> = None;
-        let mut relay: Option<Arc<Relay>> = None;
         let made_room = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let early_sync = Arc::new(EarlySync::default());
         let mut written = 0u64;
@@ -539,11 +653,33 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                     batches.source = self
                         .resume(opener, written, "upstream closed early".into(), resumes)
                         .await?;
+                    self.take_over(
+                        digest,
+                        file,
+                        tx,
+                        total,
+                        &mut relay,
+                        &mut pending,
+                        &mut verifier,
+                        &batches.source,
+                    )
+                    .await?;
                     continue;
                 }
                 Ok(None) => break,
                 Err(message) => {
                     batches.source = self.resume(opener, written, message, resumes).await?;
+                    self.take_over(
+                        digest,
+                        file,
+                        tx,
+                        total,
+                        &mut relay,
+                        &mut pending,
+                        &mut verifier,
+                        &batches.source,
+                    )
+                    .await?;
                     continue;
                 }
             };
@@ -592,6 +728,13 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                 {
                     tracing::warn!(%digest, "the upload of a relayed blob stalled; relaying without it");
                     r.cut_anchor();
+                }
+                if r.follows_peer()
+                    && tokio::time::timeout(PACE_WAIT, r.followers_room_until(written + len))
+                        .await
+                        .is_err()
+                {
+                    r.leave_behind(written + len);
                 }
             }
             let (f, tx2, at, relaying) = (file.clone(), tx.clone(), written, relay.clone());
@@ -673,7 +816,52 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         Ok(Filled {
             written,
             on_disk: relay.is_none(),
+            at_peer: relay.is_some_and(|r| r.follows_peer()) && batches.source.reopen.is_some(),
         })
+    }
+
+    /// After a resumption: if a fill that relayed a peer's copy now reads the upstream (the
+    /// peer went away), this replica owns the blob. It goes to the disk from here on, with
+    /// what the relay still holds from byte 0 written first, so that it can be committed
+    /// and uploaded; a relay already past its start stays a relay (verified, uncached).
+    #[allow(clippy::too_many_arguments)]
+    async fn take_over(
+        &self,
+        digest: &Digest,
+        file: &Arc<File>,
+        tx: &Arc<watch::Sender<Progress<E>>>,
+        total: Option<u64>,
+        relay: &mut Option<Arc<Relay>>,
+        pending: &mut Option<tokio::task::JoinHandle<Written>>,
+        verifier: &mut Option<Verifier>,
+        source: &Source,
+    ) -> Result<(), FillError<E>> {
+        let Some(r) = relay.clone().filter(|r| r.follows_peer() && source.reopen.is_none()) else {
+            return Ok(());
+        };
+        if let Some(previous) = pending.take() {
+            *verifier = Some(self.settle_write(previous, tx, relay).await?);
+        }
+        if !r.holds(0) {
+            tracing::warn!(%digest, "took over a peer's download past what its relay keeps; relaying it uncached");
+            return Ok(());
+        }
+        let (f, held) = (file.clone(), r.held());
+        let wrote =
+            tokio::task::spawn_blocking(move || held.iter().try_for_each(|(at, data)| f.write_all_at(data, *at)))
+                .await
+                .map_err(io::Error::other)?;
+        if let Err(e) = wrote {
+            tracing::warn!(%digest, error = %e, "took over a peer's download but cannot write it; relaying it uncached");
+            return Ok(());
+        }
+        tracing::info!(%digest, "took over a peer's download; caching it here");
+        if let Some(t) = total.filter(|t| *t <= self.index.budget()) {
+            self.index.reserve(digest, t);
+        }
+        *relay = None;
+        tx.send_modify(|p| p.relay = None);
+        Ok(())
     }
 
     /// Waits for one batch's hash+write. A write the disk refused switches the fill to
@@ -940,6 +1128,34 @@ impl Drop for Anchor {
     }
 }
 
+/// A reader's place among a peer relay's followers, given up however the reader ends.
+#[derive(Default)]
+struct Follower(Option<(Arc<Relay>, u64)>);
+
+impl Follower {
+    fn at(&mut self, relay: &Arc<Relay>, pos: u64) {
+        match &self.0 {
+            Some((r, id)) if Arc::ptr_eq(r, relay) => r.followed_to(*id, pos),
+            _ => {
+                self.leave();
+                self.0 = Some((relay.clone(), relay.follow(pos)));
+            }
+        }
+    }
+
+    fn leave(&mut self) {
+        if let Some((r, id)) = self.0.take() {
+            r.unfollow(id);
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
 /// How a stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Streamed {
@@ -989,6 +1205,7 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
     // Where the file's own offset is (reads from memory do not move it).
     let mut file_at = start;
     let mut anchor = Anchor(None);
+    let mut follower = Follower::default();
     loop {
         let limit = match &mut progress {
             None => end.unwrap_or(pos),
@@ -1021,18 +1238,28 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
             anchor.at(relay.as_ref(), pos);
         }
         if let Some(relay) = relay.filter(|r| pos >= r.from) {
+            if relay.follows_peer() && !anchored {
+                follower.at(&relay, pos);
+            }
             let n = (limit - pos).min(READ_CHUNK) as usize;
-            let Some(data) = relay.read(pos, n) else {
+            let Some(pieces) = relay.read_pieces(pos, n).filter(|p| !p.is_empty()) else {
+                if let (Some(reopen), Some(rx)) = (&relay.reopen, &mut progress) {
+                    follower.leave();
+                    let pos = follow_peer(reopen, pos, end, rx, &tx).await;
+                    return ended(pos, false);
+                }
                 let _ = tx
                     .send(Err(io::Error::other("fell too far behind a relayed download")))
                     .await;
                 return ended(pos, false);
             };
-            let len = data.len() as u64;
-            if tx.send(Ok(data)).await.is_err() {
-                return ended(pos, false);
+            for data in pieces {
+                let len = data.len() as u64;
+                if tx.send(Ok(data)).await.is_err() {
+                    return ended(pos, false);
+                }
+                pos += len;
             }
-            pos += len;
             continue;
         }
         let on_disk_until = progress
@@ -1076,6 +1303,99 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
         pos += len;
         file_at = pos;
     }
+}
+
+/// A reader that a peer relay left behind: streams on from the peer's own copy, from `pos`
+/// to `end` (the whole blob when `None`), holding back its last byte until this replica's
+/// fill of the same bytes is verified, and aborting if that fill fails. Returns where the
+/// reader got to.
+async fn follow_peer<E: std::error::Error + Send + Sync + 'static>(
+    reopen: &Reopen,
+    mut pos: u64,
+    end: Option<u64>,
+    rx: &mut watch::Receiver<Progress<E>>,
+    tx: &mpsc::Sender<io::Result<Bytes>>,
+) -> u64 {
+    let failed = |p: &Progress<E>| matches!(p.state, State::Failed(_));
+    let mut source = match reopen(pos).await {
+        Ok(source) if source.offset == pos => source,
+        Ok(source) => {
+            let message = format!("the peer resumed at {} instead of {pos}", source.offset);
+            let _ = tx.send(Err(io::Error::other(message))).await;
+            return pos;
+        }
+        Err(e) => {
+            let _ = tx.send(Err(io::Error::other(e))).await;
+            return pos;
+        }
+    };
+    let mut held: Option<Bytes> = None;
+    // Until the fill's task is gone (its outcome then stays readable).
+    let mut watching = true;
+    loop {
+        let frame = tokio::select! {
+            frame = source.body.frame() => frame,
+            found = rx.wait_for(failed), if watching => match found {
+                Ok(_) => None,
+                Err(_) => {
+                    watching = false;
+                    continue;
+                }
+            },
+        };
+        let mut data = match frame {
+            Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
+            Some(Err(e)) => {
+                let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
+                return pos;
+            }
+            None => break,
+        };
+        let at = pos + held.as_ref().map_or(0, |h| h.len() as u64);
+        if let Some(e) = end {
+            data.truncate(e.saturating_sub(at).min(data.len() as u64) as usize);
+        }
+        if data.is_empty() {
+            if end.is_some_and(|e| at >= e) {
+                break;
+            }
+            continue;
+        }
+        if let Some(previous) = held.replace(data) {
+            let len = previous.len() as u64;
+            if tx.send(Ok(previous)).await.is_err() {
+                return pos;
+            }
+            pos += len;
+        }
+    }
+    let ended = rx
+        .wait_for(|p| matches!(p.state, State::Done | State::Failed(_)))
+        .await
+        .map(|p| p.clone());
+    let p = match ended {
+        Ok(p) => p,
+        Err(_) => {
+            let _ = tx.send(Err(io::Error::other("fill ended unexpectedly"))).await;
+            return pos;
+        }
+    };
+    let last = pos + held.as_ref().map_or(0, |h| h.len() as u64);
+    let expected = end.or(p.total).unwrap_or(p.written);
+    match (p.state, held) {
+        (State::Done, Some(h)) if last == expected => {
+            if tx.send(Ok(h)).await.is_ok() {
+                pos = last;
+            }
+        }
+        (State::Failed(e), _) => {
+            let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
+        }
+        _ => {
+            let _ = tx.send(Err(io::Error::other("the peer's copy ended short"))).await;
+        }
+    }
+    pos
 }
 
 /// Streams an upstream body straight to a client, for when the cache disk cannot take it:
@@ -1243,6 +1563,7 @@ mod tests {
                     total: Some(data.len() as u64),
                     offset: 0,
                     body: body_of(data),
+                    reopen: None,
                 })
             })
         });

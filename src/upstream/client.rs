@@ -713,6 +713,7 @@ impl Upstream {
             total,
             offset: start,
             body: body.boxed(),
+            reopen: None,
         })
     }
 

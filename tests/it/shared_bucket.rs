@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use crate::fake_upstream::{FakeUpstream, Fault};
-use crate::harness::{get, get_with, random_bytes, sha256, upstream_toml, wait_until, TestProxy};
+use crate::harness::{files_under, get, get_with, random_bytes, sha256, upstream_toml, wait_until, TestProxy};
 
 const BUCKET: &str = "regcache";
 
@@ -806,6 +806,81 @@ async fn a_cluster_fetches_a_cold_blob_from_the_upstream_once() {
     }
     assert_eq!(gets(), 1, "the cluster asked the upstream more than once");
     for r in replicas {
+        r.stop().await;
+    }
+}
+
+/// A replica streaming another's fill relays it from memory: it writes no copy of its own
+/// (the holder has one and puts it in the bucket), a client that lags far behind the relay
+/// goes on from the holder's copy with verified bytes, and the replica's local tier fills
+/// from the bucket on its next miss, never from the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_fill_is_relayed_without_a_local_copy_and_a_lagging_client_follows_the_holder() {
+    use http_body_util::BodyExt as _;
+    let up = FakeUpstream::start().await;
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "a-cluster-secret-of-some-length\n").unwrap();
+    // Three times what a peer relay keeps: a client that stops reading is left behind.
+    let blob = random_bytes(48 << 20, 22);
+    let digest = up.add_blob(&blob);
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
+    let prefix = "peer-relay";
+    let holder = cluster_replica(&up, dirs[0].path(), prefix, secret.path()).await;
+    let relay = cluster_replica(&up, dirs[1].path(), prefix, secret.path()).await;
+    let path = format!("/v2/library/big/blobs/{digest}");
+    let first = tokio::spawn({
+        let url = holder.url(&path);
+        async move { get(&url).await }
+    });
+    let gets = || up.count("GET", &format!("/blobs/{digest}"));
+    wait_until(|| gets() == 1).await;
+    let fast = tokio::spawn({
+        let url = relay.url(&path);
+        async move { get(&url).await }
+    });
+    let p = relay.proxy.clone();
+    wait_until(|| p.fills_in_flight() == 1).await;
+    // Answered, then not read until the others are done.
+    let slow = crate::harness::open(http::Method::GET, &relay.url(&path), &[]).await;
+    assert_eq!(slow.status(), 200);
+    gate.notify_one();
+    for reply in [first, fast] {
+        let r = reply.await.unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.bytes().as_ref() == blob.as_slice(), "wrong bytes");
+    }
+    let slow = slow
+        .into_body()
+        .collect()
+        .await
+        .expect("the lagging client's body broke");
+    assert!(
+        slow.to_bytes().as_ref() == blob.as_slice(),
+        "the lagging client got wrong bytes"
+    );
+    assert_eq!(gets(), 1, "the cluster asked the upstream more than once");
+    assert_eq!(relay.metric(r#"regcache_fills_total{result="at_peer"}"#), 1.0);
+    assert_eq!(relay.metric(r#"regcache_fills_total{result="committed"}"#), 0.0);
+    let hex = digest.trim_start_matches("sha256:");
+    let copies = |dir: &Path| files_under(dir).into_iter().filter(|f| f.ends_with(hex)).count();
+    assert_eq!(
+        copies(dirs[1].path()),
+        0,
+        "the relaying replica wrote a copy of its own"
+    );
+    assert_eq!(copies(dirs[0].path()), 1, "the holder has its copy");
+
+    // The next miss on the relaying replica fills its local tier from the bucket.
+    let h = holder.proxy.clone();
+    wait_until(|| h.work_in_flight() == 0).await;
+    let again = get(&relay.url(&path)).await;
+    assert!(again.bytes().as_ref() == blob.as_slice(), "wrong bytes from the bucket");
+    assert_eq!(gets(), 1, "the local tier filled from the upstream");
+    assert_eq!(relay.metric(r#"regcache_fills_total{result="committed"}"#), 1.0);
+    assert_eq!(copies(dirs[1].path()), 1, "the local tier did not keep it");
+    for r in [holder, relay] {
         r.stop().await;
     }
 }
