@@ -647,26 +647,14 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         let early_sync = Arc::new(EarlySync::default());
         let mut written = 0u64;
         loop {
-            let batch = match batches.next().await {
-                Ok(Some(batch)) => batch,
-                Ok(None) if total.is_some_and(|t| written < t) => {
-                    batches.source = self
-                        .resume(opener, written, "upstream closed early".into(), resumes)
-                        .await?;
-                    self.take_over(
-                        digest,
-                        file,
-                        tx,
-                        total,
-                        &mut relay,
-                        &mut pending,
-                        &mut verifier,
-                        &batches.source,
-                    )
-                    .await?;
-                    continue;
-                }
+            let broke = match batches.next().await {
+                Ok(Some(batch)) => Ok(batch),
+                Ok(None) if total.is_some_and(|t| written < t) => Err("upstream closed early".to_string()),
                 Ok(None) => break,
+                Err(message) => Err(message),
+            };
+            let batch = match broke {
+                Ok(batch) => batch,
                 Err(message) => {
                     batches.source = self.resume(opener, written, message, resumes).await?;
                     self.take_over(
