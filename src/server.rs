@@ -32,7 +32,10 @@ fn builder(app: &App) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(app.limits.header_read_timeout.0)
-        .max_buf_size(head.max(8192));
+        .max_buf_size(head.max(8192))
+        // Body chunks are queued and written as they are, never copied into a buffer:
+        // mapped blob bytes must be read by the kernel only (cache/mapped.rs).
+        .writev(true);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -325,6 +328,11 @@ impl Drop for OpenConnection {
     }
 }
 
+/// Marks a request that came over plain TCP (no TLS), where a blob's bytes can go from
+/// the page cache to the socket without passing through user space (HTTP/1.1 only).
+#[derive(Debug, Clone, Copy)]
+pub struct PlainTcp;
+
 /// The client's address, as the request's extension (for trusted `X-Forwarded-*`).
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub std::net::SocketAddr);
@@ -341,8 +349,12 @@ async fn serve_connection(
     let activity = Activity::new();
     let handler = app.clone();
     let counted = activity.clone();
+    let plain = acceptor.is_none();
     let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(Peer(peer));
+        if plain {
+            req.extensions_mut().insert(PlainTcp);
+        }
         let secret = req.headers().get(crate::INTERNAL_HEADER).map(|v| v.as_bytes());
         if internal && secret == Some(handler.internal_secret.as_bytes()) {
             req.extensions_mut().insert(Internal);

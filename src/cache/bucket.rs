@@ -21,7 +21,7 @@ use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt as _, PutPayload, WriteMultipart};
 
 use super::blob_store::Kind;
-use super::fill::{stream_file, Fill, Source, SourceBody, State};
+use super::fill::{stream_file, Fill, Reader, Source, SourceBody, State};
 use crate::config::S3Config;
 use crate::digest::Digest;
 
@@ -342,7 +342,14 @@ impl Bucket {
         let upload = self.store.put_multipart(&path).await.map_err(|e| e.to_string())?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-        let reader = tokio::spawn(stream_file(file, 0, total, Some(progress.clone()), tx, true));
+        let reader = tokio::spawn(stream_file(
+            file,
+            0,
+            total,
+            Some(progress.clone()),
+            tx,
+            Reader::Anchored,
+        ));
         let mut sent = 0u64;
         while let Some(chunk) = rx.recv().await {
             let failed = match chunk {

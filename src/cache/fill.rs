@@ -1154,9 +1154,21 @@ pub struct Streamed {
     pub damaged: bool,
 }
 
-/// Streams `file[start..end)` into `tx` with positioned reads on the blocking pool (no
-/// memory maps: a disk error or an outside truncation then costs one aborted response, not
-/// the process). With `progress` (a fill), it follows the growing file, and sends the last
+/// Who reads a [`stream_file`], which decides how its bytes are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader {
+    /// A client: bytes are read into buffers on the blocking pool.
+    Client,
+    /// A client on plain HTTP/1.1, whose bytes only the kernel reads: a committed file is
+    /// mapped instead (see `mapped`), one copy fewer.
+    Mapped,
+    /// The upload to the shared bucket, which a relayed fill waits for.
+    Anchored,
+}
+
+/// Streams `file[start..end)` into `tx` with positioned reads on the blocking pool, or maps
+/// for a [`Reader::Mapped`] (either way a disk error or an outside truncation costs one
+/// aborted response, not the process). With `progress` (a fill), it follows the growing file, and sends the last
 /// byte only once the fill is verified and committed; on failure it sends an error so that
 /// the response is aborted, never completed. `end` is `None` when the fill's total length
 /// is still unknown. An `anchored` reader (the upload to the shared bucket) is never
@@ -1167,8 +1179,10 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
     end: Option<u64>,
     mut progress: Option<watch::Receiver<Progress<E>>>,
     tx: mpsc::Sender<io::Result<Bytes>>,
-    anchored: bool,
+    reader: Reader,
 ) -> Streamed {
+    let anchored = reader == Reader::Anchored;
+    let mapped = reader == Reader::Mapped;
     use std::io::{Seek, SeekFrom};
     let committed = progress.is_none();
     let ended = |pos: u64, damaged: bool| Streamed {
@@ -1269,14 +1283,24 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
         }
         let f = file.clone();
         let skip_to = (file_at != pos).then_some(pos);
+        let map = mapped && committed;
         let read = tokio::task::spawn_blocking(move || {
+            if map {
+                if let Some(bytes) = super::mapped::map_populated(&f, pos, n)? {
+                    return Ok((bytes, false));
+                }
+            }
             if let Some(at) = skip_to {
                 (&*f).seek(SeekFrom::Start(at))?;
             }
-            read_next(&f, n)
+            read_next(&f, n).map(|bytes| (bytes, true))
         })
         .await
         .unwrap_or_else(|e| Err(io::Error::other(e)));
+        let (read, moved) = match read {
+            Ok((bytes, moved)) => (Ok(bytes), moved),
+            Err(e) => (Err(e), false),
+        };
         let len = match &read {
             Ok(bytes) => bytes.len() as u64,
             Err(e) => {
@@ -1289,7 +1313,9 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
             return ended(pos, false); // the client went away
         }
         pos += len;
-        file_at = pos;
+        if moved {
+            file_at = pos;
+        }
     }
 }
 
@@ -1452,7 +1478,7 @@ mod tests {
             head: Some(head),
         });
         let (tx, mut rx) = mpsc::channel(4);
-        let reader = tokio::spawn(stream_file(file, 0, None, Some(prx), tx, false));
+        let reader = tokio::spawn(stream_file(file, 0, None, Some(prx), tx, Reader::Client));
         let mut got = Vec::new();
         while got.len() < content.len() - 1 {
             got.extend_from_slice(&rx.recv().await.unwrap().unwrap());

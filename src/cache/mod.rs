@@ -8,6 +8,7 @@ pub mod bucket_budget;
 pub mod cluster;
 pub mod fill;
 pub mod index;
+mod mapped;
 pub mod pins;
 pub mod tags;
 

@@ -15,7 +15,7 @@ use super::body::Body;
 use super::error::ApiError;
 use super::routes::{self, query_param, Endpoint, Route};
 use crate::cache::blob_store::Kind;
-use crate::cache::fill::{stream_file, stream_verified};
+use crate::cache::fill::{stream_file, stream_verified, Reader};
 use crate::digest::Digest;
 use crate::oci::{self, AcceptSet, Reference};
 use crate::proxy::{self, BlobAnswer, Proxy};
@@ -139,7 +139,7 @@ async fn dispatch<B>(
     let head = req.method() == Method::HEAD;
     let mut resp = match route.endpoint {
         Endpoint::Manifest(reference) => manifest(proxy, &target, &reference, req.headers()).await?,
-        Endpoint::Blob(digest) => blob(proxy, &target, &parse_digest(&digest)?, req.headers(), head).await?,
+        Endpoint::Blob(digest) => blob(proxy, &target, &parse_digest(&digest)?, req, head).await?,
         Endpoint::TagsList => tags_list(proxy, &target, &route.name, ns.as_deref(), query).await?,
         Endpoint::Referrers(digest) => {
             let artifact_type = query_param(query, "artifactType");
@@ -317,13 +317,14 @@ fn digest_header(d: &Digest) -> HeaderValue {
     HeaderValue::from_str(&d.to_string()).unwrap_or(HeaderValue::from_static(""))
 }
 
-async fn blob(
+async fn blob<B>(
     proxy: &Proxy,
     target: &Target,
     digest: &Digest,
-    headers: &HeaderMap,
+    req: &Request<B>,
     head: bool,
 ) -> Result<Response<Body>, ApiError> {
+    let headers = req.headers();
     let mut resp = Response::new(Body::empty());
     let h = resp.headers_mut();
     h.insert(DOCKER_CONTENT_DIGEST, digest_header(digest));
@@ -349,7 +350,7 @@ async fn blob(
         None => proxy::Want::Whole,
     };
     let answer = proxy.blob(target, digest, want).await?;
-    send_blob(proxy, digest, answer, headers, resp).await
+    send_blob(proxy, digest, answer, req, resp).await
 }
 
 /// Another replica of the cluster asking for a blob it knows this one is fetching: with the
@@ -382,17 +383,24 @@ async fn peer_blob<B>(app: &App, req: &Request<B>, digest: &str) -> Result<Respo
     resp.headers_mut().insert(DOCKER_CONTENT_DIGEST, digest_header(&digest));
     resp.headers_mut()
         .insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    send_blob(proxy, &digest, answer, req.headers(), resp).await
+    send_blob(proxy, &digest, answer, req, resp).await
 }
 
 /// Streams a blob answer into `resp` (its headers set), honouring Range.
-async fn send_blob(
+async fn send_blob<B>(
     proxy: &Proxy,
     digest: &Digest,
     answer: BlobAnswer,
-    headers: &HeaderMap,
+    req: &Request<B>,
     mut resp: Response<Body>,
 ) -> Result<Response<Body>, ApiError> {
+    let headers = req.headers();
+    // hyper writes an HTTP/1.1 body's chunks to the socket as they are; h2 and TLS copy
+    // (and so read) them in user space, where a mapped page that faults would be a signal.
+    let reader = match req.extensions().get::<crate::server::PlainTcp>() {
+        Some(_) if req.version() <= http::Version::HTTP_11 => Reader::Mapped,
+        _ => Reader::Client,
+    };
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok()).and_then(parse_range);
     let (file, mut total, mut progress) = match answer {
         BlobAnswer::File { file, total, progress } => (file, total, progress),
@@ -481,7 +489,7 @@ async fn send_blob(
     // Weak: a response still streaming must not keep a stopped cache (and its lock) open.
     let (cache, digest) = (Arc::downgrade(&proxy.cache), digest.clone());
     tokio::spawn(async move {
-        let streamed = stream_file(file, start, end, progress, tx, false).await;
+        let streamed = stream_file(file, start, end, progress, tx, reader).await;
         served.inc_by(streamed.sent);
         if let Some(cache) = cache.upgrade().filter(|_| streamed.damaged) {
             // One aborted response, then a refetch: never the process, never a wrong 200.

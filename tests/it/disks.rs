@@ -86,6 +86,54 @@ async fn a_cache_file_truncated_from_outside_is_quarantined_and_refetched() {
     assert_eq!(std::fs::metadata(&blobs[0]).unwrap().len(), data.len() as u64);
 }
 
+/// Plain HTTP/1.1 sends committed blobs from memory maps (cache/mapped.rs): a file cut
+/// short while its pages are mapped must cost that one response, never the process (a
+/// SIGBUS would end this whole test binary).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_file_truncated_while_it_is_served_aborts_one_response() {
+    let up = FakeUpstream::start().await;
+    let data = random_bytes(48 << 20, 112);
+    let digest = up.add_blob(&data);
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let proxy = proxy_on(&up, dir.path(), "1GiB").await;
+    let url = proxy.url(&format!("/v2/library/x/blobs/{digest}"));
+    assert_eq!(sha256(get(&url).await.bytes()), digest);
+    let blobs = files_under(&dir.path().join("v1/blobs"));
+    assert_eq!(blobs.len(), 1);
+
+    let resp = open(Method::GET, &url, &[]).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut received = 0usize;
+    while received < 2 << 20 {
+        let frame = body.frame().await.expect("a first frame").expect("bytes");
+        received += frame.data_ref().map_or(0, |d| d.len());
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&blobs[0])
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let rest = tokio::time::timeout(std::time::Duration::from_secs(30), body.collect())
+        .await
+        .expect("the response ends");
+    match rest {
+        Err(_) => {}
+        Ok(rest) => {
+            let got = received + rest.to_bytes().len();
+            assert!(got < data.len(), "a cut file served as a complete {got}-byte body");
+        }
+    }
+
+    // Still serving, and the damaged file is set aside and fetched anew.
+    let r = get(&url).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(sha256(r.bytes()), digest);
+    assert_eq!(up.count("GET", "/blobs/"), 2);
+    assert_eq!(files_under(&dir.path().join("v1/quarantine")).len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_mid_fill_relays_the_verified_blob_to_every_client() {
     let disk = SmallDisk::mount("16m");
