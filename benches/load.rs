@@ -2355,18 +2355,8 @@ async fn cluster_phase(env: &Env, settings: &Settings, results: &mut Results) ->
             Some(p) => results.add("cherd_rss", CL, p.into_iter().fold(0.0, f64::max)),
             None => results.fail("cherd_rss", CL, "no VmHWM".into()),
         }
-        // Warm blob throughput from a replica's local tier, side by side with nginx on the
-        // same file (the order alternates per run).
-        let mut sides = [
-            (CL, urls[0].clone()),
-            (NGINX, format!("http://{}{}", env.nginx.addr, env.blob_path())),
-        ];
-        sides.rotate_left(run % 2);
-        for (peer, url) in &sides {
-            let r = wrk(env.tool("wrk"), &env.script, url, 8, settings.blob_secs, &[]).await;
-            results.record("tier_mibs", peer, r.map(|r| r.mib_per_s()));
-        }
-        // Wait for the upload, then one cold GET through a fresh replica: from the bucket.
+        // Wait for the herd's upload to the bucket: it reads the whole file and SeaweedFS takes
+        // it on the same two cores, which is the herd's cost, not the tier's.
         let key = format!(
             "{s3}/regcache/{prefix}/v1/blobs/sha256/{}",
             digest.trim_start_matches("sha256:")
@@ -2381,6 +2371,24 @@ async fn cluster_phase(env: &Env, settings: &Settings, results: &mut Results) ->
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // Warm blob throughput from a replica's local tier, side by side with nginx on the
+        // same file (the order alternates per run). A replica that relayed the holder's fill
+        // kept no copy, so one GET first puts the blob in its tier.
+        match get_discard(&urls[0]).await {
+            Ok(n) if n == size => {}
+            Ok(n) => return Err(format!("warming the tier: {n} bytes")),
+            Err(e) => return Err(format!("warming the tier: {e}")),
+        }
+        let mut sides = [
+            (CL, urls[0].clone()),
+            (NGINX, format!("http://{}{}", env.nginx.addr, env.blob_path())),
+        ];
+        sides.rotate_left(run % 2);
+        for (peer, url) in &sides {
+            let r = wrk(env.tool("wrk"), &env.script, url, 8, settings.blob_secs, &[]).await;
+            results.record("tier_mibs", peer, r.map(|r| r.mib_per_s()));
+        }
+        // One cold GET through a fresh replica: from the bucket.
         let dir = env.work.join(format!("fresh-{run}"));
         let fresh = Regcache::start_with(&dir, &dir.join("cache"), &env.upstream.url(), &s3_section(None)).await?;
         let url = format!("http://{}{}", fresh.addr, env.blob_path());
