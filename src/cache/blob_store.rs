@@ -43,45 +43,83 @@ pub fn path_in(root: &Path, kind: Kind, digest: &Digest) -> PathBuf {
 
 /// Every committed file of `kind` under a cache's `v1` directory (none when its directory
 /// is missing). Files that are not ours are reported and left alone.
+///
+/// The fan-out directories are read by several threads at once: from a cold page cache each
+/// file's size costs an inode read, and on a virtual or network disk a deeper queue of those
+/// reads finishes far sooner than one at a time.
 pub fn scan_dir(root: &Path, kind: Kind, found: &mut Vec<Scanned>) -> io::Result<()> {
     let algos = match fs::read_dir(root.join(kind.dir())) {
         Ok(a) => a,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
+    let mut fans = Vec::new();
     for algo in algos {
         let algo = algo?;
-        let algo_name = algo.file_name().to_string_lossy().into_owned();
         if !algo.file_type()?.is_dir() {
             continue;
         }
+        let algo_name = algo.file_name().to_string_lossy().into_owned();
         for fan in fs::read_dir(algo.path())? {
             let fan = fan?;
-            if !fan.file_type()?.is_dir() {
-                continue;
+            if fan.file_type()?.is_dir() {
+                fans.push((algo_name.clone(), fan.path()));
             }
-            for file in fs::read_dir(fan.path())? {
-                let file = file?;
-                let name = file.file_name();
-                let parsed = name
-                    .to_str()
-                    .and_then(|hex| format!("{algo_name}:{hex}").parse::<Digest>().ok());
-                let meta = file.metadata()?;
-                match parsed {
-                    Some(digest) if meta.is_file() => found.push(Scanned {
-                        kind,
-                        digest,
-                        size: meta.len(),
-                        last_used: meta
-                            .modified()
-                            .unwrap_or(SystemTime::UNIX_EPOCH)
-                            .max(meta.accessed().unwrap_or(SystemTime::UNIX_EPOCH)),
-                    }),
-                    // Not ours (or a stray directory): never serve it, leave it be.
-                    _ => {
-                        tracing::warn!(path = %file.path().display(), "ignoring unexpected file in cache")
+        }
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let scanned: Vec<io::Result<Vec<Scanned>>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..SCAN_THREADS.min(fans.len()))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let Some((algo, dir)) = fans.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                            return Ok(mine);
+                        };
+                        scan_fan(kind, algo, dir, &mut mine)?;
                     }
-                }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("cache scan thread panicked")))
+            })
+            .collect()
+    });
+    for part in scanned {
+        found.extend(part?);
+    }
+    Ok(())
+}
+
+/// Threads reading one cache's fan-out directories at startup and in `ls`, `du`, `verify`.
+const SCAN_THREADS: usize = 16;
+
+fn scan_fan(kind: Kind, algo_name: &str, dir: &Path, found: &mut Vec<Scanned>) -> io::Result<()> {
+    for file in fs::read_dir(dir)? {
+        let file = file?;
+        let name = file.file_name();
+        let parsed = name
+            .to_str()
+            .and_then(|hex| format!("{algo_name}:{hex}").parse::<Digest>().ok());
+        let meta = file.metadata()?;
+        match parsed {
+            Some(digest) if meta.is_file() => found.push(Scanned {
+                kind,
+                digest,
+                size: meta.len(),
+                last_used: meta
+                    .modified()
+                    .unwrap_or(SystemTime::UNIX_EPOCH)
+                    .max(meta.accessed().unwrap_or(SystemTime::UNIX_EPOCH)),
+            }),
+            // Not ours (or a stray directory): never serve it, leave it be.
+            _ => {
+                tracing::warn!(path = %file.path().display(), "ignoring unexpected file in cache")
             }
         }
     }
