@@ -301,7 +301,7 @@ impl Proxy {
             Some(passed) => Ok(passed),
             None => match self.gate.refused.get(&key) {
                 Some(refusal) => Err(refusal),
-                None => self.judge(target, &policy, manifest).await,
+                None => Box::pin(self.judge(target, &policy, manifest)).await,
             },
         };
         match verdict {

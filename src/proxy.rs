@@ -214,6 +214,13 @@ impl Proxy {
         if !self.restricted || self.cache.associations.contains(digest, &up.name, repo) {
             return Ok(());
         }
+        // Boxed: the slow path's state would otherwise be carried (and moved) by every hit.
+        Box::pin(self.confirm_pair(target, content, digest)).await
+    }
+
+    /// [`Proxy::authorize`] for a pair this replica has not seen hold `digest`.
+    async fn confirm_pair(&self, target: &Target, content: Content, digest: &Digest) -> Result<(), Error> {
+        let (up, repo) = (&target.upstream, target.repo.as_str());
         // Perhaps imported beside this server since it read the log.
         let (cache, d, u, r) = (self.cache.clone(), digest.clone(), up.name.clone(), repo.to_owned());
         let imported = tokio::task::spawn_blocking(move || {
@@ -367,9 +374,13 @@ impl Proxy {
                     return Ok(ManifestAnswer { manifest, stale: false });
                 }
                 let flight = Flight::Digest(target.upstream.name.clone(), target.repo.to_string(), digest.clone());
-                self.manifest_flights
-                    .run(flight, || self.fetch_by_digest(target, digest))
-                    .await
+                // Boxed, as is the tag's miss below: a fetch's state is most of this future's
+                // size, which every warm hit would otherwise move (about 20 KiB, twice).
+                Box::pin(
+                    self.manifest_flights
+                        .run(flight, || self.fetch_by_digest(target, digest)),
+                )
+                .await
             }
             Reference::Tag(tag) => {
                 let key = TagKey {
@@ -382,9 +393,11 @@ impl Proxy {
                     self.lookup("tag", "hit");
                     return Ok(answer);
                 }
-                self.manifest_flights
-                    .run(Flight::Tag(key.clone()), || self.resolve_tag(target, key, accept))
-                    .await
+                Box::pin(
+                    self.manifest_flights
+                        .run(Flight::Tag(key.clone()), || self.resolve_tag(target, key, accept)),
+                )
+                .await
             }
         }
     }

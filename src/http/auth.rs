@@ -76,7 +76,7 @@ pub async fn check<B>(app: &App, req: &Request<B>, target: Option<(&str, &str)>)
     if !app.access.enforced() || req.extensions().get::<crate::server::Internal>().is_some() {
         return Ok(());
     }
-    let who = identify(app, req).await;
+    let who = Box::pin(identify(app, req)).await;
     match app.access.authorize(&who, target) {
         Decision::Allow => Ok(()),
         Decision::Deny => Err(ApiError::new(
