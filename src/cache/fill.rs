@@ -144,7 +144,7 @@ const RELAY_BYTES: u64 = 64 * 1024 * 1024;
 /// What a fill streamed from a peer replica keeps for its readers. Such a fill waits (up to
 /// [`PACE_WAIT`]) for its slowest reader to come within this distance; a reader left
 /// further behind streams on from the peer itself.
-const PEER_RELAY_BYTES: u64 = 16 * 1024 * 1024;
+const PEER_RELAY_BYTES: u64 = 48 * 1024 * 1024;
 /// How long a peer relay waits for a lagging reader before leaving it behind: one slow
 /// client must not set the pace of all the others.
 const PACE_WAIT: Duration = Duration::from_millis(500);

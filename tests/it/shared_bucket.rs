@@ -821,8 +821,8 @@ async fn a_peer_fill_is_relayed_without_a_local_copy_and_a_lagging_client_follow
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let secret = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(secret.path(), "a-cluster-secret-of-some-length\n").unwrap();
-    // Three times what a peer relay keeps: a client that stops reading is left behind.
-    let blob = random_bytes(48 << 20, 22);
+    // Twice what a peer relay keeps (48 MiB): a client that stops reading is left behind.
+    let blob = random_bytes(96 << 20, 22);
     let digest = up.add_blob(&blob);
     let gate = std::sync::Arc::new(tokio::sync::Notify::new());
     up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
