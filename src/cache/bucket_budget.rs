@@ -23,6 +23,9 @@ use crate::digest::Digest;
 const COLLECTOR_LEASE: &str = "collector";
 const MERGED: &str = "access/merged.json";
 
+/// Blob deletes a collection keeps in flight.
+const DELETES_AT_ONCE: usize = 16;
+
 pub struct BucketBudget {
     bucket: Arc<Bucket>,
     /// This replica, in its access notes and the collector lease.
@@ -214,15 +217,49 @@ impl BucketBudget {
         let (mut candidates, _kept): (Vec<_>, Vec<_>) = blobs.into_iter().partition(collectable);
         // Least recently used first.
         candidates.sort_by_key(|b| b.2);
+        let mut doomed: Vec<(String, u64, &'static str)> = Vec::new();
+        let mut planned = total;
         for (hex, size, _) in candidates {
             let reason = if !referenced.contains(&hex) {
                 "unreferenced"
-            } else if total > self.max_bytes {
+            } else if planned > self.max_bytes {
                 "budget"
             } else {
                 continue;
             };
-            self.bucket.delete_blob(&hex).await?;
+            planned -= size;
+            doomed.push((hex, size, reason));
+        }
+        // Several deletes at a time: each is a round trip to the store (and one more per
+        // recorded pair), which one after another add up for a collection of thousands.
+        let mut failed = None;
+        let mut deleted = Vec::new();
+        let mut queue = doomed.into_iter();
+        let mut running = tokio::task::JoinSet::new();
+        loop {
+            while running.len() < DELETES_AT_ONCE {
+                let Some((hex, size, reason)) = queue.next() else {
+                    break;
+                };
+                let bucket = self.bucket.clone();
+                running.spawn(async move {
+                    let result = bucket.delete_blob(&hex).await;
+                    (hex, size, reason, result)
+                });
+            }
+            match running.join_next().await {
+                Some(Ok(done)) => deleted.push(done),
+                Some(Err(e)) => {
+                    failed.get_or_insert(e.to_string());
+                }
+                None => break,
+            }
+        }
+        for (hex, size, reason, result) in deleted {
+            if let Err(e) = result {
+                failed.get_or_insert(e);
+                continue;
+            }
             present.remove(&hex);
             total -= size;
             self.metrics.collected.with_label_values(&[reason]).inc();
@@ -231,8 +268,11 @@ impl BucketBudget {
                 _ => outcome.evicted += 1,
             }
         }
-        outcome.after = total;
         self.metrics.bytes.set(total as i64);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        outcome.after = total;
         // The merged notes keep only blobs still in the bucket (or uploaded since the listing).
         let pruned = last_use.len();
         last_use.retain(|hex, at| present.contains(hex) || *at + grace >= started);
