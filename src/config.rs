@@ -14,8 +14,10 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../config.example.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    // `cause`, not `source`: the message already says it, and a source would be printed a
+    // second time by the `{:#}` that `main` prints errors with.
+    #[error("cannot read config file {path}: {cause}")]
+    Read { path: PathBuf, cause: std::io::Error },
     #[error("invalid config: {0}")]
     Parse(String),
     #[error("invalid config: key `{key}`: {message}")]
@@ -590,9 +592,9 @@ impl Config {
     }
 
     pub fn from_file(path: &std::path::Path) -> Result<Config, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| Error::Read {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
         Config::from_toml(&text)
     }

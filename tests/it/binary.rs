@@ -105,7 +105,15 @@ fn check_config_names_the_bad_key_and_exits_non_zero() {
     let mut cmd = regcache();
     cmd.args(["check-config", "--config"])
         .arg(dir.path().join("missing.toml"));
-    assert_fails_naming(&run(cmd, b""), "missing.toml");
+    let out = run(cmd, b"");
+    assert_fails_naming(&out, "missing.toml");
+    // The cause once, not once from the message and again from the error's source chain.
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "stderr:\n{stderr}"
+    );
 }
 
 #[test]
