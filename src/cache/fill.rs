@@ -1169,10 +1169,10 @@ pub enum Reader {
 /// Streams `file[start..end)` into `tx` with positioned reads on the blocking pool, or maps
 /// for a [`Reader::Mapped`] (either way a disk error or an outside truncation costs one
 /// aborted response, not the process). With `progress` (a fill), it follows the growing
-/// file, and sends the last byte only once the fill is verified and committed; on failure it sends an error so that
-/// the response is aborted, never completed. `end` is `None` when the fill's total length
-/// is still unknown. An `anchored` reader (the upload to the shared bucket) is never
-/// dropped by a relayed fill: the fill waits for it.
+/// file, and sends the last byte only once the fill is verified and committed; on failure
+/// it sends an error so that the response is aborted, never completed. `end` is `None`
+/// when the fill's total length is still unknown. A [`Reader::Anchored`] (the upload to
+/// the shared bucket) is never dropped by a relayed fill: the fill waits for it.
 pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
     file: Arc<File>,
     start: u64,
