@@ -1933,35 +1933,41 @@ async fn policy_phase(env: &Env, settings: &Settings, results: &mut Results) -> 
     gated.finish().await
 }
 
-/// Cold pulls: regcache and Distribution each with fresh storage per run, and direct.
+/// Cold pulls: regcache and Distribution each with fresh storage per run, and direct; the
+/// order rotates per run, after one untimed direct pull that warms the upstream and skopeo
+/// (otherwise whoever goes first pays for the upstream's first reads).
 async fn pull_phase(env: &Env, settings: &Settings, results: &mut Results) -> Result<(), String> {
     let skopeo = env.tool("skopeo");
     let sandbox = env.work.join("skopeo");
     let digest = &env.seeded.manifest_digest;
+    skopeo_pull(skopeo, &env.upstream.addr.to_string(), &sandbox, digest).await?;
     for run in 0..settings.runs {
         eprintln!("cold pull run {}/{}", run + 1, settings.runs);
-        let dir = env.work.join(format!("rc-pull-{run}"));
-        let rc = Regcache::start(&dir, &dir.join("cache"), &env.upstream.url()).await?;
-        let r = skopeo_pull(skopeo, &rc.addr.to_string(), &sandbox, digest).await;
-        results.record("pull_s", RC, r);
-        drop(rc);
-        let _ = std::fs::remove_dir_all(&dir);
-
-        let dir = env.work.join(format!("dist-pull-{run}"));
-        let dist = Registry::start(
-            env.tool("docker-registry"),
-            "distribution-proxy",
-            &dir,
-            Some(&env.upstream.url()),
-        )
-        .await?;
-        let r = skopeo_pull(skopeo, &dist.addr.to_string(), &sandbox, digest).await;
-        results.record("pull_s", DIST, r);
-        drop(dist);
-        let _ = std::fs::remove_dir_all(&dir);
-
-        let r = skopeo_pull(skopeo, &env.upstream.addr.to_string(), &sandbox, digest).await;
-        results.record("pull_s", DIRECT, r);
+        let mut order = [RC, DIST, DIRECT];
+        let turn = run % order.len();
+        order.rotate_left(turn);
+        for peer in order {
+            let dir = env.work.join(format!("pull-{run}"));
+            let r = match peer {
+                RC => {
+                    let rc = Regcache::start(&dir, &dir.join("cache"), &env.upstream.url()).await?;
+                    skopeo_pull(skopeo, &rc.addr.to_string(), &sandbox, digest).await
+                }
+                DIST => {
+                    let dist = Registry::start(
+                        env.tool("docker-registry"),
+                        "distribution-proxy",
+                        &dir,
+                        Some(&env.upstream.url()),
+                    )
+                    .await?;
+                    skopeo_pull(skopeo, &dist.addr.to_string(), &sandbox, digest).await
+                }
+                _ => skopeo_pull(skopeo, &env.upstream.addr.to_string(), &sandbox, digest).await,
+            };
+            results.record("pull_s", peer, r);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
     Ok(())
 }
