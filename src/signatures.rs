@@ -876,4 +876,120 @@ mod own_bundles {
             "{r:?}"
         );
     }
+
+    fn spki_pem(der: &[u8]) -> String {
+        format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(der)
+        )
+    }
+
+    /// A cosign simple-signing payload for `digest`, and its annotations with `signature`.
+    fn simple_signed(
+        digest: &Digest,
+        sign: impl Fn(&[u8]) -> Vec<u8>,
+    ) -> (Vec<u8>, serde_json::Map<String, serde_json::Value>) {
+        let payload = serde_json::json!({
+            "critical": {
+                "identity": {"docker-reference": "registry.example/acme/app"},
+                "image": {"docker-manifest-digest": digest.to_string()},
+                "type": "cosign container image signature",
+            },
+            "optional": null,
+        })
+        .to_string()
+        .into_bytes();
+        let mut annotations = serde_json::Map::new();
+        let signature = base64::engine::general_purpose::STANDARD.encode(sign(&payload));
+        annotations.insert(SIGNATURE_ANNOTATION.into(), signature.into());
+        (payload, annotations)
+    }
+
+    /// Checks that `right` verifies the signature made by `sign` and `wrong` refuses it.
+    fn verifies_only_with(right: PublicKey, wrong: PublicKey, sign: impl Fn(&[u8]) -> Vec<u8>) {
+        let digest = Digest::sha256_of(b"a manifest");
+        let (payload, annotations) = simple_signed(&digest, sign);
+        let sig = Signature::SimpleSigning {
+            payload: &payload,
+            annotations: &annotations,
+        };
+        let name = right.name.clone();
+        let good = Trust::new(vec![wrong.clone(), right], vec![], None).unwrap();
+        assert_eq!(good.verify(&sig, &digest), Ok(format!("key {name}")));
+        let bad = Trust::new(vec![wrong], vec![], None).unwrap();
+        assert_eq!(bad.verify(&sig, &digest).unwrap_err().reason(), "bad_signature");
+        // The same signature does not vouch for another digest.
+        let other = Digest::sha256_of(b"another manifest");
+        assert_eq!(good.verify(&sig, &other).unwrap_err().reason(), "digest_mismatch");
+    }
+
+    #[test]
+    fn an_ed25519_key_verifies_its_simple_signing_signature() {
+        use ring::signature::KeyPair;
+        let rng = ring::rand::SystemRandom::new();
+        let pair = || {
+            let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+            ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
+        };
+        // SubjectPublicKeyInfo of an Ed25519 key (RFC 8410): this prefix, then the 32 bytes.
+        let prefix = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+        let public = |p: &ring::signature::Ed25519KeyPair| spki_pem(&[&prefix[..], p.public_key().as_ref()].concat());
+        let (signer, stranger) = (pair(), pair());
+        verifies_only_with(
+            PublicKey::from_pem("ed25519.pub", &public(&signer)).unwrap(),
+            PublicKey::from_pem("other.pub", &public(&stranger)).unwrap(),
+            |payload| signer.sign(payload).as_ref().to_vec(),
+        );
+    }
+
+    /// RSA keys come from `openssl` (ring verifies and signs RSA but does not make keys).
+    fn openssl_rsa_key(dir: &std::path::Path, name: &str) -> (ring::signature::RsaKeyPair, PublicKey) {
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .unwrap_or_else(|e| panic!("openssl (scripts/test installs it): {e}"));
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let (key, private, public) = (format!("{name}.pem"), format!("{name}.pk8"), format!("{name}.pub"));
+        run(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            &key,
+        ]);
+        // The PKCS #8 v1 DER that ring reads (as its documentation makes it).
+        run(&[
+            "pkcs8", "-topk8", "-nocrypt", "-in", &key, "-outform", "DER", "-out", &private,
+        ]);
+        run(&["pkey", "-in", &key, "-pubout", "-out", &public]);
+        let pkcs8 = std::fs::read(dir.join(&private)).unwrap();
+        let pair = ring::signature::RsaKeyPair::from_pkcs8(&pkcs8).unwrap();
+        let pem = std::fs::read_to_string(dir.join(&public)).unwrap();
+        (pair, PublicKey::from_pem(&public, &pem).unwrap())
+    }
+
+    #[test]
+    fn an_rsa_key_verifies_its_simple_signing_signature() {
+        let dir = tempfile::tempdir().unwrap();
+        let (signer, right) = openssl_rsa_key(dir.path(), "rsa");
+        let (_, wrong) = openssl_rsa_key(dir.path(), "other");
+        let rng = ring::rand::SystemRandom::new();
+        // cosign signs with an RSA key as PKCS #1 v1.5 over SHA-256.
+        verifies_only_with(right, wrong, |payload| {
+            let mut sig = vec![0; signer.public().modulus_len()];
+            signer
+                .sign(&ring::signature::RSA_PKCS1_SHA256, &rng, payload, &mut sig)
+                .unwrap();
+            sig
+        });
+    }
 }
