@@ -206,7 +206,12 @@ impl Cache {
     /// blocking pool.
     pub async fn load_tag(self: &Arc<Self>, key: &TagKey) -> Option<(Arc<TagRecord>, Arc<Manifest>)> {
         if let Some(record) = self.tags.in_memory(key) {
+            if let Some(m) = record.answered() {
+                self.index.use_unless_latest(Kind::Manifest, &m.digest, &m.used);
+                return Some((record, m));
+            }
             if let Some(m) = record.parsed_digest().and_then(|d| self.manifests.get(&*d)) {
+                record.answer_with(&m);
                 self.index.use_unless_latest(Kind::Manifest, &m.digest, &m.used);
                 return Some((record, m));
             }
@@ -322,5 +327,52 @@ impl Cache {
             return Err(e);
         }
         self.store.sync_parent(Kind::Manifest, &m.digest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(body: &'static [u8]) -> Arc<Manifest> {
+        let media_type = "application/vnd.oci.image.manifest.v1+json".to_owned();
+        Arc::new(Manifest::new(
+            Bytes::from_static(body),
+            media_type,
+            Digest::sha256_of(body),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_warm_tag_hit_answers_its_own_records_manifest_and_falls_back_when_it_left_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(Cache::open(dir.path(), 1 << 30, 1 << 20).unwrap());
+        let key = TagKey {
+            upstream: "docker.io".into(),
+            repo: "library/app".into(),
+            tag: "latest".into(),
+            accept: 15,
+        };
+        let point = |m: &Arc<Manifest>| {
+            cache.put_manifest(m.clone()).unwrap();
+            cache
+                .tags
+                .remember(TagRecord::new(&key, &m.digest, &m.media_type, m.bytes.len() as u64));
+        };
+        let (a, b) = (manifest(b"{\"a\":1}"), manifest(b"{\"b\":2}"));
+        point(&a);
+        for _ in 0..2 {
+            assert_eq!(cache.load_tag(&key).await.unwrap().1.digest, a.digest);
+        }
+        // Moved: the new record answers with its own manifest, never the old one's.
+        point(&b);
+        assert_eq!(cache.load_tag(&key).await.unwrap().1.digest, b.digest);
+        // Out of memory (and held by no one): read from the disk again.
+        let b_digest = b.digest.clone();
+        drop((a, b));
+        cache.manifests.invalidate(&b_digest);
+        let (_, again) = cache.load_tag(&key).await.unwrap();
+        assert_eq!(again.digest, b_digest);
+        assert_eq!(again.bytes.as_ref(), b"{\"b\":2}");
     }
 }

@@ -45,6 +45,27 @@ pub struct TagRecord {
     /// `digest`, parsed once for the records kept in memory (a warm tag hit needs it).
     #[serde(skip)]
     parsed: Option<Digest>,
+    /// The manifest this record was last answered with (see [`TagRecord::answered`]).
+    #[serde(skip)]
+    answered: Answered,
+}
+
+/// A weak hold on a tag's manifest: it upgrades while the manifest is still in memory (in
+/// the manifest cache, which holds the only strong reference), so a warm tag hit costs one
+/// cache lookup, as a hit by digest does, instead of two. A clone starts empty.
+#[derive(Default)]
+struct Answered(std::sync::Mutex<std::sync::Weak<super::Manifest>>);
+
+impl Clone for Answered {
+    fn clone(&self) -> Answered {
+        Answered::default()
+    }
+}
+
+impl std::fmt::Debug for Answered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Answered")
+    }
 }
 
 impl TagRecord {
@@ -59,6 +80,19 @@ impl TagRecord {
             size,
             confirmed_ms: now_ms(),
             parsed: Some(digest.clone()),
+            answered: Answered::default(),
+        }
+    }
+
+    /// The manifest this record was last answered with, if it is still in memory.
+    pub fn answered(&self) -> Option<Arc<super::Manifest>> {
+        self.answered.0.lock().ok()?.upgrade()
+    }
+
+    /// Remembers `manifest` (this record's digest's) for [`TagRecord::answered`].
+    pub fn answer_with(&self, manifest: &Arc<super::Manifest>) {
+        if let Ok(mut slot) = self.answered.0.lock() {
+            *slot = Arc::downgrade(manifest);
         }
     }
 
