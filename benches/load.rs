@@ -1949,21 +1949,11 @@ async fn pull_phase(env: &Env, settings: &Settings, results: &mut Results) -> Re
         for peer in order {
             let dir = env.work.join(format!("pull-{run}"));
             let r = match peer {
-                RC => {
-                    let rc = Regcache::start(&dir, &dir.join("cache"), &env.upstream.url()).await?;
-                    skopeo_pull(skopeo, &rc.addr.to_string(), &sandbox, digest).await
+                DIRECT => skopeo_pull(skopeo, &env.upstream.addr.to_string(), &sandbox, digest).await,
+                _ => {
+                    let (_proxy, addr) = start_cold_proxy(env, peer, &dir).await?;
+                    skopeo_pull(skopeo, &addr.to_string(), &sandbox, digest).await
                 }
-                DIST => {
-                    let dist = Registry::start(
-                        env.tool("docker-registry"),
-                        "distribution-proxy",
-                        &dir,
-                        Some(&env.upstream.url()),
-                    )
-                    .await?;
-                    skopeo_pull(skopeo, &dist.addr.to_string(), &sandbox, digest).await
-                }
-                _ => skopeo_pull(skopeo, &env.upstream.addr.to_string(), &sandbox, digest).await,
             };
             results.record("pull_s", peer, r);
             let _ = std::fs::remove_dir_all(&dir);
@@ -2093,6 +2083,23 @@ async fn airgap_phase(env: &Env, settings: &Settings, results: &mut Results) -> 
     Ok(())
 }
 
+/// A fresh proxy of the upstream with empty storage under `dir`: regcache for [`RC`], else
+/// Distribution's proxy mode. Stopped when the returned daemon is dropped.
+async fn start_cold_proxy(env: &Env, peer: &str, dir: &Path) -> Result<(Daemon, SocketAddr), String> {
+    if peer == RC {
+        let rc = Regcache::start(dir, &dir.join("cache"), &env.upstream.url()).await?;
+        return Ok((rc.daemon, rc.addr));
+    }
+    let d = Registry::start(
+        env.tool("docker-registry"),
+        "distribution-proxy",
+        dir,
+        Some(&env.upstream.url()),
+    )
+    .await?;
+    Ok((d.daemon, d.addr))
+}
+
 /// The herd: 32 clients on one cold blob through a fresh regcache / Distribution proxy, and
 /// the same 32 clients on nginx (warm).
 async fn herd_phase(env: &Env, settings: &Settings, results: &mut Results) -> Result<(), String> {
@@ -2102,19 +2109,7 @@ async fn herd_phase(env: &Env, settings: &Settings, results: &mut Results) -> Re
         eprintln!("herd run {}/{}", run + 1, settings.runs);
         for peer in [RC, DIST] {
             let dir = env.work.join(format!("{peer}-herd-{run}"));
-            let (daemon, addr) = if peer == RC {
-                let rc = Regcache::start(&dir, &dir.join("cache"), &env.upstream.url()).await?;
-                (rc.daemon, rc.addr)
-            } else {
-                let d = Registry::start(
-                    env.tool("docker-registry"),
-                    "distribution-proxy",
-                    &dir,
-                    Some(&env.upstream.url()),
-                )
-                .await?;
-                (d.daemon, d.addr)
-            };
+            let (daemon, addr) = start_cold_proxy(env, peer, &dir).await?;
             env.upstream.sync_log().await?;
             let from = env.upstream.daemon.log.len();
             let url = format!("http://{addr}{}", env.blob_path());

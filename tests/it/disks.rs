@@ -71,12 +71,7 @@ async fn a_cache_file_truncated_from_outside_is_quarantined_and_refetched() {
 
     let blobs = files_under(&dir.path().join("v1/blobs"));
     assert_eq!(blobs.len(), 1);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&blobs[0])
-        .unwrap()
-        .set_len(1000)
-        .unwrap();
+    truncate(&blobs[0], 1000);
     // Never a short 200: the damaged file is set aside and the blob fetched anew.
     let r = get(&url).await;
     assert_eq!(r.status, 200);
@@ -109,12 +104,7 @@ async fn a_cache_file_truncated_while_it_is_served_aborts_one_response() {
         let frame = body.frame().await.expect("a first frame").expect("bytes");
         received += frame.data_ref().map_or(0, |d| d.len());
     }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&blobs[0])
-        .unwrap()
-        .set_len(4096)
-        .unwrap();
+    truncate(&blobs[0], 4096);
     let rest = tokio::time::timeout(std::time::Duration::from_secs(30), body.collect())
         .await
         .expect("the response ends");
@@ -405,4 +395,14 @@ async fn a_full_disk_makes_room_by_evicting_the_least_recently_used() {
     }
     assert_eq!(up.count("GET", "/blobs/"), before);
     proxy.stop().await;
+}
+
+/// Cuts a cache file to `len` bytes from outside, as a disk fault or an operator would.
+fn truncate(path: &std::path::Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
 }
