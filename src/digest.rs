@@ -60,6 +60,17 @@ impl Digest {
     }
 }
 
+/// Lowercase hex digits, as a table: every digest in every request path is checked.
+static LOWER_HEX: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = matches!(b as u8, b'0'..=b'9' | b'a'..=b'f');
+        b += 1;
+    }
+    table
+};
+
 impl FromStr for Digest {
     type Err = InvalidDigest;
     fn from_str(s: &str) -> Result<Self, InvalidDigest> {
@@ -70,7 +81,7 @@ impl FromStr for Digest {
             "sha512" => Algorithm::Sha512,
             _ => return Err(bad()),
         };
-        if hex.len() != algorithm.hex_len() || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if hex.len() != algorithm.hex_len() || !hex.bytes().all(|b| LOWER_HEX[usize::from(b)]) {
             return Err(bad());
         }
         Ok(Digest {

@@ -81,7 +81,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>,
         route: label,
         status: resp.status().as_u16(),
         bytes,
-        duration_ms: elapsed.as_secs_f64() * 1000.0,
+        duration: elapsed,
         cache,
         policy,
     });
@@ -105,7 +105,7 @@ fn route_label(route: &Result<Route, routes::RouteError>) -> &'static str {
 async fn dispatch<B>(
     app: &App,
     req: &Request<B>,
-    route: Result<Route, routes::RouteError>,
+    route: Result<Route<'_>, routes::RouteError>,
 ) -> Result<Response<Body>, ApiError> {
     let proxy = &*app.proxy;
     let route = route.map_err(|e| match e {
@@ -133,7 +133,7 @@ async fn dispatch<B>(
     let span = tracing::Span::current();
     span.record("repo", tracing::field::display(&target.repo));
     if let Endpoint::Manifest(r) | Endpoint::Blob(r) | Endpoint::Referrers(r) = &route.endpoint {
-        span.record("reference", r.as_str());
+        span.record("reference", r);
     }
     auth::check(app, req, Some((&target.upstream.name, target.repo.as_str()))).await?;
     let head = req.method() == Method::HEAD;
@@ -320,7 +320,12 @@ fn admitted(
 }
 
 fn digest_header(d: &Digest) -> HeaderValue {
-    HeaderValue::from_str(&d.to_string()).unwrap_or(HeaderValue::from_static(""))
+    // Concatenated, not formatted: every manifest and blob answer carries one.
+    let mut text = String::with_capacity(d.hex().len() + 7);
+    text.push_str(d.algorithm().name());
+    text.push(':');
+    text.push_str(d.hex());
+    HeaderValue::try_from(text).unwrap_or(HeaderValue::from_static(""))
 }
 
 async fn blob<B>(

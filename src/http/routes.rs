@@ -5,23 +5,24 @@
 use http::Method;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
+pub enum Endpoint<'a> {
     /// `/v2/`
     Base,
     /// `/v2/_catalog`: the repositories this cache holds.
     Catalog,
-    Manifest(String),
-    Blob(String),
+    Manifest(&'a str),
+    Blob(&'a str),
     TagsList,
-    Referrers(String),
+    Referrers(&'a str),
     /// Push endpoints (`blobs/uploads/`): never supported by a pull-through cache.
     Upload,
 }
 
+/// Parts of the request path, borrowed from it: routing allocates nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
-    pub name: String,
-    pub endpoint: Endpoint,
+pub struct Route<'a> {
+    pub name: &'a str,
+    pub endpoint: Endpoint<'a>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +32,7 @@ pub enum RouteError {
 }
 
 /// Parses a request path (without query); read methods only.
-pub fn parse(method: &Method, path: &str) -> Result<Route, RouteError> {
+pub fn parse<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, RouteError> {
     let route = parse_path(path).ok_or(RouteError::NotFound)?;
     let read = *method == Method::GET || *method == Method::HEAD;
     if !read || route.endpoint == Endpoint::Upload {
@@ -40,46 +41,52 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, RouteError> {
     Ok(route)
 }
 
-fn parse_path(path: &str) -> Option<Route> {
+fn parse_path(path: &str) -> Option<Route<'_>> {
     if path == "/v2/" || path == "/v2" {
         return Some(Route {
-            name: String::new(),
+            name: "",
             endpoint: Endpoint::Base,
         });
     }
     if path == "/v2/_catalog" {
         return Some(Route {
-            name: String::new(),
+            name: "",
             endpoint: Endpoint::Catalog,
         });
     }
     let rest = path.strip_prefix("/v2/")?;
-    let route = |name: &str, endpoint| {
-        (!name.is_empty()).then(|| Route {
-            name: name.to_owned(),
-            endpoint,
-        })
-    };
     if let Some(name) = rest.strip_suffix("/tags/list") {
-        return route(name, Endpoint::TagsList);
+        return named(name, Endpoint::TagsList);
     }
-    if let Some(i) = rest.find("/blobs/uploads") {
-        return route(&rest[..i], Endpoint::Upload);
-    }
-    for (marker, make) in [
-        ("/manifests/", Endpoint::Manifest as fn(String) -> Endpoint),
-        ("/blobs/", Endpoint::Blob),
-        ("/referrers/", Endpoint::Referrers),
-    ] {
-        if let Some(i) = rest.rfind(marker) {
-            let last = &rest[i + marker.len()..];
-            if last.is_empty() || last.contains('/') {
-                continue;
+    // One pass over the bytes for the last two slashes, instead of substring searchers:
+    // this runs on every request.
+    let bytes = rest.as_bytes();
+    let (mut last, mut before_last) = (None, None);
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'/' {
+            if bytes[i..].starts_with(b"/blobs/uploads") {
+                return named(&rest[..i], Endpoint::Upload);
             }
-            return route(&rest[..i], make(last.to_owned()));
+            (before_last, last) = (last, Some(i));
         }
     }
-    None
+    let (Some(kind_start), Some(last)) = (before_last, last) else {
+        return None;
+    };
+    let (name, kind, reference) = (&rest[..kind_start], &rest[kind_start + 1..last], &rest[last + 1..]);
+    if reference.is_empty() {
+        return None;
+    }
+    match kind {
+        "manifests" => named(name, Endpoint::Manifest(reference)),
+        "blobs" => named(name, Endpoint::Blob(reference)),
+        "referrers" => named(name, Endpoint::Referrers(reference)),
+        _ => None,
+    }
+}
+
+fn named<'a>(name: &'a str, endpoint: Endpoint<'a>) -> Option<Route<'a>> {
+    (!name.is_empty()).then_some(Route { name, endpoint })
 }
 
 /// The value of one query parameter (first occurrence), percent-decoded.
@@ -114,15 +121,12 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn get(path: &str) -> Result<Route, RouteError> {
+    fn get(path: &str) -> Result<Route<'_>, RouteError> {
         parse(&Method::GET, path)
     }
 
-    fn r(name: &str, endpoint: Endpoint) -> Result<Route, RouteError> {
-        Ok(Route {
-            name: name.into(),
-            endpoint,
-        })
+    fn r<'a>(name: &'a str, endpoint: Endpoint<'a>) -> Result<Route<'a>, RouteError> {
+        Ok(Route { name, endpoint })
     }
 
     #[test]
@@ -130,20 +134,20 @@ mod tests {
         assert_eq!(get("/v2/"), r("", Endpoint::Base));
         assert_eq!(
             get("/v2/library/alpine/manifests/3.19"),
-            r("library/alpine", Endpoint::Manifest("3.19".into()))
+            r("library/alpine", Endpoint::Manifest("3.19"))
         );
         assert_eq!(
             get("/v2/docker.io/library/alpine/blobs/sha256:ab"),
-            r("docker.io/library/alpine", Endpoint::Blob("sha256:ab".into()))
+            r("docker.io/library/alpine", Endpoint::Blob("sha256:ab"))
         );
         assert_eq!(
             get("/v2/a/manifests/b/manifests/c"),
-            r("a/manifests/b", Endpoint::Manifest("c".into()))
+            r("a/manifests/b", Endpoint::Manifest("c"))
         );
         assert_eq!(get("/v2/org/app/tags/list"), r("org/app", Endpoint::TagsList));
         assert_eq!(
             get("/v2/org/app/referrers/sha256:ab"),
-            r("org/app", Endpoint::Referrers("sha256:ab".into()))
+            r("org/app", Endpoint::Referrers("sha256:ab"))
         );
         assert_eq!(get("/v2/org/app/blobs/uploads/"), Err(RouteError::MethodNotAllowed));
         assert_eq!(
@@ -154,7 +158,19 @@ mod tests {
             parse(&Method::DELETE, "/v2/a/blobs/sha256:x"),
             Err(RouteError::MethodNotAllowed)
         );
+        assert_eq!(
+            get("/v2/a/manifests/b/blobs/sha256:ab"),
+            r("a/manifests/b", Endpoint::Blob("sha256:ab"))
+        );
+        assert_eq!(get("/v2/a/blobs/uploads"), Err(RouteError::MethodNotAllowed));
+        assert_eq!(
+            get("/v2/a/blobs/uploads/x/manifests/y"),
+            Err(RouteError::MethodNotAllowed)
+        );
         assert_eq!(get("/v2/a/manifests/"), Err(RouteError::NotFound));
+        assert_eq!(get("/v2/a/manifests/x/"), Err(RouteError::NotFound));
+        assert_eq!(get("/v2/a/tags/x"), Err(RouteError::NotFound));
+        assert_eq!(get("/v2/manifests/x"), Err(RouteError::NotFound));
         assert_eq!(get("/v2//manifests/x"), Err(RouteError::NotFound));
         assert_eq!(get("/v3/a/manifests/x"), Err(RouteError::NotFound));
         assert_eq!(get("/metrics"), Err(RouteError::NotFound));

@@ -64,11 +64,10 @@ impl Upstreams {
     }
 
     fn find(&self, host: &str) -> Option<&Arc<Upstream>> {
-        let host = host.to_ascii_lowercase();
-        let host = if DOCKER_HUB_ALIASES.contains(&host.as_str()) {
+        let host = if DOCKER_HUB_ALIASES.iter().any(|a| a.eq_ignore_ascii_case(host)) {
             DOCKER_HUB
         } else {
-            host.as_str()
+            host
         };
         self.list.iter().find(|u| u.name.eq_ignore_ascii_case(host))
     }
@@ -81,12 +80,13 @@ impl Upstreams {
                 .ok_or_else(|| RouteError::UnknownUpstream(ns.to_owned()))?;
             (up, name)
         } else {
-            match name.split_once('/') {
-                Some((first, rest)) if self.find(first).is_some() || looks_like_host(first) => {
-                    let up = self
-                        .find(first)
-                        .ok_or_else(|| RouteError::UnknownUpstream(first.to_owned()))?;
-                    (up, rest)
+            let prefix = name
+                .split_once('/')
+                .map(|(first, rest)| (first, rest, self.find(first)));
+            match prefix {
+                Some((_, rest, Some(up))) => (up, rest),
+                Some((first, _, None)) if looks_like_host(first) => {
+                    return Err(RouteError::UnknownUpstream(first.to_owned()));
                 }
                 _ => {
                     let up = self.default.map(|i| &self.list[i]).ok_or(RouteError::NoDefault)?;
