@@ -190,8 +190,9 @@ pub fn init(format: Format, default_filter: &str) -> Logging {
         .buffered_lines_limit(QUEUE_LINES)
         .thread_name("log-writer")
         // The worker flushes after each batch it drains: one write(2) per batch, not per
-        // line.
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
+        // line. Smaller than a batch, so that a batch goes to write(2) as it is instead of
+        // being copied into the buffer first.
+        .finish(std::io::BufWriter::with_capacity(BATCH_BYTES / 4, std::io::stderr()));
     let dropped = writer.error_counter();
     *lock(&WRITER) = Some(writer.clone());
     let _ = std::thread::Builder::new().name("log-flusher".into()).spawn(|| {
