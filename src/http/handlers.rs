@@ -128,7 +128,7 @@ async fn dispatch<B>(
     let ns = query_param(query, "ns");
     let target = proxy
         .upstreams
-        .route(ns.as_deref(), &route.name)
+        .route(ns.as_deref(), route.name)
         .map_err(proxy::Error::from)?;
     let span = tracing::Span::current();
     span.record("repo", tracing::field::display(&target.repo));
@@ -138,15 +138,15 @@ async fn dispatch<B>(
     auth::check(app, req, Some((&target.upstream.name, target.repo.as_str()))).await?;
     let head = req.method() == Method::HEAD;
     let mut resp = match route.endpoint {
-        Endpoint::Manifest(reference) => manifest(proxy, &target, &reference, req.headers()).await?,
-        Endpoint::Blob(digest) => Box::pin(blob(proxy, &target, &parse_digest(&digest)?, req, head)).await?,
-        Endpoint::TagsList => Box::pin(tags_list(proxy, &target, &route.name, ns.as_deref(), query)).await?,
+        Endpoint::Manifest(reference) => manifest(proxy, &target, reference, req.headers()).await?,
+        Endpoint::Blob(digest) => Box::pin(blob(proxy, &target, &parse_digest(digest)?, req, head)).await?,
+        Endpoint::TagsList => Box::pin(tags_list(proxy, &target, route.name, ns.as_deref(), query)).await?,
         Endpoint::Referrers(digest) => {
             let artifact_type = query_param(query, "artifactType");
             Box::pin(referrers(
                 proxy,
                 &target,
-                &parse_digest(&digest)?,
+                &parse_digest(digest)?,
                 artifact_type.as_deref(),
             ))
             .await?
