@@ -328,14 +328,16 @@ impl Drop for OpenConnection {
     }
 }
 
-/// Marks a request that came over plain TCP (no TLS), where a blob's bytes can go from
-/// the page cache to the socket without passing through user space (HTTP/1.1 only).
+/// The connection a request came on, as the request's extension (one insert: each costs a
+/// hash and an allocation on every request).
 #[derive(Debug, Clone, Copy)]
-pub struct PlainTcp;
-
-/// The client's address, as the request's extension (for trusted `X-Forwarded-*`).
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub std::net::SocketAddr);
+pub struct Peer {
+    /// The client's address (for trusted `X-Forwarded-*`).
+    pub addr: std::net::SocketAddr,
+    /// Plain TCP (no TLS), where a blob's bytes can go from the page cache to the socket
+    /// without passing through user space (HTTP/1.1 only).
+    pub plain_tcp: bool,
+}
 
 async fn serve_connection(
     stream: TcpStream,
@@ -351,10 +353,10 @@ async fn serve_connection(
     let counted = activity.clone();
     let plain = acceptor.is_none();
     let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(Peer(peer));
-        if plain {
-            req.extensions_mut().insert(PlainTcp);
-        }
+        req.extensions_mut().insert(Peer {
+            addr: peer,
+            plain_tcp: plain,
+        });
         let secret = req.headers().get(crate::INTERNAL_HEADER).map(|v| v.as_bytes());
         if internal && secret == Some(handler.internal_secret.as_bytes()) {
             req.extensions_mut().insert(Internal);

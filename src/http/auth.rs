@@ -16,7 +16,7 @@ fn challenge<B>(app: &App, req: &Request<B>, scope: Option<&str>) -> HeaderValue
     let trusted = req
         .extensions()
         .get::<crate::server::Peer>()
-        .is_some_and(|p| app.trusted_proxies.iter().any(|t| t.covers_addr(p.0.ip())));
+        .is_some_and(|p| app.trusted_proxies.iter().any(|t| t.covers_addr(p.addr.ip())));
     let forwarded = |name: &str| {
         trusted
             .then(|| req.headers().get(name).and_then(|v| v.to_str().ok()))

@@ -408,9 +408,13 @@ async fn send_blob<B>(
     let headers = req.headers();
     // hyper writes an HTTP/1.1 body's chunks to the socket as they are; h2 and TLS copy
     // (and so read) them in user space, where a mapped page that faults would be a signal.
-    let reader = match req.extensions().get::<crate::server::PlainTcp>() {
-        Some(_) if req.version() <= http::Version::HTTP_11 => Reader::Mapped,
-        _ => Reader::Client,
+    let plain_tcp = req
+        .extensions()
+        .get::<crate::server::Peer>()
+        .is_some_and(|p| p.plain_tcp);
+    let reader = match plain_tcp && req.version() <= http::Version::HTTP_11 {
+        true => Reader::Mapped,
+        false => Reader::Client,
     };
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok()).and_then(parse_range);
     let (file, mut total, mut progress) = match answer {
