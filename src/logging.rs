@@ -294,21 +294,8 @@ fn access_json(buf: &mut Vec<u8>, stamp: &str, micros: u32, line: &AccessLine<'_
     buf.extend_from_slice(stamp.as_bytes());
     push_fraction(buf, micros, 6);
     buf.extend_from_slice(b"Z\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"method\":");
-    push_json_str(buf, line.method);
-    buf.extend_from_slice(b",\"path\":");
-    push_json_str(buf, line.path);
-    buf.extend_from_slice(b",\"route\":");
-    push_json_str(buf, line.route);
-    buf.extend_from_slice(b",\"status\":");
-    buf.extend_from_slice(itoa::Buffer::new().format(line.status).as_bytes());
-    buf.extend_from_slice(b",\"bytes\":");
-    push_json_str(buf, line.bytes);
-    buf.extend_from_slice(b",\"duration_ms\":");
-    push_millis(buf, line.duration);
-    buf.extend_from_slice(b",\"cache\":");
-    push_json_str(buf, line.cache);
-    buf.extend_from_slice(b",\"policy\":");
-    push_json_str(buf, line.policy);
+    push_quoted::<true>(buf, line.method);
+    push_fields::<true>(buf, line);
     buf.extend_from_slice(b"},\"target\":\"regcache::access\"}\n");
 }
 
@@ -317,21 +304,38 @@ fn access_text(buf: &mut Vec<u8>, stamp: &str, micros: u32, line: &AccessLine<'_
     push_fraction(buf, micros, 6);
     buf.extend_from_slice(b"Z  INFO regcache::access: request method=");
     buf.extend_from_slice(line.method.as_bytes());
-    buf.extend_from_slice(b" path=");
-    push_debug_str(buf, line.path);
-    buf.extend_from_slice(b" route=");
-    push_debug_str(buf, line.route);
-    buf.extend_from_slice(b" status=");
-    buf.extend_from_slice(itoa::Buffer::new().format(line.status).as_bytes());
-    buf.extend_from_slice(b" bytes=");
-    push_debug_str(buf, line.bytes);
-    buf.extend_from_slice(b" duration_ms=");
-    push_millis(buf, line.duration);
-    buf.extend_from_slice(b" cache=");
-    push_debug_str(buf, line.cache);
-    buf.extend_from_slice(b" policy=");
-    push_debug_str(buf, line.policy);
+    push_fields::<false>(buf, line);
     buf.push(b'\n');
+}
+
+enum Field<'a> {
+    Str(&'a str),
+    Status(u16),
+    Millis(std::time::Duration),
+}
+
+/// The fields after `method`, as `,"name":value` (JSON) or ` name=value` (text); `JSON` is
+/// a constant so that each format gets its own unrolled copy.
+fn push_fields<const JSON: bool>(buf: &mut Vec<u8>, line: &AccessLine<'_>) {
+    let fields = [
+        ("path", Field::Str(line.path)),
+        ("route", Field::Str(line.route)),
+        ("status", Field::Status(line.status)),
+        ("bytes", Field::Str(line.bytes)),
+        ("duration_ms", Field::Millis(line.duration)),
+        ("cache", Field::Str(line.cache)),
+        ("policy", Field::Str(line.policy)),
+    ];
+    for (name, value) in fields {
+        buf.extend_from_slice(if JSON { b",\"" } else { b" " });
+        buf.extend_from_slice(name.as_bytes());
+        buf.extend_from_slice(if JSON { b"\":" } else { b"=" });
+        match value {
+            Field::Str(s) => push_quoted::<JSON>(buf, s),
+            Field::Status(n) => buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()),
+            Field::Millis(d) => push_millis(buf, d),
+        }
+    }
 }
 
 /// `.` and `value` with `digits` digits, zero-padded (`value` < 10^digits).
@@ -368,21 +372,14 @@ static PLAIN: [bool; 256] = {
     table
 };
 
-fn push_json_str(buf: &mut Vec<u8>, s: &str) {
+/// `s` quoted, escaped as JSON or as Rust's `{:?}` (the text format's quoting).
+fn push_quoted<const JSON: bool>(buf: &mut Vec<u8>, s: &str) {
     if plain(s) {
         buf.push(b'"');
         buf.extend_from_slice(s.as_bytes());
         buf.push(b'"');
-    } else {
+    } else if JSON {
         let _ = serde_json::to_writer(&mut *buf, s);
-    }
-}
-
-fn push_debug_str(buf: &mut Vec<u8>, s: &str) {
-    if plain(s) {
-        buf.push(b'"');
-        buf.extend_from_slice(s.as_bytes());
-        buf.push(b'"');
     } else {
         let _ = write!(buf, "{s:?}");
     }
