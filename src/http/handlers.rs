@@ -412,9 +412,10 @@ async fn send_blob<B>(
         .extensions()
         .get::<crate::server::Peer>()
         .is_some_and(|p| p.plain_tcp);
-    let reader = match plain_tcp && req.version() <= http::Version::HTTP_11 {
-        true => Reader::Mapped,
-        false => Reader::Client,
+    let reader = if plain_tcp && req.version() <= http::Version::HTTP_11 {
+        Reader::Mapped
+    } else {
+        Reader::Client
     };
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok()).and_then(parse_range);
     let (file, mut total, mut progress) = match answer {
