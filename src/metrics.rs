@@ -3,7 +3,8 @@
 //! Prometheus conventions: `regcache_` prefix, base units, `_total` counters.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
@@ -42,6 +43,50 @@ pub struct Metrics {
     pub bucket_size: IntGauge,
     pub bucket_budget: IntGauge,
     pub bucket_collected: IntCounterVec,
+    hot: Hot,
+}
+
+/// The labelled series a warm cache bumps on nearly every request, resolved once: a label
+/// lookup hashes the labels and takes a lock, three times per request.
+struct Hot {
+    /// `http_requests{status="200"}` and `http_duration`, by [`Hot::slot`].
+    ok: [IntCounter; 4],
+    duration: [Histogram; 4],
+    /// `cache_lookups{result="hit"}` for manifest, tag, blob.
+    hits: [IntCounter; 3],
+}
+
+impl Hot {
+    const ROUTES: [&'static str; 2] = ["manifest", "blob"];
+    const METHODS: [&'static str; 2] = ["GET", "HEAD"];
+    const KINDS: [&'static str; 3] = ["manifest", "tag", "blob"];
+
+    fn new(requests: &IntCounterVec, duration: &HistogramVec, lookups: &IntCounterVec) -> Hot {
+        let pairs = || {
+            Hot::ROUTES
+                .iter()
+                .flat_map(|r| Hot::METHODS.iter().map(move |m| [*r, *m]))
+        };
+        let ok: Vec<_> = pairs()
+            .map(|[r, m]| requests.with_label_values(&[r, m, "200"]))
+            .collect();
+        let duration: Vec<_> = pairs().map(|l| duration.with_label_values(&l)).collect();
+        let hits: Vec<_> = Hot::KINDS
+            .iter()
+            .map(|k| lookups.with_label_values(&[k, "hit"]))
+            .collect();
+        Hot {
+            ok: ok.try_into().unwrap_or_else(|_| unreachable!("four pairs")),
+            duration: duration.try_into().unwrap_or_else(|_| unreachable!("four pairs")),
+            hits: hits.try_into().unwrap_or_else(|_| unreachable!("three kinds")),
+        }
+    }
+
+    fn slot(route: &str, method: &str) -> Option<usize> {
+        let r = Hot::ROUTES.iter().position(|r| *r == route)?;
+        let m = Hot::METHODS.iter().position(|m| *m == method)?;
+        Some(r * Hot::METHODS.len() + m)
+    }
 }
 
 /// Every metric name regcache exports (the dashboard test checks its queries against it).
@@ -123,10 +168,20 @@ fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
 impl Metrics {
     pub fn new(registry: Registry) -> Metrics {
         let r = &registry;
+        let http_requests = counter_vec(
+            r,
+            "regcache_http_requests_total",
+            "Registry API requests answered, by route, method and status.",
+            &["route", "method", "status"],
+        );
+        let http_duration = histogram_vec(
+            r,
+            "regcache_http_request_duration_seconds",
+            "Time to the response headers of registry API requests.",
+            &["route", "method"],
+        );
+        let cache_lookups = counter_vec(r, "regcache_cache_lookups_total", "Cache lookups by kind (blob, manifest, tag) and result (hit, miss, coalesced, stale, bucket: from the shared bucket).", &["kind", "result"]);
         Metrics {
-            http_requests: counter_vec(r, "regcache_http_requests_total", "Registry API requests answered, by route, method and status.", &["route", "method", "status"]),
-            http_duration: histogram_vec(r, "regcache_http_request_duration_seconds", "Time to the response headers of registry API requests.", &["route", "method"]),
-            cache_lookups: counter_vec(r, "regcache_cache_lookups_total", "Cache lookups by kind (blob, manifest, tag) and result (hit, miss, coalesced, stale, bucket: from the shared bucket).", &["kind", "result"]),
             bytes_served: counter_vec(r, "regcache_bytes_served_total", "Blob bytes sent to clients, by source (cache, fill, upstream = passed through uncached).", &["source"]),
             upstream_requests: counter_vec(r, "regcache_upstream_requests_total", "Requests sent to upstream registries, by upstream, method and status (or error).", &["upstream", "method", "status"]),
             upstream_bytes: counter_vec(r, "regcache_upstream_bytes_total", "Blob bytes received from upstream registries.", &["upstream"]),
@@ -158,7 +213,41 @@ impl Metrics {
             sync_failures: counter_vec(r, "regcache_sync_failures_total", "Images (or tag listings) a [[sync]] entry could not take.", &["sync"]),
             connections_open: gauge(r, "regcache_connections_open", "Client connections being served (at most limits.max_connections)."),
             connections_waiting: gauge(r, "regcache_connections_waiting", "1 while an accepted connection waits for a slot because limits.max_connections are open (the rest wait in the listen backlog)."),
+            hot: Hot::new(&http_requests, &http_duration, &cache_lookups),
+            http_requests,
+            http_duration,
+            cache_lookups,
             registry,
+        }
+    }
+
+    /// Counts an answered request in `http_requests` and `http_duration`.
+    pub fn answered(&self, route: &str, method: &str, status: http::StatusCode, seconds: f64) {
+        match Hot::slot(route, method) {
+            Some(i) => {
+                if status == http::StatusCode::OK {
+                    self.hot.ok[i].inc();
+                } else {
+                    self.http_requests
+                        .with_label_values(&[route, method, status.as_str()])
+                        .inc();
+                }
+                self.hot.duration[i].observe(seconds);
+            }
+            None => {
+                self.http_requests
+                    .with_label_values(&[route, method, status.as_str()])
+                    .inc();
+                self.http_duration.with_label_values(&[route, method]).observe(seconds);
+            }
+        }
+    }
+
+    /// Counts a cache lookup in `cache_lookups`.
+    pub fn looked_up(&self, kind: &str, result: &str) {
+        match Hot::KINDS.iter().position(|k| *k == kind) {
+            Some(i) if result == "hit" => self.hot.hits[i].inc(),
+            _ => self.cache_lookups.with_label_values(&[kind, result]).inc(),
         }
     }
 
@@ -176,6 +265,41 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_and_lookups_land_in_their_own_labelled_series() {
+        let m = Metrics::new(Registry::new());
+        let mut n = 0;
+        for route in ["manifest", "blob", "tags_list"] {
+            for method in ["GET", "HEAD", "other"] {
+                for status in [http::StatusCode::OK, http::StatusCode::NOT_FOUND] {
+                    n += 1;
+                    for _ in 0..n {
+                        m.answered(route, method, status, 0.5);
+                    }
+                    let counted = m
+                        .http_requests
+                        .with_label_values(&[route, method, status.as_str()])
+                        .get();
+                    assert_eq!(counted, n, "{route} {method} {status}");
+                }
+                let timed = m.http_duration.with_label_values(&[route, method]).get_sample_count();
+                assert_eq!(timed, n - 1 + n, "{route} {method}");
+            }
+        }
+        for (i, kind) in ["manifest", "tag", "blob"].into_iter().enumerate() {
+            for _ in 0..=i {
+                m.looked_up(kind, "hit");
+            }
+            m.looked_up(kind, "miss");
+            assert_eq!(
+                m.cache_lookups.with_label_values(&[kind, "hit"]).get(),
+                i as u64 + 1,
+                "{kind}"
+            );
+            assert_eq!(m.cache_lookups.with_label_values(&[kind, "miss"]).get(), 1, "{kind}");
+        }
+    }
 
     #[test]
     fn every_family_is_listed_and_rendered() {

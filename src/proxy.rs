@@ -1025,7 +1025,7 @@ impl Proxy {
     }
 
     fn lookup(&self, kind: &str, result: &'static str) {
-        self.metrics.cache_lookups.with_label_values(&[kind, result]).inc();
+        self.metrics.looked_up(kind, result);
         let _ = LOOKUP_RESULT.try_with(|r| r.set((result, r.get().1)));
     }
 

@@ -63,13 +63,9 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>,
         _ => "other",
     };
     let elapsed = started.elapsed();
-    let m = &app.proxy.metrics;
-    m.http_requests
-        .with_label_values(&[label, method, resp.status().as_str()])
-        .inc();
-    m.http_duration
-        .with_label_values(&[label, method])
-        .observe(elapsed.as_secs_f64());
+    app.proxy
+        .metrics
+        .answered(label, method, resp.status(), elapsed.as_secs_f64());
     let bytes = resp
         .headers()
         .get(CONTENT_LENGTH)
