@@ -647,7 +647,14 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         let early_sync = Arc::new(EarlySync::default());
         let mut written = 0u64;
         loop {
-            let broke = match batches.next().await {
+            // The previous batch's hash+write runs meanwhile: frames keep coming in until it
+            // is done, so the next batch is a big one (hyper reads a body only as fast as it
+            // is taken, and one small batch per blocking hand-off halved a cold fill's speed).
+            let (next, finished) = batches.next_while(&mut pending).await;
+            if let Some(done) = finished {
+                verifier = Some(self.settled(done, tx, &mut relay)?);
+            }
+            let broke = match next {
                 Ok(Some(batch)) => Ok(batch),
                 Ok(None) if total.is_some_and(|t| written < t) => Err("upstream closed early".to_string()),
                 Ok(None) => break,
@@ -860,7 +867,17 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         tx: &Arc<watch::Sender<Progress<E>>>,
         relay: &mut Option<Arc<Relay>>,
     ) -> Result<Verifier, FillError<E>> {
-        let done = pending.await.map_err(io::Error::other)?;
+        self.settled(pending.await, tx, relay)
+    }
+
+    /// [`Fills::settle_write`] once the batch's task has ended.
+    fn settled(
+        &self,
+        ended: Result<Written, tokio::task::JoinError>,
+        tx: &Arc<watch::Sender<Progress<E>>>,
+        relay: &mut Option<Arc<Relay>>,
+    ) -> Result<Verifier, FillError<E>> {
+        let done = ended.map_err(io::Error::other)?;
         if let Some((error, rest)) = done.failed {
             tracing::warn!(error = %error, at = done.at,
                 "the cache disk refused a write; relaying this blob to its clients uncached");
@@ -937,7 +954,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
 }
 
 /// Upstream frames gathered into one disk write (and one hand-off to a blocking thread).
-const WRITE_BATCH: usize = 256 * 1024;
+const WRITE_BATCH: usize = 1024 * 1024;
 
 /// Reads a source in batches: one frame (waited for, up to the idle timeout) plus every
 /// frame already waiting, up to `WRITE_BATCH` bytes. An end or error met while gathering is
@@ -974,6 +991,46 @@ impl Batches {
             return Err(format!("only {got} bytes in {:?}, below the minimum rate", self.idle));
         }
         Ok(())
+    }
+
+    /// [`Batches::next`], taking frames on (up to `WRITE_BATCH` bytes) while `busy` still
+    /// runs; `busy`'s outcome if it ended meanwhile (then `busy` is `None`).
+    async fn next_while(
+        &mut self,
+        busy: &mut Option<tokio::task::JoinHandle<Written>>,
+    ) -> (
+        Result<Option<Vec<Bytes>>, String>,
+        Option<Result<Written, tokio::task::JoinError>>,
+    ) {
+        let mut batch = match self.next().await {
+            Ok(Some(batch)) => batch,
+            other => return (other, None),
+        };
+        let Some(task) = busy.as_mut() else {
+            return (Ok(Some(batch)), None);
+        };
+        let mut size: usize = batch.iter().map(Bytes::len).sum();
+        while size < WRITE_BATCH && self.later.is_none() {
+            tokio::select! {
+                biased;
+                ended = &mut *task => {
+                    *busy = None;
+                    return (Ok(Some(batch)), Some(ended));
+                }
+                frame = self.source.body.frame() => match frame {
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            size += data.len();
+                            self.window.1 += data.len() as u64;
+                            batch.push(data);
+                        }
+                    }
+                    None => self.later = Some(Ok(())),
+                    Some(Err(e)) => self.later = Some(Err(e.to_string())),
+                },
+            }
+        }
+        (Ok(Some(batch)), None)
     }
 
     /// `Ok(None)` at the end of the body; `Err` when it broke.
