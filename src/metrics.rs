@@ -223,23 +223,17 @@ impl Metrics {
 
     /// Counts an answered request in `http_requests` and `http_duration`.
     pub fn answered(&self, route: &str, method: &str, status: http::StatusCode, seconds: f64) {
-        match Hot::slot(route, method) {
-            Some(i) => {
-                if status == http::StatusCode::OK {
-                    self.hot.ok[i].inc();
-                } else {
-                    self.http_requests
-                        .with_label_values(&[route, method, status.as_str()])
-                        .inc();
-                }
-                self.hot.duration[i].observe(seconds);
-            }
-            None => {
-                self.http_requests
-                    .with_label_values(&[route, method, status.as_str()])
-                    .inc();
-                self.http_duration.with_label_values(&[route, method]).observe(seconds);
-            }
+        let slot = Hot::slot(route, method);
+        match slot {
+            Some(i) if status == http::StatusCode::OK => self.hot.ok[i].inc(),
+            _ => self
+                .http_requests
+                .with_label_values(&[route, method, status.as_str()])
+                .inc(),
+        }
+        match slot {
+            Some(i) => self.hot.duration[i].observe(seconds),
+            None => self.http_duration.with_label_values(&[route, method]).observe(seconds),
         }
     }
 

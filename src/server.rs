@@ -285,30 +285,24 @@ pub async fn serve_as(listener: TcpListener, app: Arc<App>, shutdown: impl Futur
         let builder = builder.clone();
         let drain = drain.clone();
         let acceptor = acceptor.clone();
-        let Some(shard) = shards.as_ref().and_then(|s| s.pick()) else {
-            tokio::spawn(async move {
-                let _permit = permit;
-                let _open = open;
-                serve_connection(stream, peer, app, &builder, acceptor, drain, internal).await;
-            });
-            continue;
-        };
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot hand the connection over");
-                continue;
-            }
-        };
-        shard.send(Box::pin(async move {
+        let serve = move |stream: TcpStream| async move {
             let _permit = permit;
             let _open = open;
-            // Registered with the shard's own reactor: this runs on the shard's thread.
-            let Ok(stream) = TcpStream::from_std(stream) else {
-                return;
-            };
             serve_connection(stream, peer, app, &builder, acceptor, drain, internal).await;
-        }));
+        };
+        let Some(shard) = shards.as_ref().and_then(|s| s.pick()) else {
+            tokio::spawn(serve(stream));
+            continue;
+        };
+        match stream.into_std() {
+            // Registered with the shard's own reactor: `from_std` runs on the shard's thread.
+            Ok(stream) => shard.send(Box::pin(async move {
+                if let Ok(stream) = TcpStream::from_std(stream) {
+                    serve(stream).await;
+                }
+            })),
+            Err(e) => tracing::debug!(error = %e, "cannot hand the connection over"),
+        }
     }
     drop(listener);
     let deadline = Instant::now() + app.shutdown_grace;
@@ -530,12 +524,21 @@ struct Shard {
 
 impl Shard {
     fn send(&self, job: Job) {
-        let load = self.load.clone();
-        load.fetch_add(1, Ordering::Relaxed);
+        self.load.fetch_add(1, Ordering::Relaxed);
+        // Counted down however the job ends (done, panicked, or dropped with its runtime).
+        let served = Served(self.load.clone());
         let _ = self.jobs.send(Box::pin(async move {
+            let _served = served;
             job.await;
-            load.fetch_sub(1, Ordering::Relaxed);
         }));
+    }
+}
+
+struct Served(Arc<AtomicUsize>);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

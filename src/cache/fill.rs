@@ -650,7 +650,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             // The previous batch's hash+write runs meanwhile: frames keep coming in until it
             // is done, so the next batch is a big one (hyper reads a body only as fast as it
             // is taken, and one small batch per blocking hand-off halved a cold fill's speed).
-            let (next, finished) = batches.next_while(&mut pending).await;
+            let (next, finished) = batches.next(&mut pending).await;
             if let Some(done) = finished {
                 verifier = Some(self.settled(done, tx, &mut relay)?);
             }
@@ -956,9 +956,10 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
 /// Upstream frames gathered into one disk write (and one hand-off to a blocking thread).
 const WRITE_BATCH: usize = 1024 * 1024;
 
-/// Reads a source in batches: one frame (waited for, up to the idle timeout) plus every
-/// frame already waiting, up to `WRITE_BATCH` bytes. An end or error met while gathering is
-/// kept for the next call, after the batch before it.
+/// Reads a source in batches: one frame (waited for, up to the idle timeout) plus the
+/// frames that come while the previous batch is still being written, up to `WRITE_BATCH`
+/// bytes. An end or error met while gathering is kept for the next call, after the batch
+/// before it.
 struct Batches {
     source: Source,
     idle: Duration,
@@ -993,69 +994,54 @@ impl Batches {
         Ok(())
     }
 
-    /// [`Batches::next`], taking frames on (up to `WRITE_BATCH` bytes) while `busy` still
-    /// runs; `busy`'s outcome if it ended meanwhile (then `busy` is `None`).
-    async fn next_while(
+    /// The next batch: `Ok(None)` at the end of the body, `Err` when it broke. While `busy`
+    /// (the previous batch's hash+write) runs, frames are waited for too, so that the next
+    /// batch is ready when it ends; its outcome is returned if it ended meanwhile (then
+    /// `busy` is `None`). Without it, only frames already waiting join the first.
+    async fn next(
         &mut self,
         busy: &mut Option<tokio::task::JoinHandle<Written>>,
     ) -> (
         Result<Option<Vec<Bytes>>, String>,
         Option<Result<Written, tokio::task::JoinError>>,
     ) {
-        let mut batch = match self.next().await {
-            Ok(Some(batch)) => batch,
-            other => return (other, None),
-        };
-        let Some(task) = busy.as_mut() else {
-            return (Ok(Some(batch)), None);
-        };
-        let mut size: usize = batch.iter().map(Bytes::len).sum();
-        while size < WRITE_BATCH && self.later.is_none() {
-            tokio::select! {
-                biased;
-                ended = &mut *task => {
-                    *busy = None;
-                    return (Ok(Some(batch)), Some(ended));
-                }
-                frame = self.source.body.frame() => match frame {
-                    Some(Ok(frame)) => {
-                        if let Ok(data) = frame.into_data() {
-                            size += data.len();
-                            self.window.1 += data.len() as u64;
-                            batch.push(data);
-                        }
-                    }
-                    None => self.later = Some(Ok(())),
-                    Some(Err(e)) => self.later = Some(Err(e.to_string())),
-                },
-            }
-        }
-        (Ok(Some(batch)), None)
-    }
-
-    /// `Ok(None)` at the end of the body; `Err` when it broke.
-    async fn next(&mut self) -> Result<Option<Vec<Bytes>>, String> {
         use std::task::Poll;
         if let Some(outcome) = self.later.take() {
-            return outcome.map(|()| None);
+            return (outcome.map(|()| None), None);
         }
         let first = match tokio::time::timeout(self.idle, self.source.body.frame()).await {
             Ok(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
-            Ok(None) => return Ok(None),
-            Ok(Some(Err(e))) => return Err(e.to_string()),
-            Err(_) => return Err(format!("no data for {:?}", self.idle)),
+            Ok(None) => return (Ok(None), None),
+            Ok(Some(Err(e))) => return (Err(e.to_string()), None),
+            Err(_) => return (Err(format!("no data for {:?}", self.idle)), None),
         };
         let mut size = first.len();
         let mut batch = vec![first];
-        self.note(size as u64)?;
+        if let Err(e) = self.note(size as u64) {
+            return (Err(e), None);
+        }
+        let mut ended = None;
         while size < WRITE_BATCH {
             let body = &mut self.source.body;
-            let ready = std::future::poll_fn(|cx| match std::pin::Pin::new(&mut *body).poll_frame(cx) {
-                Poll::Pending => Poll::Ready(None),
-                Poll::Ready(frame) => Poll::Ready(Some(frame)),
-            })
-            .await;
-            match ready {
+            let frame = match busy.as_mut() {
+                Some(task) => tokio::select! {
+                    biased;
+                    done = &mut *task => {
+                        *busy = None;
+                        ended = Some(done);
+                        None
+                    }
+                    frame = body.frame() => Some(frame),
+                },
+                None => {
+                    std::future::poll_fn(|cx| match std::pin::Pin::new(&mut *body).poll_frame(cx) {
+                        Poll::Pending => Poll::Ready(None),
+                        Poll::Ready(frame) => Poll::Ready(Some(frame)),
+                    })
+                    .await
+                }
+            };
+            match frame {
                 None => break,
                 Some(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
@@ -1074,7 +1060,7 @@ impl Batches {
                 }
             }
         }
-        Ok(Some(batch))
+        (Ok(Some(batch)), ended)
     }
 }
 
