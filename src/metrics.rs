@@ -187,7 +187,7 @@ impl Metrics {
             upstream_bytes: counter_vec(r, "regcache_upstream_bytes_total", "Blob bytes received from upstream registries.", &["upstream"]),
             upstream_duration: histogram_vec(r, "regcache_upstream_request_duration_seconds", "Time to the response headers of upstream requests.", &["upstream", "method"]),
             fills_in_flight: gauge(r, "regcache_fills_in_flight", "Blob downloads from upstreams in progress."),
-            fills: counter_vec(r, "regcache_fills_total", "Finished blob downloads, by result (committed, relayed = verified and served but not cached, at_peer = relayed from the replica that holds it, digest_mismatch, truncated, upstream_error, disk_error).", &["result"]),
+            fills: counter_vec(r, "regcache_fills_total", "Finished blob downloads, by result (committed, relayed = verified and served but not cached, at_peer = relayed from the replica that holds it, from_bucket = relayed from the shared bucket by a replica without a local tier, digest_mismatch, truncated, upstream_error, disk_error).", &["result"]),
             fill_duration: histogram_vec(r, "regcache_fill_duration_seconds", "Time from the start of a blob download to its commit or failure, by result.", &["result"]),
             fill_resumes: counter(r, "regcache_fill_resumes_total", "Broken upstream transfers resumed with a Range request."),
             tokens_fetched: counter_vec(r, "regcache_upstream_tokens_fetched_total", "Bearer tokens fetched from upstream token services.", &["upstream"]),

@@ -808,8 +808,8 @@ impl Proxy {
         let mut retried = false;
         let mut evicted_meanwhile = 0;
         loop {
-            let (mut fill, started_here) = match self.join_fill(target, digest, &own).await? {
-                Joined::Fill(fill, started_here) => (fill, started_here),
+            let (mut fill, started_here, origin) = match self.join_fill(target, digest, &own).await? {
+                Joined::Fill(fill, started_here, origin) => (fill, started_here, origin),
                 Joined::Cached(answer) => return Ok(answer),
                 Joined::PassThrough(answer) => return Ok(answer),
                 // Committed and evicted again between the miss and the join: still a miss.
@@ -823,8 +823,15 @@ impl Proxy {
                 // Someone else's download: only for a pair known (or confirmed) to hold it.
                 self.authorize(target, Content::Blob, digest).await?;
             }
-            self.lookup("blob", if started_here { "miss" } else { "coalesced" });
+            if !started_here {
+                self.lookup("blob", "coalesced");
+            }
             let started = fill.started().await;
+            if started_here {
+                // Where the fill reads is known once it has opened its source.
+                let from_bucket = origin.bucket.load(std::sync::atomic::Ordering::Relaxed);
+                self.lookup("blob", if from_bucket { "bucket" } else { "miss" });
+            }
             match started.state {
                 State::Failed(e) => {
                     let theirs = !started_here && fill.owner != own;
@@ -854,12 +861,13 @@ impl Proxy {
         }
     }
 
-    /// A blob the shared bucket holds, read there for this request alone, when no local fill
-    /// of it runs and either the local tier is off or the client wants a part: a fill
-    /// would have to reach the part first.
+    /// A part of a blob the shared bucket holds, read there for this request alone (one
+    /// ranged GET) when no local fill of it runs: a fill would have to reach the part first.
+    /// A whole blob is read by a fill instead, once for every client that asks meanwhile:
+    /// into the local tier, or without one relayed from memory.
     async fn bucket_read(&self, target: &Target, digest: &Digest, want: Want) -> Option<BlobAnswer> {
         let bucket = self.bucket.as_ref()?;
-        if (bucket.local_tier && want == Want::Whole) || self.fills.running(digest).is_some() {
+        if want == Want::Whole || self.fills.running(digest).is_some() {
             return None;
         }
         let total = bucket.size_of(Kind::Blob, digest).await?;
@@ -914,12 +922,15 @@ impl Proxy {
             {
                 let (metrics, digest, started) = (self.metrics.clone(), digest.clone(), std::time::Instant::now());
                 let (cache, upstream, repo) = (self.cache.clone(), own.0.clone(), own.1.clone());
+                let source = origin.clone();
                 move |result, resumes| {
+                    let from_bucket = source.bucket.load(std::sync::atomic::Ordering::Relaxed);
                     metrics.fills_in_flight.dec();
                     metrics.fill_resumes.inc_by(u64::from(resumes));
                     let outcome = match result {
                         Ok(Kept::Committed) => "committed",
                         Ok(Kept::Relayed) => "relayed",
+                        Ok(Kept::AtPeer) if from_bucket => "from_bucket",
                         Ok(Kept::AtPeer) => "at_peer",
                         Err(e) => match **e {
                             FillError::DigestMismatch { .. } => "digest_mismatch",
@@ -938,6 +949,7 @@ impl Proxy {
                             let new_pair = cache.associations.record(&digest, &upstream, &repo);
                             match kept {
                                 Kept::Committed => tracing::info!(%digest, resumes, "fill committed"),
+                                _ if from_bucket => tracing::info!(%digest, resumes, "blob relayed from the shared bucket"),
                                 _ => tracing::info!(%digest, resumes, "fill relayed from the replica that holds it"),
                             }
                             if let Some((bucket, writes, path, origin)) = uploader {
@@ -983,10 +995,11 @@ impl Proxy {
                         let uploaded = bucket.put_while_filling(&d, fill).await;
                         origin.release_lease();
                         uploaded
-                    } else if bucket.local_tier {
+                    } else if bucket.local_tier || origin.bucket.load(std::sync::atomic::Ordering::Relaxed) {
+                        // Nothing staged here: a tier fill stays, a relay from the bucket wrote nothing.
                         return Ok(());
                     } else {
-                        // Streamed from a peer (or the bucket), which holds it.
+                        // Streamed from a peer, which holds it.
                         fill.finished().await;
                         Ok(())
                     };
@@ -1000,7 +1013,7 @@ impl Proxy {
             );
         }
         match joined {
-            Ok(Some(fill)) => Ok(Joined::Fill(fill, started_here)),
+            Ok(Some(fill)) => Ok(Joined::Fill(fill, started_here, origin)),
             Ok(None) => {
                 // Committed between the caller's miss and the join (and perhaps evicted since).
                 let Some(answer) = self.cached_blob(digest).await? else {
@@ -1101,8 +1114,8 @@ const EMFILE: i32 = 24;
 const ENFILE: i32 = 23;
 
 enum Joined {
-    /// A fill to tail, and whether this request started it.
-    Fill(crate::cache::fill::Fill<upstream::Error>, bool),
+    /// A fill to tail, whether this request started it, and (if it did) where it reads.
+    Fill(crate::cache::fill::Fill<upstream::Error>, bool, Arc<Origin>),
     Cached(BlobAnswer),
     PassThrough(BlobAnswer),
     /// Committed, then evicted before it could be opened: join again.
@@ -1170,8 +1183,13 @@ fn opener(
         Box::pin(async move {
             if let Some(b) = bucket.filter(|_| offset == 0 || origin.bucket.load(Relaxed)) {
                 match b.get(Kind::Blob, &digest, offset).await {
-                    Ok(Some(source)) => {
+                    Ok(Some(mut source)) => {
                         origin.bucket.store(true, Relaxed);
+                        if !b.local_tier {
+                            // Nothing to keep on this disk: relayed from memory, and a reader
+                            // left behind reads the bucket at its own offset.
+                            source.reopen = Some(bucket_reopen(b, digest));
+                        }
                         return Ok(source);
                     }
                     Ok(None) => {}
@@ -1210,6 +1228,19 @@ fn opener(
             }
             origin.upstream.store(true, Relaxed);
             upstream.get_blob(&repo, &digest, offset).await
+        })
+    })
+}
+
+/// Opens the bucket's copy of a blob at an offset, for readers a relayed fill left behind.
+fn bucket_reopen(bucket: Arc<crate::cache::bucket::Bucket>, digest: Digest) -> crate::cache::fill::Reopen {
+    Arc::new(move |offset| {
+        let (bucket, digest) = (bucket.clone(), digest.clone());
+        Box::pin(async move {
+            bucket
+                .get(Kind::Blob, &digest, offset)
+                .await?
+                .ok_or_else(|| format!("{digest} left the shared bucket"))
         })
     })
 }

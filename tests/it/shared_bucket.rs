@@ -161,11 +161,86 @@ fn between(text: &str, open: &str, close: &str) -> String {
 
 /// `[cache.s3]` for SeaweedFS with a prefix of the test's own.
 fn s3_keys(prefix: &str) -> String {
+    s3_keys_at(&seaweed().s3, prefix)
+}
+
+/// [`s3_keys`] through another endpoint (a relay in front of SeaweedFS).
+fn s3_keys_at(endpoint: &str, prefix: &str) -> String {
     format!(
-        "[cache.s3]\nbucket = \"{BUCKET}\"\nendpoint = \"{}\"\nprefix = \"{prefix}\"\naccess_key_id = \"any\"\nsecret_access_key_file = \"{}\"\n",
-        seaweed().s3,
+        "[cache.s3]\nbucket = \"{BUCKET}\"\nendpoint = \"{endpoint}\"\nprefix = \"{prefix}\"\naccess_key_id = \"any\"\nsecret_access_key_file = \"{}\"\n",
         secret_file().display()
     )
+}
+
+/// A TCP relay in front of SeaweedFS's S3 port that counts the GETs of one object and holds
+/// every answer after its first MiB until [`S3Relay::open`].
+struct S3Relay {
+    url: String,
+    gets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl S3Relay {
+    async fn start(object: &str) -> S3Relay {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let target = seaweed().s3.trim_start_matches("http://").to_owned();
+        let gets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (open, opened) = tokio::sync::watch::channel(false);
+        let line = format!("GET {object}").into_bytes();
+        let counter = gets.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                let (line, counter, mut opened) = (line.clone(), counter.clone(), opened.clone());
+                tokio::spawn(async move {
+                    // Requests: counted (a request line split over two reads is seen too).
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut tail: Vec<u8> = Vec::new();
+                    while let Ok(n) = client_rx.read(&mut buf).await {
+                        if n == 0 || server_tx.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        tail.extend_from_slice(&buf[..n]);
+                        let found = tail.windows(line.len()).filter(|w| *w == line.as_slice()).count();
+                        counter.fetch_add(found, std::sync::atomic::Ordering::SeqCst);
+                        let keep = tail.len().min(line.len() - 1);
+                        tail.drain(..tail.len() - keep);
+                        if found > 0 {
+                            tail.clear();
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut relayed = 0usize;
+                    while let Ok(n) = server_rx.read(&mut buf).await {
+                        if relayed > 1 << 20 && opened.wait_for(|o| *o).await.is_err() {
+                            break;
+                        }
+                        if n == 0 || client_tx.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        relayed += n;
+                    }
+                });
+            }
+        });
+        S3Relay { url, gets, open }
+    }
+
+    fn gets(&self) -> usize {
+        self.gets.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn open(&self) {
+        let _ = self.open.send(true);
+    }
 }
 
 fn secret_file() -> &'static Path {
@@ -372,6 +447,79 @@ async fn without_a_local_tier_reads_go_to_the_bucket_and_ranges_are_ranged_gets(
     wait_until(|| b_proxy.work_in_flight() == 0).await;
     assert_eq!(staged(dirs.1.path()).len(), 1, "the tier keeps a whole read");
     assert_eq!(up.total_requests(), requests, "{:?}", up.seen());
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Without a local tier, the clients that ask for one blob at once share one read of the
+/// bucket, relayed from memory: one GET of the object for all of them and nothing written
+/// to the disk; a client that lags past what the relay keeps (48 MiB) reads the bucket
+/// from its own offset, with one GET of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_local_tier_the_clients_of_one_blob_share_one_bucket_read() {
+    use http_body_util::BodyExt as _;
+    let up = FakeUpstream::start().await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let blob = random_bytes(96 << 20, 31);
+    let digest = up.add_blob(&blob);
+    let prefix = "no-tier-shared";
+    let path = format!("/v2/library/big/blobs/{digest}");
+    let a = replica(&up, dirs.0.path(), prefix, "").await;
+    assert!(get(&a.url(&path)).await.bytes().as_ref() == blob.as_slice());
+    let a_proxy = a.proxy.clone();
+    wait_until(|| a_proxy.work_in_flight() == 0).await;
+    let hex = digest.trim_start_matches("sha256:");
+    let relay = S3Relay::start(&format!("/{BUCKET}/{prefix}/v1/blobs/sha256/{hex}")).await;
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}local_tier = false\n{}",
+        dirs.1.path().display(),
+        s3_keys_at(&relay.url, prefix),
+        upstream_toml("docker.io", &up.url(), true, "5m")
+    );
+    let b = TestProxy::start_config(regcache::Config::from_toml(&text).expect("valid")).await;
+
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let url = b.url(&path);
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    // All eight are on the one read before the bucket's answer goes past its first MiB.
+    let lookups = |result: &str| {
+        b.metric(&format!(
+            "regcache_cache_lookups_total{{kind=\"blob\",result=\"{result}\"}}"
+        ))
+    };
+    wait_until(|| lookups("coalesced") == 7.0 && lookups("bucket") == 1.0).await;
+    let slow = crate::harness::open(http::Method::GET, &b.url(&path), &[]).await;
+    assert_eq!(slow.status(), 200);
+    assert_eq!(relay.gets(), 1, "the clients did not share the bucket read");
+    relay.open();
+    for client in clients {
+        let r = client.await.unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.bytes().as_ref() == blob.as_slice(), "wrong bytes");
+    }
+    let slow = slow
+        .into_body()
+        .collect()
+        .await
+        .expect("the lagging client's body broke");
+    assert!(
+        slow.to_bytes().as_ref() == blob.as_slice(),
+        "the lagging client got wrong bytes"
+    );
+    assert_eq!(
+        relay.gets(),
+        2,
+        "the lagging client did not read on its own (or others did)"
+    );
+    assert_eq!(b.metric(r#"regcache_fills_total{result="from_bucket"}"#), 1.0);
+    assert!(
+        files_under(dirs.1.path()).iter().all(|f| !f.ends_with(hex)),
+        "the replica without a tier wrote the blob to its disk"
+    );
+    assert_eq!(up.count("GET", &format!("/blobs/{digest}")), 1);
     a.stop().await;
     b.stop().await;
 }
