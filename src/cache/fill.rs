@@ -1202,8 +1202,8 @@ pub struct Streamed {
 pub enum Reader {
     /// A client: bytes are read into buffers on the blocking pool.
     Client,
-    /// A client on plain HTTP/1.1, whose bytes only the kernel reads: a committed file is
-    /// mapped instead (see `mapped`), one copy fewer.
+    /// A client on plain HTTP/1.1, whose bytes only the kernel reads: what is on disk (a
+    /// committed file, or what a fill wrote) is mapped instead (see `mapped`), one copy fewer.
     Mapped,
     /// The upload to the shared bucket, which a relayed fill waits for.
     Anchored,
@@ -1326,9 +1326,8 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
         }
         let f = file.clone();
         let skip_to = (file_at != pos).then_some(pos);
-        let map = mapped && committed;
         let read = tokio::task::spawn_blocking(move || {
-            if map {
+            if mapped {
                 if let Some(bytes) = super::mapped::map_populated(&f, pos, n)? {
                     return Ok((bytes, false));
                 }

@@ -1,7 +1,8 @@
-//! Committed cache content as memory maps, for responses on plain HTTP/1.1 connections
-//! only: there the mapped bytes are handed to the socket by the kernel (one copy, page cache
-//! to socket, as with nginx's sendfile) and are never read by this process itself. Every
-//! other reader copies into a buffer with pread (`fill::read_next`).
+//! Cache content as memory maps (a committed file, or the part of a fill's temp file already
+//! written), for responses on plain HTTP/1.1 connections only: there the mapped bytes are
+//! handed to the socket by the kernel (one copy, page cache to socket, as with nginx's
+//! sendfile) and are never read by this process itself. Every other reader copies into a
+//! buffer with pread (`fill::read_next`).
 //!
 //! Why that makes a map safe here: a page that cannot be read (a disk I/O error, a file
 //! truncated from outside) raises SIGBUS only when user code touches it. When the kernel
@@ -27,7 +28,7 @@ use bytes::Bytes;
 /// whose pages are not known to be resident would fault inside an async worker's write.
 static POPULATE_WORKS: AtomicBool = AtomicBool::new(true);
 
-/// Maps `len` bytes of the committed `file` at `offset` and reads them in. `Ok(None)` when
+/// Maps `len` bytes of `file` at `offset` (committed, or written by a fill) and reads them in. `Ok(None)` when
 /// this kernel cannot populate a map (the caller reads with pread instead); `Err` when the
 /// bytes cannot be read (the file is damaged or shorter than recorded).
 ///
@@ -49,8 +50,10 @@ pub fn map_populated(file: &File, offset: u64, len: usize) -> io::Result<Option<
     }
     // SAFETY: the map is read-only and private to this response. Its bytes are read by the
     // kernel only (see the module's comment: a fault there is an `EFAULT`, never a signal),
-    // and a committed file is never written again (content reaches its final path by
-    // rename); an outside truncation is the fault case, caught as above.
+    // and mapped bytes are never written again: a committed file is not written at all
+    // (content reaches its final path by rename), and a fill writes each offset of its temp
+    // file once, publishing an offset only after writing it. An outside truncation is the
+    // fault case, caught as above.
     let map = unsafe { memmap2::MmapOptions::new().offset(offset).len(len).map(file)? };
     if let Err(e) = map.advise(memmap2::Advice::PopulateRead) {
         if e.raw_os_error() == Some(EINVAL) {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use http::Method;
+use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 
 use crate::fake_upstream::{FakeUpstream, Fault};
@@ -201,6 +201,47 @@ async fn concurrent_cold_gets_make_one_upstream_fetch() {
     let cached: Vec<_> = files_under(&dir.path().join("v1/blobs"));
     assert_eq!(cached.len(), 1);
     assert_eq!(std::fs::read(&cached[0]).unwrap(), data);
+}
+
+/// A client that joins a fill after its first 12 MiB reads them back from the disk (the
+/// fill keeps only its last 4 MiB in memory; on plain HTTP/1.1 the written part is mapped),
+/// then tails the rest: its body, and a Range inside the written part, are the blob's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_joining_a_fill_late_reads_the_written_part_from_disk() {
+    let (up, proxy, dir) = setup("5m").await;
+    let data = random_bytes(16 << 20, 3);
+    let digest = up.add_blob(&data);
+    let gate = Arc::new(tokio::sync::Notify::new());
+    up.fault(&digest, [Fault::Gate(12 << 20, gate.clone())]);
+    let url = proxy.url(&format!("/v2/library/big/blobs/{digest}"));
+    let first = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url).await }
+    });
+    let tmp = dir.path().join("v1/tmp");
+    let written = |len: u64| {
+        files_under(&tmp)
+            .iter()
+            .any(|f| std::fs::metadata(f).is_ok_and(|m| m.len() == len))
+    };
+    wait_until(|| written(12 << 20)).await;
+    let late = open(Method::GET, &url, &[]).await;
+    let part = open(Method::GET, &url, &[("range", "bytes=1000-2000999")]).await;
+    assert_eq!(
+        (late.status(), part.status()),
+        (StatusCode::OK, StatusCode::PARTIAL_CONTENT)
+    );
+    gate.notify_one();
+    let first = first.await.unwrap();
+    assert!(
+        first.bytes().as_ref() == data.as_slice(),
+        "the first client got wrong bytes"
+    );
+    let late = late.into_body().collect().await.expect("complete body").to_bytes();
+    assert!(late.as_ref() == data.as_slice(), "the late client got wrong bytes");
+    let part = part.into_body().collect().await.expect("complete body").to_bytes();
+    assert!(part.as_ref() == &data[1000..2_001_000], "the range got wrong bytes");
+    assert_eq!(up.count("GET", "/blobs/"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
