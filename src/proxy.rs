@@ -468,6 +468,40 @@ impl Proxy {
         None
     }
 
+    /// The answer when the upstream could not map a tag: the cached mapping, within
+    /// `max_stale`. Without one, a mapping recorded for another client's Accept set serves
+    /// too, if this client accepts its media type (prefetch and docker differ there); that
+    /// costs a disk probe per Accept set, so it is looked for only here, never before the
+    /// upstream is asked.
+    async fn stale_tag(
+        &self,
+        key: &TagKey,
+        accept: AcceptSet,
+        up: &crate::upstream::Upstream,
+        cached: Option<&(Arc<TagRecord>, Arc<Manifest>)>,
+        e: upstream::Error,
+    ) -> Result<ManifestAnswer, Error> {
+        let fallback = match cached {
+            Some(_) => None,
+            None if e.is_unavailable() => self.tag_for_another_accept(key, accept).await,
+            None => None,
+        };
+        match cached.or(fallback.as_ref()) {
+            Some((record, manifest)) if e.is_unavailable() && up.max_stale.is_none_or(|max| record.age() < max) => {
+                tracing::warn!(upstream = %up.name, repo = %key.repo, tag = %key.tag, error = %e,
+                    "upstream unavailable; serving cached tag");
+                self.lookup("tag", "stale");
+                Ok(ManifestAnswer {
+                    manifest: manifest.clone(),
+                    stale: true,
+                })
+            }
+            _ => Err(not_found(e, || {
+                Error::ManifestUnknown(format!("{}:{}", key.repo, key.tag))
+            })),
+        }
+    }
+
     async fn resolve_tag(&self, target: &Target, key: TagKey, accept: AcceptSet) -> Result<ManifestAnswer, Error> {
         let up = &target.upstream;
         if let Some(answer) = self.fresh_tag(&key, up).await {
@@ -480,28 +514,6 @@ impl Proxy {
         self.lookup("tag", "miss");
         let accept_header = accept.header_value();
         let cached = self.cache.load_tag(&key).await;
-        // Without the upstream, a mapping recorded for another client's Accept set serves
-        // too, if this client accepts its media type (prefetch and docker differ there).
-        let fallback = match &cached {
-            Some(_) => None,
-            None => self.tag_for_another_accept(&key, accept).await,
-        };
-        let unknown = || Error::ManifestUnknown(format!("{}:{}", key.repo, key.tag));
-        // Serves the cached answer when the upstream cannot give one, within max_stale.
-        let stale_or = |e: upstream::Error| -> Result<ManifestAnswer, Error> {
-            match cached.as_ref().or(fallback.as_ref()) {
-                Some((record, manifest)) if e.is_unavailable() && up.max_stale.is_none_or(|max| record.age() < max) => {
-                    tracing::warn!(upstream = %up.name, repo = %key.repo, tag = %key.tag, error = %e,
-                        "upstream unavailable; serving cached tag");
-                    self.lookup("tag", "stale");
-                    Ok(ManifestAnswer {
-                        manifest: manifest.clone(),
-                        stale: true,
-                    })
-                }
-                _ => Err(not_found(e, unknown)),
-            }
-        };
         if let Some((record, manifest)) = &cached {
             match up.head_manifest(&target.repo, &key.tag, &accept_header).await {
                 Ok(head) if head.digest.as_deref() == Some(record.digest.as_str()) => {
@@ -513,12 +525,12 @@ impl Proxy {
                     });
                 }
                 Ok(_) => {} // moved (or no digest header): fetch it below
-                Err(e) => return stale_or(e),
+                Err(e) => return self.stale_tag(&key, accept, up, cached.as_ref(), e).await,
             }
         }
         let fetched = match up.get_manifest(&target.repo, &key.tag, &accept_header).await {
             Ok(f) => f,
-            Err(e) => return stale_or(e),
+            Err(e) => return self.stale_tag(&key, accept, up, cached.as_ref(), e).await,
         };
         let manifest = Arc::new(self.check_manifest(up, fetched, None)?);
         self.associate(target, &manifest.digest);
