@@ -283,6 +283,26 @@ async fn replica_with(up: &FakeUpstream, dir: &Path, prefix: &str, upstream_extr
     TestProxy::start_config(config).await
 }
 
+/// Every client got a 200 with `blob`, and so did the one that stopped reading, read to its end.
+async fn all_got(
+    clients: Vec<tokio::task::JoinHandle<crate::harness::Reply>>,
+    slow: http::Response<hyper::body::Incoming>,
+    blob: &[u8],
+) {
+    use http_body_util::BodyExt as _;
+    for client in clients {
+        let r = client.await.unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.bytes().as_ref() == blob, "wrong bytes");
+    }
+    let slow = slow
+        .into_body()
+        .collect()
+        .await
+        .expect("the lagging client's body broke");
+    assert!(slow.to_bytes().as_ref() == blob, "the lagging client got wrong bytes");
+}
+
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// An image of two layers at `library/app:1`: (manifest digest, blob digests, blob bytes).
@@ -457,7 +477,6 @@ async fn without_a_local_tier_reads_go_to_the_bucket_and_ranges_are_ranged_gets(
 /// from its own offset, with one GET of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_local_tier_the_clients_of_one_blob_share_one_bucket_read() {
-    use http_body_util::BodyExt as _;
     let up = FakeUpstream::start().await;
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let blob = random_bytes(96 << 20, 31);
@@ -495,20 +514,7 @@ async fn without_a_local_tier_the_clients_of_one_blob_share_one_bucket_read() {
     assert_eq!(slow.status(), 200);
     assert_eq!(relay.gets(), 1, "the clients did not share the bucket read");
     relay.open();
-    for client in clients {
-        let r = client.await.unwrap();
-        assert_eq!(r.status, 200);
-        assert!(r.bytes().as_ref() == blob.as_slice(), "wrong bytes");
-    }
-    let slow = slow
-        .into_body()
-        .collect()
-        .await
-        .expect("the lagging client's body broke");
-    assert!(
-        slow.to_bytes().as_ref() == blob.as_slice(),
-        "the lagging client got wrong bytes"
-    );
+    all_got(clients, slow, &blob).await;
     assert_eq!(
         relay.gets(),
         2,
@@ -964,7 +970,6 @@ async fn a_cluster_fetches_a_cold_blob_from_the_upstream_once() {
 /// from the bucket on its next miss, never from the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_fill_is_relayed_without_a_local_copy_and_a_lagging_client_follows_the_holder() {
-    use http_body_util::BodyExt as _;
     let up = FakeUpstream::start().await;
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let secret = tempfile::NamedTempFile::new().unwrap();
@@ -994,20 +999,7 @@ async fn a_peer_fill_is_relayed_without_a_local_copy_and_a_lagging_client_follow
     let slow = crate::harness::open(http::Method::GET, &relay.url(&path), &[]).await;
     assert_eq!(slow.status(), 200);
     gate.notify_one();
-    for reply in [first, fast] {
-        let r = reply.await.unwrap();
-        assert_eq!(r.status, 200);
-        assert!(r.bytes().as_ref() == blob.as_slice(), "wrong bytes");
-    }
-    let slow = slow
-        .into_body()
-        .collect()
-        .await
-        .expect("the lagging client's body broke");
-    assert!(
-        slow.to_bytes().as_ref() == blob.as_slice(),
-        "the lagging client got wrong bytes"
-    );
+    all_got(vec![first, fast], slow, &blob).await;
     assert_eq!(gets(), 1, "the cluster asked the upstream more than once");
     assert_eq!(relay.metric(r#"regcache_fills_total{result="at_peer"}"#), 1.0);
     assert_eq!(relay.metric(r#"regcache_fills_total{result="committed"}"#), 0.0);
