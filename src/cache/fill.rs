@@ -145,6 +145,10 @@ const RELAY_BYTES: u64 = 64 * 1024 * 1024;
 /// [`PACE_WAIT`]) for its slowest reader to come within this distance; a reader left
 /// further behind streams on from the peer itself.
 const PEER_RELAY_BYTES: u64 = 48 * 1024 * 1024;
+/// What a relay of a peer's copy keeps behind its newest byte once every reader is past it:
+/// clients that join a moment after the others (a herd's stragglers) still share the
+/// relay; without a reader behind, memory stays at this instead of [`PEER_RELAY_BYTES`].
+const LATE_JOIN_BYTES: u64 = 8 * 1024 * 1024;
 /// How long a peer relay waits for a lagging reader before leaving it behind: one slow
 /// client must not set the pace of all the others.
 const PACE_WAIT: Duration = Duration::from_millis(500);
@@ -272,13 +276,29 @@ impl Relay {
     }
 
     fn push(&self, at: u64, data: Bytes) {
+        // A reader of a peer's (or the bucket's) copy can read it there again: past the
+        // slowest reader, only what a reader joining a moment late needs is kept.
+        let slowest = match self.follows_peer() {
+            true => self
+                .followers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .min()
+                .copied(),
+            false => None,
+        };
         let mut chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
         chunks.push_back((at, data));
         let end = at + chunks.back().map_or(0, |(_, d)| d.len() as u64);
-        while chunks
-            .front()
-            .is_some_and(|(o, d)| end - (o + d.len() as u64) >= self.keep)
-        {
+        let keep_from = match slowest {
+            Some(slowest) => slowest.min(end.saturating_sub(LATE_JOIN_BYTES)),
+            None => 0,
+        };
+        while chunks.front().is_some_and(|(o, d)| {
+            let chunk_end = o + d.len() as u64;
+            end - chunk_end >= self.keep || chunk_end <= keep_from
+        }) {
             chunks.pop_front();
         }
     }
@@ -1496,6 +1516,39 @@ pub async fn stream_verified(mut source: Source, digest: Digest, tx: mpsc::Sende
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A relay of a peer's copy keeps what its slowest reader has yet to read, and past
+    /// that only the last [`LATE_JOIN_BYTES`]; with no reader yet, up to its full window.
+    #[test]
+    fn a_peer_relay_keeps_only_what_its_slowest_reader_and_late_joiners_need() {
+        let mib = 1 << 20;
+        let reopen: Reopen = Arc::new(|_| Box::pin(async { Err("unused".to_owned()) }));
+        let relay = Relay::of_peer(reopen);
+        let push_to = |relay: &Relay, from: u64, to: u64| {
+            for at in (from..to).step_by(mib as usize) {
+                relay.push(at, Bytes::from(vec![0u8; mib as usize]));
+            }
+        };
+        push_to(&relay, 0, 40 * mib);
+        assert!(relay.holds(0), "no reader yet: the window keeps the start");
+        let slow = relay.follow(10 * mib);
+        push_to(&relay, 40 * mib, 41 * mib);
+        assert!(!relay.holds(10 * mib - 1), "kept what no reader needs");
+        assert!(relay.holds(10 * mib), "dropped what the slowest reader has yet to read");
+        relay.followed_to(slow, 39 * mib);
+        push_to(&relay, 41 * mib, 42 * mib);
+        assert!(
+            relay.holds(42 * mib - LATE_JOIN_BYTES),
+            "dropped what a late joiner reads"
+        );
+        assert!(!relay.holds(42 * mib - LATE_JOIN_BYTES - 1));
+        relay.unfollow(slow);
+        push_to(&relay, 42 * mib, 43 * mib);
+        assert!(
+            relay.holds(43 * mib - LATE_JOIN_BYTES - mib),
+            "once no reader is left, only the window drops bytes"
+        );
+    }
 
     /// A reader that moves from the disk to the fill's memory and back to the disk (it fell
     /// behind again) gets every byte in order, and the last one only once the fill is done.
