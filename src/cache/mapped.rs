@@ -28,9 +28,10 @@ use bytes::Bytes;
 /// whose pages are not known to be resident would fault inside an async worker's write.
 static POPULATE_WORKS: AtomicBool = AtomicBool::new(true);
 
-/// Maps `len` bytes of `file` at `offset` (committed, or written by a fill) and reads them in. `Ok(None)` when
-/// this kernel cannot populate a map (the caller reads with pread instead); `Err` when the
-/// bytes cannot be read (the file is damaged or shorter than recorded).
+/// Maps `len` bytes of `file` at `offset` (committed, or written by a fill) and reads them
+/// in. `Ok(None)` when this kernel cannot populate a map (the caller reads with pread
+/// instead); `Err` when the bytes cannot be read (the file is damaged or shorter than
+/// recorded).
 ///
 /// Only for responses whose bytes no user code reads: plain TCP, HTTP/1.1 (hyper queues a
 /// body's chunks for vectored writes as they are; TLS and h2 copy them in user space).
