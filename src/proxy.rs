@@ -841,8 +841,7 @@ impl Proxy {
             let started = fill.started().await;
             if started_here {
                 // Where the fill reads is known once it has opened its source.
-                let from_bucket = origin.bucket.load(std::sync::atomic::Ordering::Relaxed);
-                self.lookup("blob", if from_bucket { "bucket" } else { "miss" });
+                self.lookup("blob", if origin.reads_bucket() { "bucket" } else { "miss" });
             }
             match started.state {
                 State::Failed(e) => {
@@ -936,7 +935,7 @@ impl Proxy {
                 let (cache, upstream, repo) = (self.cache.clone(), own.0.clone(), own.1.clone());
                 let source = origin.clone();
                 move |result, resumes| {
-                    let from_bucket = source.bucket.load(std::sync::atomic::Ordering::Relaxed);
+                    let from_bucket = source.reads_bucket();
                     metrics.fills_in_flight.dec();
                     metrics.fill_resumes.inc_by(u64::from(resumes));
                     let outcome = match result {
@@ -1007,7 +1006,7 @@ impl Proxy {
                         let uploaded = bucket.put_while_filling(&d, fill).await;
                         origin.release_lease();
                         uploaded
-                    } else if bucket.local_tier || origin.bucket.load(std::sync::atomic::Ordering::Relaxed) {
+                    } else if bucket.local_tier || origin.reads_bucket() {
                         // Nothing staged here: a tier fill stays, a relay from the bucket wrote nothing.
                         return Ok(());
                     } else {
@@ -1165,6 +1164,11 @@ impl Origin {
         self.upstream.load(Relaxed) && !self.uploading.swap(true, Relaxed)
     }
 
+    /// Whether the shared bucket is the fill's source.
+    fn reads_bucket(&self) -> bool {
+        self.bucket.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn release_lease(&self) {
         drop(self.lease.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
@@ -1193,7 +1197,7 @@ fn opener(
             origin.clone(),
         );
         Box::pin(async move {
-            if let Some(b) = bucket.filter(|_| offset == 0 || origin.bucket.load(Relaxed)) {
+            if let Some(b) = bucket.filter(|_| offset == 0 || origin.reads_bucket()) {
                 match b.get(Kind::Blob, &digest, offset).await {
                     Ok(Some(mut source)) => {
                         origin.bucket.store(true, Relaxed);
