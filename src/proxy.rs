@@ -1197,33 +1197,30 @@ fn opener(
             origin.clone(),
         );
         Box::pin(async move {
-            if let Some(b) = bucket.filter(|_| offset == 0 || origin.reads_bucket()) {
-                match b.get(Kind::Blob, &digest, offset).await {
-                    Ok(Some(mut source)) => {
-                        origin.bucket.store(true, Relaxed);
-                        if !b.local_tier {
-                            // Nothing to keep on this disk: relayed from memory, and a reader
-                            // left behind reads the bucket at its own offset.
-                            source.reopen = Some(bucket_reopen(b, digest));
-                        }
-                        return Ok(source);
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!(bucket = %b.name, %digest, error = %e, "shared bucket unreadable; asking the upstream")
-                    }
+            if let Some(b) = bucket.as_ref().filter(|_| offset == 0 || origin.reads_bucket()) {
+                if let Some(source) = from_bucket(b, &digest, offset, &origin).await {
+                    return Ok(source);
                 }
             }
             if let Some(cluster) = cluster {
+                use crate::cache::cluster::Claim;
                 let known = origin.peer.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let peer = match known {
                     Some(p) => Some(p),
                     None if offset == 0 => match cluster.claim(&digest).await {
-                        Some(crate::cache::cluster::Claim::Mine(held)) => {
+                        Some(Claim::Mine(held)) => {
                             *origin.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(held);
                             None
                         }
-                        Some(crate::cache::cluster::Claim::Theirs(p)) => Some(p),
+                        Some(Claim::Theirs(p)) => Some(p),
+                        Some(Claim::Stored) => {
+                            if let Some(b) = &bucket {
+                                if let Some(source) = from_bucket(b, &digest, offset, &origin).await {
+                                    return Ok(source);
+                                }
+                            }
+                            None
+                        }
                         None => None,
                     },
                     None => None,
@@ -1246,6 +1243,31 @@ fn opener(
             upstream.get_blob(&repo, &digest, offset).await
         })
     })
+}
+
+/// The bucket's copy of a blob from `offset` on, if it holds one (noted in `origin`).
+async fn from_bucket(
+    b: &Arc<crate::cache::bucket::Bucket>,
+    digest: &Digest,
+    offset: u64,
+    origin: &Origin,
+) -> Option<crate::cache::fill::Source> {
+    match b.get(Kind::Blob, digest, offset).await {
+        Ok(Some(mut source)) => {
+            origin.bucket.store(true, std::sync::atomic::Ordering::Relaxed);
+            if !b.local_tier {
+                // Nothing to keep on this disk: relayed from memory, and a reader left
+                // behind reads the bucket at its own offset.
+                source.reopen = Some(bucket_reopen(b.clone(), digest.clone()));
+            }
+            Some(source)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(bucket = %b.name, %digest, error = %e, "shared bucket unreadable; asking the upstream");
+            None
+        }
+    }
 }
 
 /// Opens the bucket's copy of a blob at an offset, for readers a relayed fill left behind.

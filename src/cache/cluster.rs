@@ -16,6 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
 
+use super::blob_store::Kind;
 use super::bucket::Bucket;
 use super::fill::{Reopen, Source, SourceBody};
 use crate::config::S3Config;
@@ -50,6 +51,9 @@ pub enum Claim {
     Mine(Lease),
     /// Another replica, reachable at this peer URL.
     Theirs(String),
+    /// A lease seen here vanished before this replica could take it: its holder finished,
+    /// and the bucket has the blob now.
+    Stored,
 }
 
 /// A held lease: renewed while alive; dropping it stops the renewal and removes the lease.
@@ -190,7 +194,14 @@ impl Cluster {
                 }
             }
             let Ok(Some((body, version))) = self.bucket.read_lease(&name).await else {
-                continue; // removed meanwhile: try to create it again
+                // Removed meanwhile. Its holder removes it once the blob is in the bucket
+                // (the create that lost may have waited that long: SeaweedFS answers one
+                // that raced another after about a second), so look there before fetching
+                // it a second time; else try to create the lease again.
+                if self.bucket.contains(Kind::Blob, digest).await {
+                    return Some(Claim::Stored);
+                }
+                continue;
             };
             let Ok(lease) = serde_json::from_slice::<LeaseBody>(&body) else {
                 continue;

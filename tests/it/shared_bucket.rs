@@ -143,6 +143,21 @@ impl Seaweed {
             .collect()
     }
 
+    /// Writes an object (anonymous, as `weed mini` allows).
+    pub async fn put(&self, key: &str, body: Vec<u8>) {
+        let url = format!("{}/{BUCKET}/{key}", self.s3);
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<http_body_util::Full<bytes::Bytes>>();
+        let req = http::Request::put(&url)
+            .body(http_body_util::Full::new(body.into()))
+            .expect("request");
+        let resp = tokio::time::timeout(crate::harness::HANG, client.request(req))
+            .await
+            .expect("SeaweedFS answers a PUT")
+            .expect("PUT sent");
+        assert_eq!(resp.status(), 200, "PUT {url}");
+    }
+
     /// The parts an upload in progress holds so far.
     pub async fn parts(&self, key: &str, upload_id: &str) -> usize {
         let reply = get(&format!("{}/{BUCKET}/{key}?uploadId={upload_id}", self.s3)).await;
@@ -172,24 +187,26 @@ fn s3_keys_at(endpoint: &str, prefix: &str) -> String {
     )
 }
 
-/// A TCP relay in front of SeaweedFS's S3 port that counts the GETs of one object and holds
-/// every answer after its first MiB until [`S3Relay::open`].
+/// A TCP relay in front of SeaweedFS's S3 port that counts one request (`request` is the
+/// start of its request line, as `GET /bucket/key`) and, on each connection that carried
+/// it, holds the answers after their first `hold_after` bytes until [`S3Relay::open`].
 struct S3Relay {
     url: String,
-    gets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     open: tokio::sync::watch::Sender<bool>,
 }
 
 impl S3Relay {
-    async fn start(object: &str) -> S3Relay {
+    async fn start(request: &str, hold_after: usize) -> S3Relay {
+        use std::sync::atomic::Ordering::SeqCst;
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let target = seaweed().s3.trim_start_matches("http://").to_owned();
-        let gets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (open, opened) = tokio::sync::watch::channel(false);
-        let line = format!("GET {object}").into_bytes();
-        let counter = gets.clone();
+        let line = request.as_bytes().to_vec();
+        let counter = seen.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
@@ -198,21 +215,25 @@ impl S3Relay {
                 let (mut client_rx, mut client_tx) = client.into_split();
                 let (mut server_rx, mut server_tx) = server.into_split();
                 let (line, counter, mut opened) = (line.clone(), counter.clone(), opened.clone());
+                let carried = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let carries = carried.clone();
                 tokio::spawn(async move {
-                    // Requests: counted (a request line split over two reads is seen too).
+                    // Counted before it is passed on, so that its answer is always held (a
+                    // request line split over two reads is seen too).
                     let mut buf = vec![0u8; 64 << 10];
                     let mut tail: Vec<u8> = Vec::new();
                     while let Ok(n) = client_rx.read(&mut buf).await {
-                        if n == 0 || server_tx.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
                         tail.extend_from_slice(&buf[..n]);
                         let found = tail.windows(line.len()).filter(|w| *w == line.as_slice()).count();
-                        counter.fetch_add(found, std::sync::atomic::Ordering::SeqCst);
+                        if found > 0 {
+                            carries.store(true, SeqCst);
+                            counter.fetch_add(found, SeqCst);
+                            tail.clear();
+                        }
                         let keep = tail.len().min(line.len() - 1);
                         tail.drain(..tail.len() - keep);
-                        if found > 0 {
-                            tail.clear();
+                        if n == 0 || server_tx.write_all(&buf[..n]).await.is_err() {
+                            break;
                         }
                     }
                 });
@@ -220,7 +241,7 @@ impl S3Relay {
                     let mut buf = vec![0u8; 64 << 10];
                     let mut relayed = 0usize;
                     while let Ok(n) = server_rx.read(&mut buf).await {
-                        if relayed > 1 << 20 && opened.wait_for(|o| *o).await.is_err() {
+                        if relayed + n > hold_after && carried.load(SeqCst) && opened.wait_for(|o| *o).await.is_err() {
                             break;
                         }
                         if n == 0 || client_tx.write_all(&buf[..n]).await.is_err() {
@@ -231,11 +252,12 @@ impl S3Relay {
                 });
             }
         });
-        S3Relay { url, gets, open }
+        S3Relay { url, seen, open }
     }
 
-    fn gets(&self) -> usize {
-        self.gets.load(std::sync::atomic::Ordering::SeqCst)
+    /// How many times the request was seen.
+    fn seen(&self) -> usize {
+        self.seen.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn open(&self) {
@@ -488,7 +510,7 @@ async fn without_a_local_tier_the_clients_of_one_blob_share_one_bucket_read() {
     let a_proxy = a.proxy.clone();
     wait_until(|| a_proxy.work_in_flight() == 0).await;
     let hex = digest.trim_start_matches("sha256:");
-    let relay = S3Relay::start(&format!("/{BUCKET}/{prefix}/v1/blobs/sha256/{hex}")).await;
+    let relay = S3Relay::start(&format!("GET /{BUCKET}/{prefix}/v1/blobs/sha256/{hex}"), 1 << 20).await;
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}local_tier = false\n{}",
         dirs.1.path().display(),
@@ -512,11 +534,11 @@ async fn without_a_local_tier_the_clients_of_one_blob_share_one_bucket_read() {
     wait_until(|| lookups("coalesced") == 7.0 && lookups("bucket") == 1.0).await;
     let slow = crate::harness::open(http::Method::GET, &b.url(&path), &[]).await;
     assert_eq!(slow.status(), 200);
-    assert_eq!(relay.gets(), 1, "the clients did not share the bucket read");
+    assert_eq!(relay.seen(), 1, "the clients did not share the bucket read");
     relay.open();
     all_got(clients, slow, &blob).await;
     assert_eq!(
-        relay.gets(),
+        relay.seen(),
         2,
         "the lagging client did not read on its own (or others did)"
     );
@@ -962,6 +984,66 @@ async fn a_cluster_fetches_a_cold_blob_from_the_upstream_once() {
     for r in replicas {
         r.stop().await;
     }
+}
+
+/// A replica whose lease create lost to another replica's lease, which then vanished before
+/// the replica could read it (its holder finished and uploaded the blob meanwhile, as when
+/// SeaweedFS answers a racing create a second late), takes the blob from the bucket instead
+/// of fetching it from the upstream a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_vanishes_while_its_create_is_answered_sends_the_replica_to_the_bucket() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "a-cluster-secret-of-some-length\n").unwrap();
+    let blob = random_bytes(2 << 20, 35);
+    let digest = up.add_blob(&blob);
+    let hex = digest.trim_start_matches("sha256:");
+    let prefix = "vanished-lease";
+    let lease = format!("{prefix}/v1/leases/{hex}");
+    // Another replica holds the lease, live, while this one's create is on its way.
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 60_000;
+    let body = format!(r#"{{"holder":"another","peer":"http://127.0.0.1:9","expires_ms":{expires}}}"#);
+    seaweed().put(&lease, body.into_bytes()).await;
+    let relay = S3Relay::start(&format!("PUT /{BUCKET}/{lease}"), 0).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}peer_url = \"http://{}\"\npeer_secret_file = \"{}\"\n{}",
+        dir.path().join("cache").display(),
+        s3_keys_at(&relay.url, prefix),
+        listener.local_addr().expect("addr"),
+        secret.display(),
+        upstream_toml("docker.io", &up.url(), true, "5m")
+    );
+    let replica = TestProxy::start_config_on(regcache::Config::from_toml(&text).expect("valid"), listener).await;
+    let client = tokio::spawn({
+        let url = replica.url(&format!("/v2/library/big/blobs/{digest}"));
+        async move { get(&url).await }
+    });
+    // The create was refused (the lease existed); while its answer is held, the holder
+    // finishes: the blob goes up and the lease goes away.
+    wait_until(|| relay.seen() == 1).await;
+    seaweed()
+        .put(&format!("{prefix}/v1/blobs/sha256/{hex}"), blob.clone())
+        .await;
+    let deleted =
+        crate::harness::request(http::Method::DELETE, &format!("{}/{BUCKET}/{lease}", seaweed().s3), &[]).await;
+    assert_eq!(deleted.status, 204, "{deleted:?}");
+    relay.open();
+    let r = client.await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.bytes().as_ref() == blob.as_slice(), "wrong bytes");
+    assert_eq!(
+        up.count("GET", &format!("/blobs/{digest}")),
+        0,
+        "the replica fetched from the upstream what the bucket had"
+    );
+    assert_eq!(relay.seen(), 1, "the replica created a lease of its own");
+    replica.stop().await;
 }
 
 /// A replica streaming another's fill relays it from memory: it writes no copy of its own
