@@ -27,6 +27,10 @@ pub const SECRET_HEADER: &str = "x-regcache-peer-secret";
 /// How long a lease holds without renewal.
 const LEASE_TTL: Duration = Duration::from_secs(15);
 const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// How long a lease's create may go unanswered before this replica also reads who holds
+/// the lease: SeaweedFS answers a create that raced another one only after about a second,
+/// while the winner is already fetching.
+const CREATE_PATIENCE: Duration = Duration::from_millis(200);
 
 pub struct Cluster {
     bucket: Arc<Bucket>,
@@ -182,7 +186,28 @@ impl Cluster {
         }
         let name = digest.hex().to_owned();
         for _ in 0..3 {
-            match self.bucket.create_lease(&name, self.body()).await {
+            let mut create = {
+                let (bucket, name, body) = (self.bucket.clone(), name.clone(), self.body());
+                tokio::spawn(async move { bucket.create_lease(&name, body).await })
+            };
+            let created = tokio::select! {
+                created = &mut create => created,
+                () = tokio::time::sleep(CREATE_PATIENCE) => match self.live_holder(&name).await {
+                    Some(peer) => {
+                        let (bucket, name) = (self.bucket.clone(), name.clone());
+                        tokio::spawn(async move {
+                            // Created after all (its holder was gone by then): not this
+                            // replica's to fetch, so not left to name it.
+                            if let Ok(Ok(true)) = create.await {
+                                bucket.delete_lease(&name).await;
+                            }
+                        });
+                        return Some(Claim::Theirs(peer));
+                    }
+                    None => create.await,
+                },
+            };
+            match created.unwrap_or_else(|e| Err(e.to_string())) {
                 Ok(true) => {
                     let (_, version) = self.bucket.read_lease(&name).await.ok()??;
                     return Some(Claim::Mine(self.hold(name, version)));
@@ -217,6 +242,13 @@ impl Cluster {
             }
         }
         None
+    }
+
+    /// The peer URL of another replica that holds a live lease called `name`.
+    async fn live_holder(&self, name: &str) -> Option<String> {
+        let (body, _) = self.bucket.read_lease(name).await.ok()??;
+        let lease = serde_json::from_slice::<LeaseBody>(&body).ok()?;
+        (lease.expires_ms > now_ms() && lease.holder != self.id).then_some(lease.peer)
     }
 
     /// Renews the lease until the returned handle is dropped, then removes it (if still ours).

@@ -1046,6 +1046,64 @@ async fn a_lease_that_vanishes_while_its_create_is_answered_sends_the_replica_to
     replica.stop().await;
 }
 
+/// A replica whose lease create goes unanswered (SeaweedFS holds a create that raced
+/// another's for about a second) reads who holds the lease meanwhile and streams the
+/// holder's fill, instead of waiting for the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_lease_create_does_not_hold_back_a_replica_while_another_fetches() {
+    let up = FakeUpstream::start().await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let secret = dirs.0.path().join("secret");
+    std::fs::write(&secret, "a-cluster-secret-of-some-length\n").unwrap();
+    let blob = random_bytes(4 << 20, 36);
+    let digest = up.add_blob(&blob);
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
+    let prefix = "slow-create";
+    let path = format!("/v2/library/big/blobs/{digest}");
+    let holder = cluster_replica(&up, dirs.0.path(), prefix, &secret).await;
+    let to_holder = tokio::spawn({
+        let url = holder.url(&path);
+        async move { get(&url).await }
+    });
+    let gets = || up.count("GET", &format!("/blobs/{digest}"));
+    wait_until(|| gets() == 1).await;
+    let hex = digest.trim_start_matches("sha256:");
+    let relay = S3Relay::start(&format!("PUT /{BUCKET}/{prefix}/v1/leases/{hex}"), 0).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}peer_url = \"http://{}\"\npeer_secret_file = \"{}\"\n{}",
+        dirs.1.path().join("cache").display(),
+        s3_keys_at(&relay.url, prefix),
+        listener.local_addr().expect("addr"),
+        secret.display(),
+        upstream_toml("docker.io", &up.url(), true, "5m")
+    );
+    let other = TestProxy::start_config_on(regcache::Config::from_toml(&text).expect("valid"), listener).await;
+    // Its answer starts while the holder's download is still held at 1 MiB, so it comes
+    // from the holder, not from the bucket after the holder is done.
+    let streaming = crate::harness::open(http::Method::GET, &other.url(&path), &[]).await;
+    assert_eq!(streaming.status(), 200);
+    assert_eq!(relay.seen(), 1, "the lease create never went out");
+    gate.notify_one();
+    let r = to_holder.await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.bytes().as_ref() == blob.as_slice(), "wrong bytes from the holder");
+    let body = tokio::time::timeout(
+        crate::harness::HANG,
+        http_body_util::BodyExt::collect(streaming.into_body()),
+    )
+    .await
+    .expect("the body ends")
+    .expect("a complete body")
+    .to_bytes();
+    assert!(body.as_ref() == blob.as_slice(), "wrong bytes from the other replica");
+    assert_eq!(gets(), 1, "the cluster asked the upstream more than once");
+    relay.open();
+    holder.stop().await;
+    other.stop().await;
+}
+
 /// A replica streaming another's fill relays it from memory: it writes no copy of its own
 /// (the holder has one and puts it in the bucket), a client that lags far behind the relay
 /// goes on from the holder's copy with verified bytes, and the replica's local tier fills
