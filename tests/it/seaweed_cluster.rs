@@ -25,8 +25,13 @@ impl Cluster {
     fn start() -> Cluster {
         let weed = crate::peers::require_binary("weed");
         let dir = tempfile::tempdir().expect("tempdir");
-        // Below the kernel's ephemeral range and apart from `weed mini`'s ports.
-        let base = 29_000 + (std::process::id() % 50) as u16 * 70;
+        // Below the kernel's ephemeral range and apart from `weed mini`'s ports; a block of
+        // 70 of which none is taken (another SeaweedFS on the host would otherwise keep the
+        // cluster from starting, or answer in its place).
+        let base = (0..50u32)
+            .map(|i| 29_000 + ((std::process::id() + i) % 50) as u16 * 70)
+            .find(|base| (*base..base + 70).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()))
+            .expect("a free block of 70 ports between 29000 and 32500");
         let master = format!("127.0.0.1:{base}.{}", base + 1);
         let local = "-ip=127.0.0.1 -ip.bind=127.0.0.1";
         let mut commands = vec![(
