@@ -231,7 +231,7 @@ impl Cluster {
             let Ok(lease) = serde_json::from_slice::<LeaseBody>(&body) else {
                 continue;
             };
-            if lease.expires_ms > now_ms() && lease.holder != self.id {
+            if self.held_elsewhere(&lease) {
                 return Some(Claim::Theirs(lease.peer));
             }
             // Its holder stopped renewing: take it over.
@@ -248,7 +248,12 @@ impl Cluster {
     async fn live_holder(&self, name: &str) -> Option<String> {
         let (body, _) = self.bucket.read_lease(name).await.ok()??;
         let lease = serde_json::from_slice::<LeaseBody>(&body).ok()?;
-        (lease.expires_ms > now_ms() && lease.holder != self.id).then_some(lease.peer)
+        self.held_elsewhere(&lease).then_some(lease.peer)
+    }
+
+    /// Whether another replica holds `lease` and still renews it.
+    fn held_elsewhere(&self, lease: &LeaseBody) -> bool {
+        lease.expires_ms > now_ms() && lease.holder != self.id
     }
 
     /// Renews the lease until the returned handle is dropped, then removes it (if still ours).
