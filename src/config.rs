@@ -298,6 +298,11 @@ pub struct CacheConfig {
     /// Never contact any upstream: serve what is cached, tags regardless of their TTL.
     #[serde(default)]
     pub offline: bool,
+    /// On an image manifest fetched from the upstream, fetch its config and layers that the
+    /// cache lacks this many at a time, before clients ask for them (0, the default: only
+    /// when asked). Not with `[cache.s3]`.
+    #[serde(default = "default_layers_ahead")]
+    pub layers_ahead: usize,
     /// Images never evicted, their tags served regardless of TTL: `docker.io/library/alpine:3.20`,
     /// `ghcr.io/org/app` (every tag), `ghcr.io/org/*`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -383,6 +388,7 @@ impl Default for CacheConfig {
             max_size: default_max_size(),
             memory_manifests: default_memory_manifests(),
             offline: false,
+            layers_ahead: default_layers_ahead(),
             pinned: Vec::new(),
             s3: None,
         }
@@ -544,6 +550,9 @@ fn default_cache_dir() -> PathBuf {
 }
 fn default_max_size() -> ByteSize {
     ByteSize(20 << 30)
+}
+fn default_layers_ahead() -> usize {
+    0
 }
 fn default_memory_manifests() -> ByteSize {
     ByteSize(64 << 20)

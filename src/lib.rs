@@ -174,7 +174,7 @@ fn build_app(config: &Config, background: bool) -> Result<Arc<App>, BuildError> 
     if let (Some(b), Ok(_)) = (&budget, tokio::runtime::Handle::try_current()) {
         b.start(cache.clone());
     }
-    let proxy = Arc::new(Proxy::new(
+    let mut proxy = Proxy::new(
         cache,
         upstreams,
         metrics,
@@ -186,7 +186,9 @@ fn build_app(config: &Config, background: bool) -> Result<Arc<App>, BuildError> 
             cluster,
             budget,
         },
-    ));
+    );
+    proxy.layers_ahead = config.cache.layers_ahead;
+    let proxy = Arc::new(proxy);
     let tls = match &config.server.tls {
         Some(t) => Some(tls::Reloader::new(&t.cert, &t.key)?),
         None => None,

@@ -162,6 +162,9 @@ pub struct Proxy {
     pub cluster: Option<Arc<crate::cache::cluster::Cluster>>,
     /// The bucket's budget (`[cache.s3] max_size`), which learns here what is used.
     pub budget: Option<Arc<crate::cache::bucket_budget::BucketBudget>>,
+    /// `[cache] layers_ahead`: blob fetches a manifest miss starts at a time before its
+    /// clients ask (0: none).
+    pub layers_ahead: usize,
 }
 
 /// What replicas share (`[cache.s3]`): the bucket, the cluster's leases, the bucket's budget.
@@ -201,6 +204,7 @@ impl Proxy {
             bucket: shared.bucket,
             cluster: shared.cluster,
             budget: shared.budget,
+            layers_ahead: 0,
         }
     }
 
@@ -870,6 +874,54 @@ impl Proxy {
                 }
             }
         }
+    }
+
+    /// After an image manifest came from the upstream (and passed any policy): fetches its
+    /// config and the layers the cache lacks, `layers_ahead` at a time, under the same
+    /// target, so that a client that asks for them one after another (skopeo, a CI job)
+    /// finds each one fetched or on its way instead of waiting for the upstream each time.
+    /// Each is an ordinary fill: a client that asks meanwhile joins it. An index is left
+    /// alone (its client picks one platform), and so is an image bigger than a quarter of
+    /// the cache, which would evict more than it saves. Replicas on a shared bucket do not
+    /// fetch ahead: a replica without a local tier would read each blob only to drop it,
+    /// and the cluster's leases are not yet tried with fills no client waits for.
+    pub fn fetch_layers_ahead(self: &Arc<Self>, target: &Target, manifest: &Manifest) {
+        if self.layers_ahead == 0 || target.upstream.offline || self.bucket.is_some() {
+            return;
+        }
+        let (children, blobs) = crate::layout::references(&manifest.bytes);
+        let total = blobs.iter().fold(0u64, |sum, (_, size)| sum.saturating_add(*size));
+        if !children.is_empty() || blobs.is_empty() || total > self.cache.index.budget() / 4 {
+            return;
+        }
+        let digests: Vec<Digest> = blobs
+            .iter()
+            .filter_map(|(d, _)| d.parse().ok())
+            .filter(|d| !self.cache.index.peek(Kind::Blob, d) && self.fills.running(d).is_none())
+            .collect();
+        if digests.is_empty() {
+            return;
+        }
+        let (proxy, target) = (self.clone(), target.clone());
+        let own: Pair = (
+            Arc::from(target.upstream.name.as_str()),
+            Arc::from(target.repo.as_str()),
+        );
+        tokio::spawn(async move {
+            use futures_util::StreamExt as _;
+            futures_util::stream::iter(digests)
+                .for_each_concurrent(proxy.layers_ahead, |digest| {
+                    let (proxy, target, own) = (&proxy, &target, &own);
+                    async move {
+                        // Only a fill started here is waited for; anything else is someone's.
+                        if let Ok(Joined::Fill(mut fill, true, _)) = proxy.join_fill(target, &digest, own).await {
+                            proxy.metrics.layers_ahead.inc();
+                            fill.finished().await;
+                        }
+                    }
+                })
+                .await;
+        });
     }
 
     /// A part of a blob the shared bucket holds, read there for this request alone (one

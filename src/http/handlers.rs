@@ -134,7 +134,7 @@ async fn dispatch<B>(
     auth::check(app, req, Some((&target.upstream.name, target.repo.as_str()))).await?;
     let head = req.method() == Method::HEAD;
     let mut resp = match route.endpoint {
-        Endpoint::Manifest(reference) => manifest(proxy, &target, reference, req.headers()).await?,
+        Endpoint::Manifest(reference) => manifest(&app.proxy, &target, reference, req.headers()).await?,
         Endpoint::Blob(digest) => Box::pin(blob(proxy, &target, &parse_digest(digest)?, req, head)).await?,
         Endpoint::TagsList => Box::pin(tags_list(proxy, &target, route.name, ns.as_deref(), query)).await?,
         Endpoint::Referrers(digest) => {
@@ -240,7 +240,7 @@ fn json_response(body: Vec<u8>) -> Response<Body> {
 }
 
 async fn manifest(
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     target: &Target,
     reference: &str,
     headers: &HeaderMap,
@@ -259,6 +259,9 @@ async fn manifest(
     let answer = proxy.manifest(target, &reference, accept).await?;
     let admission = admitted(proxy.admit_manifest(target, &answer.manifest).await)?;
     let m = &answer.manifest;
+    if proxy::current_lookup_result() == "miss" {
+        proxy.fetch_layers_ahead(target, m);
+    }
     let mut resp = Response::new(Body::full(m.bytes.clone()));
     if let Some(v) = admission.and_then(|a| a.detail) {
         resp.headers_mut().insert(POLICY, v);

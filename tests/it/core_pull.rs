@@ -478,3 +478,94 @@ async fn bad_input_gets_oci_errors_and_never_reaches_upstream_or_disk() {
     assert!(files_under(&dir.path().join("v1/blobs")).is_empty());
     assert!(files_under(&dir.path().join("v1/manifests")).is_empty());
 }
+
+/// An image manifest `layers` over a config blob and layer blobs (sizes from the bytes).
+fn image_of(config: (&str, usize), layers: &[(&str, usize)]) -> Vec<u8> {
+    let layers: Vec<_> = layers
+        .iter()
+        .map(|(d, size)| serde_json::json!({"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": size, "digest": d}))
+        .collect();
+    serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": DOCKER_V2,
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": config.1, "digest": config.0},
+        "layers": layers
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// `[cache] layers_ahead`: a manifest fetched from the upstream starts the fetches of its
+/// config and layers before the client asks, each once; the client then gets every blob
+/// from the cache, exact, with no further upstream request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_miss_fetches_the_images_blobs_before_the_client_asks() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let upstreams = upstream_toml("docker.io", &up.url(), true, "5m");
+    let proxy = TestProxy::start_with(dir.path(), "layers_ahead = 4", &upstreams).await;
+    let config = random_bytes(300, 61);
+    let layers: Vec<Vec<u8>> = (0..5).map(|i| random_bytes((i + 1) << 20, 62 + i as u64)).collect();
+    let config_digest = up.add_blob(&config);
+    let layer_digests: Vec<String> = layers.iter().map(|l| up.add_blob(l)).collect();
+    let sizes: Vec<(&str, usize)> = layer_digests
+        .iter()
+        .map(String::as_str)
+        .zip(layers.iter().map(Vec::len))
+        .collect();
+    up.add_manifest(
+        "library/app",
+        "1",
+        DOCKER_V2,
+        &image_of((&config_digest, config.len()), &sizes),
+    );
+
+    let r = get_with(&proxy.url("/v2/library/app/manifests/1"), &[("accept", ALL_TYPES)]).await;
+    assert_eq!(r.status, 200);
+    // Nobody asked for a blob, yet every one of the six is fetched, once.
+    wait_until(|| up.count("GET", "/blobs/") == 6 && proxy.proxy.fills_in_flight() == 0).await;
+    assert_eq!(proxy.metric("regcache_layers_ahead_total"), 6.0);
+    for (digest, bytes) in std::iter::once((&config_digest, &config)).chain(layer_digests.iter().zip(&layers)) {
+        let b = get(&proxy.url(&format!("/v2/library/app/blobs/{digest}"))).await;
+        assert_eq!(b.status, 200);
+        assert!(b.bytes().as_ref() == bytes.as_slice(), "wrong bytes for {digest}");
+    }
+    assert_eq!(up.count("GET", "/blobs/"), 6);
+    assert_eq!(
+        proxy.metric(r#"regcache_cache_lookups_total{kind="blob",result="hit"}"#),
+        6.0
+    );
+}
+
+/// An image that would take more than a quarter of the cache is not fetched ahead (it would
+/// evict more than it saves), and without `layers_ahead` nothing is: in both, only what the
+/// client asks for reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_images_and_a_cache_without_layers_ahead_leave_the_blobs_to_their_clients() {
+    let up = FakeUpstream::start().await;
+    let config = random_bytes(200, 71);
+    let layer = random_bytes(1 << 20, 72);
+    let (config_digest, layer_digest) = (up.add_blob(&config), up.add_blob(&layer));
+    let manifest = image_of((&config_digest, config.len()), &[(&layer_digest, layer.len())]);
+    up.add_manifest("library/big", "1", DOCKER_V2, &manifest);
+    up.add_manifest("library/off", "1", DOCKER_V2, &manifest);
+    let upstreams = upstream_toml("docker.io", &up.url(), true, "5m");
+    let (small_dir, off_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let small = TestProxy::start_with(small_dir.path(), "max_size = \"3MiB\"\nlayers_ahead = 4", &upstreams).await;
+    let off = TestProxy::start(off_dir.path(), "1GiB", &upstreams).await;
+    for (proxy, repo) in [(&small, "library/big"), (&off, "library/off")] {
+        let before = up.count("GET", "/blobs/");
+        let r = get_with(&proxy.url(&format!("/v2/{repo}/manifests/1")), &[("accept", ALL_TYPES)]).await;
+        assert_eq!(r.status, 200);
+        // The client's own next request: whatever the manifest started has started by now.
+        let c = get(&proxy.url(&format!("/v2/{repo}/blobs/{config_digest}"))).await;
+        assert!(c.bytes().as_ref() == config.as_slice());
+        wait_until(|| proxy.proxy.fills_in_flight() == 0).await;
+        assert_eq!(
+            up.count("GET", "/blobs/") - before,
+            1,
+            "{repo}: only the config, which the client asked for"
+        );
+        assert_eq!(proxy.metric("regcache_layers_ahead_total"), 0.0);
+    }
+}
