@@ -94,7 +94,7 @@ impl Settings {
         let startup_blobs = env_num("BENCH_STARTUP_BLOBS").unwrap_or(if quick { 10_000 } else { 100_000 }) as usize;
         let secs = env_num("BENCH_SECS");
         let all = [
-            "blob", "manifest", "policy", "cluster", "pull", "herd", "commit", "airgap", "startup",
+            "blob", "manifest", "policy", "cluster", "pull", "pullrtt", "herd", "commit", "airgap", "startup",
         ];
         let phases: Vec<String> = match std::env::var("BENCH_ONLY") {
             Ok(list) if !list.trim().is_empty() => list
@@ -1394,6 +1394,18 @@ fn render_table(results: &Results, settings: &Settings) -> String {
             target: Target::AtMost(DIRECT, 1.1),
         },
         Row {
+            measure: "pullrtt_s",
+            label: "Cold skopeo pull, upstream 50 ms away (RTT), 3 layers ~75 MiB (s ↓)".into(),
+            decimals: 2,
+            target: Target::None,
+        },
+        Row {
+            measure: "pullahead_s",
+            label: "The same through regcache with `[cache] layers_ahead = 4` (s ↓)".into(),
+            decimals: 2,
+            target: Target::None,
+        },
+        Row {
             measure: "herd_s",
             label: format!("Herd: {HERD_CLIENTS} clients, cold {blob} blob, wall (s ↓)"),
             decimals: 2,
@@ -1959,6 +1971,108 @@ async fn pull_phase(env: &Env, settings: &Settings, results: &mut Results) -> Re
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
+    Ok(())
+}
+
+/// One-way delay of the relay in front of the upstream in the `pullrtt` phase (RTT twice it).
+const UPSTREAM_ONE_WAY: Duration = Duration::from_millis(25);
+
+/// A TCP relay on 127.0.0.1 to `to` that holds every chunk, both ways, for `delay` before
+/// passing it on (in order): an upstream that far away, for latency rather than bandwidth.
+async fn delaying_relay(to: SocketAddr, delay: Duration) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let task = tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(upstream) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = upstream.set_nodelay(true);
+                let (cr, cw) = client.into_split();
+                let (ur, uw) = upstream.into_split();
+                tokio::join!(delayed_copy(cr, uw, delay), delayed_copy(ur, cw, delay));
+            });
+        }
+    });
+    Ok((addr, task))
+}
+
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let reader = async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        while let Ok(n) = from.read(&mut buf).await {
+            if n == 0 || tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                break;
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((at, data)) = rx.recv().await {
+            tokio::time::sleep_until((at + delay).into()).await;
+            if to.write_all(&data).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(reader, writer);
+}
+
+/// Cold skopeo pulls as in [`pull_phase`], with the upstream [`UPSTREAM_ONE_WAY`] away:
+/// direct, through Distribution, through regcache as configured by default, and through
+/// regcache with `[cache] layers_ahead = 4` (the direct samples are recorded for both rows).
+async fn pull_rtt_phase(env: &Env, settings: &Settings, results: &mut Results) -> Result<(), String> {
+    let skopeo = env.tool("skopeo");
+    let sandbox = env.work.join("skopeo-rtt");
+    let digest = &env.seeded.manifest_digest;
+    let (far, relay) = delaying_relay(env.upstream.addr, UPSTREAM_ONE_WAY).await?;
+    let far_url = format!("http://{far}");
+    skopeo_pull(skopeo, &far.to_string(), &sandbox, digest).await?;
+    const AHEAD: &str = "regcache, layers_ahead";
+    for run in 0..settings.runs {
+        eprintln!("cold pull from a far upstream, run {}/{}", run + 1, settings.runs);
+        let mut order = [RC, AHEAD, DIST, DIRECT];
+        let turn = run % order.len();
+        order.rotate_left(turn);
+        for peer in order {
+            let dir = env.work.join(format!("pullrtt-{run}"));
+            let pulled = match peer {
+                DIRECT => skopeo_pull(skopeo, &far.to_string(), &sandbox, digest).await,
+                DIST => {
+                    let d = Registry::start(env.tool("docker-registry"), "distribution-proxy", &dir, Some(&far_url))
+                        .await?;
+                    skopeo_pull(skopeo, &d.addr.to_string(), &sandbox, digest).await
+                }
+                _ => {
+                    let keys = if peer == AHEAD { "layers_ahead = 4\n" } else { "" };
+                    let rc = Regcache::start_listening(&dir, &dir.join("cache"), &far_url, free_port(), keys).await?;
+                    skopeo_pull(skopeo, &rc.addr.to_string(), &sandbox, digest).await
+                }
+            };
+            match peer {
+                AHEAD => results.record("pullahead_s", RC, pulled),
+                DIRECT => {
+                    if let Ok(secs) = &pulled {
+                        results.add("pullahead_s", DIRECT, *secs);
+                    }
+                    results.record("pullrtt_s", DIRECT, pulled);
+                }
+                _ => results.record("pullrtt_s", peer, pulled),
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    relay.abort();
     Ok(())
 }
 
@@ -2714,6 +2828,11 @@ async fn run(settings: &Settings, results: &mut Results) -> Result<(), String> {
         let mark = CpuMark::now();
         pull_phase(&env, settings, results).await?;
         results.note_load("cold pull", &mark);
+    }
+    if settings.phase("pullrtt") {
+        let mark = CpuMark::now();
+        pull_rtt_phase(&env, settings, results).await?;
+        results.note_load("cold pull from an upstream 50 ms away", &mark);
     }
     if settings.phase("herd") {
         let mark = CpuMark::now();
