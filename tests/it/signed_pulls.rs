@@ -9,7 +9,7 @@ use base64::Engine as _;
 use ring::signature::KeyPair as _;
 
 use crate::fake_upstream::FakeUpstream;
-use crate::harness::{get, get_with, random_bytes, sha256, upstream_toml, Process, TestProxy};
+use crate::harness::{get, get_with, random_bytes, sha256, upstream_toml, wait_until, Process, TestProxy};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -744,4 +744,41 @@ async fn a_real_sigstore_bundle_among_the_referrers_verifies_the_image() {
         }
         proxy.stop().await;
     }
+}
+
+/// `[cache] layers_ahead` under an enforcing policy: the blobs of a manifest the policy
+/// admitted are fetched ahead; those of a denied one are never fetched.
+#[tokio::test]
+async fn only_an_admitted_manifest_has_its_layers_fetched_ahead() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ours = CosignKey::generate();
+    let key = ours.write(dir.path(), "cosign.pub");
+    let (signed, signed_blobs) = image(&up, "library/signed", "1", 11);
+    publish(
+        &up,
+        "library/signed",
+        &ours.legacy_signature("docker.io/library/signed:1", &signed),
+    );
+    let (_, unsigned_blobs) = image(&up, "library/unsigned", "1", 12);
+    let proxy = TestProxy::start_sections(
+        &dir.path().join("cache"),
+        "",
+        "layers_ahead = 4",
+        &policy_toml("enforce", &[&key]),
+        &upstream_toml("docker.io", &up.url(), true, "5m"),
+    )
+    .await;
+    denial(&get_with(&proxy.url("/v2/library/unsigned/manifests/1"), &[ACCEPT]).await);
+    let ok = get_with(&proxy.url("/v2/library/signed/manifests/1"), &[ACCEPT]).await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let fetched = |blobs: &[String]| {
+        blobs
+            .iter()
+            .map(|b| up.count("GET", &format!("/blobs/{b}")))
+            .sum::<usize>()
+    };
+    wait_until(|| fetched(&signed_blobs) == 2 && proxy.proxy.fills_in_flight() == 0).await;
+    assert_eq!(fetched(&unsigned_blobs), 0, "a denied image's blobs were fetched");
+    assert_eq!(proxy.metric("regcache_layers_ahead_total"), 2.0);
 }
