@@ -2881,9 +2881,20 @@ fn main() {
     let mut results = Results::default();
     let started = Instant::now();
     let outcome = rt.block_on(async {
+        // A SIGTERM (`kill`, `timeout`) ends the run as Ctrl-C does, so that every daemon's
+        // guard still stops it: without this the process died with its children orphaned.
+        let terminated = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    term.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = run(&settings, &mut results) => r,
             _ = tokio::signal::ctrl_c() => Err("interrupted".to_owned()),
+            _ = terminated => Err("terminated".to_owned()),
         }
     });
     rt.shutdown_timeout(Duration::from_secs(5));
