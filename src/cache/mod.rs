@@ -30,8 +30,18 @@ pub struct Manifest {
     pub bytes: Bytes,
     pub media_type: String,
     pub digest: Digest,
+    /// The answer's `Content-Type`, `Docker-Content-Digest` and `Content-Length` values, made
+    /// once: every warm hit sends them (each clone is a reference count).
+    pub headers: ManifestHeaders,
     /// The index's tick of its last use (see [`Index::use_unless_latest`]).
     used: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ManifestHeaders {
+    pub content_type: http::HeaderValue,
+    pub digest: http::HeaderValue,
+    pub length: http::HeaderValue,
 }
 
 impl Clone for Manifest {
@@ -42,10 +52,17 @@ impl Clone for Manifest {
 
 impl Manifest {
     pub fn new(bytes: Bytes, media_type: String, digest: Digest) -> Manifest {
+        let headers = ManifestHeaders {
+            content_type: http::HeaderValue::from_str(&media_type)
+                .unwrap_or(http::HeaderValue::from_static(crate::oci::OCI_MANIFEST)),
+            digest: http::HeaderValue::from_str(&digest.to_string()).unwrap_or(http::HeaderValue::from_static("")),
+            length: bytes.len().into(),
+        };
         Manifest {
             bytes,
             media_type,
             digest,
+            headers,
             used: std::sync::atomic::AtomicU64::new(0),
         }
     }

@@ -267,12 +267,9 @@ async fn manifest(
         resp.headers_mut().insert(POLICY, v);
     }
     let h = resp.headers_mut();
-    h.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_str(&m.media_type).unwrap_or(HeaderValue::from_static(oci::OCI_MANIFEST)),
-    );
-    h.insert(CONTENT_LENGTH, m.bytes.len().into());
-    h.insert(DOCKER_CONTENT_DIGEST, digest_header(&m.digest));
+    h.insert(CONTENT_TYPE, m.headers.content_type.clone());
+    h.insert(CONTENT_LENGTH, m.headers.length.clone());
+    h.insert(DOCKER_CONTENT_DIGEST, m.headers.digest.clone());
     if answer.stale {
         h.insert(STALE, HeaderValue::from_static("1"));
     }
