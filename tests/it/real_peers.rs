@@ -490,3 +490,23 @@ async fn skopeo_and_ctr_pull_a_signed_image_under_enforce_and_skopeo_is_refused_
     );
     proxy.stop().await;
 }
+
+/// `[cache] layers_ahead = 4` with real clients: skopeo and ctr get the image byte for byte
+/// while the manifest miss fetches its blobs ahead of them, and the registry sees each blob
+/// once (the clients' requests join those fetches).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_and_ctr_pull_with_layers_fetched_ahead() {
+    let (registry, image) = seeded_registry(71).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start_with(
+        &dir.path().join("cache"),
+        "layers_ahead = 4",
+        &harness::upstream_toml("docker.io", &registry.url(), true, "5m"),
+    )
+    .await;
+    skopeo_and_ctr_pull(&proxy, dir.path(), &image, "layers fetched ahead").await;
+    harness::wait_until(|| proxy.proxy.fills_in_flight() == 0).await;
+    assert_one_upstream_get_per_blob(&registry, &image).await;
+    let ahead = proxy.metric("regcache_layers_ahead_total");
+    assert!((1.0..=4.0).contains(&ahead), "{ahead} fetches ahead");
+}
