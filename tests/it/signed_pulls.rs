@@ -130,10 +130,15 @@ fn policy_toml(mode: &str, keys: &[&Path]) -> String {
 }
 
 async fn proxy_with(up: &FakeUpstream, dir: &Path, tag_ttl: &str, policy: &str) -> TestProxy {
+    proxy_with_keys(up, dir, tag_ttl, "", policy).await
+}
+
+/// [`proxy_with`] with extra `[cache]` keys.
+async fn proxy_with_keys(up: &FakeUpstream, dir: &Path, tag_ttl: &str, cache_keys: &str, policy: &str) -> TestProxy {
     TestProxy::start_sections(
         &dir.join("cache"),
         "",
-        "",
+        cache_keys,
         policy,
         &upstream_toml("docker.io", &up.url(), true, tag_ttl),
     )
@@ -354,8 +359,9 @@ async fn warn_serves_unsigned_images_and_counts_them() {
 }
 
 /// A fake upstream with `library/signed:1`, signed by a fresh key written to
-/// `dir/cosign.pub`, and `library/unsigned:1`: (upstream, key file, signed digest, its blobs).
-async fn signed_and_unsigned(dir: &Path) -> (FakeUpstream, PathBuf, String, Vec<String>) {
+/// `dir/cosign.pub`, and `library/unsigned:1`: (upstream, key file, signed digest, its blobs,
+/// the unsigned image's blobs).
+async fn signed_and_unsigned(dir: &Path) -> (FakeUpstream, PathBuf, String, Vec<String>, Vec<String>) {
     let up = FakeUpstream::start().await;
     let ours = CosignKey::generate();
     let key = ours.write(dir, "cosign.pub");
@@ -365,8 +371,8 @@ async fn signed_and_unsigned(dir: &Path) -> (FakeUpstream, PathBuf, String, Vec<
         "library/signed",
         &ours.legacy_signature("docker.io/library/signed:1", &signed),
     );
-    image(&up, "library/unsigned", "1", 2);
-    (up, key, signed, blobs)
+    let (_, unsigned_blobs) = image(&up, "library/unsigned", "1", 2);
+    (up, key, signed, blobs, unsigned_blobs)
 }
 
 /// A config file for the binary: `up` as docker.io, the cache in `dir/cache`, `policy`.
@@ -380,7 +386,7 @@ fn process_config(up: &FakeUpstream, dir: &Path, policy: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_prefetch_verification_works_with_no_upstream() {
     let dir = tempfile::tempdir().unwrap();
-    let (up, key, signed, blobs) = signed_and_unsigned(dir.path()).await;
+    let (up, key, signed, blobs, _) = signed_and_unsigned(dir.path()).await;
     let policy = policy_toml("enforce", &[&key]);
     let config = process_config(&up, dir.path(), &policy);
     crate::prefetch::run_ok(&config, &["prefetch", "library/signed:1"]).await;
@@ -424,7 +430,7 @@ async fn after_prefetch_verification_works_with_no_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_image_prints_what_a_pull_would_be_told() {
     let dir = tempfile::tempdir().unwrap();
-    let (up, key, signed, _) = signed_and_unsigned(dir.path()).await;
+    let (up, key, signed, _, _) = signed_and_unsigned(dir.path()).await;
     let config = process_config(&up, dir.path(), &policy_toml("enforce", &[&key]));
     let out = crate::prefetch::run_ok(&config, &["verify-image", "library/signed:1"]).await;
     assert_eq!(
@@ -750,23 +756,14 @@ async fn a_real_sigstore_bundle_among_the_referrers_verifies_the_image() {
 /// admitted are fetched ahead; those of a denied one are never fetched.
 #[tokio::test]
 async fn only_an_admitted_manifest_has_its_layers_fetched_ahead() {
-    let up = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let ours = CosignKey::generate();
-    let key = ours.write(dir.path(), "cosign.pub");
-    let (signed, signed_blobs) = image(&up, "library/signed", "1", 11);
-    publish(
+    let (up, key, _, signed_blobs, unsigned_blobs) = signed_and_unsigned(dir.path()).await;
+    let proxy = proxy_with_keys(
         &up,
-        "library/signed",
-        &ours.legacy_signature("docker.io/library/signed:1", &signed),
-    );
-    let (_, unsigned_blobs) = image(&up, "library/unsigned", "1", 12);
-    let proxy = TestProxy::start_sections(
-        &dir.path().join("cache"),
-        "",
+        dir.path(),
+        "5m",
         "layers_ahead = 4",
         &policy_toml("enforce", &[&key]),
-        &upstream_toml("docker.io", &up.url(), true, "5m"),
     )
     .await;
     denial(&get_with(&proxy.url("/v2/library/unsigned/manifests/1"), &[ACCEPT]).await);
