@@ -950,6 +950,10 @@ async fn readiness_reports_an_unreachable_bucket_and_check_config_a_bad_one() {
             "[cache.s3]\nbucket = \"b\"\nmax_size = \"1TiB\"\ncollect_every = \"0s\"\n",
             "cache.s3.collect_every",
         ),
+        (
+            "[cache]\nlayers_ahead = 4\n[cache.s3]\nbucket = \"b\"\n",
+            "cache.layers_ahead",
+        ),
     ] {
         std::fs::write(&bad, text).unwrap();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
