@@ -294,6 +294,23 @@ fn secret_file() -> &'static Path {
 }
 
 /// A replica of a cluster: `[cache.s3]` with its own peer URL and the cluster's secret.
+/// The cluster's shared secret, written to `dir/secret`.
+fn cluster_secret(dir: &Path) -> std::path::PathBuf {
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "a-cluster-secret-of-some-length\n").unwrap();
+    secret
+}
+
+/// `size` random bytes (from `seed`) added to `up`, whose download stops after its first MiB
+/// until the returned gate is notified: (bytes, digest, gate).
+fn gated_blob(up: &FakeUpstream, size: usize, seed: u64) -> (Vec<u8>, String, std::sync::Arc<tokio::sync::Notify>) {
+    let blob = random_bytes(size, seed);
+    let digest = up.add_blob(&blob);
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
+    (blob, digest, gate)
+}
+
 async fn cluster_replica(up: &FakeUpstream, dir: &Path, prefix: &str, secret: &Path) -> TestProxy {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let peer = format!("http://{}", listener.local_addr().expect("addr"));
@@ -625,12 +642,12 @@ async fn a_second_replica_serves_what_the_first_fetched_with_no_upstream_blob_re
 async fn replicas_restarted_with_empty_local_tiers_pull_warm_with_no_upstream_request() {
     let up = FakeUpstream::start().await;
     let prefix = "rollout";
-    let secret = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(secret.path(), "a-cluster-secret-of-some-length\n").unwrap();
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = cluster_secret(secret_dir.path());
     let (manifest, digests, bytes) = image(&up, 61);
     let first: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     for dir in &first {
-        let r = cluster_replica(&up, dir.path(), prefix, secret.path()).await;
+        let r = cluster_replica(&up, dir.path(), prefix, &secret).await;
         pull(&r, &manifest, &digests, &bytes).await;
         let proxy = r.proxy.clone();
         wait_until(|| proxy.work_in_flight() == 0).await;
@@ -640,7 +657,7 @@ async fn replicas_restarted_with_empty_local_tiers_pull_warm_with_no_upstream_re
     let total = up.total_requests();
     let second: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     for dir in &second {
-        let r = cluster_replica(&up, dir.path(), prefix, secret.path()).await;
+        let r = cluster_replica(&up, dir.path(), prefix, &secret).await;
         pull(&r, &manifest, &digests, &bytes).await;
         r.stop().await;
     }
@@ -974,16 +991,13 @@ async fn readiness_reports_an_unreachable_bucket_and_check_config_a_bad_one() {
 async fn a_cluster_fetches_a_cold_blob_from_the_upstream_once() {
     let up = FakeUpstream::start().await;
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let secret = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(secret.path(), "a-cluster-secret-of-some-length\n").unwrap();
-    let blob = random_bytes(4 << 20, 21);
-    let digest = up.add_blob(&blob);
-    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
-    up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = cluster_secret(secret_dir.path());
+    let (blob, digest, gate) = gated_blob(&up, 4 << 20, 21);
     let prefix = "cluster";
     let mut replicas = Vec::new();
     for d in &dirs {
-        replicas.push(cluster_replica(&up, d.path(), prefix, secret.path()).await);
+        replicas.push(cluster_replica(&up, d.path(), prefix, &secret).await);
     }
     let url = |i: usize| replicas[i].url(&format!("/v2/library/big/blobs/{digest}"));
     let fetch = |u: String| async move { get(&u).await };
@@ -1017,8 +1031,7 @@ async fn a_cluster_fetches_a_cold_blob_from_the_upstream_once() {
 async fn a_lease_that_vanishes_while_its_create_is_answered_sends_the_replica_to_the_bucket() {
     let up = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "a-cluster-secret-of-some-length\n").unwrap();
+    let secret = cluster_secret(dir.path());
     let blob = random_bytes(2 << 20, 35);
     let digest = up.add_blob(&blob);
     let hex = digest.trim_start_matches("sha256:");
@@ -1084,12 +1097,8 @@ async fn a_lease_that_vanishes_while_its_create_is_answered_sends_the_replica_to
 async fn a_slow_lease_create_does_not_hold_back_a_replica_while_another_fetches() {
     let up = FakeUpstream::start().await;
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let secret = dirs.0.path().join("secret");
-    std::fs::write(&secret, "a-cluster-secret-of-some-length\n").unwrap();
-    let blob = random_bytes(4 << 20, 36);
-    let digest = up.add_blob(&blob);
-    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
-    up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
+    let secret = cluster_secret(dirs.0.path());
+    let (blob, digest, gate) = gated_blob(&up, 4 << 20, 36);
     let prefix = "slow-create";
     let path = format!("/v2/library/big/blobs/{digest}");
     let holder = cluster_replica(&up, dirs.0.path(), prefix, &secret).await;
@@ -1143,16 +1152,13 @@ async fn a_slow_lease_create_does_not_hold_back_a_replica_while_another_fetches(
 async fn a_peer_fill_is_relayed_without_a_local_copy_and_a_lagging_client_follows_the_holder() {
     let up = FakeUpstream::start().await;
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let secret = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(secret.path(), "a-cluster-secret-of-some-length\n").unwrap();
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = cluster_secret(secret_dir.path());
     // Twice what a peer relay keeps (48 MiB): a client that stops reading is left behind.
-    let blob = random_bytes(96 << 20, 22);
-    let digest = up.add_blob(&blob);
-    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
-    up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
+    let (blob, digest, gate) = gated_blob(&up, 96 << 20, 22);
     let prefix = "peer-relay";
-    let holder = cluster_replica(&up, dirs[0].path(), prefix, secret.path()).await;
-    let relay = cluster_replica(&up, dirs[1].path(), prefix, secret.path()).await;
+    let holder = cluster_replica(&up, dirs[0].path(), prefix, &secret).await;
+    let relay = cluster_replica(&up, dirs[1].path(), prefix, &secret).await;
     let path = format!("/v2/library/big/blobs/{digest}");
     let first = tokio::spawn({
         let url = holder.url(&path);
@@ -1210,8 +1216,7 @@ async fn a_herd_of_32_on_three_replica_processes_fetches_512_mib_once_with_flat_
     let digest = up.add_blob(&blob);
     let prefix = "herd-512";
     let work = tempfile::tempdir().unwrap();
-    let secret = work.path().join("secret");
-    std::fs::write(&secret, "a-cluster-secret-of-some-length\n").unwrap();
+    let secret = cluster_secret(work.path());
     let mut replicas = Vec::new();
     for i in 0..3 {
         let port = free_port();
@@ -1275,10 +1280,10 @@ async fn a_herd_of_32_on_three_replica_processes_fetches_512_mib_once_with_flat_
 async fn the_peer_endpoint_needs_the_secret_and_never_fetches() {
     let up = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let secret = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(secret.path(), "a-cluster-secret-of-some-length\n").unwrap();
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = cluster_secret(secret_dir.path());
     let digest = up.add_blob(&random_bytes(1000, 5));
-    let a = cluster_replica(&up, dir.path(), "peer-endpoint", secret.path()).await;
+    let a = cluster_replica(&up, dir.path(), "peer-endpoint", &secret).await;
     let path = a.url(&format!("/_regcache/peer/blobs/{digest}"));
     assert_eq!(get(&path).await.status, 401);
     assert_eq!(
@@ -1304,12 +1309,8 @@ async fn the_peer_endpoint_needs_the_secret_and_never_fetches() {
 async fn when_the_lease_holder_dies_mid_fill_the_others_finish_from_the_upstream() {
     let up = FakeUpstream::start().await;
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let secret = dirs.0.path().join("secret");
-    std::fs::write(&secret, "a-cluster-secret-of-some-length\n").unwrap();
-    let blob = random_bytes(4 << 20, 33);
-    let digest = up.add_blob(&blob);
-    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
-    up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
+    let secret = cluster_secret(dirs.0.path());
+    let (blob, digest, gate) = gated_blob(&up, 4 << 20, 33);
     let prefix = "takeover";
     let port = free_port();
     let config = dirs.0.path().join("regcache.toml");
