@@ -815,10 +815,7 @@ impl Proxy {
             self.lookup("blob", "bucket");
             return Ok(answer);
         }
-        let own: Pair = (
-            Arc::from(target.upstream.name.as_str()),
-            Arc::from(target.repo.as_str()),
-        );
+        let own = pair_of(target);
         // A joiner whose fill failed for reasons of the fill's own target (its credentials,
         // its repository, its upstream's rate limit) tries once more under its own.
         let mut retried = false;
@@ -903,10 +900,7 @@ impl Proxy {
             return;
         }
         let (proxy, target) = (self.clone(), target.clone());
-        let own: Pair = (
-            Arc::from(target.upstream.name.as_str()),
-            Arc::from(target.repo.as_str()),
-        );
+        let own = pair_of(&target);
         tokio::spawn(async move {
             use futures_util::StreamExt as _;
             futures_util::stream::iter(digests)
@@ -1183,6 +1177,14 @@ enum Joined {
     PassThrough(BlobAnswer),
     /// Committed, then evicted before it could be opened: join again.
     Gone,
+}
+
+/// The (upstream, repository) a fill started for `target` is keyed by.
+fn pair_of(target: &Target) -> Pair {
+    (
+        Arc::from(target.upstream.name.as_str()),
+        Arc::from(target.repo.as_str()),
+    )
 }
 
 fn fill_error(e: Arc<FillError<upstream::Error>>, digest: &Digest) -> Error {
