@@ -15,14 +15,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::fake_upstream::{FakeUpstream, Fault};
-use crate::harness::{get, open, random_bytes, write_process_config, Process};
+use crate::harness::{ends_with_this_thread, get, open, random_bytes, write_process_config, Process};
 
 /// Far longer than any of these commands needs; reaching it means the binary hung.
 const HANG: Duration = Duration::from_secs(20);
 
 fn regcache() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_regcache"));
-    cmd.env_remove("RUST_LOG");
+    ends_with_this_thread(&mut cmd).env_remove("RUST_LOG");
     cmd
 }
 
@@ -610,7 +610,7 @@ async fn out_of_file_descriptors_a_blob_miss_is_refused_not_passed_through() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_process_config(dir.path(), &up.url(), "", "");
     // A small descriptor limit, set on the process itself.
-    let mut child = Command::new("prlimit")
+    let mut child = ends_with_this_thread(&mut Command::new("prlimit"))
         .arg("--nofile=64:64")
         .arg(env!("CARGO_BIN_EXE_regcache"))
         .args(["--log-format", "json", "serve", "--config"])
@@ -669,4 +669,39 @@ async fn out_of_file_descriptors_a_blob_miss_is_refused_not_passed_through() {
     drop(idle);
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A regcache that a test started ends with the test's thread even when the test never got to
+/// drop its guard (a panic on another thread, an abort, a killed test binary): no daemon is
+/// left running after the suite.
+#[test]
+fn a_regcache_a_test_started_ends_with_the_thread_that_started_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    let pid = std::thread::spawn(move || {
+        let server = Process::start_with(&path, "http://127.0.0.1:9", "", "offline = true");
+        let pid = server.child.id();
+        // As if the test had died before its guards ran.
+        std::mem::forget(server);
+        pid
+    })
+    .join()
+    .unwrap();
+    let stat = format!("/proc/{pid}/stat");
+    let started = Instant::now();
+    let ended = loop {
+        // Ended: reaped by nobody (a zombie of this process) or gone.
+        let state = std::fs::read_to_string(&stat)
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next()));
+        if matches!(state, None | Some('Z')) {
+            break true;
+        }
+        if started.elapsed() > HANG {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    assert!(ended, "regcache {pid} outlived the thread that started it");
 }

@@ -275,7 +275,7 @@ impl Process {
     /// Runs `regcache serve` with this config file (it must listen on 127.0.0.1:0).
     pub fn start_with_config(config: &Path) -> Process {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+        let mut child = ends_with_this_thread(&mut std::process::Command::new(env!("CARGO_BIN_EXE_regcache")))
             .args(["--log-format", "json", "serve", "--config"])
             .arg(config)
             .stderr(std::process::Stdio::piped())
@@ -317,6 +317,24 @@ impl Process {
             .status()
             .expect("kill runs");
         assert!(ok.success());
+    }
+}
+
+/// Makes the process `command` starts end (SIGKILL) when the thread that starts it does, so
+/// that a test that dies before its guards run (a panic elsewhere, an abort, a killed test
+/// binary) leaves no daemon behind. A test's thread ends with the test.
+pub fn ends_with_this_thread(command: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: it makes one prctl call and reads errno, and
+    // touches no memory shared with the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
     }
 }
 

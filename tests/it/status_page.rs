@@ -48,7 +48,7 @@ async fn the_status_page_shows_the_cache_upstreams_sync_and_pins_in_a_browser() 
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_regcache"))
+    let mut child = crate::harness::ends_with_this_thread(&mut Command::new(env!("CARGO_BIN_EXE_regcache")))
         .args(["--log-format", "json", "serve", "--config"])
         .arg(&config)
         .stderr(Stdio::piped())
