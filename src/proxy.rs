@@ -824,7 +824,10 @@ impl Proxy {
             let (mut fill, started_here, origin) = match self.join_fill(target, digest, &own).await? {
                 Joined::Fill(fill, started_here, origin) => (fill, started_here, origin),
                 Joined::Cached(answer) => return Ok(answer),
-                Joined::PassThrough(answer) => return Ok(answer),
+                Joined::DiskUnusable => {
+                    self.lookup("blob", "miss");
+                    return self.pass_through(target, digest).await;
+                }
                 // Committed and evicted again between the miss and the join: still a miss.
                 Joined::Gone if evicted_meanwhile < 3 => {
                     evicted_meanwhile += 1;
@@ -1087,9 +1090,8 @@ impl Proxy {
                 Err(Error::Overloaded(e.to_string()))
             }
             Err(e) => {
-                tracing::warn!(error = %e, %digest, "cache disk unusable; passing the blob through uncached");
-                self.lookup("blob", "miss");
-                Ok(Joined::PassThrough(self.pass_through(target, digest).await?))
+                tracing::warn!(error = %e, %digest, "cache disk unusable; the blob is not cached");
+                Ok(Joined::DiskUnusable)
             }
         }
     }
@@ -1174,7 +1176,9 @@ enum Joined {
     /// A fill to tail, whether this request started it, and (if it did) where it reads.
     Fill(crate::cache::fill::Fill<upstream::Error>, bool, Arc<Origin>),
     Cached(BlobAnswer),
-    PassThrough(BlobAnswer),
+    /// No fill can start (the cache disk refuses a temp file): a client's request passes
+    /// through uncached, a fetch ahead of clients does nothing.
+    DiskUnusable,
     /// Committed, then evicted before it could be opened: join again.
     Gone,
 }

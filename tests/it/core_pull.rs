@@ -537,6 +537,48 @@ async fn a_manifest_miss_fetches_the_images_blobs_before_the_client_asks() {
     );
 }
 
+/// A cache disk that cannot take files fetches nothing ahead: each blob would be read from the
+/// upstream only to be thrown away. A client's own blob request still passes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_disk_that_cannot_take_files_fetches_nothing_ahead() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let upstreams = upstream_toml("docker.io", &up.url(), true, "5m");
+    let proxy = TestProxy::start_with(dir.path(), "layers_ahead = 4", &upstreams).await;
+    let config = random_bytes(300, 81);
+    let layers: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(200_000, 82 + i)).collect();
+    let config_digest = up.add_blob(&config);
+    let layer_digests: Vec<String> = layers.iter().map(|l| up.add_blob(l)).collect();
+    let sizes: Vec<(&str, usize)> = layer_digests
+        .iter()
+        .map(String::as_str)
+        .zip(layers.iter().map(Vec::len))
+        .collect();
+    up.add_manifest(
+        "library/app",
+        "1",
+        DOCKER_V2,
+        &image_of((&config_digest, config.len()), &sizes),
+    );
+    // The cache can no longer create files: its tmp dir is gone, a file in its place.
+    let tmp = dir.path().join("v1/tmp");
+    std::fs::remove_dir_all(&tmp).unwrap();
+    std::fs::write(&tmp, b"not a directory").unwrap();
+
+    let r = get_with(&proxy.url("/v2/library/app/manifests/1"), &[("accept", ALL_TYPES)]).await;
+    assert_eq!(r.status, 200);
+    // The client's own next request: whatever the manifest started has started by now.
+    let c = get(&proxy.url(&format!("/v2/library/app/blobs/{config_digest}"))).await;
+    assert!(c.bytes().as_ref() == config.as_slice());
+    wait_until(|| proxy.proxy.fills_in_flight() == 0).await;
+    assert_eq!(
+        up.count("GET", "/blobs/"),
+        1,
+        "only the client's own blob request reaches the upstream"
+    );
+    assert_eq!(proxy.metric("regcache_layers_ahead_total"), 0.0);
+}
+
 /// An image that would take more than a quarter of the cache is not fetched ahead (it would
 /// evict more than it saves), and without `layers_ahead` nothing is: in both, only what the
 /// client asks for reaches the upstream.
