@@ -1543,6 +1543,12 @@ fn render_table(results: &Results, settings: &Settings) -> String {
             target: Target::None,
         },
         Row {
+            measure: "cold_mibs",
+            label: format!("Cold blob {blob}, one client; direct = from the upstream (MiB/s ↑)"),
+            decimals: 0,
+            target: Target::None,
+        },
+        Row {
             measure: "commit_window_ms",
             label: format!("The {blob} blob's commit: last byte held back for (ms)"),
             decimals: 1,
@@ -2658,15 +2664,20 @@ async fn commit_phase(env: &Env, settings: &Settings, results: &mut Results) -> 
         rc.finish().await?;
         let _ = std::fs::remove_dir_all(&dir);
 
+        let size = settings.blob_size;
+        let direct = format!("{}{}", env.upstream.url(), env.blob_path());
+        if run % 2 == 0 {
+            results.record("cold_mibs", DIRECT, timed_blob_mibs(&direct, size).await);
+        }
         let dir = env.work.join(format!("rc-commit-{run}"));
         let rc = Regcache::start(&dir, &dir.join("cache"), &env.upstream.url()).await?;
         let url = format!("http://{}{}", rc.addr, env.blob_path());
+        let started = Instant::now();
         let req = Request::get(&url)
             .body(Full::new(Bytes::new()))
             .map_err(|e| e.to_string())?;
         let resp = client().request(req).await.map_err(|e| format!("GET {url}: {e}"))?;
         let mut body = resp.into_body();
-        let size = settings.blob_size;
         let mut got = 0u64;
         let mut during = None;
         let mut held_since = None;
@@ -2684,6 +2695,11 @@ async fn commit_phase(env: &Env, settings: &Settings, results: &mut Results) -> 
         if got != size {
             return Err(format!("GET {url}: {got} of {size} bytes"));
         }
+        results.add(
+            "cold_mibs",
+            RC,
+            size as f64 / MIB as f64 / started.elapsed().as_secs_f64(),
+        );
         if let Some(since) = held_since {
             results.add("commit_window_ms", RC, since.elapsed().as_secs_f64() * 1000.0);
         }
@@ -2693,8 +2709,33 @@ async fn commit_phase(env: &Env, settings: &Settings, results: &mut Results) -> 
         }
         rc.finish().await?;
         let _ = std::fs::remove_dir_all(&dir);
+        if run % 2 == 1 {
+            results.record("cold_mibs", DIRECT, timed_blob_mibs(&direct, size).await);
+        }
     }
     Ok(())
+}
+
+/// MiB/s of one whole GET of a `size`-byte blob, request to last byte.
+async fn timed_blob_mibs(url: &str, size: u64) -> Result<f64, String> {
+    let started = Instant::now();
+    let req = Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = client().request(req).await.map_err(|e| format!("GET {url}: {e}"))?;
+    let mut body = resp.into_body();
+    let mut got = 0u64;
+    while let Some(frame) = tokio::time::timeout(PULL_TIMEOUT, body.frame())
+        .await
+        .map_err(|_| format!("GET {url}: stalled"))?
+    {
+        let frame = frame.map_err(|e| format!("GET {url}: body broke after {got} bytes: {e}"))?;
+        got += frame.into_data().map_or(0, |d| d.len() as u64);
+    }
+    if got != size {
+        return Err(format!("GET {url}: {got} of {size} bytes"));
+    }
+    Ok(size as f64 / MIB as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Startup: from spawning regcache to its first 200 on `GET /v2/`, with a cache of many
