@@ -443,8 +443,45 @@ impl EarlySync {
 
 /// One batch's hash and write: the hash state (kept even if the write failed), where the
 /// batch started, and the write error with the bytes that did not reach the disk.
+/// A fill's digest, computed in order on a blocking thread of its own while the batches it
+/// is handed are written (hashing before each write made every batch wait for both).
+struct Hasher {
+    batches: tokio::sync::mpsc::Sender<Vec<Bytes>>,
+    done: tokio::task::JoinHandle<Verifier>,
+}
+
+/// Batches the hash may fall behind the download before the download waits for it.
+const HASH_QUEUE: usize = 4;
+
+impl Hasher {
+    fn start(algorithm: crate::digest::Algorithm) -> Hasher {
+        let (batches, mut queue) = tokio::sync::mpsc::channel::<Vec<Bytes>>(HASH_QUEUE);
+        let done = tokio::task::spawn_blocking(move || {
+            let mut verifier = Verifier::new(algorithm);
+            while let Some(batch) = queue.blocking_recv() {
+                for data in &batch {
+                    verifier.update(data);
+                }
+            }
+            verifier
+        });
+        Hasher { batches, done }
+    }
+
+    async fn push(&self, batch: Vec<Bytes>) {
+        // The receiver lives until `finish`; a send can only fail if its thread died,
+        // which `finish` reports.
+        let _ = self.batches.send(batch).await;
+    }
+
+    /// The digest of everything pushed.
+    async fn finish(self) -> io::Result<Digest> {
+        drop(self.batches);
+        self.done.await.map(Verifier::finish).map_err(io::Error::other)
+    }
+}
+
 struct Written {
-    verifier: Verifier,
     at: u64,
     failed: Option<(io::Error, Vec<Bytes>)>,
 }
@@ -661,10 +698,11 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             p.relay = relay.clone();
         });
         let mut batches = Batches::new(source, self.idle_timeout, self.min_rate);
-        // One hash+write runs on a blocking thread while the next batch is received, so
-        // hashing overlaps the download instead of pausing it. The write publishes its own
-        // progress when its bytes are on disk.
-        let mut verifier = Some(Verifier::new(digest.algorithm()));
+        // One write runs on a blocking thread while the next batch is received, and the
+        // hash on a thread of its own beside both, so that neither the download nor the
+        // write waits for it. The write publishes its own progress when its bytes are on
+        // disk; nothing is complete before the hash of every byte matches (below).
+        let hasher = Hasher::start(digest.algorithm());
         let mut pending: Option<tokio::task::JoinHandle<Written>> = None;
         let made_room = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let early_sync = Arc::new(EarlySync::default());
@@ -675,7 +713,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             // is taken, and one small batch per blocking hand-off halved a cold fill's speed).
             let (next, finished) = batches.next(&mut pending).await;
             if let Some(done) = finished {
-                verifier = Some(self.settled(done, tx, &mut relay)?);
+                self.settled(done, tx, &mut relay)?;
             }
             let broke = match next {
                 Ok(Some(batch)) => Ok(batch),
@@ -687,17 +725,8 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                 Ok(batch) => batch,
                 Err(message) => {
                     batches.source = self.resume(opener, written, message, resumes).await?;
-                    self.take_over(
-                        digest,
-                        file,
-                        tx,
-                        total,
-                        &mut relay,
-                        &mut pending,
-                        &mut verifier,
-                        &batches.source,
-                    )
-                    .await?;
+                    self.take_over(digest, file, tx, total, &mut relay, &mut pending, &batches.source)
+                        .await?;
                     continue;
                 }
             };
@@ -728,7 +757,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                 }
             }
             if let Some(previous) = pending.take() {
-                verifier = Some(self.settle_write(previous, tx, &mut relay).await?);
+                self.settle_write(previous, tx, &mut relay).await?;
             }
             // Bigger than the whole cache (announced so, or found so when no length was
             // announced): relayed to its clients, never written only to be evicted at once.
@@ -758,12 +787,9 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             let (f, tx2, at, relaying) = (file.clone(), tx.clone(), written, relay.clone());
             let head = tx.borrow().head.clone();
             let (index, made_room, early_sync) = (self.index.clone(), made_room.clone(), early_sync.clone());
-            let mut hashing = verifier.take().unwrap_or_else(|| Verifier::new(digest.algorithm()));
+            hasher.push(parts.clone()).await;
             pending = Some(tokio::task::spawn_blocking(move || -> Written {
                 let mut pos = at;
-                for data in &parts {
-                    hashing.update(data);
-                }
                 if let Some(relay) = &relaying {
                     for data in parts {
                         let len = data.len() as u64;
@@ -771,11 +797,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                         pos += len;
                     }
                     tx2.send_modify(|p| p.written = p.written.max(pos));
-                    return Written {
-                        verifier: hashing,
-                        at,
-                        failed: None,
-                    };
+                    return Written { at, failed: None };
                 }
                 for (i, data) in parts.iter().enumerate() {
                     let mut wrote = f.write_all_at(data, pos);
@@ -795,7 +817,6 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                     if let Err(e) = wrote {
                         // Hand what did not reach the disk to the relay, from here on.
                         return Written {
-                            verifier: hashing,
                             at: pos,
                             failed: Some((e, parts[i..].to_vec())),
                         };
@@ -812,19 +833,14 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                 }
                 early_sync.maybe_start(&f, pos);
                 tx2.send_modify(|p| p.written = p.written.max(pos));
-                Written {
-                    verifier: hashing,
-                    at,
-                    failed: None,
-                }
+                Written { at, failed: None }
             }));
             written += len;
         }
         if let Some(previous) = pending.take() {
-            verifier = Some(self.settle_write(previous, tx, &mut relay).await?);
+            self.settle_write(previous, tx, &mut relay).await?;
         }
-        let verifier = verifier.unwrap_or_else(|| Verifier::new(digest.algorithm()));
-        let got = verifier.finish();
+        let got = hasher.finish().await?;
         if got != *digest {
             return Err(FillError::DigestMismatch {
                 expected: digest.clone(),
@@ -851,14 +867,13 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         total: Option<u64>,
         relay: &mut Option<Arc<Relay>>,
         pending: &mut Option<tokio::task::JoinHandle<Written>>,
-        verifier: &mut Option<Verifier>,
         source: &Source,
     ) -> Result<(), FillError<E>> {
         let Some(r) = relay.clone().filter(|r| r.follows_peer() && source.reopen.is_none()) else {
             return Ok(());
         };
         if let Some(previous) = pending.take() {
-            *verifier = Some(self.settle_write(previous, tx, relay).await?);
+            self.settle_write(previous, tx, relay).await?;
         }
         if !r.holds(0) {
             tracing::warn!(%digest, "took over a peer's download past what its relay keeps; relaying it uncached");
@@ -889,7 +904,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         pending: tokio::task::JoinHandle<Written>,
         tx: &Arc<watch::Sender<Progress<E>>>,
         relay: &mut Option<Arc<Relay>>,
-    ) -> Result<Verifier, FillError<E>> {
+    ) -> Result<(), FillError<E>> {
         self.settled(pending.await, tx, relay)
     }
 
@@ -899,7 +914,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         ended: Result<Written, tokio::task::JoinError>,
         tx: &Arc<watch::Sender<Progress<E>>>,
         relay: &mut Option<Arc<Relay>>,
-    ) -> Result<Verifier, FillError<E>> {
+    ) -> Result<(), FillError<E>> {
         let done = ended.map_err(io::Error::other)?;
         if let Some((error, rest)) = done.failed {
             tracing::warn!(error = %error, at = done.at,
@@ -917,7 +932,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
                 p.written = p.written.max(pos);
             });
         }
-        Ok(done.verifier)
+        Ok(())
     }
 
     /// Makes the verified temp file durable, moves it into place and indexes it.
