@@ -15,8 +15,10 @@ const BUCKET: &str = "regcache";
 /// each test uses a prefix of its own. It exits with the test process.
 pub struct Seaweed {
     pub s3: String,
-    _dir: tempfile::TempDir,
-    /// The shell that stops SeaweedFS when this process ends (it ends then too).
+    /// Its data dir, which goes with it (files the tests share live there too).
+    dir: std::path::PathBuf,
+    /// The shell that stops SeaweedFS when this process ends (it ends then too) and then
+    /// removes its data: this value is never dropped, and each run wrote about 1 GB.
     _watchdog: std::process::Child,
 }
 
@@ -37,10 +39,10 @@ pub fn seaweed() -> &'static Seaweed {
         let mut base = 20_000 + (std::process::id() % 400) as u16 * 20;
         let mut last_log = String::new();
         for _attempt in 0..5 {
-            let dir = tempfile::tempdir().expect("tempdir");
+            let dir = tempfile::tempdir().expect("tempdir").keep();
             let mut args = vec![
                 "mini".to_owned(),
-                format!("-dir={}", dir.path().display()),
+                format!("-dir={}", dir.display()),
                 "-ip=127.0.0.1".into(),
                 "-ip.bind=127.0.0.1".into(),
                 "-admin.ui=false".into(),
@@ -67,14 +69,17 @@ pub fn seaweed() -> &'static Seaweed {
                 args.push(format!("-{flag}={}", base + i as u16));
             }
             let s3 = base;
-            // A watchdog shell: SeaweedFS goes when this test process goes, and the shell
-            // ends when SeaweedFS does (so a failed start is seen).
+            // A watchdog shell: SeaweedFS goes when this test process goes (or the shell gets
+            // a TERM), its data with it, and the shell ends when SeaweedFS does (so a failed
+            // start is seen).
             let script = format!(
-                "{} {} > {}/weed.log 2>&1 & w=$!; while kill -0 {} 2>/dev/null && kill -0 $w 2>/dev/null; do sleep 1; done; kill $w 2>/dev/null; sleep 2; kill -9 $w 2>/dev/null",
-                weed.display(),
-                args.join(" "),
-                dir.path().display(),
-                std::process::id()
+                "{weed} {args} > {dir}/weed.log 2>&1 & w=$!; trap 'kill $w 2>/dev/null' TERM; \
+                 while kill -0 {pid} 2>/dev/null && kill -0 $w 2>/dev/null; do sleep 1; done; \
+                 kill $w 2>/dev/null; sleep 2; kill -9 $w 2>/dev/null; rm -rf {dir}",
+                weed = weed.display(),
+                args = args.join(" "),
+                dir = dir.display(),
+                pid = std::process::id()
             );
             let mut watchdog = std::process::Command::new("sh")
                 .args(["-c", &script])
@@ -88,19 +93,22 @@ pub fn seaweed() -> &'static Seaweed {
                 if bucket_answers(s3) {
                     return Seaweed {
                         s3: format!("http://127.0.0.1:{s3}"),
-                        _dir: dir,
+                        dir,
                         _watchdog: watchdog,
                     };
                 }
                 let exited = matches!(watchdog.try_wait(), Ok(Some(_)));
                 if exited || std::time::Instant::now() > deadline {
-                    let _ = watchdog.kill();
+                    last_log = std::fs::read_to_string(dir.join("weed.log")).unwrap_or_default();
+                    // The shell stops SeaweedFS and removes its data.
+                    let _ = std::process::Command::new("kill")
+                        .args(["-TERM", &watchdog.id().to_string()])
+                        .status();
                     let _ = watchdog.wait();
                     break;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(200));
             }
-            last_log = std::fs::read_to_string(dir.path().join("weed.log")).unwrap_or_default();
             base += 20;
         }
         panic!("SeaweedFS did not start; its last log:\n{last_log}");
@@ -285,11 +293,11 @@ impl S3Relay {
 }
 
 fn secret_file() -> &'static Path {
-    static FILE: OnceLock<tempfile::TempPath> = OnceLock::new();
+    static FILE: OnceLock<std::path::PathBuf> = OnceLock::new();
     FILE.get_or_init(|| {
-        let f = tempfile::NamedTempFile::new().expect("temp file");
-        std::fs::write(f.path(), "any-secret\n").expect("written");
-        f.into_temp_path()
+        let path = seaweed().dir.join("s3-secret");
+        std::fs::write(&path, "any-secret\n").expect("written");
+        path
     })
 }
 
