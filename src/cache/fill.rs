@@ -451,7 +451,7 @@ struct Hasher {
 }
 
 /// Batches the hash may fall behind the download before the download waits for it.
-const HASH_QUEUE: usize = 4;
+const HASH_QUEUE: usize = 1;
 
 impl Hasher {
     fn start(algorithm: crate::digest::Algorithm) -> Hasher {
