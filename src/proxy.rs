@@ -959,7 +959,17 @@ impl Proxy {
     /// Joins the fill of `digest`, or starts one under `target`.
     async fn join_fill(&self, target: &Target, digest: &Digest, own: &Pair) -> Result<Joined, Error> {
         let mut started_here = false;
-        let bucket = self.bucket_for(target, digest).await;
+        let bucket = match (&self.bucket, &self.cluster) {
+            // With access rules, another replica's download, and the bucket's copy it leaves,
+            // go to a client whose pair is known or confirmed to hold the blob (one upstream
+            // HEAD): without the check such a client fetched the blob again on its own.
+            (Some(b), Some(_)) if self.restricted => self
+                .authorize(target, Content::Blob, digest)
+                .await
+                .is_ok()
+                .then(|| b.clone()),
+            _ => self.bucket_for(target, digest).await,
+        };
         let origin: Arc<Origin> = Arc::default();
         let cluster = self.cluster.clone().filter(|_| bucket.is_some());
         let uploader = self.bucket.clone().map(|b| {

@@ -320,10 +320,15 @@ fn gated_blob(up: &FakeUpstream, size: usize, seed: u64) -> (Vec<u8>, String, st
 }
 
 async fn cluster_replica(up: &FakeUpstream, dir: &Path, prefix: &str, secret: &Path) -> TestProxy {
+    cluster_replica_with(up, dir, prefix, secret, "").await
+}
+
+/// [`cluster_replica`] with other whole sections (`[auth]` …).
+async fn cluster_replica_with(up: &FakeUpstream, dir: &Path, prefix: &str, secret: &Path, sections: &str) -> TestProxy {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let peer = format!("http://{}", listener.local_addr().expect("addr"));
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}peer_url = \"{peer}\"\npeer_secret_file = \"{}\"\n{}",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}peer_url = \"{peer}\"\npeer_secret_file = \"{}\"\n{sections}\n{}",
         dir.display(),
         s3_keys(prefix),
         secret.display(),
@@ -997,15 +1002,80 @@ async fn readiness_reports_an_unreachable_bucket_and_check_config_a_bad_one() {
 /// they stream its fill in progress (verifying it themselves).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_fetches_a_cold_blob_from_the_upstream_once() {
+    cold_blob_once_per_cluster("cluster", "").await;
+}
+
+/// The same with access rules: a replica follows another's download only for a client whose
+/// (upstream, repository) the upstream confirms holds the blob (one `HEAD`, free on Docker
+/// Hub), and still does not download it a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_access_rules_a_cluster_still_fetches_a_cold_blob_once() {
+    cold_blob_once_per_cluster("cluster-rules", "[auth]\nanonymous_allow = [\"docker.io/library/*\"]\n").await;
+}
+
+/// With access rules, another replica's download in flight goes only to a client whose
+/// repository the upstream confirms holds the blob: a private layer that replica 0 is fetching
+/// is refused to `library/alpine` on replica 1, and given to `acme/private` there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_replicas_download_in_flight_is_not_handed_across_repositories() {
+    let up = FakeUpstream::start().await;
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = cluster_secret(secret_dir.path());
+    let private = random_bytes(4 << 20, 24);
+    let digest = up.add_blob_in("acme/private", &private);
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
+    let rules = "[auth]\nanonymous_allow = [\"docker.io/library/*\", \"docker.io/acme/*\"]\n";
+    let (a, b) = (
+        cluster_replica_with(&up, dirs[0].path(), "rights-in-flight", &secret, rules).await,
+        cluster_replica_with(&up, dirs[1].path(), "rights-in-flight", &secret, rules).await,
+    );
+    let holder = tokio::spawn({
+        let u = a.url(&format!("/v2/acme/private/blobs/{digest}"));
+        async move { get(&u).await }
+    });
+    wait_until(|| up.count("GET", &format!("/blobs/{digest}")) == 1).await;
+    // Its headers only: a body handed over by mistake would wait for the gate.
+    let r = crate::harness::open(
+        http::Method::GET,
+        &b.url(&format!("/v2/library/alpine/blobs/{digest}")),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        r.status(),
+        404,
+        "a private layer in flight was handed to library/alpine"
+    );
+    let allowed = tokio::spawn({
+        let u = b.url(&format!("/v2/acme/private/blobs/{digest}"));
+        async move { get(&u).await }
+    });
+    let b_proxy = b.proxy.clone();
+    wait_until(|| b_proxy.fills_in_flight() == 1).await;
+    gate.notify_one();
+    for reply in [holder, allowed] {
+        let r = reply.await.unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.bytes().as_ref() == private.as_slice(), "wrong bytes");
+    }
+    // Once for the cluster under the repository that holds it (library/alpine's own try
+    // was refused by the upstream).
+    assert_eq!(up.count("GET", &format!("/acme/private/blobs/{digest}")), 1);
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn cold_blob_once_per_cluster(prefix: &str, sections: &str) {
     let up = FakeUpstream::start().await;
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let secret_dir = tempfile::tempdir().unwrap();
     let secret = cluster_secret(secret_dir.path());
     let (blob, digest, gate) = gated_blob(&up, 4 << 20, 21);
-    let prefix = "cluster";
     let mut replicas = Vec::new();
     for d in &dirs {
-        replicas.push(cluster_replica(&up, d.path(), prefix, &secret).await);
+        replicas.push(cluster_replica_with(&up, d.path(), prefix, &secret, sections).await);
     }
     let url = |i: usize| replicas[i].url(&format!("/v2/library/big/blobs/{digest}"));
     let fetch = |u: String| async move { get(&u).await };
