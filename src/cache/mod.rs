@@ -286,8 +286,17 @@ impl Cache {
     /// Takes damaged content out of service: moved aside and forgotten, so the next
     /// request fetches it anew.
     pub fn quarantine(&self, kind: Kind, digest: &Digest) {
-        self.index.forget(kind, digest);
+        self.quarantine_then(kind, digest, || {});
+    }
+
+    /// [`Cache::quarantine`], running `meanwhile` between its two steps (for a test).
+    fn quarantine_then(&self, kind: Kind, digest: &Digest, meanwhile: impl FnOnce()) {
+        // The file goes first: a lookup meanwhile finds the recorded size and no file, a
+        // miss. Forgotten first, a lookup meanwhile indexed the damaged file again from the
+        // disk at its current size and served it as a complete (wrong) 200.
         self.store.quarantine(kind, digest);
+        meanwhile();
+        self.index.forget(kind, digest);
         if kind == Kind::Manifest {
             self.manifests.invalidate(digest);
         }
@@ -358,6 +367,32 @@ mod tests {
             media_type,
             Digest::sha256_of(body),
         ))
+    }
+
+    /// A lookup while a damaged blob is being quarantined never finds it (else it is indexed
+    /// again from the disk at its damaged size and served as a complete, wrong 200).
+    #[test]
+    fn a_blob_being_quarantined_is_not_found_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 1 << 30, 1 << 20).unwrap();
+        let data = vec![7u8; 64 * 1024];
+        let digest = Digest::sha256_of(&data);
+        let path = cache.store.path(Kind::Blob, &digest);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &data).unwrap();
+        assert_eq!(cache.open_blob(&digest).unwrap().map(|(_, len)| len), Some(64 * 1024));
+        // Cut from outside, as a failing disk or a stray tool would.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        cache.quarantine_then(Kind::Blob, &digest, || {
+            let found = cache.open_blob(&digest).unwrap().map(|(_, len)| len);
+            assert_eq!(found, None, "a damaged blob was found while it was quarantined");
+        });
+        assert_eq!(cache.open_blob(&digest).unwrap().map(|(_, len)| len), None);
     }
 
     #[tokio::test]
