@@ -495,6 +495,29 @@ fn image_of(config: (&str, usize), layers: &[(&str, usize)]) -> Vec<u8> {
     .into_bytes()
 }
 
+/// An image of a 300-byte config and layers of these sizes (random bytes from `seed` on),
+/// added to `up` as `<repo>:1`: (config, its digest, layers, their digests).
+fn image_in(
+    up: &FakeUpstream,
+    repo: &str,
+    seed: u64,
+    layer_sizes: &[usize],
+) -> (Vec<u8>, String, Vec<Vec<u8>>, Vec<String>) {
+    let config = random_bytes(300, seed);
+    let layers: Vec<Vec<u8>> = (0..layer_sizes.len())
+        .map(|i| random_bytes(layer_sizes[i], seed + 1 + i as u64))
+        .collect();
+    let config_digest = up.add_blob(&config);
+    let layer_digests: Vec<String> = layers.iter().map(|l| up.add_blob(l)).collect();
+    let sizes: Vec<(&str, usize)> = layer_digests
+        .iter()
+        .map(String::as_str)
+        .zip(layers.iter().map(Vec::len))
+        .collect();
+    up.add_manifest(repo, "1", DOCKER_V2, &image_of((&config_digest, config.len()), &sizes));
+    (config, config_digest, layers, layer_digests)
+}
+
 /// `[cache] layers_ahead`: a manifest fetched from the upstream starts the fetches of its
 /// config and layers before the client asks, each once; the client then gets every blob
 /// from the cache, exact, with no further upstream request.
@@ -504,21 +527,8 @@ async fn a_manifest_miss_fetches_the_images_blobs_before_the_client_asks() {
     let dir = tempfile::tempdir().unwrap();
     let upstreams = upstream_toml("docker.io", &up.url(), true, "5m");
     let proxy = TestProxy::start_with(dir.path(), "layers_ahead = 4", &upstreams).await;
-    let config = random_bytes(300, 61);
-    let layers: Vec<Vec<u8>> = (0..5).map(|i| random_bytes((i + 1) << 20, 62 + i as u64)).collect();
-    let config_digest = up.add_blob(&config);
-    let layer_digests: Vec<String> = layers.iter().map(|l| up.add_blob(l)).collect();
-    let sizes: Vec<(&str, usize)> = layer_digests
-        .iter()
-        .map(String::as_str)
-        .zip(layers.iter().map(Vec::len))
-        .collect();
-    up.add_manifest(
-        "library/app",
-        "1",
-        DOCKER_V2,
-        &image_of((&config_digest, config.len()), &sizes),
-    );
+    let (config, config_digest, layers, layer_digests) =
+        image_in(&up, "library/app", 61, &[1 << 20, 2 << 20, 3 << 20, 4 << 20, 5 << 20]);
 
     let r = get_with(&proxy.url("/v2/library/app/manifests/1"), &[("accept", ALL_TYPES)]).await;
     assert_eq!(r.status, 200);
@@ -545,21 +555,7 @@ async fn a_cache_disk_that_cannot_take_files_fetches_nothing_ahead() {
     let dir = tempfile::tempdir().unwrap();
     let upstreams = upstream_toml("docker.io", &up.url(), true, "5m");
     let proxy = TestProxy::start_with(dir.path(), "layers_ahead = 4", &upstreams).await;
-    let config = random_bytes(300, 81);
-    let layers: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(200_000, 82 + i)).collect();
-    let config_digest = up.add_blob(&config);
-    let layer_digests: Vec<String> = layers.iter().map(|l| up.add_blob(l)).collect();
-    let sizes: Vec<(&str, usize)> = layer_digests
-        .iter()
-        .map(String::as_str)
-        .zip(layers.iter().map(Vec::len))
-        .collect();
-    up.add_manifest(
-        "library/app",
-        "1",
-        DOCKER_V2,
-        &image_of((&config_digest, config.len()), &sizes),
-    );
+    let (config, config_digest, ..) = image_in(&up, "library/app", 81, &[200_000; 3]);
     // The cache can no longer create files: its tmp dir is gone, a file in its place.
     let tmp = dir.path().join("v1/tmp");
     std::fs::remove_dir_all(&tmp).unwrap();
