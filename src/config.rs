@@ -638,12 +638,6 @@ impl Config {
                 return Err(invalid("cache.s3.collect_every", "must be at least 1s"));
             }
             crate::cache::bucket::Bucket::new(s3).map_err(|e| invalid("cache.s3", e))?;
-            if self.cache.layers_ahead > 0 {
-                return Err(invalid(
-                    "cache.layers_ahead",
-                    "replicas on a shared bucket do not fetch layers ahead; remove it or [cache.s3]",
-                ));
-            }
         }
         crate::policy::Policies::from_config(&self.policies).map_err(|(key, message)| invalid(key, message))?;
         for (i, sync) in self.syncs.iter().enumerate() {

@@ -886,7 +886,7 @@ impl Proxy {
     /// fetch ahead: a replica without a local tier would read each blob only to drop it,
     /// and the cluster's leases are not yet tried with fills no client waits for.
     pub fn fetch_layers_ahead(self: &Arc<Self>, target: &Target, manifest: &Manifest) {
-        if self.layers_ahead == 0 || target.upstream.offline || self.bucket.is_some() {
+        if self.layers_ahead == 0 || target.upstream.offline {
             return;
         }
         let (children, blobs) = crate::layout::references(&manifest.bytes);
@@ -910,6 +910,9 @@ impl Proxy {
                 .for_each_concurrent(proxy.layers_ahead, |digest| {
                     let (proxy, target, own) = (&proxy, &target, &own);
                     async move {
+                        if proxy.held_in_cluster(&digest).await {
+                            return;
+                        }
                         // Only a fill started here is waited for; anything else is someone's.
                         if let Ok(Joined::Fill(mut fill, true, _)) = proxy.join_fill(target, &digest, own).await {
                             proxy.metrics.layers_ahead.inc();
@@ -919,6 +922,22 @@ impl Proxy {
                 })
                 .await;
         });
+    }
+
+    /// Whether the shared bucket holds `digest` or another replica is fetching it: a fetch
+    /// ahead of clients leaves it to their own requests (here it would only be read to be
+    /// dropped, or streamed from that replica to no one).
+    async fn held_in_cluster(&self, digest: &Digest) -> bool {
+        let Some(bucket) = &self.bucket else {
+            return false;
+        };
+        if bucket.contains(Kind::Blob, digest).await {
+            return true;
+        }
+        match &self.cluster {
+            Some(cluster) => cluster.fetched_elsewhere(digest).await,
+            None => false,
+        }
     }
 
     /// A part of a blob the shared bucket holds, read there for this request alone (one

@@ -244,6 +244,11 @@ impl Cluster {
         None
     }
 
+    /// Whether another replica is fetching `digest` now (a live lease names it).
+    pub async fn fetched_elsewhere(&self, digest: &Digest) -> bool {
+        self.leases.load(Ordering::Relaxed) && self.live_holder(digest.hex()).await.is_some()
+    }
+
     /// The peer URL of another replica that holds a live lease called `name`.
     async fn live_holder(&self, name: &str) -> Option<String> {
         let (body, _) = self.bucket.read_lease(name).await.ok()??;

@@ -320,15 +320,22 @@ fn gated_blob(up: &FakeUpstream, size: usize, seed: u64) -> (Vec<u8>, String, st
 }
 
 async fn cluster_replica(up: &FakeUpstream, dir: &Path, prefix: &str, secret: &Path) -> TestProxy {
-    cluster_replica_with(up, dir, prefix, secret, "").await
+    cluster_replica_with(up, dir, prefix, secret, "", "").await
 }
 
-/// [`cluster_replica`] with other whole sections (`[auth]` …).
-async fn cluster_replica_with(up: &FakeUpstream, dir: &Path, prefix: &str, secret: &Path, sections: &str) -> TestProxy {
+/// [`cluster_replica`] with more `[cache]` keys and other whole sections (`[auth]` …).
+async fn cluster_replica_with(
+    up: &FakeUpstream,
+    dir: &Path,
+    prefix: &str,
+    secret: &Path,
+    cache_keys: &str,
+    sections: &str,
+) -> TestProxy {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let peer = format!("http://{}", listener.local_addr().expect("addr"));
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{}peer_url = \"{peer}\"\npeer_secret_file = \"{}\"\n{sections}\n{}",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[cache]\ndir = \"{}\"\n{cache_keys}\n{}peer_url = \"{peer}\"\npeer_secret_file = \"{}\"\n{sections}\n{}",
         dir.display(),
         s3_keys(prefix),
         secret.display(),
@@ -980,10 +987,6 @@ async fn readiness_reports_an_unreachable_bucket_and_check_config_a_bad_one() {
             "[cache.s3]\nbucket = \"b\"\nmax_size = \"1TiB\"\ncollect_every = \"0s\"\n",
             "cache.s3.collect_every",
         ),
-        (
-            "[cache]\nlayers_ahead = 4\n[cache.s3]\nbucket = \"b\"\n",
-            "cache.layers_ahead",
-        ),
     ] {
         std::fs::write(&bad, text).unwrap();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
@@ -1013,6 +1016,59 @@ async fn with_access_rules_a_cluster_still_fetches_a_cold_blob_once() {
     cold_blob_once_per_cluster("cluster-rules", "[auth]\nanonymous_allow = [\"docker.io/library/*\"]\n").await;
 }
 
+/// `layers_ahead` on replicas that share a bucket: a manifest miss on one replica fetches its
+/// image's blobs once for the whole cluster, into the bucket, and a client of another
+/// replica then pulls the image with no upstream blob request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_fetches_layers_ahead_for_the_whole_cluster() {
+    let up = FakeUpstream::start().await;
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = cluster_secret(secret_dir.path());
+    let (manifest, digests, bytes) = image(&up, 41);
+    let prefix = "ahead";
+    let ahead = "layers_ahead = 4";
+    let a = cluster_replica_with(&up, dirs[0].path(), prefix, &secret, ahead, "").await;
+    let b = cluster_replica_with(&up, dirs[1].path(), prefix, &secret, ahead, "").await;
+    let m = get_with(&a.url("/v2/library/app/manifests/1"), &[("accept", OCI_MANIFEST)]).await;
+    assert_eq!(m.status, 200);
+    // Nobody asked for a blob, yet each one is fetched once and goes to the bucket.
+    let a_proxy = a.proxy.clone();
+    wait_until(|| up.count("GET", "/blobs/") == digests.len() && a_proxy.work_in_flight() == 0).await;
+    let keys = seaweed().keys(prefix).await;
+    for d in &digests {
+        let key = format!("{prefix}/v1/blobs/sha256/{}", d.trim_start_matches("sha256:"));
+        assert!(keys.contains(&key), "{d} is not in the bucket");
+    }
+    assert_eq!(a.metric("regcache_layers_ahead_total"), digests.len() as f64);
+    pull(&b, &manifest, &digests, &bytes).await;
+    assert_eq!(up.count("GET", "/blobs/"), digests.len(), "a blob was fetched twice");
+    // An image sharing those layers, on a third replica: only its own config is fetched
+    // ahead, the layers the bucket holds are left to the clients' requests.
+    let c = cluster_replica_with(&up, dirs[2].path(), prefix, &secret, ahead, "").await;
+    let config = b"{\"other\":1}".to_vec();
+    let config_digest = up.add_blob(&config);
+    let other = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": config_digest},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": bytes[1].len(), "digest": digests[1]},
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": bytes[2].len(), "digest": digests[2]},
+        ],
+    }))
+    .unwrap();
+    up.add_manifest("library/other", "1", OCI_MANIFEST, &other);
+    let m = get_with(&c.url("/v2/library/other/manifests/1"), &[("accept", OCI_MANIFEST)]).await;
+    assert_eq!(m.status, 200);
+    let c_proxy = c.proxy.clone();
+    wait_until(|| up.count("GET", "/blobs/") == digests.len() + 1 && c_proxy.work_in_flight() == 0).await;
+    assert_eq!(c.metric("regcache_layers_ahead_total"), 1.0);
+    for r in [a, b, c] {
+        r.stop().await;
+    }
+}
+
 /// With access rules, another replica's download in flight goes only to a client whose
 /// repository the upstream confirms holds the blob: a private layer that replica 0 is fetching
 /// is refused to `library/alpine` on replica 1, and given to `acme/private` there.
@@ -1028,8 +1084,8 @@ async fn another_replicas_download_in_flight_is_not_handed_across_repositories()
     up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
     let rules = "[auth]\nanonymous_allow = [\"docker.io/library/*\", \"docker.io/acme/*\"]\n";
     let (a, b) = (
-        cluster_replica_with(&up, dirs[0].path(), "rights-in-flight", &secret, rules).await,
-        cluster_replica_with(&up, dirs[1].path(), "rights-in-flight", &secret, rules).await,
+        cluster_replica_with(&up, dirs[0].path(), "rights-in-flight", &secret, "", rules).await,
+        cluster_replica_with(&up, dirs[1].path(), "rights-in-flight", &secret, "", rules).await,
     );
     let holder = tokio::spawn({
         let u = a.url(&format!("/v2/acme/private/blobs/{digest}"));
@@ -1075,7 +1131,7 @@ async fn cold_blob_once_per_cluster(prefix: &str, sections: &str) {
     let (blob, digest, gate) = gated_blob(&up, 4 << 20, 21);
     let mut replicas = Vec::new();
     for d in &dirs {
-        replicas.push(cluster_replica_with(&up, d.path(), prefix, &secret, sections).await);
+        replicas.push(cluster_replica_with(&up, d.path(), prefix, &secret, "", sections).await);
     }
     let url = |i: usize| replicas[i].url(&format!("/v2/library/big/blobs/{digest}"));
     let fetch = |u: String| async move { get(&u).await };
