@@ -300,7 +300,8 @@ pub struct CacheConfig {
     pub offline: bool,
     /// On an image manifest fetched from the upstream, fetch its config and layers that the
     /// cache lacks this many at a time, before clients ask for them (0, the default: only
-    /// when asked). Not with `[cache.s3]`.
+    /// when asked). With `[cache.s3]`, blobs the bucket holds or another replica fetches
+    /// are left to clients.
     #[serde(default = "default_layers_ahead")]
     pub layers_ahead: usize,
     /// Images never evicted, their tags served regardless of TTL: `docker.io/library/alpine:3.20`,
