@@ -507,6 +507,7 @@ fn copy_hashing(from: &mut dyn Read, to: &Path, algorithm: crate::digest::Algori
         out.write_all(&buf[..n])?;
         size += n as u64;
     }
+    crate::cache::blob_store::record_size(&out, size);
     out.sync_all()?;
     Ok((verifier.finish(), size))
 }

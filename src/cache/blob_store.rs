@@ -5,6 +5,11 @@
 //! Layout under `<dir>/v1/`: `blobs/<algo>/<2 hex>/<hex>` (raw bytes),
 //! `manifests/<algo>/<2 hex>/<hex>` (media type, `\n`, exact bytes), `tags/` (see
 //! `tags.rs`) and `tmp/` (fills in progress; emptied at startup).
+//!
+//! A committed blob also carries its size in an extended attribute (`user.regcache.size`),
+//! set before its fsync, so the startup scan can tell a file cut short or grown while
+//! regcache was down from a whole one without reading it. (Manifests are hashed whenever
+//! they are read from the disk and need no such record.)
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -110,6 +115,7 @@ fn scan_fan(kind: Kind, algo_name: &str, dir: &Path, found: &mut Vec<Scanned>) -
         match parsed {
             Some(digest) if meta.is_file() => found.push(Scanned {
                 kind,
+                recorded: (kind == Kind::Blob).then(|| recorded_size(&file.path())).flatten(),
                 digest,
                 size: meta.len(),
                 last_used: meta
@@ -132,10 +138,19 @@ pub struct Scanned {
     pub kind: Kind,
     pub digest: Digest,
     pub size: u64,
+    /// The size recorded on the file at its commit, where the filesystem keeps it.
+    pub recorded: Option<u64>,
     /// When it was last used, as well as the filesystem can tell: the later of its commit
     /// (mtime) and its last read (atime, which `relatime` mounts update about daily), so a
     /// restart keeps the hot base layers and evicts the cold ones first.
     pub last_used: SystemTime,
+}
+
+impl Scanned {
+    /// Cut short or grown since its commit (while no regcache watched it).
+    pub fn damaged(&self) -> bool {
+        self.recorded.is_some_and(|r| r != self.size)
+    }
 }
 
 #[derive(Debug)]
@@ -351,6 +366,65 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// The extended attribute that holds a committed blob's size.
+#[cfg(target_os = "linux")]
+const SIZE_ATTRIBUTE: &std::ffi::CStr = c"user.regcache.size";
+
+/// Records a blob's size on its temp file, before the fsync that makes both durable. Best
+/// effort: where the filesystem keeps no user attributes (tmpfs before Linux 6.6, some
+/// network filesystems), the file's own size is trusted as before.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn record_size(file: &File, size: u64) {
+    use std::os::fd::AsRawFd as _;
+    let mut text = itoa::Buffer::new();
+    let value = text.format(size).as_bytes();
+    // SAFETY: the descriptor is open for the whole call (borrowed from `file`), the name is a
+    // NUL-terminated static, and `value` is a live buffer of `value.len()` bytes that the
+    // kernel only reads.
+    let done = unsafe {
+        libc::fsetxattr(
+            file.as_raw_fd(),
+            SIZE_ATTRIBUTE.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if done != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "cannot record a blob's size on its file");
+    }
+}
+
+/// The size [`record_size`] left on a committed blob, if any.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn recorded_size(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut value = [0u8; 24];
+    // SAFETY: the path and the name are NUL-terminated and live for the call, and `value` is
+    // writable for its whole length, which is all the kernel may write.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            SIZE_ATTRIBUTE.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    std::str::from_utf8(value.get(..n)?).ok()?.parse().ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn record_size(_file: &File, _size: u64) {}
+
+#[cfg(not(target_os = "linux"))]
+pub fn recorded_size(_path: &Path) -> Option<u64> {
+    None
 }
 
 #[cfg(not(target_os = "linux"))]

@@ -23,7 +23,7 @@ use http_body_util::BodyExt;
 use tokio::sync::{mpsc, watch};
 
 use super::associations::Pair;
-use super::blob_store::{BlobStore, Kind};
+use super::blob_store::{self, BlobStore, Kind};
 use super::index::Index;
 use crate::digest::{Digest, Verifier};
 
@@ -951,6 +951,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             digest.clone(),
         );
         tokio::task::spawn_blocking(move || {
+            blob_store::record_size(&file, written);
             // fsync first, with no lock held: a multi-GiB commit must not stall anyone else.
             store.make_durable(&file)?;
             // The blob takes its reservation's place in the budget (not both at once).

@@ -119,6 +119,11 @@ impl Cache {
         let mut found = self.store.scan_all()?;
         found.sort_by_key(|s| s.last_used);
         for s in found {
+            if s.damaged() {
+                tracing::warn!(digest = %s.digest, recorded = s.recorded, found = s.size, "cached blob changed size while regcache was down");
+                self.store.quarantine(s.kind, &s.digest);
+                continue;
+            }
             self.index.restore(s.kind, &s.digest, s.size);
         }
         self.index.settle();
@@ -135,6 +140,14 @@ impl Cache {
     /// `regcache import` beside this server) is indexed now. A miss costs one more open.
     fn index_from_disk(&self, kind: Kind, digest: &Digest) -> Option<u64> {
         let (_, len) = self.store.open_file(kind, digest).ok()??;
+        if kind == Kind::Blob {
+            let recorded = blob_store::recorded_size(&self.store.path(kind, digest));
+            if recorded.is_some_and(|r| r != len) {
+                tracing::warn!(%digest, recorded, found = len, "cached blob has the wrong size");
+                self.quarantine(kind, digest);
+                return None;
+            }
+        }
         self.index.restore(kind, digest, len);
         Some(len)
     }
@@ -393,6 +406,41 @@ mod tests {
             assert_eq!(found, None, "a damaged blob was found while it was quarantined");
         });
         assert_eq!(cache.open_blob(&digest).unwrap().map(|(_, len)| len), None);
+    }
+
+    /// A lookup that reaches the disk before the index is rebuilt checks the size recorded
+    /// at commit too: a file cut while regcache was down is set aside, never served.
+    #[test]
+    fn a_blob_cut_while_down_is_not_served_before_the_index_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![9u8; 64 * 1024];
+        let digest = Digest::sha256_of(&data);
+        {
+            let cache = Cache::open(dir.path(), 1 << 30, 1 << 20).unwrap();
+            let (tmp, mut file) = cache.store.temp_file().unwrap();
+            std::io::Write::write_all(&mut file, &data).unwrap();
+            blob_store::record_size(&file, data.len() as u64);
+            cache.store.place(&tmp, Kind::Blob, &digest).unwrap();
+            let path = cache.store.path(Kind::Blob, &digest);
+            assert_eq!(
+                blob_store::recorded_size(&path),
+                Some(64 * 1024),
+                "this disk keeps user attributes"
+            );
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(4096)
+                .unwrap();
+        }
+        let cache = Cache::open_unindexed(dir.path(), 1 << 30, 1 << 20).unwrap();
+        assert!(cache.loading());
+        assert_eq!(cache.open_blob(&digest).unwrap().map(|(_, len)| len), None);
+        assert!(
+            !cache.store.path(Kind::Blob, &digest).exists(),
+            "the cut file stays in place"
+        );
     }
 
     #[tokio::test]

@@ -87,6 +87,23 @@ async fn export_then_import_into_an_empty_cache_serves_identical_digests_offline
     assert_eq!(std::fs::read_to_string(gap.join("cache/v1/associations")).unwrap(), log);
     pull_offline(&offline_server(&gap), &image).await;
 
+    // A blob cut on the disk while no server ran: its size recorded at import gives it
+    // away, and it is refused (nothing to fetch it from), never served short.
+    let cut = &image.shared;
+    let path = gap.join("cache/v1/blobs/sha256").join(&cut[7..9]).join(&cut[7..]);
+    let full = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(full / 2)
+        .unwrap();
+    let server = offline_server(&gap);
+    let blob = get(&server.url(&format!("/v2/library/multi/blobs/{cut}"))).await;
+    assert_eq!(blob.status, 503, "{} bytes served", blob.bytes().len());
+    assert_eq!(files_under(&gap.join("cache/v1/quarantine")).len(), 1);
+    drop(server);
+
     // The directory form, imported into a running server's cache: served without a restart.
     let (gap2, gap2_config) = empty_cache(work.path(), "gap2");
     let server = offline_server(&gap2);
