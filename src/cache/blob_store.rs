@@ -132,6 +132,21 @@ fn scan_fan(kind: Kind, algo_name: &str, dir: &Path, found: &mut Vec<Scanned>) -
     Ok(())
 }
 
+/// Creates `dir` and up to `levels - 1` of its missing parents (a fan-out directory and its
+/// algorithm's), never more: a late write must not bring back a cache dir that was removed
+/// under it (it fails instead).
+pub fn make_dirs(dir: &Path, levels: usize) -> io::Result<()> {
+    match fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && levels > 1 => {
+            make_dirs(dir.parent().unwrap_or(dir), levels - 1)?;
+            make_dirs(dir, 1)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// One committed file found by the startup scan.
 #[derive(Debug)]
 pub struct Scanned {
@@ -278,8 +293,7 @@ impl BlobStore {
     /// Moves a durable temp file to its final path (a rename: atomic, and quick).
     pub fn place(&self, tmp: &Path, kind: Kind, digest: &Digest) -> io::Result<PathBuf> {
         let dest = self.path(kind, digest);
-        let parent = dest.parent().unwrap_or(&self.root);
-        fs::create_dir_all(parent)?;
+        make_dirs(dest.parent().unwrap_or(&self.root), 2)?;
         fs::rename(tmp, &dest)?;
         Ok(dest)
     }
@@ -315,7 +329,7 @@ impl BlobStore {
         let dir = self.root.join("quarantine");
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
         let dest = dir.join(format!("{}-{}-{n}", kind.dir(), digest.hex()));
-        let moved = fs::create_dir_all(&dir).and_then(|()| fs::rename(&path, &dest));
+        let moved = make_dirs(&dir, 1).and_then(|()| fs::rename(&path, &dest));
         match moved {
             Ok(()) => tracing::warn!(%digest, to = %dest.display(), "damaged cache file quarantined"),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

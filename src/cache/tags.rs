@@ -246,7 +246,7 @@ impl TagStore {
                 f.sync_all()?;
             }
             if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)?;
+                super::blob_store::make_dirs(parent, 2)?;
             }
             fs::rename(&tmp, &path)
         };
