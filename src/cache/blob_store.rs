@@ -464,6 +464,20 @@ mod tests {
         assert!(back.iter().all(|b| *b == 7));
     }
 
+    /// A commit that lands after the cache dir was removed fails; it does not bring the dir
+    /// back (the suite used to leave such dirs behind in /tmp).
+    #[test]
+    fn a_late_commit_does_not_bring_back_a_removed_cache_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = BlobStore::open(dir.path()).unwrap();
+        let tmp = store.write_temp(&[b"late"]).unwrap();
+        let kept = dir.path().join("kept");
+        fs::rename(&tmp, &kept).unwrap();
+        fs::remove_dir_all(store.root()).unwrap();
+        assert!(store.place(&kept, Kind::Blob, &Digest::sha256_of(b"late")).is_err());
+        assert!(!store.root().exists(), "the removed cache dir came back");
+    }
+
     #[test]
     fn commit_scan_and_tmp_cleanup() {
         let dir = tempfile::tempdir().unwrap();
