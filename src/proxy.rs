@@ -882,9 +882,9 @@ impl Proxy {
     /// finds each one fetched or on its way instead of waiting for the upstream each time.
     /// Each is an ordinary fill: a client that asks meanwhile joins it. An index is left
     /// alone (its client picks one platform), and so is an image bigger than a quarter of
-    /// the cache, which would evict more than it saves. Replicas on a shared bucket do not
-    /// fetch ahead: a replica without a local tier would read each blob only to drop it,
-    /// and the cluster's leases are not yet tried with fills no client waits for.
+    /// the cache, which would evict more than it saves. On a shared bucket, the replica that
+    /// missed the manifest fetches for the whole cluster, through the usual leases; blobs
+    /// the bucket holds or another replica is fetching are left to the clients' requests.
     pub fn fetch_layers_ahead(self: &Arc<Self>, target: &Target, manifest: &Manifest) {
         if self.layers_ahead == 0 || target.upstream.offline {
             return;

@@ -1069,6 +1069,44 @@ async fn one_replica_fetches_layers_ahead_for_the_whole_cluster() {
     }
 }
 
+/// A layer another replica is downloading for its own client is left to it: the replica
+/// that misses the manifest fetches the rest ahead, and no second download of that layer
+/// (upstream, or streamed from the other replica for no one) is started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_ahead_leave_a_layer_another_replica_is_fetching_to_it() {
+    let up = FakeUpstream::start().await;
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = cluster_secret(secret_dir.path());
+    let (manifest, digests, bytes) = image(&up, 61);
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    up.fault(&digests[1], [Fault::Gate(1 << 20, gate.clone())]);
+    let prefix = "ahead-elsewhere";
+    let a = cluster_replica_with(&up, dirs[0].path(), prefix, &secret, "", "").await;
+    let b = cluster_replica_with(&up, dirs[1].path(), prefix, &secret, "layers_ahead = 4", "").await;
+    let holder = tokio::spawn({
+        let u = a.url(&format!("/v2/library/app/blobs/{}", digests[1]));
+        async move { get(&u).await }
+    });
+    wait_until(|| up.count("GET", &format!("/blobs/{}", digests[1])) == 1).await;
+
+    let m = get_with(&b.url("/v2/library/app/manifests/1"), &[("accept", OCI_MANIFEST)]).await;
+    assert_eq!(m.status, 200);
+    let b_proxy = b.proxy.clone();
+    // The other two are fetched ahead and done; the gated one is not waited for.
+    wait_until(|| up.count("GET", "/blobs/") == digests.len() && b_proxy.work_in_flight() == 0).await;
+    assert_eq!(b.metric("regcache_layers_ahead_total"), (digests.len() - 1) as f64);
+
+    gate.notify_one();
+    let held = holder.await.unwrap();
+    assert_eq!((held.status.as_u16(), sha256(held.bytes())), (200, digests[1].clone()));
+    pull(&b, &manifest, &digests, &bytes).await;
+    assert_eq!(up.count("GET", "/blobs/"), digests.len(), "a blob was fetched twice");
+    for r in [a, b] {
+        r.stop().await;
+    }
+}
+
 /// With access rules, another replica's download in flight goes only to a client whose
 /// repository the upstream confirms holds the blob: a private layer that replica 0 is fetching
 /// is refused to `library/alpine` on replica 1, and given to `acme/private` there.
