@@ -382,6 +382,12 @@ mod tests {
         ))
     }
 
+    /// Cuts a file short from outside, as a failing disk or a stray tool would.
+    fn cut(path: &std::path::Path, len: u64) {
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.set_len(len).unwrap();
+    }
+
     /// A lookup while a damaged blob is being quarantined never finds it (else it is indexed
     /// again from the disk at its damaged size and served as a complete, wrong 200).
     #[test]
@@ -394,13 +400,7 @@ mod tests {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, &data).unwrap();
         assert_eq!(cache.open_blob(&digest).unwrap().map(|(_, len)| len), Some(64 * 1024));
-        // Cut from outside, as a failing disk or a stray tool would.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(4096)
-            .unwrap();
+        cut(&path, 4096);
         cache.quarantine_then(Kind::Blob, &digest, || {
             let found = cache.open_blob(&digest).unwrap().map(|(_, len)| len);
             assert_eq!(found, None, "a damaged blob was found while it was quarantined");
@@ -427,12 +427,7 @@ mod tests {
                 Some(64 * 1024),
                 "this disk keeps user attributes"
             );
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_len(4096)
-                .unwrap();
+            cut(&path, 4096);
         }
         let cache = Cache::open_unindexed(dir.path(), 1 << 30, 1 << 20).unwrap();
         assert!(cache.loading());
