@@ -116,19 +116,28 @@ impl Cache {
     /// Rebuilds the index from the files on disk, least recently used first (by commit and
     /// access times), so LRU order survives a restart roughly. Blocking.
     pub fn load_index(&self) -> io::Result<()> {
-        let mut found = self.store.scan_all()?;
+        self.index_scanned(self.store.scan_all()?);
+        Ok(())
+    }
+
+    /// The second half of [`Cache::load_index`]: indexes what the scan found, setting aside
+    /// blobs whose size changed since their commit.
+    fn index_scanned(&self, mut found: Vec<blob_store::Scanned>) {
         found.sort_by_key(|s| s.last_used);
         for s in found {
             if s.damaged() {
-                tracing::warn!(digest = %s.digest, recorded = s.recorded, found = s.size, "cached blob changed size while regcache was down");
-                self.store.quarantine(s.kind, &s.digest);
+                // Indexed meanwhile (refetched and committed by a request while the scan
+                // ran): that file is the good one now, and stays.
+                if !self.index.peek(s.kind, &s.digest) {
+                    tracing::warn!(digest = %s.digest, recorded = s.recorded, found = s.size, "cached blob changed size while regcache was down");
+                    self.store.quarantine(s.kind, &s.digest);
+                }
                 continue;
             }
             self.index.restore(s.kind, &s.digest, s.size);
         }
         self.index.settle();
         self.loading.store(false, std::sync::atomic::Ordering::Release);
-        Ok(())
     }
 
     /// Whether the index is still being rebuilt.
@@ -436,6 +445,36 @@ mod tests {
             !cache.store.path(Kind::Blob, &digest).exists(),
             "the cut file stays in place"
         );
+    }
+
+    /// A blob found cut by the startup scan, then refetched and committed by a request
+    /// before the scan's results are indexed: the new, whole file stays.
+    #[test]
+    fn a_blob_refetched_during_the_startup_scan_is_not_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![5u8; 64 * 1024];
+        let digest = Digest::sha256_of(&data);
+        let commit = |cache: &Cache| {
+            let (tmp, mut file) = cache.store.temp_file().unwrap();
+            std::io::Write::write_all(&mut file, &data).unwrap();
+            blob_store::record_size(&file, data.len() as u64);
+            cache.index.commit(Kind::Blob, &digest, data.len() as u64, || {
+                cache.store.place(&tmp, Kind::Blob, &digest)
+            })
+        };
+        {
+            let cache = Cache::open(dir.path(), 1 << 30, 1 << 20).unwrap();
+            commit(&cache).unwrap();
+            cut(&cache.store.path(Kind::Blob, &digest), 4096);
+        }
+        let cache = Cache::open_unindexed(dir.path(), 1 << 30, 1 << 20).unwrap();
+        let scanned = cache.store.scan_all().unwrap();
+        assert!(scanned.iter().any(|s| s.digest == digest && s.damaged()));
+        // A request meanwhile: the cut file is set aside and the blob fetched again.
+        assert!(cache.open_blob(&digest).unwrap().is_none());
+        commit(&cache).unwrap();
+        cache.index_scanned(scanned);
+        assert_eq!(cache.open_blob(&digest).unwrap().map(|(_, len)| len), Some(64 * 1024));
     }
 
     #[tokio::test]
