@@ -121,6 +121,7 @@ fn build_app(config: &Config, background: bool) -> Result<Arc<App>, BuildError> 
                     // Only a complete index tells which tag records are orphans.
                     cache.start_collector(std::time::Duration::from_secs(3600));
                     cache.start_pinning(std::time::Duration::from_secs(30));
+                    cache.start_noting_uses(std::time::Duration::from_secs(60));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot list the cache directory; serving what it finds on demand")

@@ -326,6 +326,9 @@ pub async fn serve_as(listener: TcpListener, app: Arc<App>, shutdown: impl Futur
         );
     }
     app.proxy.cache.store.clear_tmp();
+    // The last minute's uses, for the LRU order after a restart.
+    let cache = app.proxy.cache.clone();
+    let _ = tokio::task::spawn_blocking(move || cache.note_recent_uses()).await;
 }
 
 /// Counts a connection in `regcache_connections_open` while it lives.

@@ -130,6 +130,8 @@ pub struct Index {
     evictions: Arc<AtomicU64>,
     deleter: Arc<Mutex<Sender<Deletion>>>,
     budget: u64,
+    /// The tick up to which uses have been handed to [`Index::take_recent_uses`].
+    noted: AtomicU64,
 }
 
 enum Deletion {
@@ -193,7 +195,24 @@ impl Index {
             evictions,
             deleter,
             budget: max_bytes,
+            noted: AtomicU64::new(0),
         }
+    }
+
+    /// What was used (or committed) since the last call, least recently used first, and
+    /// marks it noted. Pinned entries are left out: they are never evicted.
+    pub fn take_recent_uses(&self) -> Vec<Key> {
+        let lru = self.lru();
+        let now = self.ticks.load(Ordering::Relaxed);
+        let since = self.noted.swap(now, Ordering::Relaxed);
+        lru.order.range(since + 1..).map(|(_, key)| key.clone()).collect()
+    }
+
+    /// Counts everything indexed so far as noted: the startup rebuild's entries are not
+    /// uses (their files already say when they were last used).
+    pub fn note_all(&self) {
+        let _lru = self.lru();
+        self.noted.store(self.ticks.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     fn lru_ticks(&self) -> &AtomicU64 {
@@ -382,6 +401,25 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Uses are handed out once each, oldest first, and the startup rebuild is not a use.
+    #[test]
+    fn recent_uses_are_taken_once_in_order_of_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = BlobStore::open(dir.path()).unwrap();
+        let index = Index::new(Arc::new(store), 1 << 20);
+        let d: Vec<Digest> = (0..3u8).map(|i| Digest::sha256_of(&[i])).collect();
+        for x in &d {
+            index.restore(Kind::Blob, x, 10);
+        }
+        index.note_all();
+        assert!(index.take_recent_uses().is_empty());
+        index.size(Kind::Blob, &d[2]);
+        index.size(Kind::Blob, &d[0]);
+        let used: Vec<Digest> = index.take_recent_uses().into_iter().map(|(_, x)| x).collect();
+        assert_eq!(used, vec![d[2].clone(), d[0].clone()]);
+        assert!(index.take_recent_uses().is_empty());
+    }
 
     fn put(index: &Index, store: &BlobStore, data: &[u8]) -> Digest {
         let d = Digest::sha256_of(data);

@@ -125,19 +125,59 @@ impl Cache {
     fn index_scanned(&self, mut found: Vec<blob_store::Scanned>) {
         found.sort_by_key(|s| s.last_used);
         for s in found {
+            // Indexed meanwhile (asked for, or refetched and committed, while the scan ran):
+            // that entry is current, and more recently used than the scan can tell.
+            if self.index.peek(s.kind, &s.digest) {
+                continue;
+            }
             if s.damaged() {
-                // Indexed meanwhile (refetched and committed by a request while the scan
-                // ran): that file is the good one now, and stays.
-                if !self.index.peek(s.kind, &s.digest) {
-                    tracing::warn!(digest = %s.digest, recorded = s.recorded, found = s.size, "cached blob changed size while regcache was down");
-                    self.store.quarantine(s.kind, &s.digest);
-                }
+                tracing::warn!(digest = %s.digest, recorded = s.recorded, found = s.size, "cached blob changed size while regcache was down");
+                self.store.quarantine(s.kind, &s.digest);
                 continue;
             }
             self.index.restore(s.kind, &s.digest, s.size);
         }
         self.index.settle();
+        self.index.note_all();
         self.loading.store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Writes when content used since the last call was last used into its file's access
+    /// time, in the order of use, so LRU order survives a restart also where the kernel
+    /// keeps no access times (`noatime` mounts) or keeps them a day late (`relatime`).
+    /// Returns how many files it noted. Blocking.
+    pub fn note_recent_uses(&self) -> usize {
+        let used = self.index.take_recent_uses();
+        let now = std::time::SystemTime::now();
+        let mut noted = 0;
+        for (i, (kind, digest)) in used.iter().enumerate() {
+            if *kind == Kind::Reserved {
+                continue;
+            }
+            // A microsecond apart, oldest first: the order of use is what a restart reads.
+            let before = std::time::Duration::from_micros((used.len() - i) as u64);
+            let at = now.checked_sub(before).unwrap_or(now);
+            let set = std::fs::File::open(self.store.path(*kind, digest))
+                .and_then(|f| f.set_times(std::fs::FileTimes::new().set_accessed(at)));
+            noted += usize::from(set.is_ok());
+        }
+        noted
+    }
+
+    /// Starts the thread that notes uses (see [`Cache::note_recent_uses`]) every `period`.
+    /// It stops after the cache is dropped.
+    pub fn start_noting_uses(self: &Arc<Self>, period: std::time::Duration) {
+        let cache = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("use-notes".into())
+            .spawn(move || loop {
+                std::thread::sleep(period);
+                let Some(cache) = cache.upgrade() else { return };
+                cache.note_recent_uses();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the thread that notes uses");
+        }
     }
 
     /// Whether the index is still being rebuilt.

@@ -20,9 +20,14 @@ struct SmallDisk {
 
 impl SmallDisk {
     fn mount(size: &str) -> SmallDisk {
+        SmallDisk::mount_with(size, "")
+    }
+
+    /// [`SmallDisk::mount`] with more mount options (`,noatime`).
+    fn mount_with(size: &str, options: &str) -> SmallDisk {
         let dir = tempfile::tempdir().expect("tempdir");
         let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(["-t", "tmpfs", "-o", &format!("size={size}{options}"), "tmpfs"])
             .arg(dir.path())
             .status()
             .expect("mount runs");
@@ -274,6 +279,51 @@ async fn after_a_restart_the_recently_read_blob_outlives_an_older_unread_one() {
     assert!(path(&digests[0]).exists(), "the recently read blob is kept");
     assert!(!path(&digests[1]).exists(), "the oldest unread blob is evicted first");
     assert!(path(&digests[2]).exists());
+}
+
+/// Where the kernel keeps no access times (`noatime`, common on nodes tuned for I/O),
+/// regcache notes the uses itself: a blob read before a restart outlives older unread ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_noatime_disk_a_restart_still_keeps_the_recently_read_blob() {
+    let up = FakeUpstream::start().await;
+    let blobs: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(400 << 10, 125 + i)).collect();
+    let digests: Vec<String> = blobs.iter().map(|b| up.add_blob(b)).collect();
+    let disk = SmallDisk::mount_with("64M", ",noatime");
+    let path = |d: &str| {
+        let hex = d.trim_start_matches("sha256:");
+        disk.path().join(format!("v1/blobs/sha256/{}/{hex}", &hex[..2]))
+    };
+    let blob = |proxy: &TestProxy, d: &str| proxy.url(&format!("/v2/library/x/blobs/{d}"));
+    let proxy = proxy_on(&up, disk.path(), "2MiB").await;
+    for d in &digests {
+        assert_eq!(sha256(get(&blob(&proxy, d)).await.bytes()), *d);
+    }
+    proxy.stop().await;
+    // Committed in the order 0, 1, 2, each an hour apart, and not read since.
+    let now = std::time::SystemTime::now();
+    let hour = std::time::Duration::from_secs(3600);
+    for (i, d) in digests.iter().enumerate() {
+        let committed = now - hour * (4 - i as u32);
+        let f = std::fs::File::options().write(true).open(path(d)).unwrap();
+        f.set_times(
+            std::fs::FileTimes::new()
+                .set_modified(committed)
+                .set_accessed(committed),
+        )
+        .unwrap();
+    }
+    // Blob 0, the oldest, is read now: this disk does not note it, regcache must.
+    let proxy = proxy_on(&up, disk.path(), "2MiB").await;
+    assert_eq!(sha256(get(&blob(&proxy, &digests[0])).await.bytes()), digests[0]);
+    proxy.stop().await;
+    // A smaller budget after the restart: one of the three must go, the least recently used.
+    let proxy = proxy_on(&up, disk.path(), "1MiB").await;
+    proxy.proxy.cache.index.settle_deletions();
+    assert!(path(&digests[0]).exists(), "the recently read blob is kept");
+    assert!(!path(&digests[1]).exists(), "the oldest unread blob is evicted first");
+    assert!(path(&digests[2]).exists());
+    assert_eq!(up.count("GET", "/blobs/"), 3);
+    proxy.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
