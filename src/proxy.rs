@@ -1140,6 +1140,10 @@ impl Proxy {
         if evictions > m.cache_evictions.get() {
             m.cache_evictions.inc_by(evictions - m.cache_evictions.get());
         }
+        let quarantined = self.cache.store.quarantined();
+        if quarantined > m.cache_quarantined.get() {
+            m.cache_quarantined.inc_by(quarantined - m.cache_quarantined.get());
+        }
     }
 
     async fn cached_blob(&self, digest: &Digest) -> Result<Option<BlobAnswer>, Error> {

@@ -173,6 +173,8 @@ pub struct BlobStore {
     root: PathBuf,
     tmp: PathBuf,
     next_tmp: AtomicU64,
+    /// Damaged files set aside since the store was opened.
+    quarantined: AtomicU64,
     /// Held (locked) for as long as the store is open: one process owns a cache dir.
     _lock: File,
 }
@@ -242,6 +244,7 @@ impl BlobStore {
             root,
             tmp,
             next_tmp: AtomicU64::new(0),
+            quarantined: AtomicU64::new(0),
             _lock: lock,
         })
     }
@@ -332,12 +335,18 @@ impl BlobStore {
         let moved = make_dirs(&dir, 1).and_then(|()| fs::rename(&path, &dest));
         match moved {
             Ok(()) => tracing::warn!(%digest, to = %dest.display(), "damaged cache file quarantined"),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
             Err(e) => {
                 tracing::warn!(%digest, error = %e, "cannot quarantine a damaged cache file; deleting it");
                 let _ = fs::remove_file(&path);
             }
         }
+        self.quarantined.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Damaged files set aside (or deleted, where they could not be moved) since it opened.
+    pub fn quarantined(&self) -> u64 {
+        self.quarantined.load(Ordering::Relaxed)
     }
 
     pub fn remove(&self, kind: Kind, digest: &Digest) {

@@ -83,6 +83,7 @@ async fn a_cache_file_truncated_from_outside_is_quarantined_and_refetched() {
     assert_eq!(sha256(r.bytes()), digest);
     assert_eq!(up.count("GET", "/blobs/"), 2);
     assert_eq!(files_under(&dir.path().join("v1/quarantine")).len(), 1);
+    assert_eq!(proxy.metric("regcache_cache_quarantined_total"), 1.0);
     assert_eq!(std::fs::metadata(&blobs[0]).unwrap().len(), data.len() as u64);
 }
 
@@ -485,5 +486,6 @@ async fn a_cache_file_truncated_while_regcache_is_down_is_set_aside_at_restart()
     assert_eq!(sha256(r.bytes()), digest);
     assert_eq!(up.count("GET", "/blobs/"), 2);
     assert_eq!(files_under(&dir.path().join("v1/quarantine")).len(), 1);
+    assert_eq!(proxy.metric("regcache_cache_quarantined_total"), 1.0);
     proxy.stop().await;
 }
