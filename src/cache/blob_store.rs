@@ -132,9 +132,8 @@ fn scan_fan(kind: Kind, algo_name: &str, dir: &Path, found: &mut Vec<Scanned>) -
     Ok(())
 }
 
-/// Creates `dir` and up to `levels - 1` of its missing parents (a fan-out directory and its
-/// algorithm's), never more: a late write must not bring back a cache dir that was removed
-/// under it (it fails instead).
+/// Creates `dir` and up to `levels - 1` of its missing parents, never more: a late write
+/// must not bring back a cache dir that was removed under it (it fails instead).
 pub fn make_dirs(dir: &Path, levels: usize) -> io::Result<()> {
     match fs::create_dir(dir) {
         Ok(()) => Ok(()),
@@ -296,7 +295,8 @@ impl BlobStore {
     /// Moves a durable temp file to its final path (a rename: atomic, and quick).
     pub fn place(&self, tmp: &Path, kind: Kind, digest: &Digest) -> io::Result<PathBuf> {
         let dest = self.path(kind, digest);
-        make_dirs(dest.parent().unwrap_or(&self.root), 2)?;
+        // Up to `blobs/` or `manifests/` (an operator may have removed one), never `v1/`.
+        make_dirs(dest.parent().unwrap_or(&self.root), 3)?;
         fs::rename(tmp, &dest)?;
         Ok(dest)
     }
@@ -476,7 +476,14 @@ mod tests {
     /// A commit that lands after the cache dir was removed fails; it does not bring the dir
     /// back (the suite used to leave such dirs behind in /tmp).
     #[test]
-    fn a_late_commit_does_not_bring_back_a_removed_cache_dir() {
+    fn a_commit_makes_missing_store_dirs_but_never_a_removed_cache_dir() {
+        // A removed `blobs/` alone is made again: the cache dir is still there.
+        let kept_dir = tempfile::tempdir().unwrap();
+        let (kept_store, _) = BlobStore::open(kept_dir.path()).unwrap();
+        fs::remove_dir_all(kept_store.root().join("blobs")).unwrap();
+        let tmp = kept_store.write_temp(&[b"late"]).unwrap();
+        assert!(kept_store.place(&tmp, Kind::Blob, &Digest::sha256_of(b"late")).is_ok());
+
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = BlobStore::open(dir.path()).unwrap();
         let tmp = store.write_temp(&[b"late"]).unwrap();
