@@ -361,7 +361,12 @@ impl Proxy {
 
     /// Fills and background writes (manifests, tag records) not yet finished.
     pub fn work_in_flight(&self) -> usize {
-        self.fills.in_flight() + self.writes.load(std::sync::atomic::Ordering::Relaxed)
+        self.fills.in_flight() + self.writes_in_flight()
+    }
+
+    /// Background writes (manifests, tag records, uploads) not yet finished.
+    pub fn writes_in_flight(&self) -> usize {
+        self.writes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub async fn manifest(

@@ -125,6 +125,12 @@ impl Drop for TestProxy {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+        // The test's cache dir goes right after this: a manifest or tag record still being
+        // written meanwhile would make its removal fail half way and leave the dir behind.
+        let started = std::time::Instant::now();
+        while self.proxy.writes_in_flight() > 0 && started.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
     }
 }
 
@@ -359,9 +365,9 @@ pub async fn behind(up: &crate::fake_upstream::FakeUpstream, dir: &Path, section
 }
 
 /// A fake upstream, a regcache in front of it with `tag_ttl`, and the cache's temp dir.
-pub async fn setup(tag_ttl: &str) -> (crate::fake_upstream::FakeUpstream, TestProxy, tempfile::TempDir) {
+pub async fn setup(tag_ttl: &str) -> (crate::fake_upstream::FakeUpstream, TestProxy, CacheDir) {
     let up = crate::fake_upstream::FakeUpstream::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = CacheDir(Some(tempfile::tempdir().expect("tempdir")));
     let proxy = TestProxy::start(
         dir.path(),
         "1GiB",
@@ -369,6 +375,32 @@ pub async fn setup(tag_ttl: &str) -> (crate::fake_upstream::FakeUpstream, TestPr
     )
     .await;
     (up, proxy, dir)
+}
+
+/// A test's cache dir, removed when dropped even while its server still writes in it:
+/// [`setup`]'s callers drop it before the server (the last binding of a tuple goes first),
+/// and a removal that a late manifest or tag write makes fail half way is tried again.
+pub struct CacheDir(Option<tempfile::TempDir>);
+
+impl CacheDir {
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().map_or(Path::new(""), |d| d.path())
+    }
+}
+
+impl Drop for CacheDir {
+    fn drop(&mut self) {
+        let Some(dir) = self.0.take() else { return };
+        let path = dir.keep();
+        for _ in 0..200 {
+            match std::fs::remove_dir_all(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                _ => return,
+            }
+        }
+    }
 }
 
 /// Polls `condition` until it holds; a condition never reached within the hang limit fails
