@@ -309,6 +309,15 @@ fn cluster_secret(dir: &Path) -> std::path::PathBuf {
     secret
 }
 
+/// `n` cache dirs for one test's replicas and the cluster's secret file, in a dir of its own
+/// (kept until the last value is dropped).
+fn cluster_dirs(n: usize) -> (Vec<tempfile::TempDir>, std::path::PathBuf, tempfile::TempDir) {
+    let dirs = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = cluster_secret(secret_dir.path());
+    (dirs, secret, secret_dir)
+}
+
 /// `size` random bytes (from `seed`) added to `up`, whose download stops after its first MiB
 /// until the returned gate is notified: (bytes, digest, gate).
 fn gated_blob(up: &FakeUpstream, size: usize, seed: u64) -> (Vec<u8>, String, std::sync::Arc<tokio::sync::Notify>) {
@@ -1022,9 +1031,7 @@ async fn with_access_rules_a_cluster_still_fetches_a_cold_blob_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replica_fetches_layers_ahead_for_the_whole_cluster() {
     let up = FakeUpstream::start().await;
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let secret_dir = tempfile::tempdir().unwrap();
-    let secret = cluster_secret(secret_dir.path());
+    let (dirs, secret, _secret_dir) = cluster_dirs(3);
     let (manifest, digests, bytes) = image(&up, 41);
     let prefix = "ahead";
     let ahead = "layers_ahead = 4";
@@ -1075,9 +1082,7 @@ async fn one_replica_fetches_layers_ahead_for_the_whole_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layers_ahead_leave_a_layer_another_replica_is_fetching_to_it() {
     let up = FakeUpstream::start().await;
-    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let secret_dir = tempfile::tempdir().unwrap();
-    let secret = cluster_secret(secret_dir.path());
+    let (dirs, secret, _secret_dir) = cluster_dirs(2);
     let (manifest, digests, bytes) = image(&up, 61);
     let gate = std::sync::Arc::new(tokio::sync::Notify::new());
     up.fault(&digests[1], [Fault::Gate(1 << 20, gate.clone())]);
@@ -1113,9 +1118,7 @@ async fn layers_ahead_leave_a_layer_another_replica_is_fetching_to_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_replicas_download_in_flight_is_not_handed_across_repositories() {
     let up = FakeUpstream::start().await;
-    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let secret_dir = tempfile::tempdir().unwrap();
-    let secret = cluster_secret(secret_dir.path());
+    let (dirs, secret, _secret_dir) = cluster_dirs(2);
     let private = random_bytes(4 << 20, 24);
     let digest = up.add_blob_in("acme/private", &private);
     let gate = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -1163,9 +1166,7 @@ async fn another_replicas_download_in_flight_is_not_handed_across_repositories()
 
 async fn cold_blob_once_per_cluster(prefix: &str, sections: &str) {
     let up = FakeUpstream::start().await;
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let secret_dir = tempfile::tempdir().unwrap();
-    let secret = cluster_secret(secret_dir.path());
+    let (dirs, secret, _secret_dir) = cluster_dirs(3);
     let (blob, digest, gate) = gated_blob(&up, 4 << 20, 21);
     let mut replicas = Vec::new();
     for d in &dirs {
@@ -1323,9 +1324,7 @@ async fn a_slow_lease_create_does_not_hold_back_a_replica_while_another_fetches(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_fill_is_relayed_without_a_local_copy_and_a_lagging_client_follows_the_holder() {
     let up = FakeUpstream::start().await;
-    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let secret_dir = tempfile::tempdir().unwrap();
-    let secret = cluster_secret(secret_dir.path());
+    let (dirs, secret, _secret_dir) = cluster_dirs(2);
     // Twice what a peer relay keeps (48 MiB): a client that stops reading is left behind.
     let (blob, digest, gate) = gated_blob(&up, 96 << 20, 22);
     let prefix = "peer-relay";
