@@ -1141,14 +1141,8 @@ impl Proxy {
         m.cache_size.set(self.cache.index.total_bytes() as i64);
         m.cache_entries.set(self.cache.index.entry_count() as i64);
         m.cache_pinned.set(self.cache.index.pinned_bytes() as i64);
-        let evictions = self.cache.index.evictions();
-        if evictions > m.cache_evictions.get() {
-            m.cache_evictions.inc_by(evictions - m.cache_evictions.get());
-        }
-        let quarantined = self.cache.store.quarantined();
-        if quarantined > m.cache_quarantined.get() {
-            m.cache_quarantined.inc_by(quarantined - m.cache_quarantined.get());
-        }
+        catch_up(&m.cache_evictions, self.cache.index.evictions());
+        catch_up(&m.cache_quarantined, self.cache.store.quarantined());
     }
 
     async fn cached_blob(&self, digest: &Digest) -> Result<Option<BlobAnswer>, Error> {
@@ -1209,6 +1203,14 @@ impl Proxy {
 /// Too many open files, in the process / in the system (Linux errno values).
 const EMFILE: i32 = 24;
 const ENFILE: i32 = 23;
+
+/// Brings a counter kept elsewhere (an atomic the cache counts in) up to `total`.
+fn catch_up(counter: &prometheus::IntCounter, total: u64) {
+    let seen = counter.get();
+    if total > seen {
+        counter.inc_by(total - seen);
+    }
+}
 
 enum Joined {
     /// A fill to tail, whether this request started it, and (if it did) where it reads.
