@@ -486,6 +486,56 @@ struct Written {
     failed: Option<(io::Error, Vec<Bytes>)>,
 }
 
+/// A verified fill whose commit failed (the fsync reported an I/O error, or a thin volume
+/// ran out of space): the blob is relayed uncached to its clients instead of failing them
+/// all. The file can no longer be trusted (pages whose write-back failed read back as
+/// zeros once the kernel drops them), so what readers still need comes from memory: the
+/// last [`RELAY_BYTES`] of the file, read back once and hashed whole against the digest,
+/// or, if that read-back does not verify, the head window the fill still holds. A reader
+/// behind what memory holds is aborted; nothing is read from the file any more.
+async fn hand_over_from_memory<E>(
+    tx: &watch::Sender<Progress<E>>,
+    file: &Arc<File>,
+    digest: &Digest,
+    written: u64,
+) -> Option<Ended> {
+    let (file, expected) = (file.clone(), digest.clone());
+    let read_back = tokio::task::spawn_blocking(move || -> io::Result<Option<Relay>> {
+        let relay = Relay::new(0, RELAY_BYTES);
+        let keep_from = written.saturating_sub(RELAY_BYTES);
+        let mut verifier = Verifier::new(expected.algorithm());
+        let mut pos = 0;
+        while pos < written {
+            let mut buf = vec![0; (written - pos).min(READ_CHUNK) as usize];
+            file.read_exact_at(&mut buf, pos)?;
+            verifier.update(&buf);
+            let chunk = Bytes::from(buf);
+            if pos + chunk.len() as u64 > keep_from {
+                relay.push(
+                    pos.max(keep_from),
+                    chunk.slice(keep_from.saturating_sub(pos) as usize..),
+                );
+            }
+            pos += chunk.len() as u64;
+        }
+        Ok((verifier.finish() == expected).then_some(relay))
+    })
+    .await;
+    let relay = match read_back {
+        Ok(Ok(Some(relay))) => Arc::new(relay),
+        outcome => {
+            tracing::warn!(?outcome, "the failed blob's file did not read back as verified");
+            tx.borrow().head.clone()?
+        }
+    };
+    tracing::warn!("the cache disk lost a verified blob at its commit; relaying it uncached to its clients");
+    tx.send_modify(|p| p.relay = Some(relay));
+    Some(Ended {
+        written,
+        kept: Kept::Relayed,
+    })
+}
+
 /// Settles a fill exactly once, however its task ends: temp file removed (unless
 /// committed), entry dropped so the next request starts afresh, the caller's `on_end` run,
 /// and only then the outcome published. If the task dies (a panic), dropping this settles
@@ -651,10 +701,13 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
             let result = match fills.run(&digest, &task_file, &opener, &tx, &mut settle.resumes).await {
                 Ok(Filled {
                     written, on_disk: true, ..
-                }) => fills.commit(&digest, &tmp, &task_file, written).await.map(|()| Ended {
-                    written,
-                    kept: Kept::Committed,
-                }),
+                }) => match fills.commit(&digest, &tmp, &task_file, written).await {
+                    Ok(()) => Ok(Ended {
+                        written,
+                        kept: Kept::Committed,
+                    }),
+                    Err(e) => hand_over_from_memory(&tx, &task_file, &digest, written).await.ok_or(e),
+                },
                 // Verified, but not all on disk: the clients got it, this cache did not.
                 Ok(Filled { written, at_peer, .. }) => Ok(Ended {
                     written,

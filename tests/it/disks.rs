@@ -60,6 +60,56 @@ impl Drop for SmallDisk {
     }
 }
 
+/// A thin-provisioned volume: an ext4 filesystem of `size` on a sparse image whose backing
+/// store (a tmpfs of `backing`) is much smaller. Writes land in the page cache as on any
+/// disk; the volume runs out only when they are written back, so the error comes at the
+/// fsync (as on a thin LVM pool or a cloud volume that ran out), not at `write`.
+struct ThinDisk {
+    mount: tempfile::TempDir,
+    _backing: SmallDisk,
+}
+
+/// The tests that drop the page cache run one at a time: a drop between another one's
+/// failed fsync and its read-back takes that blob's pages, and its laggard is aborted.
+static DROPS_PAGE_CACHE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+impl ThinDisk {
+    fn mount(backing: &str, size: u64) -> ThinDisk {
+        let backing = SmallDisk::mount(backing);
+        let image = backing.path().join("volume.img");
+        std::fs::File::create(&image).unwrap().set_len(size).unwrap();
+        let run = |cmd: &mut std::process::Command| {
+            let status = cmd.status().expect("runs");
+            assert!(status.success(), "{cmd:?} (e2fsprogs, and the tests run as root)");
+        };
+        // No journal and lazy inode tables: nothing but the test's own writes uses the
+        // backing store.
+        run(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-O", "^has_journal", "-E", "nodiscard,lazy_itable_init=1"])
+            .arg(&image));
+        let mount = tempfile::tempdir().unwrap();
+        run(std::process::Command::new("mount")
+            .args(["-o", "loop,errors=continue,noinit_itable"])
+            .arg(&image)
+            .arg(mount.path()));
+        ThinDisk {
+            mount,
+            _backing: backing,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.mount.path()
+    }
+}
+
+impl Drop for ThinDisk {
+    fn drop(&mut self) {
+        // Before the backing tmpfs goes; the loop device is freed with the mount.
+        let _ = std::process::Command::new("umount").arg(self.mount.path()).status();
+    }
+}
+
 async fn proxy_on(up: &FakeUpstream, dir: &Path, max_size: &str) -> TestProxy {
     TestProxy::start(dir, max_size, &upstream_toml("docker.io", &up.url(), true, "5m")).await
 }
@@ -159,6 +209,89 @@ async fn a_full_disk_mid_fill_relays_the_verified_blob_to_every_client() {
         files_under(&disk.path().join("v1/tmp")).is_empty(),
         "its temp file is gone"
     );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fails_at_the_fsync_still_hands_the_verified_blob_to_its_clients() {
+    let _alone = DROPS_PAGE_CACHE.lock().await;
+    let disk = ThinDisk::mount("8m", 512 << 20);
+    let up = FakeUpstream::start().await;
+    let data = random_bytes(24 << 20, 114);
+    let digest = up.add_blob(&data);
+    let gate = Arc::new(tokio::sync::Notify::new());
+    up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
+    let proxy = proxy_on(&up, disk.path(), "1GiB").await;
+    let url = proxy.url(&format!("/v2/library/x/blobs/{digest}"));
+
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        clients.push(open(Method::GET, &url, &[]).await);
+    }
+    gate.notify_one();
+    // Read one after the other: the second client lags the whole download behind, and
+    // reads the rest only once the kernel has dropped every clean page of the file.
+    for (i, resp) in clients.into_iter().enumerate() {
+        assert_eq!(resp.status(), 200);
+        if i == 1 {
+            let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
+        }
+        let body = resp.into_body().collect().await.expect("a complete, verified body");
+        assert_eq!(sha256(&body.to_bytes()), digest);
+    }
+    assert_eq!(up.count("GET", "/blobs/"), 1, "one download for both");
+    assert_eq!(proxy.metric("regcache_fills_total{result=\"relayed\"}"), 1.0);
+    assert_eq!(proxy.metric("regcache_fills_total{result=\"committed\"}"), 0.0);
+    assert!(files_under(&disk.path().join("v1/blobs")).is_empty(), "not cached");
+    assert!(
+        files_under(&disk.path().join("v1/tmp")).is_empty(),
+        "its temp file is gone"
+    );
+
+    // The disk still takes writes and loses them: every pull still gets the blob.
+    let r = get(&url).await;
+    assert_eq!((r.status.as_u16(), sha256(r.bytes())), (200, digest.clone()));
+    assert_eq!(up.count("GET", "/blobs/"), 2);
+    proxy.stop().await;
+}
+
+/// What a failed fsync leaves in the file reads back as zeros once the kernel drops those
+/// pages: a client too far behind to finish from what is kept in memory (the last 64 MiB)
+/// is aborted, never handed the file's bytes as a complete body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_behind_a_blob_the_disk_lost_is_aborted_not_handed_zeros() {
+    let _alone = DROPS_PAGE_CACHE.lock().await;
+    let disk = ThinDisk::mount("8m", 512 << 20);
+    let up = FakeUpstream::start().await;
+    let data = random_bytes(96 << 20, 115);
+    let digest = up.add_blob(&data);
+    let proxy = proxy_on(&up, disk.path(), "1GiB").await;
+    let url = proxy.url(&format!("/v2/library/x/blobs/{digest}"));
+
+    let resp = open(Method::GET, &url, &[]).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.expect("a first frame").expect("bytes");
+    let mut received = first.data_ref().map_or(0, |d| d.len());
+    // The client reads no further until the fill has ended.
+    let p = proxy.proxy.clone();
+    crate::harness::wait_until(|| p.fills_in_flight() == 0).await;
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
+    let outcome = tokio::time::timeout(crate::harness::HANG, async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame?;
+            received += frame.data_ref().map_or(0, |d| d.len());
+        }
+        Ok::<_, hyper::Error>(())
+    })
+    .await
+    .expect("the response ends");
+    assert!(
+        outcome.is_err(),
+        "a complete {received}-byte body from a file whose write-back failed"
+    );
+    assert!(received < data.len());
+    assert_eq!(proxy.metric("regcache_fills_total{result=\"committed\"}"), 0.0);
     proxy.stop().await;
 }
 
