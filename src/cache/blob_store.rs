@@ -282,7 +282,12 @@ impl BlobStore {
     pub fn temp_file(&self) -> io::Result<(PathBuf, File)> {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
         let path = self.tmp.join(format!("{}-{n}", std::process::id()));
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        let open = || OpenOptions::new().read(true).write(true).create_new(true).open(&path);
+        let file = match open() {
+            // `tmp/` removed by an operator: made again, as `place` does `blobs/`.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => make_dirs(&self.tmp, 1).and_then(|()| open())?,
+            opened => opened?,
+        };
         Ok((path, file))
     }
 
@@ -477,10 +482,11 @@ mod tests {
     /// back (the suite used to leave such dirs behind in /tmp).
     #[test]
     fn a_commit_makes_missing_store_dirs_but_never_a_removed_cache_dir() {
-        // A removed `blobs/` alone is made again: the cache dir is still there.
+        // A removed `blobs/` or `tmp/` alone is made again: the cache dir is still there.
         let kept_dir = tempfile::tempdir().unwrap();
         let (kept_store, _) = BlobStore::open(kept_dir.path()).unwrap();
         fs::remove_dir_all(kept_store.root().join("blobs")).unwrap();
+        fs::remove_dir_all(kept_store.root().join("tmp")).unwrap();
         let tmp = kept_store.write_temp(&[b"late"]).unwrap();
         assert!(kept_store.place(&tmp, Kind::Blob, &Digest::sha256_of(b"late")).is_ok());
 
@@ -491,6 +497,7 @@ mod tests {
         fs::rename(&tmp, &kept).unwrap();
         fs::remove_dir_all(store.root()).unwrap();
         assert!(store.place(&kept, Kind::Blob, &Digest::sha256_of(b"late")).is_err());
+        assert!(store.temp_file().is_err());
         assert!(!store.root().exists(), "the removed cache dir came back");
     }
 
