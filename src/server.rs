@@ -288,7 +288,12 @@ pub async fn serve_as(listener: TcpListener, app: Arc<App>, shutdown: impl Futur
         let serve = move |stream: TcpStream| async move {
             let _permit = permit;
             let _open = open;
-            serve_connection(stream, peer, app, &builder, acceptor, drain, internal).await;
+            let connection = Peer {
+                addr: peer,
+                plain_tcp: acceptor.is_none(),
+            };
+            let serving = serve_connection(stream, connection, app, &builder, acceptor, drain, internal);
+            CONNECTION.scope(connection, serving).await;
         };
         let Some(shard) = shards.as_ref().and_then(|s| s.pick()) else {
             tokio::spawn(serve(stream));
@@ -347,8 +352,7 @@ impl Drop for OpenConnection {
     }
 }
 
-/// The connection a request came on, as the request's extension (one insert: each costs a
-/// hash and an allocation on every request).
+/// The connection a request came on: see [`Peer::of`].
 #[derive(Debug, Clone, Copy)]
 pub struct Peer {
     /// The client's address (for trusted `X-Forwarded-*`).
@@ -358,9 +362,27 @@ pub struct Peer {
     pub plain_tcp: bool,
 }
 
+tokio::task_local! {
+    /// The connection its task serves: set once per connection, so that an HTTP/1.1
+    /// request costs no extension insert (a hash and an allocation each).
+    static CONNECTION: Peer;
+}
+
+impl Peer {
+    /// The connection `req` came on. HTTP/1.1 requests are served in their connection's
+    /// task; h2 streams are spawned as tasks of their own, so they carry it as an extension.
+    pub fn of<B>(req: &http::Request<B>) -> Option<Peer> {
+        req.extensions()
+            .get::<Peer>()
+            .copied()
+            .or_else(|| CONNECTION.try_with(|p| *p).ok())
+    }
+}
+
+/// Serves one connection; run it in a [`CONNECTION`] scope of the same `connection`.
 async fn serve_connection(
     stream: TcpStream,
-    peer: std::net::SocketAddr,
+    connection: Peer,
     app: Arc<App>,
     builder: &auto::Builder<TokioExecutor>,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
@@ -370,12 +392,10 @@ async fn serve_connection(
     let activity = Activity::new();
     let handler = app.clone();
     let counted = activity.clone();
-    let plain = acceptor.is_none();
     let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(Peer {
-            addr: peer,
-            plain_tcp: plain,
-        });
+        if req.version() >= http::Version::HTTP_2 {
+            req.extensions_mut().insert(connection);
+        }
         let secret = req.headers().get(crate::INTERNAL_HEADER).map(|v| v.as_bytes());
         if internal && secret == Some(handler.internal_secret.as_bytes()) {
             req.extensions_mut().insert(Internal);

@@ -13,10 +13,8 @@ use crate::App;
 fn challenge<B>(app: &App, req: &Request<B>, scope: Option<&str>) -> HeaderValue {
     // `X-Forwarded-*` only from a configured reverse proxy: anyone else could aim the
     // client's credentials at a realm of their choosing.
-    let trusted = req
-        .extensions()
-        .get::<crate::server::Peer>()
-        .is_some_and(|p| app.trusted_proxies.iter().any(|t| t.covers_addr(p.addr.ip())));
+    let trusted =
+        crate::server::Peer::of(req).is_some_and(|p| app.trusted_proxies.iter().any(|t| t.covers_addr(p.addr.ip())));
     let forwarded = |name: &str| {
         trusted
             .then(|| req.headers().get(name).and_then(|v| v.to_str().ok()))

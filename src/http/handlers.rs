@@ -404,10 +404,7 @@ async fn send_blob<B>(
     let headers = req.headers();
     // hyper writes an HTTP/1.1 body's chunks to the socket as they are; h2 and TLS copy
     // (and so read) them in user space, where a mapped page that faults would be a signal.
-    let plain_tcp = req
-        .extensions()
-        .get::<crate::server::Peer>()
-        .is_some_and(|p| p.plain_tcp);
+    let plain_tcp = crate::server::Peer::of(req).is_some_and(|p| p.plain_tcp);
     let reader = if plain_tcp && req.version() <= http::Version::HTTP_11 {
         Reader::Mapped
     } else {

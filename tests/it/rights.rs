@@ -246,5 +246,25 @@ async fn forwarded_headers_count_only_from_a_trusted_proxy() {
         let r = get_with(&proxy.url("/v2/"), &forwarded).await;
         assert_eq!(r.status, 401);
         assert!(realm_of(&r).starts_with(expected), "{trusted}: {}", realm_of(&r));
+
+        // The same over h2c, where each stream is a task of its own (the connection it came
+        // on travels differently than for HTTP/1.1).
+        let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let mut req = http::Request::get(proxy.url("/v2/"))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        for (name, value) in &forwarded[1..] {
+            req.headers_mut().insert(*name, value.parse().unwrap());
+        }
+        let resp = tokio::time::timeout(crate::harness::HANG, h2.request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((resp.version(), resp.status().as_u16()), (http::Version::HTTP_2, 401));
+        let realm = resp.headers()["www-authenticate"].to_str().unwrap();
+        let expected = expected.replace("10.1.2.3:5000", &proxy.url("").replace("http://", ""));
+        assert!(realm.starts_with(&expected), "h2c, {trusted}: {realm}");
     }
 }
