@@ -28,7 +28,8 @@ pub struct RepoName(String);
 
 impl RepoName {
     pub fn parse(s: &str) -> Option<RepoName> {
-        if s.is_empty() || s.len() > 255 || !s.split('/').all(valid_component) {
+        // A byte split: `str`'s char searcher cost more than the grammar check itself.
+        if s.is_empty() || s.len() > 255 || !s.as_bytes().split(|&b| b == b'/').all(valid_component) {
             return None;
         }
         Some(RepoName(s.to_owned()))
@@ -37,7 +38,7 @@ impl RepoName {
         &self.0
     }
     pub fn segments(&self) -> usize {
-        self.0.split('/').count()
+        memchr::memchr_iter(b'/', self.0.as_bytes()).count() + 1
     }
 }
 
@@ -47,8 +48,7 @@ impl fmt::Display for RepoName {
     }
 }
 
-fn valid_component(c: &str) -> bool {
-    let b = c.as_bytes();
+fn valid_component(b: &[u8]) -> bool {
     let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
     if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
         return false;
@@ -135,13 +135,20 @@ impl AcceptSet {
     pub fn from_headers<'a>(values: impl Iterator<Item = &'a str>) -> AcceptSet {
         let mut bits = 0u8;
         let mut any = false;
+        // Split with `memchr`: `str`'s char searcher cost half of this function.
+        let before = |s: &'a str, b: u8| memchr::memchr(b, s.as_bytes()).map_or(s, |i| &s[..i]);
         for value in values {
-            for item in value.split(',') {
-                let t = item.split(';').next().unwrap_or("").trim();
+            let items = memchr::memchr_iter(b',', value.as_bytes()).chain([value.len()]);
+            let mut start = 0;
+            for end in items {
+                let item = &value[start..end];
+                start = end + 1;
+                let t = before(item, b';').trim();
                 if t == "*/*" || t == "application/*" {
                     any = true;
                 }
-                if let Some(i) = MANIFEST_TYPES.iter().position(|m| m.eq_ignore_ascii_case(t)) {
+                // As clients write them, compared whole (a `memcmp`) before byte by byte.
+                if let Some(i) = MANIFEST_TYPES.iter().position(|m| *m == t || m.eq_ignore_ascii_case(t)) {
                     bits |= 1 << i;
                 }
             }

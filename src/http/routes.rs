@@ -58,22 +58,19 @@ fn parse_path(path: &str) -> Option<Route<'_>> {
     if let Some(name) = rest.strip_suffix("/tags/list") {
         return named(name, Endpoint::TagsList);
     }
-    // One pass over the bytes for the last two slashes, instead of substring searchers:
-    // this runs on every request.
-    let bytes = rest.as_bytes();
-    let (mut last, mut before_last) = (None, None);
-    for (i, &b) in bytes.iter().enumerate() {
-        if b == b'/' {
-            if bytes[i..].starts_with(b"/blobs/uploads") {
-                return named(&rest[..i], Endpoint::Upload);
-            }
-            (before_last, last) = (last, Some(i));
+    // From the right, since names contain `/`. `memchr`'s searches take many bytes per
+    // instruction (`str`'s char searches took a twentieth of a warm manifest answer).
+    let last = memchr::memrchr(b'/', rest.as_bytes())?;
+    let (front, reference) = (&rest[..last], &rest[last + 1..]);
+    // `/blobs/uploads` anywhere is a push endpoint; it can only start at a `/` of `front`
+    // (the reference holds none), so the digest after it is never scanned.
+    for at in memchr::memchr_iter(b'/', front.as_bytes()) {
+        if rest[at..].starts_with("/blobs/uploads") {
+            return named(&rest[..at], Endpoint::Upload);
         }
     }
-    let (Some(kind_start), Some(last)) = (before_last, last) else {
-        return None;
-    };
-    let (name, kind, reference) = (&rest[..kind_start], &rest[kind_start + 1..last], &rest[last + 1..]);
+    let kind_start = memchr::memrchr(b'/', front.as_bytes())?;
+    let (name, kind) = (&front[..kind_start], &front[kind_start + 1..]);
     if reference.is_empty() {
         return None;
     }

@@ -80,8 +80,8 @@ impl Upstreams {
                 .ok_or_else(|| RouteError::UnknownUpstream(ns.to_owned()))?;
             (up, name)
         } else {
-            let prefix = name
-                .split_once('/')
+            let prefix = memchr::memchr(b'/', name.as_bytes())
+                .map(|i| (&name[..i], &name[i + 1..]))
                 .map(|(first, rest)| (first, rest, self.find(first)));
             match prefix {
                 Some((_, rest, Some(up))) => (up, rest),
