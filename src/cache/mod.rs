@@ -74,7 +74,7 @@ pub struct Cache {
     pub tags: Arc<TagStore>,
     pub associations: associations::Associations,
     pub pins: pins::Pins,
-    manifests: moka::sync::Cache<Digest, Arc<Manifest>>,
+    manifests: moka::sync::Cache<Digest, Arc<Manifest>, crate::digest::DigestHashing>,
     loading: std::sync::atomic::AtomicBool,
 }
 
@@ -101,7 +101,7 @@ impl Cache {
         let manifests = moka::sync::Cache::builder()
             .max_capacity(memory_manifest_bytes)
             .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len() + m.media_type.len()).unwrap_or(u32::MAX))
-            .build();
+            .build_with_hasher(crate::digest::DigestHashing);
         Ok(Cache {
             store,
             index,
