@@ -180,79 +180,86 @@ async fn a_cache_file_truncated_while_it_is_served_aborts_one_response() {
     assert_eq!(files_under(&dir.path().join("v1/quarantine")).len(), 1);
 }
 
+/// `clients` requests for one 24 MiB blob, whose single download the upstream holds at
+/// 1 MiB until `gate` is notified.
+struct GatedPull {
+    up: FakeUpstream,
+    proxy: TestProxy,
+    url: String,
+    digest: String,
+    gate: Arc<tokio::sync::Notify>,
+    clients: Vec<http::Response<hyper::body::Incoming>>,
+}
+
+async fn gated_pull(dir: &Path, clients: usize, seed: u64) -> GatedPull {
+    let up = FakeUpstream::start().await;
+    let digest = up.add_blob(&random_bytes(24 << 20, seed));
+    let gate = Arc::new(tokio::sync::Notify::new());
+    up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
+    let proxy = proxy_on(&up, dir, "1GiB").await;
+    let url = proxy.url(&format!("/v2/library/x/blobs/{digest}"));
+    let mut opened = Vec::new();
+    for _ in 0..clients {
+        opened.push(open(Method::GET, &url, &[]).await);
+    }
+    GatedPull {
+        up,
+        proxy,
+        url,
+        digest,
+        gate,
+        clients: opened,
+    }
+}
+
+/// The blob went to its clients but not into the cache in `dir`, and its temp file is gone.
+fn assert_relayed_uncached(proxy: &TestProxy, dir: &Path) {
+    assert_eq!(proxy.metric("regcache_fills_total{result=\"relayed\"}"), 1.0);
+    assert_eq!(proxy.metric("regcache_fills_total{result=\"committed\"}"), 0.0);
+    assert!(files_under(&dir.join("v1/blobs")).is_empty(), "not cached");
+    assert!(files_under(&dir.join("v1/tmp")).is_empty(), "its temp file is gone");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_mid_fill_relays_the_verified_blob_to_every_client() {
     let disk = SmallDisk::mount("16m");
-    let up = FakeUpstream::start().await;
-    let data = random_bytes(24 << 20, 111);
-    let digest = up.add_blob(&data);
-    let gate = Arc::new(tokio::sync::Notify::new());
-    up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
-    let proxy = proxy_on(&up, disk.path(), "1GiB").await;
-    let url = proxy.url(&format!("/v2/library/x/blobs/{digest}"));
-
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        clients.push(open(Method::GET, &url, &[]).await);
-    }
-    assert_eq!(up.count("GET", "/blobs/"), 1);
-    gate.notify_one();
-    for resp in clients {
+    let pull = gated_pull(disk.path(), 4, 111).await;
+    assert_eq!(pull.up.count("GET", "/blobs/"), 1);
+    pull.gate.notify_one();
+    for resp in pull.clients {
         assert_eq!(resp.status(), 200);
         let body = resp.into_body().collect().await.expect("a complete, verified body");
-        assert_eq!(sha256(&body.to_bytes()), digest);
+        assert_eq!(sha256(&body.to_bytes()), pull.digest);
     }
-    assert_eq!(up.count("GET", "/blobs/"), 1, "one download for all four");
-    assert_eq!(proxy.metric("regcache_fills_total{result=\"relayed\"}"), 1.0);
-    assert!(files_under(&disk.path().join("v1/blobs")).is_empty(), "not cached");
-    assert!(
-        files_under(&disk.path().join("v1/tmp")).is_empty(),
-        "its temp file is gone"
-    );
-    proxy.stop().await;
+    assert_eq!(pull.up.count("GET", "/blobs/"), 1, "one download for all four");
+    assert_relayed_uncached(&pull.proxy, disk.path());
+    pull.proxy.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_that_fails_at_the_fsync_still_hands_the_verified_blob_to_its_clients() {
     let _alone = DROPS_PAGE_CACHE.lock().await;
     let disk = ThinDisk::mount("8m", 512 << 20);
-    let up = FakeUpstream::start().await;
-    let data = random_bytes(24 << 20, 114);
-    let digest = up.add_blob(&data);
-    let gate = Arc::new(tokio::sync::Notify::new());
-    up.fault(&digest, [Fault::Gate(1 << 20, gate.clone())]);
-    let proxy = proxy_on(&up, disk.path(), "1GiB").await;
-    let url = proxy.url(&format!("/v2/library/x/blobs/{digest}"));
-
-    let mut clients = Vec::new();
-    for _ in 0..2 {
-        clients.push(open(Method::GET, &url, &[]).await);
-    }
-    gate.notify_one();
+    let pull = gated_pull(disk.path(), 2, 114).await;
+    pull.gate.notify_one();
     // Read one after the other: the second client lags the whole download behind, and
     // reads the rest only once the kernel has dropped every clean page of the file.
-    for (i, resp) in clients.into_iter().enumerate() {
+    for (i, resp) in pull.clients.into_iter().enumerate() {
         assert_eq!(resp.status(), 200);
         if i == 1 {
             let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
         }
         let body = resp.into_body().collect().await.expect("a complete, verified body");
-        assert_eq!(sha256(&body.to_bytes()), digest);
+        assert_eq!(sha256(&body.to_bytes()), pull.digest);
     }
-    assert_eq!(up.count("GET", "/blobs/"), 1, "one download for both");
-    assert_eq!(proxy.metric("regcache_fills_total{result=\"relayed\"}"), 1.0);
-    assert_eq!(proxy.metric("regcache_fills_total{result=\"committed\"}"), 0.0);
-    assert!(files_under(&disk.path().join("v1/blobs")).is_empty(), "not cached");
-    assert!(
-        files_under(&disk.path().join("v1/tmp")).is_empty(),
-        "its temp file is gone"
-    );
+    assert_eq!(pull.up.count("GET", "/blobs/"), 1, "one download for both");
+    assert_relayed_uncached(&pull.proxy, disk.path());
 
     // The disk still takes writes and loses them: every pull still gets the blob.
-    let r = get(&url).await;
-    assert_eq!((r.status.as_u16(), sha256(r.bytes())), (200, digest.clone()));
-    assert_eq!(up.count("GET", "/blobs/"), 2);
-    proxy.stop().await;
+    let r = get(&pull.url).await;
+    assert_eq!((r.status.as_u16(), sha256(r.bytes())), (200, pull.digest.clone()));
+    assert_eq!(pull.up.count("GET", "/blobs/"), 2);
+    pull.proxy.stop().await;
 }
 
 /// What a failed fsync leaves in the file reads back as zeros once the kernel drops those
