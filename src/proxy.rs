@@ -1143,6 +1143,7 @@ impl Proxy {
         m.cache_pinned.set(self.cache.index.pinned_bytes() as i64);
         catch_up(&m.cache_evictions, self.cache.index.evictions());
         catch_up(&m.cache_quarantined, self.cache.store.quarantined());
+        catch_up(&m.cache_write_errors, self.cache.store.write_errors());
     }
 
     async fn cached_blob(&self, digest: &Digest) -> Result<Option<BlobAnswer>, Error> {

@@ -174,6 +174,8 @@ pub struct BlobStore {
     next_tmp: AtomicU64,
     /// Damaged files set aside since the store was opened.
     quarantined: AtomicU64,
+    /// Content the disk refused or lost since the store was opened.
+    write_errors: AtomicU64,
     /// Held (locked) for as long as the store is open: one process owns a cache dir.
     _lock: File,
 }
@@ -244,6 +246,7 @@ impl BlobStore {
             tmp,
             next_tmp: AtomicU64::new(0),
             quarantined: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
             _lock: lock,
         })
     }
@@ -352,6 +355,16 @@ impl BlobStore {
     /// Damaged files set aside (or deleted, where they could not be moved) since it opened.
     pub fn quarantined(&self) -> u64 {
         self.quarantined.load(Ordering::Relaxed)
+    }
+
+    /// Counts content the disk refused (a write) or lost (the fsync before its commit).
+    pub fn note_write_error(&self) {
+        self.write_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Content the disk refused or lost since the store opened (see `note_write_error`).
+    pub fn write_errors(&self) -> u64 {
+        self.write_errors.load(Ordering::Relaxed)
     }
 
     pub fn remove(&self, kind: Kind, digest: &Digest) {

@@ -970,6 +970,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
     ) -> Result<(), FillError<E>> {
         let done = ended.map_err(io::Error::other)?;
         if let Some((error, rest)) = done.failed {
+            self.store.note_write_error();
             tracing::warn!(error = %error, at = done.at,
                 "the cache disk refused a write; relaying this blob to its clients uncached");
             let r = Arc::new(Relay::new(done.at, RELAY_BYTES));
@@ -1017,6 +1018,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         .and_then(|r| r)
         .map(|_| ())
         .map_err(|e| {
+            self.store.note_write_error();
             tracing::error!(error = %e, "verified blob could not be committed to the cache");
             Arc::new(FillError::Io(e))
         })

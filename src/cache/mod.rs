@@ -406,7 +406,10 @@ impl Cache {
     pub fn put_manifest(&self, m: Arc<Manifest>) -> io::Result<()> {
         self.remember_manifest(m.clone());
         let size = (m.media_type.len() + 1 + m.bytes.len()) as u64;
-        let tmp = self.store.write_temp(&[m.media_type.as_bytes(), b"\n", &m.bytes])?;
+        let tmp = self
+            .store
+            .write_temp(&[m.media_type.as_bytes(), b"\n", &m.bytes])
+            .inspect_err(|_| self.store.note_write_error())?;
         let placed = self.index.commit(Kind::Manifest, &m.digest, size, || {
             self.store.place(&tmp, Kind::Manifest, &m.digest)
         });

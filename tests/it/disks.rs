@@ -212,8 +212,10 @@ async fn gated_pull(dir: &Path, clients: usize, seed: u64) -> GatedPull {
     }
 }
 
-/// The blob went to its clients but not into the cache in `dir`, and its temp file is gone.
+/// The blob went to its clients but not into the cache in `dir` (the disk's one failure
+/// counted), and its temp file is gone.
 fn assert_relayed_uncached(proxy: &TestProxy, dir: &Path) {
+    assert_eq!(proxy.metric("regcache_cache_write_errors_total"), 1.0);
     assert_eq!(proxy.metric("regcache_fills_total{result=\"relayed\"}"), 1.0);
     assert_eq!(proxy.metric("regcache_fills_total{result=\"committed\"}"), 0.0);
     assert!(files_under(&dir.join("v1/blobs")).is_empty(), "not cached");
@@ -259,6 +261,7 @@ async fn a_disk_that_fails_at_the_fsync_still_hands_the_verified_blob_to_its_cli
     let r = get(&pull.url).await;
     assert_eq!((r.status.as_u16(), sha256(r.bytes())), (200, pull.digest.clone()));
     assert_eq!(pull.up.count("GET", "/blobs/"), 2);
+    assert_eq!(pull.proxy.metric("regcache_cache_write_errors_total"), 2.0);
     pull.proxy.stop().await;
 }
 
@@ -323,6 +326,8 @@ async fn on_a_full_disk_manifests_are_answered_and_readiness_says_why() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
     assert_eq!(r.bytes().as_ref(), manifest.as_slice());
+    // Stored in the background, where the full disk refuses it: counted.
+    crate::harness::wait_until(|| proxy.metric("regcache_cache_write_errors_total") == 1.0).await;
     let resp = readyz().await.unwrap();
     assert_eq!(resp.status(), 503);
     let why = resp.into_body().collect().await.unwrap().to_bytes();
