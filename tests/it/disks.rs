@@ -105,8 +105,12 @@ impl ThinDisk {
 
 impl Drop for ThinDisk {
     fn drop(&mut self) {
-        // Before the backing tmpfs goes; the loop device is freed with the mount.
-        let _ = std::process::Command::new("umount").arg(self.mount.path()).status();
+        // Before the backing tmpfs goes; the loop device is freed with the mount. Lazily:
+        // a test that failed may still hold files open there.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.mount.path())
+            .status();
     }
 }
 
