@@ -29,6 +29,8 @@ pub struct Inventory {
     tags: Vec<TagRecord>,
     /// (upstream, repo) -> digests recorded under it.
     pairs: BTreeMap<(String, String), BTreeSet<String>>,
+    /// Blob files whose size is not the one recorded at their commit.
+    damaged: usize,
 }
 
 /// One line of `regcache ls`.
@@ -55,6 +57,9 @@ pub struct Usage {
     /// Every committed file once (content shared by repositories counts once here).
     pub total: u64,
     pub files: usize,
+    /// Blob files cut or grown since their commit (while no regcache watched them): set
+    /// aside at the next start, or now by `regcache verify --repair`.
+    pub damaged: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,11 +69,12 @@ pub struct RepoUsage {
     pub bytes: u64,
 }
 
-/// The committed files of `kind`, by digest.
-fn committed(root: &Path, kind: Kind) -> io::Result<Vec<(Digest, File)>> {
+/// The committed files of `kind`, by digest, and how many of them are damaged.
+fn committed(root: &Path, kind: Kind) -> io::Result<(Vec<(Digest, File)>, usize)> {
     let mut found = Vec::new();
     crate::cache::blob_store::scan_dir(root, kind, &mut found)?;
-    Ok(found
+    let damaged = found.iter().filter(|f| f.damaged()).count();
+    let files = found
         .into_iter()
         .map(|f| {
             (
@@ -79,7 +85,8 @@ fn committed(root: &Path, kind: Kind) -> io::Result<Vec<(Digest, File)>> {
                 },
             )
         })
-        .collect())
+        .collect();
+    Ok((files, damaged))
 }
 
 /// A stored manifest: its own size and the digests it references (blobs and child
@@ -128,11 +135,10 @@ impl Inventory {
                 format!("{} holds no regcache cache", dir.display()),
             ));
         }
-        let blobs = committed(&root, Kind::Blob)?
-            .into_iter()
-            .map(|(d, f)| (d.to_string(), f))
-            .collect();
+        let (blobs, damaged) = committed(&root, Kind::Blob)?;
+        let blobs = blobs.into_iter().map(|(d, f)| (d.to_string(), f)).collect();
         let manifests = committed(&root, Kind::Manifest)?
+            .0
             .into_iter()
             .map(|(d, f)| {
                 let (size, refs) = references(&root, &d);
@@ -154,6 +160,7 @@ impl Inventory {
             manifests,
             tags,
             pairs,
+            damaged,
         })
     }
 
@@ -279,6 +286,7 @@ impl Inventory {
                 .map(|f| f.size)
                 .sum(),
             files: self.blobs.len() + self.manifests.len(),
+            damaged: self.damaged,
             repositories,
         }
     }

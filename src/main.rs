@@ -294,6 +294,13 @@ fn run(command: Command) -> anyhow::Result<()> {
                 100.0 * usage.total as f64 / budget.max(1) as f64,
                 regcache::inventory::human_bytes(budget)
             )?;
+            if usage.damaged > 0 {
+                writeln!(
+                    out,
+                    "damaged: {} (files cut or grown since their commit; set aside at the next start, or now by `regcache verify --repair`)",
+                    usage.damaged
+                )?;
+            }
             Ok(())
         }
         Command::Export {

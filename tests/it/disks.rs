@@ -623,7 +623,15 @@ async fn a_cache_file_truncated_while_regcache_is_down_is_set_aside_at_restart()
 
     let blobs = files_under(&dir.path().join("v1/blobs"));
     assert_eq!(blobs.len(), 1);
+    let damaged = || {
+        regcache::inventory::Inventory::read(dir.path())
+            .unwrap()
+            .usage()
+            .damaged
+    };
+    assert_eq!(damaged(), 0);
     truncate(&blobs[0], 4096);
+    assert_eq!(damaged(), 1, "`regcache du` reports the cut file");
     let proxy = proxy_on(&up, dir.path(), "1GiB").await;
     let r = get(&proxy.url(&path)).await;
     assert_eq!(r.status, 200);
@@ -637,4 +645,5 @@ async fn a_cache_file_truncated_while_regcache_is_down_is_set_aside_at_restart()
     assert_eq!(files_under(&dir.path().join("v1/quarantine")).len(), 1);
     assert_eq!(proxy.metric("regcache_cache_quarantined_total"), 1.0);
     proxy.stop().await;
+    assert_eq!(damaged(), 0, "set aside and fetched anew");
 }
