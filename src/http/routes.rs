@@ -195,5 +195,29 @@ mod tests {
             let _ = parse(&Method::GET, &path);
             let _ = query_param(Some(&q), "ns");
         }
+
+        #[test]
+        fn every_read_path_parses_back(
+            name in "[a-z0-9]{1,8}(/[a-z0-9._-]{1,8}){0,4}",
+            reference in "[A-Za-z0-9_.:-]{1,80}",
+            kind in 0usize..3,
+        ) {
+            let (word, endpoint) = [
+                ("manifests", Endpoint::Manifest(&reference)),
+                ("blobs", Endpoint::Blob(&reference)),
+                ("referrers", Endpoint::Referrers(&reference)),
+            ][kind].clone();
+            let path = format!("/v2/{name}/{word}/{reference}");
+            prop_assert_eq!(get(&path), r(&name, endpoint));
+        }
+
+        #[test]
+        fn uploads_are_refused_whatever_follows(
+            name in "[a-z0-9]{1,8}(/[a-z0-9._-]{1,8}){0,4}",
+            rest in "(/[A-Za-z0-9_.:-]{0,20}){0,3}",
+        ) {
+            let path = format!("/v2/{name}/blobs/uploads{rest}");
+            prop_assert_eq!(get(&path), Err(RouteError::MethodNotAllowed));
+        }
     }
 }
