@@ -280,6 +280,31 @@ mod tests {
 
     proptest! {
         #[test]
+        fn an_accept_list_names_exactly_its_manifest_types(
+            picks in proptest::collection::vec((0usize..6, "[ ]{0,2}", "(;q=0\\.[0-9])?"), 1..8),
+        ) {
+            let types = [OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST_V2, "text/plain", "application/json"];
+            let header = picks
+                .iter()
+                .map(|(i, space, q)| format!("{space}{}{q}", types[*i]))
+                .collect::<Vec<_>>()
+                .join(",");
+            let set = AcceptSet::from_headers(std::iter::once(header.as_str()));
+            let named = |t: &str| picks.iter().any(|(i, ..)| types[*i] == t);
+            if !MANIFEST_TYPES.iter().any(|t| named(t)) {
+                prop_assert_eq!(set, AcceptSet::ALL);
+            }
+            for t in MANIFEST_TYPES.iter().filter(|t| named(t)) {
+                prop_assert!(set.contains(t), "{header}: {t}");
+            }
+            if set != AcceptSet::ALL {
+                for t in MANIFEST_TYPES.iter().filter(|t| !named(t)) {
+                    prop_assert!(!set.contains(t), "{header}: {t}");
+                }
+            }
+        }
+
+        #[test]
         fn parsers_never_panic(s in "\\PC{0,300}") {
             let _ = RepoName::parse(&s);
             let _ = Reference::parse(&s);
