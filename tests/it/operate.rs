@@ -382,6 +382,70 @@ async fn slow_and_idle_clients_are_cut_off_while_others_are_served() {
     assert_eq!(closed, 20);
 }
 
+/// A client that drips a request head a byte at a time never finishes it: its time counts
+/// from the head's first byte, not its last, and so for the next request on a kept-alive
+/// connection as for the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_dripped_byte_by_byte_is_cut_off() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = behind(&up, dir.path(), "[limits]\nheader_read_timeout = \"500ms\"\n").await;
+    let addr = proxy.addr;
+    let cut = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut answer = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        answer.read_line(&mut line).unwrap();
+        assert!(line.starts_with("HTTP/1.1 200"), "{line:?}");
+        s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
+        let started = std::time::Instant::now();
+        while started.elapsed() < HANG {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            if s.write_all(b"a").is_err() {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap();
+    assert!(cut, "a head dripped for {HANG:?} was never cut off");
+}
+
+/// An h2 connection carries the client's frames between requests (window updates, pings):
+/// they are not taken for a request head that never ends, so a connection quiet for longer
+/// than `header_read_timeout` between requests is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_connection_quiet_between_requests_is_kept() {
+    let up = FakeUpstream::start().await;
+    let digest = up.add_blob(&random_bytes(300_000, 402));
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = behind(&up, dir.path(), "[limits]\nheader_read_timeout = \"300ms\"\n").await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // The client pings while quiet, as long-lived h2 clients do.
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(std::time::Duration::from_millis(100))
+        .keep_alive_while_idle(true)
+        .handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    let connection = tokio::spawn(conn);
+    for round in 0..3 {
+        let url = proxy.url(&format!("/v2/library/x/blobs/{digest}"));
+        let req = http::Request::get(url).body(Empty::<bytes::Bytes>::new()).unwrap();
+        let resp = tokio::time::timeout(HANG, send.send_request(req))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("request {round} on the same connection: {e}"));
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(sha256(&body), digest);
+        tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    }
+    assert!(!connection.is_finished(), "the server closed the connection");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_headers_and_huge_manifests_are_refused() {
     let up = FakeUpstream::start().await;
