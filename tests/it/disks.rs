@@ -53,11 +53,14 @@ impl SmallDisk {
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
+        unmount_lazily(self.dir.path());
     }
+}
+
+/// Detaches the filesystem at `path` now and frees it once nothing holds files there (a
+/// test that failed may still).
+fn unmount_lazily(path: &Path) {
+    let _ = std::process::Command::new("umount").arg("-l").arg(path).status();
 }
 
 /// A thin-provisioned volume: an ext4 filesystem of `size` on a sparse image whose backing
@@ -105,12 +108,8 @@ impl ThinDisk {
 
 impl Drop for ThinDisk {
     fn drop(&mut self) {
-        // Before the backing tmpfs goes; the loop device is freed with the mount. Lazily:
-        // a test that failed may still hold files open there.
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.mount.path())
-            .status();
+        // Before the backing tmpfs goes; the loop device is freed with the mount.
+        unmount_lazily(self.mount.path());
     }
 }
 
