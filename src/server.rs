@@ -31,7 +31,8 @@ fn builder(app: &App) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         // Timed by the connection's watchdog instead (`Activity::head_since`): hyper's
-        // timer arms and cancels a timer entry on every request, 6 % of a warm hit's CPU.
+        // timer arms and cancels a timer entry on every request, 6 % of a warm hit's
+        // instructions.
         .header_read_timeout(None)
         .max_buf_size(head.max(8192))
         // Body chunks are queued and written as they are, never copied into a buffer:
@@ -60,8 +61,8 @@ struct Activity {
     /// The watchdog's ticks so far: the clock of `head_since`.
     ticks: AtomicU64,
     /// The tick (+1) at which the client began sending a request head with no request in
-    /// service; 0 when none is pending. h2 connections carry frames between requests, so
-    /// they are not timed so once they have made one.
+    /// service; 0 when none is pending. An h2 connection carries frames between requests,
+    /// so it is timed only until its first request (`h2`).
     head_since: AtomicU64,
     h2: std::sync::atomic::AtomicBool,
     /// When the current write started to block (+1, so 0 means "not blocked").
