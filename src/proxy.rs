@@ -63,24 +63,27 @@ fn not_found(e: upstream::Error, missing: impl FnOnce() -> Error) -> Error {
     }
 }
 
+/// What the cache did for the request being served (hit, miss, coalesced, stale) and what a
+/// signature policy decided, for its access log line ("-" when nothing was looked up or
+/// decided).
+pub type LookupResult = std::cell::Cell<(&'static str, &'static str)>;
+
 tokio::task_local! {
-    /// The cache result of the request being served (hit, miss, coalesced, stale), for its
-    /// access log line.
-    /// The cache result of the request being served (hit, miss, coalesced, stale) and
-    /// what a signature policy decided, for its access log line.
-    static LOOKUP_RESULT: std::cell::Cell<(&'static str, &'static str)>;
+    static LOOKUP_RESULT: LookupResult;
 }
 
-/// Runs a request's work and says what the cache did for it and what a policy decided
-/// ("-" when nothing was looked up or decided).
-pub async fn with_lookup_result<T>(work: impl std::future::Future<Output = T>) -> (T, &'static str, &'static str) {
-    LOOKUP_RESULT
-        .scope(std::cell::Cell::new(("-", "-")), async {
-            let out = work.await;
-            let (cache, policy) = LOOKUP_RESULT.with(|r| r.get());
-            (out, cache, policy)
-        })
-        .await
+/// A request's work, run where `note_*` and `lookup` can record its results. A plain scope
+/// rather than an async wrapper: a wrapper holds the work twice (as its argument and as what
+/// it awaits), and hyper moves the whole request future on every request.
+pub fn lookup_scope<F: std::future::Future>(work: F) -> tokio::task::futures::TaskLocalFuture<LookupResult, F> {
+    LOOKUP_RESULT.scope(std::cell::Cell::new(("-", "-")), work)
+}
+
+/// What a finished `lookup_scope` recorded: the cache result and the policy decision.
+pub fn recorded<F: std::future::Future>(
+    scope: std::pin::Pin<&mut tokio::task::futures::TaskLocalFuture<LookupResult, F>>,
+) -> (&'static str, &'static str) {
+    scope.take_value().map_or(("-", "-"), |r| r.get())
 }
 
 /// The cache result so far (to be put back after work that is not the client's).

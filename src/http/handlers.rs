@@ -22,8 +22,8 @@ use crate::proxy::{self, BlobAnswer, Proxy};
 use crate::upstream::Target;
 use crate::App;
 
-const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
-const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+pub const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+pub const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
 const OCI_NAMESPACE: HeaderName = HeaderName::from_static("oci-namespace");
 /// Set on answers served from cache because the upstream could not confirm them.
 pub const STALE: HeaderName = HeaderName::from_static("x-regcache-stale");
@@ -50,10 +50,12 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>,
         repo = tracing::field::Empty,
         reference = tracing::field::Empty,
     );
-    let (result, cache, policy) = proxy::with_lookup_result(dispatch(&app, &req, route).instrument(span)).await;
+    let mut work = std::pin::pin!(proxy::lookup_scope(dispatch(&app, &req, route).instrument(span)));
+    let result = work.as_mut().await;
+    let (cache, policy) = proxy::recorded(work);
     let mut resp = result.unwrap_or_else(ApiError::into_response);
-    resp.headers_mut()
-        .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    // A manifest answer has it already (its headers are made once per manifest).
+    resp.headers_mut().entry(API_VERSION).or_insert_with(api_version);
     if req.method() == Method::HEAD {
         *resp.body_mut() = Body::empty();
     }
@@ -82,6 +84,11 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>,
         policy,
     });
     Ok(resp)
+}
+
+/// `Docker-Distribution-API-Version`, on every answer, as Distribution sends it.
+pub fn api_version() -> HeaderValue {
+    HeaderValue::from_static("registry/2.0")
 }
 
 /// A small, fixed set of route names for metric labels (never the raw path).
@@ -263,13 +270,11 @@ async fn manifest(
         proxy.fetch_layers_ahead(target, m);
     }
     let mut resp = Response::new(Body::full(m.bytes.clone()));
-    if let Some(v) = admission.and_then(|a| a.detail) {
-        resp.headers_mut().insert(POLICY, v);
-    }
     let h = resp.headers_mut();
-    h.insert(CONTENT_TYPE, m.headers.content_type.clone());
-    h.insert(CONTENT_LENGTH, m.headers.length.clone());
-    h.insert(DOCKER_CONTENT_DIGEST, m.headers.digest.clone());
+    *h = m.headers.clone();
+    if let Some(v) = admission.and_then(|a| a.detail) {
+        h.insert(POLICY, v);
+    }
     if answer.stale {
         h.insert(STALE, HeaderValue::from_static("1"));
     }
