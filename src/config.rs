@@ -151,6 +151,11 @@ pub struct ServerConfig {
     /// ignored.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_proxies: Vec<String>,
+    /// Pin each connection thread to a CPU of its own and give it the connections whose
+    /// packets arrive on that CPU; only when regcache may use exactly as many CPUs as it
+    /// runs connection threads (a dedicated machine, or a container with a cpuset).
+    #[serde(default = "default_true")]
+    pub pin_threads: bool,
 }
 
 impl Default for ServerConfig {
@@ -161,6 +166,7 @@ impl Default for ServerConfig {
             tls: None,
             public_url: None,
             trusted_proxies: Vec::new(),
+            pin_threads: true,
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod access;
 pub mod admin;
 pub mod cache;
 pub mod config;
+pub mod cpus;
 pub mod digest;
 pub mod gc;
 pub mod http;
@@ -40,6 +41,8 @@ pub struct App {
     pub access: access::Access,
     pub limits: config::LimitsConfig,
     pub shutdown_grace: std::time::Duration,
+    /// `[server] pin_threads`.
+    pub pin_threads: bool,
     pub tls: Option<Arc<tls::Reloader>>,
     /// `[server] public_url`, without a trailing slash.
     pub public_url: Option<String>,
@@ -200,6 +203,7 @@ fn build_app(config: &Config, background: bool) -> Result<Arc<App>, BuildError> 
         access: access::Access::new(&config.auth),
         limits: config.limits.clone(),
         shutdown_grace: config.server.shutdown_grace.0,
+        pin_threads: config.server.pin_threads,
         tls,
         public_url: config
             .server

@@ -282,7 +282,9 @@ pub async fn serve_as(listener: TcpListener, app: Arc<App>, shutdown: impl Futur
         .map(|t| tokio_rustls::TlsAcceptor::from(t.server_config()));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // One core: the main runtime serves (its one worker is a shard already).
-    let shards = (!internal && cores > 1).then(|| Shards::start(cores)).flatten();
+    let shards = (!internal && cores > 1)
+        .then(|| Shards::start(cores, app.pin_threads))
+        .flatten();
     let mut tls_check = tokio::time::interval(TLS_CHECK_INTERVAL);
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -354,7 +356,7 @@ pub async fn serve_as(listener: TcpListener, app: Arc<App>, shutdown: impl Futur
             let serving = serve_connection(stream, connection, app, &builder, acceptor, drain, internal);
             CONNECTION.scope(connection, serving).await;
         };
-        let Some(shard) = shards.as_ref().and_then(|s| s.pick()) else {
+        let Some(shard) = shards.as_ref().and_then(|s| s.pick(|| crate::cpus::incoming(&stream))) else {
             tokio::spawn(serve(stream));
             continue;
         };
@@ -606,6 +608,8 @@ type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// and writing, is on the blocking pool either way.
 struct Shards {
     shards: Vec<Shard>,
+    /// The CPU each shard's thread is pinned to, if they are.
+    cpus: Option<Vec<usize>>,
 }
 
 struct Shard {
@@ -635,15 +639,37 @@ impl Drop for Served {
 }
 
 impl Shards {
-    /// `count` shards, each on a thread of its own.
-    fn start(count: usize) -> Option<Shards> {
+    /// `count` shards, each on a thread of its own; with `pin`, each thread on a CPU of its
+    /// own when this process may run on exactly `count` CPUs (else a pinned thread could
+    /// share its CPU with work the kernel cannot move away from it).
+    fn start(count: usize, pin: bool) -> Option<Shards> {
+        let allowed = if pin { crate::cpus::allowed() } else { None };
+        let cpus = allowed.clone().filter(|all| all.len() == count);
+        match (&cpus, &allowed) {
+            (Some(cpus), _) => tracing::info!(?cpus, "connection threads pinned, one per CPU"),
+            (None, Some(all)) => tracing::info!(
+                cpus = all.len(),
+                threads = count,
+                "connection threads not pinned: regcache may use a share of more CPUs than it runs threads"
+            ),
+            (None, None) => {}
+        }
         let mut shards = Vec::with_capacity(count);
+        // Each thread says when it is on its CPU, so that no connection is served before.
+        let (placed, on_cpus) = std::sync::mpsc::channel::<()>();
         for i in 0..count {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .on_thread_park(crate::logging::batch_this_thread)
-                .build()
-            {
+            let mut builder = tokio::runtime::Builder::new_current_thread();
+            builder.enable_all().on_thread_park(crate::logging::batch_this_thread);
+            if let (Some(_), Some(all)) = (&cpus, &allowed) {
+                // A blocking-pool thread is started by its shard's thread and would inherit
+                // its one CPU: hashing and disk work must spread over all of them.
+                let all = all.clone();
+                builder.on_thread_start(move || {
+                    let _ = crate::cpus::run_this_thread_on(&all);
+                });
+            }
+            let pinned = cpus.as_ref().map(|c| c[i]);
+            let runtime = match builder.build() {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot start a connection runtime; serving on the main one");
@@ -651,9 +677,16 @@ impl Shards {
                 }
             };
             let (jobs, mut queue) = tokio::sync::mpsc::unbounded_channel::<Job>();
+            let placed = placed.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("regcache-conn-{i}"))
                 .spawn(move || {
+                    if let Some(cpu) = pinned {
+                        if let Err(e) = crate::cpus::run_this_thread_on(&[cpu]) {
+                            tracing::warn!(error = %e, cpu, "cannot pin a connection thread");
+                        }
+                    }
+                    drop(placed);
                     runtime.block_on(async {
                         while let Some(job) = queue.recv().await {
                             tokio::spawn(job);
@@ -671,12 +704,31 @@ impl Shards {
                 load: Arc::new(AtomicUsize::new(0)),
             });
         }
-        Some(Shards { shards })
+        drop(placed);
+        // Ends when every thread has dropped its sender.
+        let _ = on_cpus.recv();
+        Some(Shards { shards, cpus })
     }
 
-    /// The shard with the fewest connections.
-    fn pick(&self) -> Option<&Shard> {
-        self.shards.iter().min_by_key(|s| s.load.load(Ordering::Relaxed))
+    /// The shard pinned to the CPU the connection's packets arrive on (`incoming`, asked
+    /// only when shards are pinned), unless it holds more than one connection beyond the
+    /// least busy one; else the least busy. The slack of one keeps a single-queue NIC, whose
+    /// packets all arrive on one CPU, from loading one shard.
+    fn pick(&self, incoming: impl FnOnce() -> Option<usize>) -> Option<&Shard> {
+        let load = |s: &Shard| s.load.load(Ordering::Relaxed);
+        let least = self.shards.iter().min_by_key(|s| load(s))?;
+        let near = self
+            .cpus
+            .as_ref()
+            .and_then(|cpus| {
+                let cpu = incoming()?;
+                cpus.iter().position(|&c| c == cpu)
+            })
+            .and_then(|i| self.shards.get(i));
+        match near {
+            Some(near) if load(near) <= load(least) + 1 => Some(near),
+            _ => Some(least),
+        }
     }
 }
 
@@ -686,14 +738,14 @@ mod tests {
 
     #[test]
     fn a_connection_goes_to_the_least_busy_shard_and_runs_on_its_thread() {
-        let shards = Shards::start(2).expect("two shards");
+        let shards = Shards::start(2, false).expect("two shards");
         let (names, mut named) = tokio::sync::mpsc::unbounded_channel();
         let mut holds = Vec::new();
         for _ in 0..3 {
             let (hold, held) = tokio::sync::oneshot::channel::<()>();
             holds.push(hold);
             let names = names.clone();
-            let shard = shards.pick().expect("a shard");
+            let shard = shards.pick(|| None).expect("a shard");
             shard.send(Box::pin(async move {
                 let _ = names.send(std::thread::current().name().map(str::to_owned));
                 let _ = held.await;
@@ -705,5 +757,71 @@ mod tests {
         assert_eq!(seen, vec![conn(0), conn(0), conn(1)]);
         let loads: Vec<_> = shards.shards.iter().map(|s| s.load.load(Ordering::Relaxed)).collect();
         assert_eq!(loads, vec![2, 1]);
+    }
+
+    /// Holds a connection's place on `shard` until the returned sender is dropped.
+    fn occupy(shard: &Shard) -> tokio::sync::oneshot::Sender<()> {
+        let (hold, held) = tokio::sync::oneshot::channel::<()>();
+        shard.send(Box::pin(async move {
+            let _ = held.await;
+        }));
+        hold
+    }
+
+    #[test]
+    fn a_connection_goes_to_the_shard_on_its_cpu_unless_that_one_is_busier() {
+        let mut shards = Shards::start(2, false).expect("two shards");
+        shards.cpus = Some(vec![4, 7]);
+        let index = |picked: Option<&Shard>| {
+            let picked = picked.expect("a shard") as *const Shard;
+            shards.shards.iter().position(|s| std::ptr::eq(s, picked))
+        };
+        assert_eq!(index(shards.pick(|| Some(7))), Some(1));
+        assert_eq!(
+            index(shards.pick(|| Some(5))),
+            Some(0),
+            "an unknown CPU: the least busy"
+        );
+        let _first = occupy(&shards.shards[1]);
+        assert_eq!(index(shards.pick(|| Some(7))), Some(1), "one more than the least busy");
+        let _second = occupy(&shards.shards[1]);
+        assert_eq!(index(shards.pick(|| Some(7))), Some(0), "two more: the least busy");
+        shards.cpus = None;
+        let mut asked = false;
+        assert_eq!(
+            index(shards.pick(|| {
+                asked = true;
+                Some(7)
+            })),
+            Some(0)
+        );
+        assert!(!asked, "unpinned shards do not ask the socket");
+    }
+
+    #[test]
+    fn a_pinned_shard_runs_on_one_cpu_and_its_blocking_work_on_all() {
+        let all = crate::cpus::allowed().expect("an affinity mask");
+        assert!(all.len() > 1, "this test needs 2 CPUs; the machine has {all:?}");
+        let shards = Shards::start(all.len(), true).expect("shards");
+        assert_eq!(shards.cpus.as_ref(), Some(&all));
+        let (seen, mut heard) = tokio::sync::mpsc::unbounded_channel();
+        for shard in &shards.shards {
+            let seen = seen.clone();
+            shard.send(Box::pin(async move {
+                let own = crate::cpus::allowed();
+                let blocking = tokio::task::spawn_blocking(crate::cpus::allowed).await.ok().flatten();
+                let _ = seen.send((own, blocking));
+            }));
+        }
+        let mut own_cpus = Vec::new();
+        for _ in &shards.shards {
+            let (own, blocking) = heard.blocking_recv().expect("each shard answers");
+            let own = own.expect("its mask");
+            assert_eq!(own.len(), 1, "a connection thread on one CPU: {own:?}");
+            own_cpus.push(own[0]);
+            assert_eq!(blocking.as_ref(), Some(&all), "its blocking work may run anywhere");
+        }
+        own_cpus.sort();
+        assert_eq!(own_cpus, all, "one thread per CPU");
     }
 }

@@ -507,6 +507,53 @@ fn embedded_default_serves_with_overrides() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_threads_are_pinned_one_per_cpu_unless_turned_off() {
+    let up = FakeUpstream::start().await;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let allowed = crate::harness::cpu_list(
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .expect("Cpus_allowed_list")
+            .trim(),
+    );
+    let threads = std::thread::available_parallelism().unwrap().get();
+    assert!(
+        threads > 1,
+        "connection threads need 2 CPUs; this machine has {threads}"
+    );
+    // Pinned only where regcache owns exactly the CPUs it runs threads for.
+    let owned = allowed.len() == threads;
+    for pin in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Process::start(dir.path(), &up.url(), &format!("pin_threads = {pin}"));
+        assert_eq!(get(&server.url("/v2/")).await.status, 200);
+        let all = server.threads();
+        let of = |prefix: &str| -> Vec<Vec<usize>> {
+            all.iter()
+                .filter(|(name, _)| name.starts_with(prefix))
+                .map(|(_, cpus)| cpus.clone())
+                .collect()
+        };
+        let connection = of("regcache-conn-");
+        assert_eq!(connection.len(), threads, "{all:?}");
+        if pin && owned {
+            let mut each: Vec<usize> = connection.iter().flatten().copied().collect();
+            each.sort();
+            assert_eq!(each, allowed, "one connection thread on each CPU: {all:?}");
+        } else {
+            assert!(connection.iter().all(|c| *c == allowed), "pin_threads = {pin}: {all:?}");
+        }
+        assert!(
+            all.iter()
+                .filter(|(name, _)| !name.starts_with("regcache-conn-"))
+                .all(|(_, c)| *c == allowed),
+            "every other thread may run anywhere: {all:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_the_json_logs_even_at_trace_level() {
     use crate::fake_upstream::AuthMode;
     let up = FakeUpstream::start().await;

@@ -251,6 +251,16 @@ pub struct Process {
     pub addr: String,
 }
 
+/// A kernel CPU list (`0-3,6`) as the CPUs it names.
+pub fn cpu_list(list: &str) -> Vec<usize> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        let (from, to) = part.split_once('-').unwrap_or((part, part));
+        cpus.extend(from.parse::<usize>().expect("a CPU")..=to.parse::<usize>().expect("a CPU"));
+    }
+    cpus
+}
+
 /// Writes `<dir>/regcache.toml` for a regcache process of its own: cache in `<dir>/cache`,
 /// `upstream` as the default docker.io, `server_keys` in `[server]`, `upstream_keys` in the
 /// `[[upstream]]` table. Returns its path.
@@ -303,6 +313,20 @@ impl Process {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Each of its threads: name and the CPUs it may run on (`Cpus_allowed_list`).
+    pub fn threads(&self) -> Vec<(String, Vec<usize>)> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("its /proc tasks");
+        tasks
+            .filter_map(Result::ok)
+            .filter_map(|task| {
+                let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
+                let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+                let list = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+                Some((name.trim().to_owned(), cpu_list(list.trim())))
+            })
+            .collect()
     }
 
     /// Its peak resident set size so far (`VmHWM`), in bytes.
