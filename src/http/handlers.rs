@@ -262,7 +262,11 @@ async fn manifest(
             format!("{reference:?} is neither a tag nor a digest"),
         )
     })?;
-    let accept = AcceptSet::from_headers(headers.get_all(ACCEPT).iter().filter_map(|v| v.to_str().ok()));
+    // A digest names one manifest whatever the client accepts; only a tag's answer depends on it.
+    let accept = match reference {
+        Reference::Tag(_) => AcceptSet::from_headers(headers.get_all(ACCEPT).iter().filter_map(|v| v.to_str().ok())),
+        Reference::Digest(_) => AcceptSet::ALL,
+    };
     let answer = proxy.manifest(target, &reference, accept).await?;
     let admission = admitted(proxy.admit_manifest(target, &answer.manifest).await)?;
     let m = &answer.manifest;
