@@ -152,9 +152,11 @@ pub struct ServerConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_proxies: Vec<String>,
     /// Pin each connection thread to a CPU of its own and give it the connections whose
-    /// packets arrive on that CPU; only when regcache may use exactly as many CPUs as it
-    /// runs connection threads (a dedicated machine, or a container with a cpuset).
-    #[serde(default = "default_true")]
+    /// packets arrive on that CPU (for a machine, or a container's cpuset, regcache has to
+    /// itself); applied only when regcache may use exactly as many CPUs as it runs
+    /// connection threads. Off by default: a pinned thread cannot move off a CPU that
+    /// other work keeps busy.
+    #[serde(default)]
     pub pin_threads: bool,
 }
 
@@ -166,7 +168,7 @@ impl Default for ServerConfig {
             tls: None,
             public_url: None,
             trusted_proxies: Vec::new(),
-            pin_threads: true,
+            pin_threads: false,
         }
     }
 }

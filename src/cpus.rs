@@ -5,10 +5,14 @@
 //! node's kubelet pulling through a local mirror), a connection served on a thread that floats
 //! is woken across CPUs, by an inter-processor interrupt, on almost every request. A thread
 //! pinned to a CPU and given the connections whose packets arrive on that CPU is woken where
-//! its client runs. Measured on a 2-core Firecracker guest, warm manifest by digest, wrk -t2
-//! -c8, 5 runs each: unpinned 110 700–116 200 req/s, pinned 112 400–191 800 (median 163 800),
-//! nginx beside them 116 300–152 900. With real NICs the incoming CPU is the one that took the
-//! packet's interrupt, so the request is served where its bytes are already in cache.
+//! its client runs. Measured on a 2-core Firecracker guest, warm manifest by digest, 5 rotated
+//! runs each: with wrk -t2 -c8, unpinned 112 500–120 000 req/s, pinned 151 400–174 900, nginx
+//! 106 600–140 200; with -c16, unpinned 133 700–148 600, pinned 150 600–195 500, nginx
+//! 124 600–147 700. Whether a run pairs each client thread with the right CPU is up to the
+//! scheduler, which moves the clients; the load bench saw 120 000–185 000. With real NICs the
+//! incoming CPU is the one that took the packet's interrupt, so the request is served where
+//! its bytes are already in cache. Off by default (`[server] pin_threads`): a pinned thread
+//! cannot move away from a CPU that other work keeps busy.
 
 use std::io;
 

@@ -507,7 +507,7 @@ fn embedded_default_serves_with_overrides() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connection_threads_are_pinned_one_per_cpu_unless_turned_off() {
+async fn connection_threads_are_pinned_one_per_cpu_when_asked() {
     let up = FakeUpstream::start().await;
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let allowed = crate::harness::cpu_list(
@@ -524,9 +524,13 @@ async fn connection_threads_are_pinned_one_per_cpu_unless_turned_off() {
     );
     // Pinned only where regcache owns exactly the CPUs it runs threads for.
     let owned = allowed.len() == threads;
-    for pin in [true, false] {
+    for (pin, key) in [
+        (true, "pin_threads = true"),
+        (false, "pin_threads = false"),
+        (false, ""),
+    ] {
         let dir = tempfile::tempdir().unwrap();
-        let server = Process::start(dir.path(), &up.url(), &format!("pin_threads = {pin}"));
+        let server = Process::start(dir.path(), &up.url(), key);
         assert_eq!(get(&server.url("/v2/")).await.status, 200);
         let all = server.threads();
         let of = |prefix: &str| -> Vec<Vec<usize>> {
@@ -542,7 +546,7 @@ async fn connection_threads_are_pinned_one_per_cpu_unless_turned_off() {
             each.sort();
             assert_eq!(each, allowed, "one connection thread on each CPU: {all:?}");
         } else {
-            assert!(connection.iter().all(|c| *c == allowed), "pin_threads = {pin}: {all:?}");
+            assert!(connection.iter().all(|c| *c == allowed), "{key:?}: {all:?}");
         }
         assert!(
             all.iter()
