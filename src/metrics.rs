@@ -207,7 +207,7 @@ impl Metrics {
             cache_pinned: gauge(r, "regcache_cache_pinned_bytes", "Bytes of pinned images in the disk cache (never evicted; part of cache_size_bytes)."),
             cache_evictions: counter(r, "regcache_cache_evictions_total", "Cache entries evicted to stay under the budget."),
             cache_quarantined: counter(r, "regcache_cache_quarantined_total", "Damaged cache files set aside in <dir>/v1/quarantine (wrong size or digest); each is fetched anew when asked for. A failing disk shows here first."),
-            cache_write_errors: counter(r, "regcache_cache_write_errors_total", "Blobs and manifests the cache disk refused to write or lost at the fsync before their commit (full, thin-provisioned and out of space, failing). They are still served, uncached."),
+            cache_write_errors: counter(r, "regcache_cache_write_errors_total", "Blobs, manifests, tag records and repository records the cache disk refused to write or lost at the fsync before their commit (full, thin-provisioned and out of space, failing). Content is still served, uncached."),
             auth_failures: counter(r, "regcache_auth_failures_total", "Client requests refused for missing or wrong credentials."),
             lease_takeovers: counter(r, "regcache_cluster_lease_takeovers_total", "Leases of a fetch taken over from a replica that stopped renewing them."),
             bucket_size: gauge(r, "regcache_bucket_size_bytes", "Bytes of blobs in the shared bucket, as the last collection on this replica counted them."),

@@ -315,6 +315,7 @@ impl Proxy {
         let cache = self.cache.clone();
         self.in_background(move || {
             if let Err(e) = cache.tags.persist(&record, durable) {
+                cache.store.note_write_error();
                 tracing::warn!(error = %e, "cannot persist a tag mapping");
             }
         });
@@ -742,6 +743,7 @@ impl Proxy {
         let cache = self.cache.clone();
         self.in_background(move || {
             if let Err(e) = cache.tags.persist(&record, false) {
+                cache.store.note_write_error();
                 tracing::warn!(error = %e, "cannot persist a tag mapping");
             }
         });
@@ -1146,7 +1148,10 @@ impl Proxy {
         m.cache_pinned.set(self.cache.index.pinned_bytes() as i64);
         catch_up(&m.cache_evictions, self.cache.index.evictions());
         catch_up(&m.cache_quarantined, self.cache.store.quarantined());
-        catch_up(&m.cache_write_errors, self.cache.store.write_errors());
+        catch_up(
+            &m.cache_write_errors,
+            self.cache.store.write_errors() + self.cache.associations.write_errors(),
+        );
     }
 
     async fn cached_blob(&self, digest: &Digest) -> Result<Option<BlobAnswer>, Error> {

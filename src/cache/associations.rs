@@ -24,6 +24,8 @@ pub struct Associations {
     /// How far the log has been read (lines appended later, by `regcache import`, are read
     /// by [`Associations::reread`]).
     read_to: Mutex<u64>,
+    /// Appends the disk refused (a batch of lines each), for `regcache_cache_write_errors_total`.
+    write_errors: Arc<std::sync::atomic::AtomicU64>,
 }
 
 const FILE: &str = "associations";
@@ -40,6 +42,11 @@ pub(crate) fn parse_line(line: &str) -> Option<(Digest, String, String)> {
 }
 
 impl Associations {
+    /// Appends of this log the disk refused since it opened.
+    pub fn write_errors(&self) -> u64 {
+        self.write_errors.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Loads `root/associations` (compacting it when it holds duplicates) and starts the
     /// writer thread.
     pub fn open(root: &Path) -> io::Result<Associations> {
@@ -90,6 +97,8 @@ impl Associations {
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let read_to = file.metadata()?.len();
         let (tx, rx) = channel::<String>();
+        let write_errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failed = write_errors.clone();
         std::thread::Builder::new().name("associations".into()).spawn(move || {
             let mut out = BufWriter::new(file);
             while let Ok(line) = rx.recv() {
@@ -98,6 +107,7 @@ impl Associations {
                     let _ = out.write_all(more.as_bytes());
                 }
                 if let Err(e) = out.flush() {
+                    failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(error = %e, "cannot record which repositories hold a digest");
                 }
             }
@@ -107,6 +117,7 @@ impl Associations {
             log: Mutex::new(Some(tx)),
             path,
             read_to: Mutex::new(read_to),
+            write_errors,
         })
     }
 

@@ -329,8 +329,9 @@ async fn on_a_full_disk_manifests_are_answered_and_readiness_says_why() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
     assert_eq!(r.bytes().as_ref(), manifest.as_slice());
-    // Stored in the background, where the full disk refuses it: counted.
-    crate::harness::wait_until(|| proxy.metric("regcache_cache_write_errors_total") == 1.0).await;
+    // Stored in the background, where the full disk refuses the manifest, the tag's record
+    // and the record of which repository holds it: each counted.
+    crate::harness::wait_until(|| proxy.metric("regcache_cache_write_errors_total") == 3.0).await;
     let resp = readyz().await.unwrap();
     assert_eq!(resp.status(), 503);
     let why = resp.into_body().collect().await.unwrap().to_bytes();
