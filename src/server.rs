@@ -705,7 +705,8 @@ impl Shards {
             });
         }
         drop(placed);
-        // Ends when every thread has dropped its sender.
+        // Ends when every thread has dropped its sender: a wait of a thread start, once,
+        // before the first accept.
         let _ = on_cpus.recv();
         Some(Shards { shards, cpus })
     }
