@@ -8,8 +8,10 @@
 //! its client runs. Measured on a 2-core Firecracker guest, warm manifest by digest, 5 rotated
 //! runs each: with wrk -t2 -c8, unpinned 112 500–120 000 req/s, pinned 151 400–174 900, nginx
 //! 106 600–140 200; with -c16, unpinned 133 700–148 600, pinned 150 600–195 500, nginx
-//! 124 600–147 700. Whether a run pairs each client thread with the right CPU is up to the
-//! scheduler, which moves the clients; the load bench saw 120 000–185 000. With real NICs the
+//! 124 600–147 700. Whether a run paired each client thread with the right CPU was up to the
+//! scheduler, which moves the clients; since a connection whose requests arrive on another
+//! thread's CPU is asked to reconnect there (`server::Home`), -c16 gives 168 000–198 000
+//! against nginx's 114 000–175 000 in the same rounds. With real NICs the
 //! incoming CPU is the one that took the packet's interrupt, so the request is served where
 //! its bytes are already in cache. Off by default (`[server] pin_threads`): a pinned thread
 //! cannot move away from a CPU that other work keeps busy.

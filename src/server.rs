@@ -1,7 +1,9 @@
 //! The accept loop: plain HTTP (HTTP/1.1 and h2c) or TLS (h2 and HTTP/1.1 by ALPN) on one
 //! port, with the connection limit, the request-head limits against slow or huge clients,
-//! a watchdog per connection (idle connections closed, stalled readers cut off), and the
-//! graceful drain on shutdown (in-flight responses and fills, within the grace).
+//! a watchdog per connection (idle connections closed, stalled readers cut off), the
+//! connection threads (one per core; pinned, each takes the connections whose packets arrive
+//! on its CPU, and sends a client whose thread moved to another CPU to the thread there),
+//! and the graceful drain on shutdown (in-flight responses and fills, within the grace).
 
 use std::future::Future;
 use std::io;
@@ -69,10 +71,20 @@ struct Activity {
     write_blocked_since: AtomicU64,
     /// Responses started and not yet finished (their bodies are still being sent).
     in_flight: AtomicUsize,
+    /// Set when the client now sends from another shard's CPU: its next HTTP/1.1 response
+    /// says `Connection: close`, and it reconnects to the shard on its CPU ([`Home`]).
+    leave: std::sync::atomic::AtomicBool,
+    /// Requests started, for a look at where the packets arrive every [`MOVE_CHECK_REQUESTS`].
+    requests: AtomicU64,
+    home: Option<Home>,
 }
 
+/// Requests between two looks at where a pinned connection's packets arrive (a system
+/// call, made when the next request's bytes are read).
+const MOVE_CHECK_REQUESTS: u64 = 64;
+
 impl Activity {
-    fn new() -> Arc<Activity> {
+    fn new(home: Option<Home>) -> Arc<Activity> {
         Arc::new(Activity {
             epoch: Instant::now(),
             traffic: AtomicU64::new(0),
@@ -83,6 +95,9 @@ impl Activity {
             h2: std::sync::atomic::AtomicBool::new(false),
             write_blocked_since: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            leave: std::sync::atomic::AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            home,
         })
     }
 
@@ -112,6 +127,11 @@ impl Activity {
         self.head_since.store(0, Ordering::Relaxed);
         if h2 {
             self.h2.store(true, Ordering::Relaxed);
+        }
+        if let Some(home) = &self.home {
+            if self.requests.fetch_add(1, Ordering::Relaxed) % MOVE_CHECK_REQUESTS == MOVE_CHECK_REQUESTS - 1 {
+                home.look.store(true, Ordering::Relaxed);
+            }
         }
     }
 
@@ -155,23 +175,29 @@ fn verdict(a: &Activity, idle: Duration, stall: Duration, head_ticks: u64) -> Ve
 }
 
 /// The socket, noting every byte through and every write the client leaves blocked.
-struct Tracked<S> {
-    inner: S,
+struct Tracked {
+    inner: TcpStream,
     activity: Arc<Activity>,
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+impl AsyncRead for Tracked {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.activity.read();
+            if let Some(home) = &self.activity.home {
+                if home.look.swap(false, Ordering::Relaxed) && home.client_moved(&self.inner) {
+                    tracing::debug!("client moved to another shard's CPU; closing its connection");
+                    self.activity.leave.store(true, Ordering::Relaxed);
+                }
+            }
         }
         polled
     }
 }
 
-impl<S: AsyncWrite + Unpin> Tracked<S> {
+impl Tracked {
     /// `moved` says whether bytes went out (a flush that finds nothing to do is no traffic).
     fn note_write<T>(&self, polled: &Poll<io::Result<T>>, moved: bool) {
         match polled {
@@ -192,7 +218,7 @@ impl<S: AsyncWrite + Unpin> Tracked<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+impl AsyncWrite for Tracked {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         let moved = matches!(polled, Poll::Ready(Ok(n)) if n > 0);
@@ -346,27 +372,37 @@ pub async fn serve_as(listener: TcpListener, app: Arc<App>, shutdown: impl Futur
         let builder = builder.clone();
         let drain = drain.clone();
         let acceptor = acceptor.clone();
-        let serve = move |stream: TcpStream| async move {
+        let serve = move |stream: TcpStream, home: Option<Home>| async move {
             let _permit = permit;
             let _open = open;
             let connection = Peer {
                 addr: peer,
                 plain_tcp: acceptor.is_none(),
             };
-            let serving = serve_connection(stream, connection, app, &builder, acceptor, drain, internal);
+            let tracked = Tracked {
+                inner: stream,
+                activity: Activity::new(home),
+            };
+            let serving = serve_connection(tracked, connection, app, &builder, acceptor, drain, internal);
             CONNECTION.scope(connection, serving).await;
         };
-        let Some(shard) = shards.as_ref().and_then(|s| s.pick(|| crate::cpus::incoming(&stream))) else {
-            tokio::spawn(serve(stream));
+        let Some((shards, index)) = shards
+            .as_ref()
+            .and_then(|s| s.pick(|| crate::cpus::incoming(&stream)).map(|i| (s, i)))
+        else {
+            tokio::spawn(serve(stream, None));
             continue;
         };
         match stream.into_std() {
             // Registered with the shard's own reactor: `from_std` runs on the shard's thread.
-            Ok(stream) => shard.send(Box::pin(async move {
-                if let Ok(stream) = TcpStream::from_std(stream) {
-                    serve(stream).await;
-                }
-            })),
+            Ok(stream) => {
+                let home = shards.home(index, &metrics.connections_moved);
+                shards.shards[index].send(Box::pin(async move {
+                    if let Ok(stream) = TcpStream::from_std(stream) {
+                        serve(stream, home).await;
+                    }
+                }))
+            }
             Err(e) => tracing::debug!(error = %e, "cannot hand the connection over"),
         }
     }
@@ -442,7 +478,7 @@ impl Peer {
 
 /// Serves one connection; run it in a [`CONNECTION`] scope of the same `connection`.
 async fn serve_connection(
-    stream: TcpStream,
+    tracked: Tracked,
     connection: Peer,
     app: Arc<App>,
     builder: &auto::Builder<TokioExecutor>,
@@ -450,7 +486,7 @@ async fn serve_connection(
     drain: watch::Receiver<bool>,
     internal: bool,
 ) {
-    let activity = Activity::new();
+    let activity = tracked.activity.clone();
     let handler = app.clone();
     let counted = activity.clone();
     let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
@@ -462,14 +498,20 @@ async fn serve_connection(
             req.extensions_mut().insert(Internal);
         }
         let (app, activity) = (handler.clone(), counted.clone());
-        activity.request_started(req.version() >= http::Version::HTTP_2);
+        let h2 = req.version() >= http::Version::HTTP_2;
+        activity.request_started(h2);
         async move {
+            let leave = !h2 && activity.leave.load(Ordering::Relaxed);
             // Counts from here, even if the request is dropped before it is answered.
             let mut counted = Counted {
                 body: Body::empty(),
                 activity,
             };
-            let resp = handle(app, req).await?;
+            let mut resp = handle(app, req).await?;
+            if leave {
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
             Ok::<_, std::convert::Infallible>(resp.map(|body| {
                 counted.body = body;
                 counted
@@ -484,16 +526,12 @@ async fn serve_connection(
         let mut first = [0u8; 1];
         let limit = app.limits.header_read_timeout.0;
         if !matches!(
-            before_drain(&mut drain, limit, stream.peek(&mut first)).await,
+            before_drain(&mut drain, limit, tracked.inner.peek(&mut first)).await,
             Some(Ok(1))
         ) {
             return;
         }
     }
-    let tracked = Tracked {
-        inner: stream,
-        activity: activity.clone(),
-    };
     let result = match acceptor {
         None => {
             let conn = builder.serve_connection(TokioIo::new(tracked), service);
@@ -586,6 +624,11 @@ where
                         return Ok(());
                     }
                 }
+                Verdict::Fine if !closing && activity.h2.load(Ordering::Relaxed) && activity.leave.load(Ordering::Relaxed) => {
+                    // GOAWAY: the client opens a new connection for its next streams.
+                    closing = true;
+                    shutdown_gracefully(conn.as_mut());
+                }
                 Verdict::Fine => {}
             },
             changed = drain.changed(), if !closing => {
@@ -610,6 +653,54 @@ struct Shards {
     shards: Vec<Shard>,
     /// The CPU each shard's thread is pinned to, if they are.
     cpus: Option<Vec<usize>>,
+}
+
+/// Where a connection on a pinned shard is served, for noticing that its client moved. The
+/// scheduler moves client threads that share the machine (a node's kubelet and containerd
+/// pulling through a local mirror, a bench's wrk); their connections stay where they were
+/// accepted, and each request then wakes this shard from across CPUs, an inter-processor
+/// interrupt each. When two looks in a row, [`MOVE_CHECK_REQUESTS`] apart, find the
+/// requests arriving on another shard's CPU, and that shard is no busier, the connection is
+/// closed at its next response (`Connection: close`; h2: GOAWAY); the client's new
+/// connection is accepted on the shard of its CPU. A remote client's packets arrive on the
+/// CPU its NIC queue interrupts, which does not move, so this is for local clients.
+struct Home {
+    shard: usize,
+    /// Each shard's CPU and load, as in [`Shards`].
+    cpus: Vec<usize>,
+    loads: Vec<Arc<AtomicUsize>>,
+    /// Set every [`MOVE_CHECK_REQUESTS`]: look where the next request's bytes arrive.
+    look: std::sync::atomic::AtomicBool,
+    /// Looks in a row that found the requests arriving on another shard's CPU.
+    strikes: std::sync::atomic::AtomicU8,
+    moved: prometheus::IntCounter,
+}
+
+impl Home {
+    /// Whether the client has moved, from where `socket`'s latest packets arrived.
+    fn client_moved(&self, socket: &TcpStream) -> bool {
+        let there = crate::cpus::incoming(socket).and_then(|cpu| self.cpus.iter().position(|&c| c == cpu));
+        self.note(there)
+    }
+
+    /// Notes one look (the shard whose CPU took the packets); true once, at the second look
+    /// in a row that finds another shard, no busier than this one.
+    fn note(&self, there: Option<usize>) -> bool {
+        let load = |i: usize| self.loads.get(i).map_or(usize::MAX, |l| l.load(Ordering::Relaxed));
+        match there {
+            Some(there) if there != self.shard && load(there) <= load(self.shard) => {
+                let moved = self.strikes.fetch_add(1, Ordering::Relaxed) == 1;
+                if moved {
+                    self.moved.inc();
+                }
+                moved
+            }
+            _ => {
+                self.strikes.store(0, Ordering::Relaxed);
+                false
+            }
+        }
+    }
 }
 
 struct Shard {
@@ -715,21 +806,30 @@ impl Shards {
     /// only when shards are pinned), unless it holds more than one connection beyond the
     /// least busy one; else the least busy. The slack of one keeps a single-queue NIC, whose
     /// packets all arrive on one CPU, from loading one shard.
-    fn pick(&self, incoming: impl FnOnce() -> Option<usize>) -> Option<&Shard> {
-        let load = |s: &Shard| s.load.load(Ordering::Relaxed);
-        let least = self.shards.iter().min_by_key(|s| load(s))?;
-        let near = self
-            .cpus
-            .as_ref()
-            .and_then(|cpus| {
-                let cpu = incoming()?;
-                cpus.iter().position(|&c| c == cpu)
-            })
-            .and_then(|i| self.shards.get(i));
+    fn pick(&self, incoming: impl FnOnce() -> Option<usize>) -> Option<usize> {
+        let load = |i: usize| self.shards[i].load.load(Ordering::Relaxed);
+        let least = (0..self.shards.len()).min_by_key(|&i| load(i))?;
+        let near = self.cpus.as_ref().and_then(|cpus| {
+            let cpu = incoming()?;
+            cpus.iter().position(|&c| c == cpu)
+        });
         match near {
             Some(near) if load(near) <= load(least) + 1 => Some(near),
             _ => Some(least),
         }
+    }
+
+    /// What a connection on shard `index` needs to notice that its client moved to another
+    /// shard's CPU (counted in `moved`); `None` when shards are not pinned.
+    fn home(&self, index: usize, moved: &prometheus::IntCounter) -> Option<Home> {
+        Some(Home {
+            shard: index,
+            cpus: self.cpus.clone()?,
+            loads: self.shards.iter().map(|s| s.load.clone()).collect(),
+            look: std::sync::atomic::AtomicBool::new(false),
+            strikes: std::sync::atomic::AtomicU8::new(0),
+            moved: moved.clone(),
+        })
     }
 }
 
@@ -747,7 +847,7 @@ mod tests {
             holds.push(hold);
             let names = names.clone();
             let shard = shards.pick(|| None).expect("a shard");
-            shard.send(Box::pin(async move {
+            shards.shards[shard].send(Box::pin(async move {
                 let _ = names.send(std::thread::current().name().map(str::to_owned));
                 let _ = held.await;
             }));
@@ -773,30 +873,46 @@ mod tests {
     fn a_connection_goes_to_the_shard_on_its_cpu_unless_that_one_is_busier() {
         let mut shards = Shards::start(2, false).expect("two shards");
         shards.cpus = Some(vec![4, 7]);
-        let index = |picked: Option<&Shard>| {
-            let picked = picked.expect("a shard") as *const Shard;
-            shards.shards.iter().position(|s| std::ptr::eq(s, picked))
-        };
-        assert_eq!(index(shards.pick(|| Some(7))), Some(1));
-        assert_eq!(
-            index(shards.pick(|| Some(5))),
-            Some(0),
-            "an unknown CPU: the least busy"
-        );
+        assert_eq!(shards.pick(|| Some(7)), Some(1));
+        assert_eq!(shards.pick(|| Some(5)), Some(0), "an unknown CPU: the least busy");
         let _first = occupy(&shards.shards[1]);
-        assert_eq!(index(shards.pick(|| Some(7))), Some(1), "one more than the least busy");
+        assert_eq!(shards.pick(|| Some(7)), Some(1), "one more than the least busy");
         let _second = occupy(&shards.shards[1]);
-        assert_eq!(index(shards.pick(|| Some(7))), Some(0), "two more: the least busy");
+        assert_eq!(shards.pick(|| Some(7)), Some(0), "two more: the least busy");
         shards.cpus = None;
         let mut asked = false;
         assert_eq!(
-            index(shards.pick(|| {
+            shards.pick(|| {
                 asked = true;
                 Some(7)
-            })),
+            }),
             Some(0)
         );
         assert!(!asked, "unpinned shards do not ask the socket");
+    }
+
+    #[test]
+    fn a_connection_is_moved_at_the_second_look_in_a_row_that_finds_its_client_on_a_no_busier_shard() {
+        let mut shards = Shards::start(2, false).expect("two shards");
+        let moved = prometheus::IntCounter::new("moved", "moved").expect("a counter");
+        assert!(shards.home(0, &moved).is_none(), "unpinned shards move nothing");
+        shards.cpus = Some(vec![4, 7]);
+        let home = shards.home(0, &moved).expect("pinned");
+        let looks = |seen: &[Option<usize>]| seen.iter().map(|&s| home.note(s)).collect::<Vec<_>>();
+        assert_eq!(looks(&[Some(0), Some(0), Some(0)]), [false; 3], "where it is");
+        assert_eq!(
+            looks(&[Some(1), Some(0), Some(1), None]),
+            [false; 4],
+            "not twice in a row"
+        );
+        assert_eq!(moved.get(), 0);
+        assert_eq!(looks(&[Some(1), Some(1)]), [false, true]);
+        assert_eq!(moved.get(), 1);
+        let home = shards.home(0, &moved).expect("pinned");
+        let _busier = occupy(&shards.shards[1]);
+        assert!(!home.note(Some(1)));
+        assert!(!home.note(Some(1)), "the client's shard has more connections");
+        assert_eq!(moved.get(), 1);
     }
 
     #[test]

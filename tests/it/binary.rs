@@ -557,6 +557,84 @@ async fn connection_threads_are_pinned_one_per_cpu_when_asked() {
     }
 }
 
+/// With pinned connection threads, a client whose thread the scheduler moves to another CPU
+/// is asked (`Connection: close`) to reconnect, so that its new connection is accepted by the
+/// thread on its new CPU; a client that stays, and the new connection, are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_moved_to_another_cpu_is_asked_to_reconnect_to_the_thread_there() {
+    let up = FakeUpstream::start().await;
+    let allowed = regcache::cpus::allowed().expect("an affinity mask");
+    assert!(
+        allowed.len() > 1 && allowed.len() == std::thread::available_parallelism().unwrap().get(),
+        "pinning needs 2 CPUs, all of them regcache's: {allowed:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let server = Process::start(dir.path(), &up.url(), "pin_threads = true");
+    let addr = server.addr.clone();
+    let (first, other) = (allowed[0], allowed[1]);
+    let asked = tokio::task::spawn_blocking(move || {
+        // `Connection: close` on each of up to `n` keep-alive GETs of /v2/ on `conn`, which
+        // ends at the first one so marked.
+        let closes = |conn: &mut std::net::TcpStream, n: usize| -> Vec<bool> {
+            let mut reader = std::io::BufReader::new(conn.try_clone().expect("a second handle"));
+            let mut seen = Vec::new();
+            while seen.len() < n && !seen.last().copied().unwrap_or(false) {
+                seen.push({
+                    conn.write_all(b"GET /v2/ HTTP/1.1\r\nHost: regcache\r\n\r\n")
+                        .expect("request sent");
+                    let (mut close, mut length) = (false, 0usize);
+                    loop {
+                        let mut line = String::new();
+                        reader.read_line(&mut line).expect("a response line");
+                        let line = line.trim_end().to_ascii_lowercase();
+                        if line.is_empty() {
+                            break;
+                        }
+                        close |= line == "connection: close";
+                        if let Some(n) = line.strip_prefix("content-length: ") {
+                            length = n.parse().expect("a length");
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).expect("the body");
+                    close
+                });
+            }
+            seen
+        };
+        let connect = || {
+            let conn = std::net::TcpStream::connect(&addr).expect("connected");
+            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            conn
+        };
+        regcache::cpus::run_this_thread_on(&[first]).expect("client on the first CPU");
+        let mut conn = connect();
+        let staying = closes(&mut conn, 300);
+        regcache::cpus::run_this_thread_on(&[other]).expect("client on the other CPU");
+        let moved = closes(&mut conn, 200);
+        let mut again = connect();
+        let after = closes(&mut again, 300);
+        (staying, moved, after)
+    });
+    let (staying, moved, after) = tokio::time::timeout(Duration::from_secs(60), asked)
+        .await
+        .expect("the client finished")
+        .expect("the client thread");
+    assert!(
+        staying.iter().all(|c| !c),
+        "asked to leave while on its CPU: {staying:?}"
+    );
+    let at = moved.iter().position(|c| *c);
+    assert!(
+        at.is_some_and(|at| at <= 2 * 64 + 1),
+        "from the other CPU, asked to reconnect at request {at:?} of {}",
+        moved.len()
+    );
+    assert_eq!(staying.len(), 300);
+    assert_eq!(after.len(), 300);
+    assert!(after.iter().all(|c| !c), "the new connection was asked to leave too");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_the_json_logs_even_at_trace_level() {
     use crate::fake_upstream::AuthMode;
