@@ -635,6 +635,76 @@ async fn a_client_moved_to_another_cpu_is_asked_to_reconnect_to_the_thread_there
     assert!(after.iter().all(|c| !c), "the new connection was asked to leave too");
 }
 
+/// The same over h2c, where a response cannot say `Connection: close`: the connection gets a
+/// GOAWAY at its watchdog's next tick, and the client opens a new one for its next streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_moved_to_another_cpu_is_sent_goaway() {
+    let up = FakeUpstream::start().await;
+    let allowed = regcache::cpus::allowed().expect("an affinity mask");
+    assert!(
+        allowed.len() > 1 && allowed.len() == std::thread::available_parallelism().unwrap().get(),
+        "pinning needs 2 CPUs, all of them regcache's: {allowed:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // The watchdog ticks every quarter of the shortest limit: 50 ms.
+    let keys = "pin_threads = true\n[limits]\nheader_read_timeout = \"200ms\"";
+    let server = Process::start(dir.path(), &up.url(), keys);
+    let addr = server.addr.clone();
+    let (first, other) = (allowed[0], allowed[1]);
+    let client = tokio::task::spawn_blocking(move || {
+        regcache::cpus::run_this_thread_on(&[first]).expect("client on the first CPU");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let stream = tokio::net::TcpStream::connect(&addr).await.expect("connected");
+            let (mut sender, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(stream),
+            )
+            .await
+            .expect("h2 handshake");
+            let conn = tokio::spawn(conn);
+            // One GET of /v2/ on the connection: whether it was answered.
+            let mut get = async move || {
+                let req = http::Request::get("http://regcache/v2/")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                match sender.send_request(req).await {
+                    Ok(resp) => resp.status() == 200 && resp.into_body().collect().await.is_ok(),
+                    Err(_) => false,
+                }
+            };
+            // Staying: 300 requests over at least 6 ticks, all answered, the connection open.
+            let since = Instant::now();
+            let mut staying = 0;
+            while staying < 300 || since.elapsed() < Duration::from_millis(300) {
+                assert!(get().await, "request {staying} on the first CPU failed");
+                assert!(!conn.is_finished(), "the connection ended while its client stayed");
+                staying += 1;
+            }
+            regcache::cpus::run_this_thread_on(&[other]).expect("client on the other CPU");
+            let mut moved = 0;
+            while moved < 20_000 && get().await && !conn.is_finished() {
+                moved += 1;
+            }
+            if moved == 20_000 {
+                return (moved, false);
+            }
+            let ended = conn.await.expect("the connection task");
+            (moved, ended.is_ok())
+        })
+    });
+    let (moved, graceful) = tokio::time::timeout(Duration::from_secs(30), client)
+        .await
+        .expect("the connection was sent away")
+        .expect("the client thread");
+    assert!(moved < 20_000, "still served after {moved} requests from the other CPU");
+    assert!(graceful, "GOAWAY ends the connection gracefully");
+    assert!(moved >= 64, "sent away after {moved} requests, before two looks");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_the_json_logs_even_at_trace_level() {
     use crate::fake_upstream::AuthMode;
