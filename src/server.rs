@@ -187,7 +187,10 @@ impl AsyncRead for Tracked {
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.activity.read();
             if let Some(home) = &self.activity.home {
-                if home.look.swap(false, Ordering::Relaxed) && home.client_moved(&self.inner) {
+                if home.look.load(Ordering::Relaxed)
+                    && home.look.swap(false, Ordering::Relaxed)
+                    && home.client_moved(&self.inner)
+                {
                     tracing::debug!("client moved to another shard's CPU; closing its connection");
                     self.activity.leave.store(true, Ordering::Relaxed);
                 }
