@@ -11,7 +11,7 @@
 //! 124 600–147 700. Whether a run paired each client thread with the right CPU was up to the
 //! scheduler, which moves the clients; since a connection whose requests arrive on another
 //! thread's CPU is asked to reconnect there (`server::Home`), -c16 gives 168 000–198 000
-//! against nginx's 114 000–175 000 in the same rounds. With real NICs the
+//! against nginx's 122 000–175 000 in the same rounds. With real NICs the
 //! incoming CPU is the one that took the packet's interrupt, so the request is served where
 //! its bytes are already in cache. Off by default (`[server] pin_threads`): a pinned thread
 //! cannot move away from a CPU that other work keeps busy.
