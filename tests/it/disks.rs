@@ -14,12 +14,12 @@ use crate::harness::{files_under, get, open, random_bytes, sha256, upstream_toml
 const DOCKER_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
 /// A tmpfs of `size` mounted on a fresh directory, unmounted when dropped.
-struct SmallDisk {
+pub(crate) struct SmallDisk {
     dir: tempfile::TempDir,
 }
 
 impl SmallDisk {
-    fn mount(size: &str) -> SmallDisk {
+    pub(crate) fn mount(size: &str) -> SmallDisk {
         SmallDisk::mount_with(size, "")
     }
 
@@ -35,12 +35,12 @@ impl SmallDisk {
         SmallDisk { dir }
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 
     /// Fills what is left of the disk with one file; returns its path.
-    fn fill_up(&self) -> PathBuf {
+    pub(crate) fn fill_up(&self) -> PathBuf {
         use std::io::Write;
         let path = self.path().join("filler");
         let mut f = std::fs::File::create(&path).unwrap();

@@ -665,6 +665,49 @@ async fn a_second_replica_serves_what_the_first_fetched_with_no_upstream_blob_re
     }
 }
 
+/// A tag mapping another replica put in the bucket is answered at once and written to the
+/// local disk in the background; a full local disk refuses the record, which is counted as
+/// a write error, and the answer stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_from_the_bucket_that_the_full_local_disk_refuses_is_answered_and_counted() {
+    let up = FakeUpstream::start().await;
+    let (manifest, digests, bytes) = image(&up, 31);
+    let prefix = "tag-on-a-full-disk";
+    let dir_a = tempfile::tempdir().unwrap();
+    let a = replica(&up, dir_a.path(), prefix, "").await;
+    pull(&a, &manifest, &digests, &bytes).await;
+    let a_proxy = a.proxy.clone();
+    wait_until(|| a_proxy.work_in_flight() == 0).await;
+
+    let disk = crate::disks::SmallDisk::mount("4m");
+    let b = replica(&up, disk.path(), prefix, "").await;
+    let accept = ("accept", OCI_MANIFEST);
+    let by_digest = get_with(&b.url(&format!("/v2/library/app/manifests/{manifest}")), &[accept]).await;
+    assert_eq!(by_digest.status, 200);
+    // The manifest and the record that library/app holds it are on B's disk before it fills.
+    let b_proxy = b.proxy.clone();
+    wait_until(|| b_proxy.work_in_flight() == 0).await;
+    let associations = disk.path().join("v1/associations");
+    wait_until(|| std::fs::read_to_string(&associations).is_ok_and(|l| l.contains(&manifest))).await;
+    assert_eq!(b.metric("regcache_cache_write_errors_total"), 0.0);
+
+    let _filler = disk.fill_up();
+    let total = up.total_requests();
+    let by_tag = get_with(&b.url("/v2/library/app/manifests/1"), &[accept]).await;
+    assert_eq!(by_tag.status, 200);
+    assert_eq!(by_tag.header("docker-content-digest"), Some(manifest.as_str()));
+    assert_eq!(
+        up.total_requests(),
+        total,
+        "the tag came from the upstream: {:?}",
+        up.seen()
+    );
+    wait_until(|| b.metric("regcache_cache_write_errors_total") == 1.0).await;
+    for p in [a, b] {
+        p.stop().await;
+    }
+}
+
 /// Every replica restarts with an empty local tier (a rollout of pods with `emptyDir`):
 /// warm pulls then ask the upstream nothing at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
