@@ -129,7 +129,9 @@ impl Activity {
             self.h2.store(true, Ordering::Relaxed);
         }
         if let Some(home) = &self.home {
-            if self.requests.fetch_add(1, Ordering::Relaxed) % MOVE_CHECK_REQUESTS == MOVE_CHECK_REQUESTS - 1 {
+            if self.requests.fetch_add(1, Ordering::Relaxed) % MOVE_CHECK_REQUESTS == MOVE_CHECK_REQUESTS - 1
+                && !self.leave.load(Ordering::Relaxed)
+            {
                 home.look.store(true, Ordering::Relaxed);
             }
         }
