@@ -153,9 +153,10 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<String>,
     /// Pin each connection thread to a CPU of its own and give it the connections whose
     /// packets arrive on that CPU (for a machine, or a container's cpuset, regcache has to
-    /// itself); applied only when regcache may use exactly as many CPUs as it runs
-    /// connection threads. Off by default: a pinned thread cannot move off a CPU that
-    /// other work keeps busy.
+    /// itself); a connection whose requests come to arrive on another thread's CPU (a local
+    /// client the scheduler moved) is asked to reconnect there. Applied only when regcache
+    /// may use exactly as many CPUs as it runs connection threads. Off by default: a pinned
+    /// thread cannot move off a CPU that other work keeps busy.
     #[serde(default)]
     pub pin_threads: bool,
 }
