@@ -557,21 +557,27 @@ async fn connection_threads_are_pinned_one_per_cpu_when_asked() {
     }
 }
 
+/// Two CPUs for a client to move between, where regcache pins its threads (it may run on
+/// exactly as many CPUs as it runs connection threads).
+fn two_cpus_of_our_own() -> (usize, usize) {
+    let allowed = regcache::cpus::allowed().expect("an affinity mask");
+    assert!(
+        allowed.len() > 1 && allowed.len() == std::thread::available_parallelism().unwrap().get(),
+        "pinning needs 2 CPUs, all of them regcache's: {allowed:?}"
+    );
+    (allowed[0], allowed[1])
+}
+
 /// With pinned connection threads, a client whose thread the scheduler moves to another CPU
 /// is asked (`Connection: close`) to reconnect, so that its new connection is accepted by the
 /// thread on its new CPU; a client that stays, and the new connection, are left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_moved_to_another_cpu_is_asked_to_reconnect_to_the_thread_there() {
     let up = FakeUpstream::start().await;
-    let allowed = regcache::cpus::allowed().expect("an affinity mask");
-    assert!(
-        allowed.len() > 1 && allowed.len() == std::thread::available_parallelism().unwrap().get(),
-        "pinning needs 2 CPUs, all of them regcache's: {allowed:?}"
-    );
+    let (first, other) = two_cpus_of_our_own();
     let dir = tempfile::tempdir().unwrap();
     let server = Process::start(dir.path(), &up.url(), "pin_threads = true");
     let addr = server.addr.clone();
-    let (first, other) = (allowed[0], allowed[1]);
     let asked = tokio::task::spawn_blocking(move || {
         // `Connection: close` on each of up to `n` keep-alive GETs of /v2/ on `conn`, which
         // ends at the first one so marked.
@@ -640,17 +646,12 @@ async fn a_client_moved_to_another_cpu_is_asked_to_reconnect_to_the_thread_there
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_client_moved_to_another_cpu_is_sent_goaway() {
     let up = FakeUpstream::start().await;
-    let allowed = regcache::cpus::allowed().expect("an affinity mask");
-    assert!(
-        allowed.len() > 1 && allowed.len() == std::thread::available_parallelism().unwrap().get(),
-        "pinning needs 2 CPUs, all of them regcache's: {allowed:?}"
-    );
+    let (first, other) = two_cpus_of_our_own();
     let dir = tempfile::tempdir().unwrap();
     // The watchdog ticks every quarter of the shortest limit: 50 ms.
     let keys = "pin_threads = true\n[limits]\nheader_read_timeout = \"200ms\"";
     let server = Process::start(dir.path(), &up.url(), keys);
     let addr = server.addr.clone();
-    let (first, other) = (allowed[0], allowed[1]);
     let client = tokio::task::spawn_blocking(move || {
         regcache::cpus::run_this_thread_on(&[first]).expect("client on the first CPU");
         let runtime = tokio::runtime::Builder::new_current_thread()
