@@ -1,6 +1,7 @@
 //! The admin listener: `/` (the status page), `/metrics` (Prometheus text), `/healthz`
-//! (the process answers) and `/readyz` (the cache is open, its disk takes data, and a shared bucket answers), on a
-//! port of its own. It starts before the cache index is rebuilt, so liveness never waits for it.
+//! (the process answers) and `/readyz` (the cache is open, its disk takes data and lost no
+//! blob's commit lately, and a shared bucket answers), on a port of its own. It starts
+//! before the cache index is rebuilt, so liveness never waits for it.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,9 +31,20 @@ fn text(status: StatusCode, body: impl Into<bytes::Bytes>, content_type: &'stati
 /// fits on one), small enough to cost nothing.
 const PROBE_BYTES: usize = 64 * 1024;
 
-/// Whether the cache can take new content: data can be written and made durable in its tmp
-/// dir. Runs on the blocking pool (it fsyncs).
+/// How long a blob's failed commit keeps the instance unready: long enough for the
+/// orchestrator to send clients elsewhere (Kubernetes needs three failed probes, 30 s by
+/// default), short enough that a disk that was freed or extended takes traffic again soon.
+const UNREADY_AFTER_FAILED_COMMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Whether the cache can take new content: no blob failed its commit lately, and data can
+/// be written and made durable in its tmp dir. Runs on the blocking pool (it fsyncs).
 async fn writable(proxy: &Proxy) -> Result<(), String> {
+    if let Some(ago) = proxy.cache.store.failed_commit_within(UNREADY_AFTER_FAILED_COMMIT) {
+        return Err(format!(
+            "the cache disk could not make a verified blob durable {}s ago (a thin volume out of space, or a failing disk); blobs are relayed uncached",
+            ago.as_secs()
+        ));
+    }
     let store = proxy.cache.store.clone();
     let probe = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         use std::io::Write;

@@ -15,7 +15,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::digest::Digest;
 
@@ -176,6 +176,10 @@ pub struct BlobStore {
     quarantined: AtomicU64,
     /// Content the disk refused or lost since the store was opened.
     write_errors: AtomicU64,
+    /// When a verified blob last failed its commit (milliseconds since `opened`, plus one;
+    /// 0 for never), for readiness.
+    failed_commit_at: AtomicU64,
+    opened: Instant,
     /// Held (locked) for as long as the store is open: one process owns a cache dir.
     _lock: File,
 }
@@ -247,6 +251,8 @@ impl BlobStore {
             next_tmp: AtomicU64::new(0),
             quarantined: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
+            failed_commit_at: AtomicU64::new(0),
+            opened: Instant::now(),
             _lock: lock,
         })
     }
@@ -365,6 +371,21 @@ impl BlobStore {
     /// Content the disk refused or lost since the store opened (see `note_write_error`).
     pub fn write_errors(&self) -> u64 {
         self.write_errors.load(Ordering::Relaxed)
+    }
+
+    /// A verified blob could not be made durable or put in place (its fsync failed: a thin
+    /// volume out of space, a failing disk). Such a disk may still take a small write, so
+    /// this, not only a probe, is what readiness goes by.
+    pub fn note_failed_commit(&self) {
+        let now = self.opened.elapsed().as_millis() as u64;
+        self.failed_commit_at.store(now.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// How long ago a blob last failed its commit, if it did within `window`.
+    pub fn failed_commit_within(&self, window: Duration) -> Option<Duration> {
+        let at = self.failed_commit_at.load(Ordering::Relaxed).checked_sub(1)?;
+        let ago = self.opened.elapsed().saturating_sub(Duration::from_millis(at));
+        (ago < window).then_some(ago)
     }
 
     pub fn remove(&self, kind: Kind, digest: &Digest) {
@@ -489,6 +510,17 @@ mod tests {
         let mut back = vec![0u8; 3 << 20];
         file.read_exact_at(&mut back, 0).unwrap();
         assert!(back.iter().all(|b| *b == 7));
+    }
+
+    #[test]
+    fn a_failed_commit_is_remembered_for_its_window_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = BlobStore::open(dir.path()).unwrap();
+        let minute = Duration::from_secs(60);
+        assert_eq!(store.failed_commit_within(minute), None, "none yet");
+        store.note_failed_commit();
+        assert!(store.failed_commit_within(minute).is_some_and(|ago| ago < minute));
+        assert_eq!(store.failed_commit_within(Duration::ZERO), None, "past its window");
     }
 
     /// A commit that lands after the cache dir was removed fails; it does not bring the dir

@@ -1019,6 +1019,7 @@ impl<E: std::error::Error + Send + Sync + 'static> Fills<E> {
         .map(|_| ())
         .map_err(|e| {
             self.store.note_write_error();
+            self.store.note_failed_commit();
             tracing::error!(error = %e, "verified blob could not be committed to the cache");
             Arc::new(FillError::Io(e))
         })

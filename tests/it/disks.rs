@@ -215,6 +215,22 @@ async fn gated_pull(dir: &Path, clients: usize, seed: u64) -> GatedPull {
     }
 }
 
+/// `/readyz` of the admin port of `proxy`, as status and body.
+fn readiness(proxy: &TestProxy) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = (u16, String)>>> {
+    let loaded: regcache::admin::Loaded = Arc::default();
+    let _ = loaded.set(proxy.proxy.clone());
+    move || {
+        let loaded = loaded.clone();
+        Box::pin(async move {
+            let req = http::Request::get("/readyz").body(()).unwrap();
+            let resp = regcache::admin::handle(loaded, req).await.unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        })
+    }
+}
+
 /// The blob went to its clients but not into the cache in `dir` (the disk's one failure
 /// counted), and its temp file is gone.
 fn assert_relayed_uncached(proxy: &TestProxy, dir: &Path) {
@@ -246,6 +262,8 @@ async fn a_disk_that_fails_at_the_fsync_still_hands_the_verified_blob_to_its_cli
     let _alone = DROPS_PAGE_CACHE.lock().await;
     let disk = ThinDisk::mount("8m", 512 << 20);
     let pull = gated_pull(disk.path(), 2, 114).await;
+    let readyz = readiness(&pull.proxy);
+    assert_eq!(readyz().await.0, 200);
     pull.gate.notify_one();
     // Read one after the other: the second client lags the whole download behind, and
     // reads the rest only once the kernel has dropped every clean page of the file.
@@ -259,6 +277,11 @@ async fn a_disk_that_fails_at_the_fsync_still_hands_the_verified_blob_to_its_cli
     }
     assert_eq!(pull.up.count("GET", "/blobs/"), 1, "one download for both");
     assert_relayed_uncached(&pull.proxy, disk.path());
+    // The readiness probe's own small write may well land where the volume has room: the
+    // failed commit is what says the disk cannot take data.
+    let (status, why) = readyz().await;
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("could not make a verified blob durable"), "{why}");
 
     // The disk still takes writes and loses them: every pull still gets the blob.
     let r = get(&pull.url).await;
