@@ -74,8 +74,6 @@ struct Activity {
     /// Set when the client now sends from another shard's CPU: its next HTTP/1.1 response
     /// says `Connection: close`, and it reconnects to the shard on its CPU ([`Home`]).
     leave: std::sync::atomic::AtomicBool,
-    /// Requests started, for a look at where the packets arrive every [`MOVE_CHECK_REQUESTS`].
-    requests: AtomicU64,
     home: Option<Home>,
 }
 
@@ -96,7 +94,6 @@ impl Activity {
             write_blocked_since: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             leave: std::sync::atomic::AtomicBool::new(false),
-            requests: AtomicU64::new(0),
             home,
         })
     }
@@ -129,7 +126,7 @@ impl Activity {
             self.h2.store(true, Ordering::Relaxed);
         }
         if let Some(home) = &self.home {
-            if self.requests.fetch_add(1, Ordering::Relaxed) % MOVE_CHECK_REQUESTS == MOVE_CHECK_REQUESTS - 1
+            if home.requests.fetch_add(1, Ordering::Relaxed) % MOVE_CHECK_REQUESTS == MOVE_CHECK_REQUESTS - 1
                 && !self.leave.load(Ordering::Relaxed)
             {
                 home.look.store(true, Ordering::Relaxed);
@@ -674,6 +671,8 @@ struct Home {
     /// Each shard's CPU and load, as in [`Shards`].
     cpus: Vec<usize>,
     loads: Vec<Arc<AtomicUsize>>,
+    /// Requests started on the connection.
+    requests: AtomicU64,
     /// Set every [`MOVE_CHECK_REQUESTS`]: look where the next request's bytes arrive.
     look: std::sync::atomic::AtomicBool,
     /// Looks in a row that found the requests arriving on another shard's CPU.
@@ -831,6 +830,7 @@ impl Shards {
             shard: index,
             cpus: self.cpus.clone()?,
             loads: self.shards.iter().map(|s| s.load.clone()).collect(),
+            requests: AtomicU64::new(0),
             look: std::sync::atomic::AtomicBool::new(false),
             strikes: std::sync::atomic::AtomicU8::new(0),
             moved: moved.clone(),

@@ -339,13 +339,8 @@ async fn on_a_full_disk_manifests_are_answered_and_readiness_says_why() {
         br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","layers":[]}"#;
     let digest = up.add_manifest("library/x", "1", DOCKER_V2, manifest);
     let proxy = proxy_on(&up, disk.path(), "1GiB").await;
-    let loaded: regcache::admin::Loaded = Arc::default();
-    let _ = loaded.set(proxy.proxy.clone());
-    let readyz = || {
-        let req = http::Request::get("/readyz").body(()).unwrap();
-        regcache::admin::handle(loaded.clone(), req)
-    };
-    assert_eq!(readyz().await.unwrap().status(), 200);
+    let readyz = readiness(&proxy);
+    assert_eq!(readyz().await.0, 200);
 
     let filler = disk.fill_up();
     let r = get(&proxy.url("/v2/library/x/manifests/1")).await;
@@ -355,13 +350,12 @@ async fn on_a_full_disk_manifests_are_answered_and_readiness_says_why() {
     // Stored in the background, where the full disk refuses the manifest, the tag's record
     // and the record of which repository holds it: each counted.
     crate::harness::wait_until(|| proxy.metric("regcache_cache_write_errors_total") == 3.0).await;
-    let resp = readyz().await.unwrap();
-    assert_eq!(resp.status(), 503);
-    let why = resp.into_body().collect().await.unwrap().to_bytes();
-    assert!(String::from_utf8_lossy(&why).contains("No space left"), "{why:?}");
+    let (status, why) = readyz().await;
+    assert_eq!(status, 503);
+    assert!(why.contains("No space left"), "{why:?}");
 
     std::fs::remove_file(filler).unwrap();
-    assert_eq!(readyz().await.unwrap().status(), 200);
+    assert_eq!(readyz().await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
