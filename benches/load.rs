@@ -1396,6 +1396,12 @@ fn render_table(results: &Results, settings: &Settings) -> String {
             target: Target::AtMost(DIRECT, 1.1),
         },
         Row {
+            measure: "pullfloor_s",
+            label: "The same through a bare relay that hashes and writes each byte, the floor (s ↓)".into(),
+            decimals: 2,
+            target: Target::None,
+        },
+        Row {
             measure: "pullrtt_s",
             label: "Cold skopeo pull, upstream 50 ms away (RTT), 3 layers ~75 MiB (s ↓)".into(),
             decimals: 2,
@@ -1953,33 +1959,112 @@ async fn policy_phase(env: &Env, settings: &Settings, results: &mut Results) -> 
     gated.finish().await
 }
 
-/// Cold pulls: regcache and Distribution each with fresh storage per run, and direct; the
-/// order rotates per run, after one untimed direct pull that warms the upstream and skopeo
-/// (otherwise whoever goes first pays for the upstream's first reads).
+/// Cold pulls: regcache and Distribution each with fresh storage per run, a bare hashing
+/// relay ([`hashing_relay`], the floor), and direct; the order rotates per run, after one
+/// untimed direct pull that warms the upstream and skopeo (otherwise whoever goes first
+/// pays for the upstream's first reads).
 async fn pull_phase(env: &Env, settings: &Settings, results: &mut Results) -> Result<(), String> {
     let skopeo = env.tool("skopeo");
     let sandbox = env.work.join("skopeo");
     let digest = &env.seeded.manifest_digest;
     skopeo_pull(skopeo, &env.upstream.addr.to_string(), &sandbox, digest).await?;
+    const FLOOR: &str = "hashing relay";
     for run in 0..settings.runs {
         eprintln!("cold pull run {}/{}", run + 1, settings.runs);
-        let mut order = [RC, DIST, DIRECT];
+        let mut order = [RC, DIST, FLOOR, DIRECT];
         let turn = run % order.len();
         order.rotate_left(turn);
         for peer in order {
             let dir = env.work.join(format!("pull-{run}"));
             let r = match peer {
                 DIRECT => skopeo_pull(skopeo, &env.upstream.addr.to_string(), &sandbox, digest).await,
+                FLOOR => {
+                    let relay = hashing_relay(env.upstream.addr, &dir)?;
+                    skopeo_pull(skopeo, &relay.addr.to_string(), &sandbox, digest).await
+                }
                 _ => {
                     let (_proxy, addr) = start_cold_proxy(env, peer, &dir).await?;
                     skopeo_pull(skopeo, &addr.to_string(), &sandbox, digest).await
                 }
             };
-            results.record("pull_s", peer, r);
+            match peer {
+                FLOOR => results.record("pullfloor_s", RC, r),
+                DIRECT => {
+                    if let Ok(secs) = &r {
+                        results.add("pullfloor_s", DIRECT, *secs);
+                    }
+                    results.record("pull_s", DIRECT, r);
+                }
+                _ => results.record("pull_s", peer, r),
+            }
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
     Ok(())
+}
+
+/// The least work a verifying cache adds to a cold pull, as a reference for the pull row: a
+/// TCP relay on 127.0.0.1 to `to` that hashes (SHA-256) every byte the upstream sends and
+/// writes it to a file under `dir`, one reused buffer and one thread per direction, with no
+/// HTTP parsing, no fsync and nothing held back. It stops listening when dropped; its
+/// connection threads end with their connections.
+fn hashing_relay(to: SocketAddr, dir: &Path) -> Result<HashingRelay, String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::FileExt as _;
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (dir, stopped) = (dir.to_path_buf(), stop.clone());
+    std::thread::spawn(move || {
+        for (n, client) in listener.incoming().enumerate() {
+            let Ok(client) = client else { return };
+            if stopped.load(Ordering::Relaxed) {
+                return;
+            }
+            let path = dir.join(format!("relayed-{n}"));
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let upstream = std::net::TcpStream::connect(to)?;
+                client.set_nodelay(true)?;
+                upstream.set_nodelay(true)?;
+                let (mut requests, mut forward) = (client.try_clone()?, upstream.try_clone()?);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut requests, &mut forward);
+                    let _ = forward.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut upstream, mut client) = (upstream, client);
+                let file = std::fs::File::create(&path)?;
+                let mut verifier = regcache::digest::Verifier::new(regcache::digest::Algorithm::Sha256);
+                let (mut buf, mut at) = (vec![0u8; 256 * 1024], 0u64);
+                loop {
+                    let n = upstream.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    verifier.update(&buf[..n]);
+                    file.write_all_at(&buf[..n], at)?;
+                    at += n as u64;
+                    client.write_all(&buf[..n])?;
+                }
+                std::hint::black_box(verifier.finish());
+                client.shutdown(std::net::Shutdown::Both)
+            });
+        }
+    });
+    Ok(HashingRelay { addr, stop })
+}
+
+struct HashingRelay {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for HashingRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wakes the accepting thread, which then sees `stop`.
+        let _ = std::net::TcpStream::connect(self.addr);
+    }
 }
 
 /// One-way delay of the relay in front of the upstream in the `pullrtt` phase (RTT twice it).
