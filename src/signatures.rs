@@ -517,6 +517,7 @@ mod tests {
     //! Against real artefacts (../shared/fixtures/sigstore; SOURCES.md there says where
     //! each comes from and what it must give).
     use super::*;
+    use proptest::prelude::*;
     use std::path::PathBuf;
 
     fn fixture(path: &str) -> PathBuf {
@@ -821,6 +822,105 @@ mod tests {
         tampered[10] ^= 0x01;
         assert_eq!(sig(&tampered).unwrap_err().reason(), "bad_signature");
         assert!(PublicKey::from_pem("x", "not a key").is_err());
+    }
+
+    /// The fixtures' real signatures, each with the policy and digest it verifies under and
+    /// the signer that policy names.
+    struct RealSignature {
+        trust: Trust,
+        /// The bundle's JSON, or the `.sig` layer's payload.
+        bytes: Vec<u8>,
+        /// A `.sig` layer's annotations; `None` for a bundle.
+        annotations: Option<serde_json::Map<String, serde_json::Value>>,
+        digest: Digest,
+        signer: String,
+    }
+
+    fn real_signatures() -> Vec<RealSignature> {
+        let kubewarden = Identity {
+            issuer: "https://token.actions.githubusercontent.com".into(),
+            subject: Subject::Regex(
+                regex_lite::Regex::new(r"^https://github\.com/kubewarden/kubewarden-controller/").unwrap(),
+            ),
+        };
+        let mitr = Identity {
+            issuer: "https://github.com/login/oauth".into(),
+            subject: Subject::Exact("mitr@redhat.com".into()),
+        };
+        let image = std::fs::read(fixture(
+            "cosign-v3-image-bundle/kubewarden-controller-v1.34.0.sigstore.json",
+        ))
+        .unwrap();
+        let image_digest: Digest = "sha256:c811d58de79c92f03214e63aa339484e488d694ae8a6283b5f3f17a9faf50172"
+            .parse()
+            .unwrap();
+        let (keyless, keyless_annotations, keyless_digest) = legacy("dir-img-cosign-fulcio-rekor-valid");
+        let (keyed, keyed_annotations, keyed_digest) = legacy("dir-img-cosign-key-rekor-valid");
+        vec![
+            RealSignature {
+                trust: trust(vec![], vec![kubewarden], "production"),
+                bytes: image,
+                annotations: None,
+                digest: image_digest,
+                signer: "https://github.com/kubewarden/kubewarden-controller/.github/workflows/release.yml@refs/tags/v1.34.0 from https://token.actions.githubusercontent.com".into(),
+            },
+            RealSignature {
+                trust: trust(vec![], vec![mitr], "production"),
+                bytes: keyless,
+                annotations: Some(keyless_annotations),
+                digest: keyless_digest,
+                signer: "mitr@redhat.com from https://github.com/login/oauth".into(),
+            },
+            RealSignature {
+                trust: trust(vec![key("cosign-simplesigning/cosign2.pub")], vec![], "production"),
+                bytes: keyed,
+                annotations: Some(keyed_annotations),
+                digest: keyed_digest,
+                signer: "key cosign-simplesigning/cosign2.pub".into(),
+            },
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// A registry can serve any bytes as a signature. A real one with a few bytes
+        /// changed (in the bundle, the payload, or an annotation) is refused or still names
+        /// its own signer, never another, and never panics the verifier.
+        #[test]
+        fn a_real_signature_with_bytes_changed_is_refused_or_names_its_own_signer(
+            which in 0..3usize,
+            part in 0..4usize,
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let RealSignature { trust, mut bytes, mut annotations, digest, signer } = real_signatures().swap_remove(which);
+            let keys = [SIGNATURE_ANNOTATION, CERTIFICATE_ANNOTATION, REKOR_ANNOTATION];
+            let edit = |target: &mut Vec<u8>| {
+                for (at, byte) in &edits {
+                    if !target.is_empty() {
+                        let i = at.index(target.len());
+                        target[i] = *byte;
+                    }
+                }
+            };
+            match annotations.as_mut().filter(|_| part > 0) {
+                Some(map) => {
+                    if let Some(value) = map.get_mut(keys[part - 1]) {
+                        let mut text = value.as_str().unwrap_or_default().as_bytes().to_vec();
+                        edit(&mut text);
+                        *value = String::from_utf8_lossy(&text).into_owned().into();
+                    }
+                }
+                None => edit(&mut bytes),
+            }
+            let signature = match &annotations {
+                Some(annotations) => Signature::SimpleSigning { payload: &bytes, annotations },
+                None => Signature::Bundle(&bytes),
+            };
+            if let Ok(named) = trust.verify(&signature, &digest) {
+                prop_assert_eq!(named, signer);
+            }
+        }
     }
 }
 
