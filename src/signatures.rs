@@ -541,6 +541,36 @@ mod tests {
         }
     }
 
+    /// The signer of the cosign v3 image bundle fixture ([`image_bundle`]).
+    fn kubewarden() -> Identity {
+        Identity {
+            issuer: "https://token.actions.githubusercontent.com".into(),
+            subject: Subject::Regex(
+                regex_lite::Regex::new(r"^https://github\.com/kubewarden/kubewarden-controller/").unwrap(),
+            ),
+        }
+    }
+
+    /// The signer of the legacy keyless fixture, `dir-img-cosign-fulcio-rekor-valid`.
+    fn mitr() -> Identity {
+        Identity {
+            issuer: "https://github.com/login/oauth".into(),
+            subject: Subject::Exact("mitr@redhat.com".into()),
+        }
+    }
+
+    /// A real cosign v3 image signature (a Sigstore bundle) and the digest it signs.
+    fn image_bundle() -> (Vec<u8>, Digest) {
+        let json = std::fs::read(fixture(
+            "cosign-v3-image-bundle/kubewarden-controller-v1.34.0.sigstore.json",
+        ))
+        .unwrap();
+        let digest = "sha256:c811d58de79c92f03214e63aa339484e488d694ae8a6283b5f3f17a9faf50172"
+            .parse()
+            .unwrap();
+        (json, digest)
+    }
+
     fn trust(keys: Vec<PublicKey>, identities: Vec<Identity>, root: &str) -> Trust {
         Trust::new(
             keys,
@@ -608,20 +638,8 @@ mod tests {
 
     #[test]
     fn a_real_cosign_v3_image_bundle_verifies_for_its_digest_only() {
-        let identity = Identity {
-            issuer: "https://token.actions.githubusercontent.com".into(),
-            subject: Subject::Regex(
-                regex_lite::Regex::new(r"^https://github\.com/kubewarden/kubewarden-controller/").unwrap(),
-            ),
-        };
-        let trust = trust(vec![], vec![identity], "production");
-        let json = std::fs::read(fixture(
-            "cosign-v3-image-bundle/kubewarden-controller-v1.34.0.sigstore.json",
-        ))
-        .unwrap();
-        let digest: Digest = "sha256:c811d58de79c92f03214e63aa339484e488d694ae8a6283b5f3f17a9faf50172"
-            .parse()
-            .unwrap();
+        let trust = trust(vec![], vec![kubewarden()], "production");
+        let (json, digest) = image_bundle();
         let signer = trust.verify(&Signature::Bundle(&json), &digest).unwrap();
         assert!(signer.contains("kubewarden-controller"), "{signer}");
         let other = Digest::sha256_of(b"another manifest");
@@ -770,11 +788,7 @@ mod tests {
             payload: &payload,
             annotations: &annotations,
         };
-        let mitr = Identity {
-            issuer: "https://github.com/login/oauth".into(),
-            subject: Subject::Exact("mitr@redhat.com".into()),
-        };
-        let signer = trust(vec![], vec![mitr], "production").verify(&sig, &digest).unwrap();
+        let signer = trust(vec![], vec![mitr()], "production").verify(&sig, &digest).unwrap();
         assert_eq!(signer, "mitr@redhat.com from https://github.com/login/oauth");
         assert_eq!(
             trust(vec![], vec![beacon()], "production")
@@ -784,12 +798,8 @@ mod tests {
             "wrong_identity"
         );
         // Under the staging root its chain and log key are unknown.
-        let mitr = Identity {
-            issuer: "https://github.com/login/oauth".into(),
-            subject: Subject::Exact("mitr@redhat.com".into()),
-        };
         assert_eq!(
-            trust(vec![], vec![mitr], "staging")
+            trust(vec![], vec![mitr()], "staging")
                 .verify(&sig, &digest)
                 .unwrap_err()
                 .reason(),
@@ -837,35 +847,19 @@ mod tests {
     }
 
     fn real_signatures() -> Vec<RealSignature> {
-        let kubewarden = Identity {
-            issuer: "https://token.actions.githubusercontent.com".into(),
-            subject: Subject::Regex(
-                regex_lite::Regex::new(r"^https://github\.com/kubewarden/kubewarden-controller/").unwrap(),
-            ),
-        };
-        let mitr = Identity {
-            issuer: "https://github.com/login/oauth".into(),
-            subject: Subject::Exact("mitr@redhat.com".into()),
-        };
-        let image = std::fs::read(fixture(
-            "cosign-v3-image-bundle/kubewarden-controller-v1.34.0.sigstore.json",
-        ))
-        .unwrap();
-        let image_digest: Digest = "sha256:c811d58de79c92f03214e63aa339484e488d694ae8a6283b5f3f17a9faf50172"
-            .parse()
-            .unwrap();
+        let (image, image_digest) = image_bundle();
         let (keyless, keyless_annotations, keyless_digest) = legacy("dir-img-cosign-fulcio-rekor-valid");
         let (keyed, keyed_annotations, keyed_digest) = legacy("dir-img-cosign-key-rekor-valid");
         vec![
             RealSignature {
-                trust: trust(vec![], vec![kubewarden], "production"),
+                trust: trust(vec![], vec![kubewarden()], "production"),
                 bytes: image,
                 annotations: None,
                 digest: image_digest,
                 signer: "https://github.com/kubewarden/kubewarden-controller/.github/workflows/release.yml@refs/tags/v1.34.0 from https://token.actions.githubusercontent.com".into(),
             },
             RealSignature {
-                trust: trust(vec![], vec![mitr], "production"),
+                trust: trust(vec![], vec![mitr()], "production"),
                 bytes: keyless,
                 annotations: Some(keyless_annotations),
                 digest: keyless_digest,
