@@ -16,7 +16,8 @@
 //! - `BENCH_DIR`: where the data goes (default `/dev/shm`, else the target dir);
 //! - `BENCH_ACCESS_LOG=0`: no per-request logging in any server (default: as shipped);
 //! - `BENCH_REPORT=path`: where the report goes instead of `<target dir>/bench-report.md`;
-//! - `BENCH_HOLD=secs`: after seeding, keep the upstream and nginx up that long (profiling);
+//! - `BENCH_HOLD=secs`: after seeding, keep the upstream and nginx up that long (profiling;
+//!   with `BENCH_HOLD_SIGN=1` the bench image is signed first, its key in `cosign.pub`);
 //! - `BENCH_SEAWEED_NICE=n`: SeaweedFS's nice level in the cluster phase (default 19).
 //!
 //! Everything listens on 127.0.0.1 only; every loop is bounded in count and time; every child
@@ -2935,6 +2936,11 @@ async fn run(settings: &Settings, results: &mut Results) -> Result<(), String> {
             env.nginx.addr,
             env.work.display()
         );
+        if std::env::var_os("BENCH_HOLD_SIGN").is_some() {
+            let pem = sign_bench_image(&env).await?;
+            std::fs::write(env.work.join("cosign.pub"), pem).map_err(|e| e.to_string())?;
+            eprintln!("signed; key in {}", env.work.join("cosign.pub").display());
+        }
         tokio::time::sleep(Duration::from_secs(secs.min(3600))).await;
     }
     if settings.phase("blob") || settings.phase("manifest") {
