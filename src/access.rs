@@ -67,13 +67,42 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// `*` matches any run of characters; everything else matches itself.
+/// `*` matches any run of characters; everything else matches itself. The crate's one
+/// glob matcher (access rules, policies, pins, sync and `ls` filters).
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let text = text.as_bytes();
+    matches_bytes(pattern.as_bytes(), text.len(), |i| text[i])
+}
+
+/// Whether `pattern` matches the name `<upstream>/<repo>`, without building that name:
+/// policies and access rules are matched on every request.
+pub fn name_matches(pattern: &str, upstream: &str, repo: &str) -> bool {
+    // The usual pattern, `docker.io/library/*`: its literal part is the whole name or its
+    // start, compared in place.
+    if let Some(head) = pattern.strip_suffix('*').filter(|h| !h.contains('*')) {
+        return match head.strip_prefix(upstream) {
+            Some(rest) => match rest.strip_prefix('/') {
+                Some(rest) => repo.starts_with(rest),
+                None => rest.is_empty(),
+            },
+            None => upstream.starts_with(head),
+        };
+    }
+    let (u, r) = (upstream.as_bytes(), repo.as_bytes());
+    let at = |i: usize| match i.cmp(&u.len()) {
+        std::cmp::Ordering::Less => u[i],
+        std::cmp::Ordering::Equal => b'/',
+        std::cmp::Ordering::Greater => r[i - u.len() - 1],
+    };
+    matches_bytes(pattern.as_bytes(), u.len() + 1 + r.len(), at)
+}
+
+/// Glob matching with backtracking to the last `*`, over a text of `len` bytes read by `at`.
+fn matches_bytes(p: &[u8], len: usize, at: impl Fn(usize) -> u8) -> bool {
     let (mut pi, mut ti) = (0, 0);
     let (mut star, mut mark) = (None, 0);
-    while ti < t.len() {
-        if pi < p.len() && p[pi] != b'*' && p[pi] == t[ti] {
+    while ti < len {
+        if pi < p.len() && p[pi] != b'*' && p[pi] == at(ti) {
             pi += 1;
             ti += 1;
         } else if pi < p.len() && p[pi] == b'*' {
@@ -92,8 +121,7 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 }
 
 fn allowed(rules: &[String], upstream: &str, repo: &str) -> bool {
-    let name = format!("{upstream}/{repo}");
-    rules.is_empty() || rules.iter().any(|r| glob_match(r, &name))
+    rules.is_empty() || rules.iter().any(|r| name_matches(r, upstream, repo))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -330,6 +358,29 @@ mod tests {
         assert!(!glob_match("ghcr.io/*/app", "ghcr.io/org/app2"));
         assert!(!glob_match("docker.io/library/*", "docker.io/bitnami/redis"));
         assert!(glob_match("a*b*c", "aXXbYYc"));
+        assert!(glob_match("*alpine*", "docker.io/library/alpine:3.20"));
+        assert!(glob_match("ghcr.io/org/app", "ghcr.io/org/app"));
+        assert!(!glob_match("ghcr.io/org/app", "ghcr.io/org/app2"));
+        assert!(!glob_match("*/app", "ghcr.io/org/apps"));
+        assert!(glob_match("a*b*c", "a-b-b-c"));
+        assert!(!glob_match("ab*ba", "aba"));
+        assert!(name_matches("docker.io/library/*", "docker.io", "library/alpine"));
+        assert!(name_matches("*o/l*", "docker.io", "library/alpine"));
+        assert!(!name_matches("docker.io/library/*", "docker.io", "bitnami/redis"));
+        assert!(!name_matches("docker.io", "docker.io", "library/alpine"));
+    }
+
+    proptest::proptest! {
+        /// A name matched in its two parts matches as the joined name would.
+        #[test]
+        fn a_name_matches_as_its_joined_text_would(
+            pattern in "[a-c/*]{0,8}\\*?",
+            upstream in "[a-c/]{0,5}",
+            repo in "[a-c/]{0,5}",
+        ) {
+            let joined = format!("{upstream}/{repo}");
+            proptest::prop_assert_eq!(name_matches(&pattern, &upstream, &repo), glob_match(&pattern, &joined));
+        }
     }
 
     #[tokio::test]

@@ -49,6 +49,9 @@ pub struct Policy {
     pub generation: u64,
     /// Its `verified` counter, looked up once (a warm pull counts without a label lookup).
     verified: std::sync::OnceLock<prometheus::IntCounter>,
+    /// How narrowly `pattern` matches (more literal characters: more narrowly; no `*`:
+    /// most), to pick the most specific of the policies that match a name.
+    specificity: usize,
 }
 
 impl Policy {
@@ -58,11 +61,6 @@ impl Policy {
                 .policy_decisions
                 .with_label_values(&[&self.name, "verified", ""])
         })
-    }
-
-    /// More literal characters match more narrowly.
-    fn specificity(&self) -> usize {
-        self.pattern.chars().filter(|c| *c != '*').count() + usize::from(!self.pattern.contains('*')) * 10_000
     }
 
     pub fn describe(&self) -> String {
@@ -173,6 +171,8 @@ impl Policies {
                 trust,
                 generation,
                 verified: Default::default(),
+                specificity: c.pattern.chars().filter(|c| *c != '*').count()
+                    + usize::from(!c.pattern.contains('*')) * 10_000,
             }));
         }
         Ok(Policies { list })
@@ -188,18 +188,24 @@ impl Policies {
 
     /// The most specific policy whose pattern matches `<upstream>/<repo>`.
     pub fn governing(&self, upstream: &str, repo: &str) -> Option<&Arc<Policy>> {
-        let name = format!("{upstream}/{repo}");
         self.list
             .iter()
-            .filter(|p| crate::inventory::glob_match(&p.pattern, &name))
-            .max_by_key(|p| p.specificity())
+            .filter(|p| crate::access::name_matches(&p.pattern, upstream, repo))
+            .max_by_key(|p| p.specificity)
     }
 }
 
+/// The header a manifest answer under a policy carries: what the policy said
+/// (`verified: key cosign.pub (policy library)`, or why it only warned).
+pub const POLICY_HEADER: http::HeaderName = http::HeaderName::from_static("x-regcache-policy");
+
 /// A manifest that passed, and by whom.
 struct Passed {
-    /// What its answers say (the `x-regcache-policy` header), made once.
+    /// What its answers say (the [`POLICY_HEADER`] value), made once.
     detail: http::HeaderValue,
+    /// Its answers' headers, the policy's among them, made at its first answer: a warm hit
+    /// clones them rather than inserting one more header into a clone of the manifest's.
+    headers: std::sync::OnceLock<http::HeaderMap>,
     /// Whether its config and layers were admitted (once, on its first use).
     blobs_admitted: AtomicBool,
 }
@@ -209,9 +215,17 @@ impl Passed {
         let text = format!("verified: {signer} (policy {})", policy.name);
         Arc::new(Passed {
             detail: http::HeaderValue::from_str(&text).unwrap_or(http::HeaderValue::from_static("verified")),
+            headers: std::sync::OnceLock::new(),
             blobs_admitted: AtomicBool::new(false),
         })
     }
+}
+
+/// `manifest`'s answer headers with the policy's `detail` added.
+fn with_detail(manifest: &Manifest, detail: http::HeaderValue) -> http::HeaderMap {
+    let mut headers = manifest.headers.clone();
+    headers.insert(POLICY_HEADER, detail);
+    headers
 }
 
 /// What a policy decided for one request, for its access-log field and the status page.
@@ -232,12 +246,48 @@ impl Decision {
     }
 }
 
+/// The policy generations a manifest passed, each with its verdict.
+type Verdicts = Arc<[(u64, Arc<Passed>)]>;
+
+fn passed_in(verdicts: &Verdicts, generation: u64) -> Option<Arc<Passed>> {
+    verdicts.iter().find(|(g, _)| *g == generation).map(|(_, p)| p.clone())
+}
+
+/// A copy of the verdicts on one manifest, kept with its in-memory copy (the manifest's
+/// `verdicts`): a warm hit under a policy finds its verdict there, without a lookup in the
+/// gate's table (a third of what a policy added to a warm hit). The table stays the record;
+/// a verdict the copy lacks is looked up there and the copy renewed.
+#[derive(Default)]
+pub struct VerdictCopy(std::sync::Mutex<Option<Verdicts>>);
+
+impl std::fmt::Debug for VerdictCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let generations: Vec<u64> = held.iter().flat_map(|v| v.iter().map(|(g, _)| *g)).collect();
+        f.debug_tuple("VerdictCopy").field(&generations).finish()
+    }
+}
+
+impl VerdictCopy {
+    fn passed(&self, generation: u64) -> Option<Arc<Passed>> {
+        let held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        passed_in(held.as_ref()?, generation)
+    }
+
+    fn renew(&self, verdicts: Verdicts) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(verdicts);
+    }
+}
+
 /// The policies in force (replaced whole on a reload) and what they decided.
 pub struct Gate {
     policies: RwLock<Arc<Policies>>,
     /// Quick test for the common case of no policy at all.
     any: AtomicBool,
-    passed: moka::sync::Cache<(Digest, u64), Arc<Passed>>,
+    /// Manifests that passed, by digest: a verdict per generation of the policies in force
+    /// that passed it (nearly always one). Keyed by the digest alone, so that a warm hit
+    /// looks its verdict up without a copy of the digest, hashed the digest's cheap way.
+    passed: moka::sync::Cache<Digest, Verdicts, crate::digest::DigestHashing>,
     refused: moka::sync::Cache<(Digest, u64), Refusal>,
     blobs: moka::sync::Cache<(Digest, u64), ()>,
     flights: crate::single_flight::SingleFlight<(Digest, u64), Result<String, Refusal>>,
@@ -248,7 +298,9 @@ impl Gate {
         Gate {
             any: AtomicBool::new(!policies.is_empty()),
             policies: RwLock::new(Arc::new(policies)),
-            passed: moka::sync::Cache::new(1 << 20),
+            passed: moka::sync::Cache::builder()
+                .max_capacity(1 << 20)
+                .build_with_hasher(crate::digest::DigestHashing),
             refused: moka::sync::Cache::builder()
                 .max_capacity(1 << 16)
                 .time_to_live(REFUSAL_TTL)
@@ -270,6 +322,44 @@ impl Gate {
         self.refused.invalidate_all();
     }
 
+    /// The verdict that `digest` passed `generation`, if it did.
+    fn passed(&self, digest: &Digest, generation: u64) -> Option<Arc<Passed>> {
+        passed_in(&self.passed.get(digest)?, generation)
+    }
+
+    /// The same for a manifest in memory: from the copy it keeps, else from the table
+    /// (renewing the copy).
+    fn passed_manifest(&self, manifest: &Manifest, generation: u64) -> Option<Arc<Passed>> {
+        if let Some(passed) = manifest.verdicts.passed(generation) {
+            return Some(passed);
+        }
+        let verdicts = self.passed.get(&manifest.digest)?;
+        manifest.verdicts.renew(verdicts.clone());
+        passed_in(&verdicts, generation)
+    }
+
+    /// Keeps that `digest` passed `generation`; the verdict kept (an earlier one, if another
+    /// flight got there first). Verdicts of generations no longer in force are dropped.
+    fn keep_passed(&self, digest: Digest, generation: u64, passed: Arc<Passed>) -> Arc<Passed> {
+        if let Some(earlier) = self.passed(&digest, generation) {
+            return earlier;
+        }
+        let in_force = self.policies();
+        let mut verdicts: Vec<(u64, Arc<Passed>)> = self
+            .passed
+            .get(&digest)
+            .map(|v| {
+                v.iter()
+                    .filter(|(g, _)| in_force.list.iter().any(|p| p.generation == *g))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        verdicts.push((generation, passed.clone()));
+        self.passed.insert(digest, verdicts.into());
+        passed
+    }
+
     fn governing(&self, target: &Target) -> Option<Arc<Policy>> {
         if !self.any.load(Ordering::Relaxed) {
             return None;
@@ -285,8 +375,9 @@ impl Gate {
 /// The outcome of a check, as a manifest response reports it.
 pub struct Admission {
     pub decision: Decision,
-    /// `verified: key cosign.pub (policy library)` and the like.
-    pub detail: Option<http::HeaderValue>,
+    /// A manifest answer's headers, with what the policy said in [`POLICY_HEADER`]
+    /// (`verified: key cosign.pub (policy library)` and the like); `None` for a blob.
+    pub headers: Option<http::HeaderMap>,
 }
 
 impl Proxy {
@@ -296,10 +387,9 @@ impl Proxy {
         let Some(policy) = self.gate.governing(target) else {
             return Ok(None);
         };
-        let key = (manifest.digest.clone(), policy.generation);
-        let verdict = match self.gate.passed.get(&key) {
+        let verdict = match self.gate.passed_manifest(manifest, policy.generation) {
             Some(passed) => Ok(passed),
-            None => match self.gate.refused.get(&key) {
+            None => match self.gate.refused.get(&(manifest.digest.clone(), policy.generation)) {
                 Some(refusal) => Err(refusal),
                 None => Box::pin(self.judge(target, &policy, manifest)).await,
             },
@@ -310,9 +400,12 @@ impl Proxy {
                     self.admit_parts(&policy, manifest);
                 }
                 policy.verified(&self.metrics).inc();
+                let headers = passed
+                    .headers
+                    .get_or_init(|| with_detail(manifest, passed.detail.clone()));
                 Ok(Some(Admission {
                     decision: Decision::Verified,
-                    detail: Some(passed.detail.clone()),
+                    headers: Some(headers.clone()),
                 }))
             }
             Err(refusal) => self.refuse(
@@ -320,6 +413,7 @@ impl Proxy {
                 target,
                 &format!("{}@{}", target.repo, manifest.digest),
                 &refusal,
+                Some(manifest),
             ),
         }
     }
@@ -334,26 +428,24 @@ impl Proxy {
             policy.verified(&self.metrics).inc();
             return Ok(Some(Admission {
                 decision: Decision::Verified,
-                detail: None,
+                headers: None,
             }));
         }
         let refusal = Refusal::NoSignature;
         let what =
             format!("blob {digest} (no manifest that passed lists it; pull the image by its tag or digest first)");
-        self.refuse(&policy, target, &what, &refusal).map(|a| {
-            a.map(|mut a| {
-                a.detail = None;
-                a
-            })
-        })
+        self.refuse(&policy, target, &what, &refusal, None)
     }
 
+    /// Denies `what`, or under a warning policy serves it, with the reason in `manifest`'s
+    /// answer headers (a blob's answer has none).
     fn refuse(
         &self,
         policy: &Policy,
         target: &Target,
         what: &str,
         refusal: &Refusal,
+        manifest: Option<&Manifest>,
     ) -> Result<Option<Admission>, Error> {
         let message = format!(
             "policy {:?} refuses {}/{what}: {refusal}",
@@ -366,9 +458,10 @@ impl Proxy {
                     .with_label_values(&[&policy.name, "warned", refusal.reason()])
                     .inc();
                 tracing::warn!(policy = %policy.name, reason = refusal.reason(), "{message} (mode warn: served)");
+                let detail = http::HeaderValue::from_str(&format!("warned: {refusal} (policy {})", policy.name)).ok();
                 Ok(Some(Admission {
                     decision: Decision::Warned,
-                    detail: http::HeaderValue::from_str(&format!("warned: {refusal} (policy {})", policy.name)).ok(),
+                    headers: manifest.zip(detail).map(|(m, detail)| with_detail(m, detail)),
                 }))
             }
             _ => {
@@ -404,9 +497,9 @@ impl Proxy {
             .await;
         match verdict {
             Ok(signer) => {
-                let passed = Passed::new(signer, policy);
                 // Another flight may already have admitted it.
-                Ok(self.gate.passed.entry(key).or_insert(passed).into_value())
+                let (digest, generation) = key;
+                Ok(self.gate.keep_passed(digest, generation, Passed::new(signer, policy)))
             }
             Err(refusal) => {
                 self.gate.refused.insert(key, refusal.clone());
@@ -454,7 +547,7 @@ impl Proxy {
         // An index that passed vouches for the manifests it lists.
         for (_, child) in descriptors(&doc, "manifests") {
             let passed = Passed::new(format!("listed by {digest}, {verdict}"), policy);
-            self.gate.passed.insert((child, policy.generation), passed);
+            self.gate.keep_passed(child, policy.generation, passed);
         }
         Ok(verdict)
     }

@@ -36,7 +36,7 @@ impl TagPattern {
 
     fn matches(&self, tag: &str) -> bool {
         match self {
-            TagPattern::Glob(g) => crate::inventory::glob_match(g, tag),
+            TagPattern::Glob(g) => crate::access::glob_match(g, tag),
             TagPattern::Regex(re) => re.is_match(tag),
             TagPattern::Semver(req) => {
                 semver::Version::parse(tag.strip_prefix('v').unwrap_or(tag)).is_ok_and(|v| req.matches(&v))

@@ -36,6 +36,8 @@ pub struct Manifest {
     pub headers: http::HeaderMap,
     /// The index's tick of its last use (see [`Index::use_unless_latest`]).
     used: std::sync::atomic::AtomicU64,
+    /// What signature policies decided about it (see `policy`).
+    pub verdicts: crate::policy::VerdictCopy,
 }
 
 impl Clone for Manifest {
@@ -65,6 +67,7 @@ impl Manifest {
             digest,
             headers,
             used: std::sync::atomic::AtomicU64::new(0),
+            verdicts: Default::default(),
         }
     }
 }

@@ -11,8 +11,8 @@ use std::sync::RwLock;
 
 use super::blob_store::Kind;
 use super::index::Key;
+use crate::access::glob_match;
 use crate::digest::Digest;
-use crate::inventory::glob_match;
 
 const FILE: &str = "pins";
 

@@ -275,10 +275,10 @@ async fn manifest(
     }
     let mut resp = Response::new(Body::full(m.bytes.clone()));
     let h = resp.headers_mut();
-    *h = m.headers.clone();
-    if let Some(v) = admission.and_then(|a| a.detail) {
-        h.insert(POLICY, v);
-    }
+    *h = match admission.and_then(|a| a.headers) {
+        Some(headers) => headers,
+        None => m.headers.clone(),
+    };
     if answer.stale {
         h.insert(STALE, HeaderValue::from_static("1"));
     }
@@ -308,9 +308,6 @@ async fn referrers(
     }
     Ok(resp)
 }
-
-/// What a signature policy said (`verified: key cosign.pub (policy library)`), on manifests.
-const POLICY: HeaderName = HeaderName::from_static("x-regcache-policy");
 
 /// Notes a policy's decision for the access log.
 fn admitted(

@@ -621,6 +621,22 @@ async fn a_real_keyless_signature_passes_for_its_identity_only() {
     }
 }
 
+/// Asks `url` until it answers `status` (after a reload), at most 10 s; the last answer.
+async fn until_status(url: &str, status: u16, what: &str) -> crate::harness::Reply {
+    let started = std::time::Instant::now();
+    loop {
+        let reply = get_with(url, &[ACCEPT]).await;
+        if reply.status.as_u16() == status {
+            return reply;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{what} never took effect: {reply:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// The binary: `[[policy]]` edits take effect on SIGHUP.
 #[tokio::test]
 async fn a_policy_change_takes_effect_on_sighup() {
@@ -637,28 +653,57 @@ async fn a_policy_change_takes_effect_on_sighup() {
 
     std::fs::write(&config, format!("{base}{}", policy_toml("enforce", &[&key]))).unwrap();
     server.signal("HUP");
-    let mut status = 200;
-    let started = std::time::Instant::now();
-    while status != 403 {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(10),
-            "the reload never took effect"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        status = get_with(&url, &[ACCEPT]).await.status.as_u16();
-    }
+    until_status(&url, 403, "the reload").await;
     std::fs::write(&config, format!("{base}{}", policy_toml("off", &[&key]))).unwrap();
     server.signal("HUP");
-    let mut status = 403;
-    let started = std::time::Instant::now();
-    while status != 200 {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(10),
-            "the last reload never took effect"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        status = get_with(&url, &[ACCEPT]).await.status.as_u16();
+    until_status(&url, 200, "the last reload").await;
+}
+
+/// The binary: a manifest that passed is judged again when a reload changes the policy's
+/// keys (its verdict, kept with the manifest for warm hits, belongs to the policy as it
+/// was), and passes again once its key is back.
+#[tokio::test]
+async fn a_manifest_that_passed_is_judged_again_under_a_reloaded_policy() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (CosignKey::generate(), CosignKey::generate());
+    let (our_key, their_key) = (
+        ours.write(dir.path(), "cosign.pub"),
+        theirs.write(dir.path(), "other.pub"),
+    );
+    let (signed, _) = image(&up, "library/signed", "1", 1);
+    publish(
+        &up,
+        "library/signed",
+        &ours.legacy_signature("docker.io/library/signed:1", &signed),
+    );
+    let config = crate::harness::write_process_config(dir.path(), &up.url(), "", "");
+    let base = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{base}{}", policy_toml("enforce", &[&our_key]))).unwrap();
+    let server = Process::start_with_config(&config);
+    for reference in ["1".to_owned(), signed.clone()] {
+        let url = server.url(&format!("/v2/library/signed/manifests/{reference}"));
+        for _ in 0..3 {
+            let ok = get_with(&url, &[ACCEPT]).await;
+            assert_eq!(ok.status, 200, "{ok:?}");
+            let said = ok.header("x-regcache-policy").unwrap_or_default();
+            assert!(said.contains("key cosign.pub"), "{said}");
+        }
     }
+
+    std::fs::write(&config, format!("{base}{}", policy_toml("enforce", &[&their_key]))).unwrap();
+    server.signal("HUP");
+    for reference in ["1".to_owned(), signed.clone()] {
+        let url = server.url(&format!("/v2/library/signed/manifests/{reference}"));
+        let m = denial(&until_status(&url, 403, "the reload to the other key").await);
+        assert!(m.contains(&signed), "{m}");
+    }
+
+    std::fs::write(&config, format!("{base}{}", policy_toml("enforce", &[&our_key]))).unwrap();
+    server.signal("HUP");
+    let back = until_status(&server.url("/v2/library/signed/manifests/1"), 200, "the reload back").await;
+    let said = back.header("x-regcache-policy").unwrap_or_default();
+    assert!(said.contains("key cosign.pub"), "{said}");
 }
 
 /// `check-config` names a bad policy's key.
