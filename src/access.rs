@@ -368,6 +368,15 @@ mod tests {
         assert!(name_matches("*o/l*", "docker.io", "library/alpine"));
         assert!(!name_matches("docker.io/library/*", "docker.io", "bitnami/redis"));
         assert!(!name_matches("docker.io", "docker.io", "library/alpine"));
+        // Where the two parts meet (cases the property below once shrank to).
+        for (pattern, upstream, repo) in [("*//", "/", ""), ("*", "", ""), ("*", "/", ""), ("a/*", "a", "")] {
+            let joined = format!("{upstream}/{repo}");
+            assert_eq!(
+                name_matches(pattern, upstream, repo),
+                glob_match(pattern, &joined),
+                "{pattern} {joined}"
+            );
+        }
     }
 
     proptest::proptest! {

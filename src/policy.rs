@@ -7,7 +7,7 @@
 //! index that passed lists it; its config and layers then pass too. Signatures and their
 //! attachments themselves pass (they are what clients such as cosign fetch to check).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -249,39 +249,50 @@ impl Decision {
 /// The policy generations a manifest passed, each with its verdict.
 type Verdicts = Arc<[(u64, Arc<Passed>)]>;
 
+/// Hands out [`Gate`] versions.
+static NEXT_VERSION: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's copy of the policies in force, with the [`Gate`] version it is of.
+    static IN_FORCE: std::cell::RefCell<Option<(u64, Arc<Policies>)>> = const { std::cell::RefCell::new(None) };
+}
+
 fn passed_in(verdicts: &Verdicts, generation: u64) -> Option<Arc<Passed>> {
     verdicts.iter().find(|(g, _)| *g == generation).map(|(_, p)| p.clone())
 }
 
-/// A copy of the verdicts on one manifest, kept with its in-memory copy (the manifest's
-/// `verdicts`): a warm hit under a policy finds its verdict there, without a lookup in the
-/// gate's table (a third of what a policy added to a warm hit). The table stays the record;
-/// a verdict the copy lacks is looked up there and the copy renewed.
+/// The verdict on one manifest, kept with its in-memory copy (the manifest's `verdicts`):
+/// a warm hit under a policy reads it there, without a lookup in the gate's table and
+/// without writing to memory other threads read (a lock or a reference count here bounced
+/// between the CPUs on every hit). Set once, for the policy generation that first passed
+/// the manifest; under another generation (after a reload changed the policy) hits go to
+/// the table, which stays the record.
 #[derive(Default)]
-pub struct VerdictCopy(std::sync::Mutex<Option<Verdicts>>);
+pub struct VerdictCopy(std::sync::OnceLock<(u64, Arc<Passed>)>);
 
 impl std::fmt::Debug for VerdictCopy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let generations: Vec<u64> = held.iter().flat_map(|v| v.iter().map(|(g, _)| *g)).collect();
-        f.debug_tuple("VerdictCopy").field(&generations).finish()
+        f.debug_tuple("VerdictCopy")
+            .field(&self.0.get().map(|(g, _)| *g))
+            .finish()
     }
 }
 
 impl VerdictCopy {
-    fn passed(&self, generation: u64) -> Option<Arc<Passed>> {
-        let held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        passed_in(held.as_ref()?, generation)
+    fn passed(&self, generation: u64) -> Option<&Passed> {
+        self.0.get().filter(|(g, _)| *g == generation).map(|(_, p)| &**p)
     }
 
-    fn renew(&self, verdicts: Verdicts) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(verdicts);
+    fn keep(&self, generation: u64, passed: &Arc<Passed>) {
+        let _ = self.0.set((generation, passed.clone()));
     }
 }
 
 /// The policies in force (replaced whole on a reload) and what they decided.
 pub struct Gate {
     policies: RwLock<Arc<Policies>>,
+    /// Which policies are in force, unique across gates and reloads (see [`IN_FORCE`]).
+    version: AtomicU64,
     /// Quick test for the common case of no policy at all.
     any: AtomicBool,
     /// Manifests that passed, by digest: a verdict per generation of the policies in force
@@ -296,6 +307,7 @@ pub struct Gate {
 impl Gate {
     pub fn new(policies: Policies) -> Gate {
         Gate {
+            version: AtomicU64::new(NEXT_VERSION.fetch_add(1, Ordering::Relaxed)),
             any: AtomicBool::new(!policies.is_empty()),
             policies: RwLock::new(Arc::new(policies)),
             passed: moka::sync::Cache::builder()
@@ -319,23 +331,30 @@ impl Gate {
     pub fn replace(&self, policies: Policies) {
         self.any.store(!policies.is_empty(), Ordering::Relaxed);
         *self.policies.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policies);
+        self.version
+            .store(NEXT_VERSION.fetch_add(1, Ordering::Relaxed), Ordering::Release);
         self.refused.invalidate_all();
+    }
+
+    /// Runs `f` on the policies in force, from this thread's copy of them: a warm hit reads
+    /// one counter that only a reload writes, instead of taking the lock and a reference.
+    fn with_in_force<T>(&self, f: impl FnOnce(&Policies) -> T) -> T {
+        let version = self.version.load(Ordering::Acquire);
+        IN_FORCE.with(|copy| {
+            let mut copy = copy.borrow_mut();
+            if copy.as_ref().is_none_or(|(v, _)| *v != version) {
+                *copy = Some((version, self.policies()));
+            }
+            match copy.as_ref() {
+                Some((_, policies)) => f(policies),
+                None => f(&self.policies()),
+            }
+        })
     }
 
     /// The verdict that `digest` passed `generation`, if it did.
     fn passed(&self, digest: &Digest, generation: u64) -> Option<Arc<Passed>> {
         passed_in(&self.passed.get(digest)?, generation)
-    }
-
-    /// The same for a manifest in memory: from the copy it keeps, else from the table
-    /// (renewing the copy).
-    fn passed_manifest(&self, manifest: &Manifest, generation: u64) -> Option<Arc<Passed>> {
-        if let Some(passed) = manifest.verdicts.passed(generation) {
-            return Some(passed);
-        }
-        let verdicts = self.passed.get(&manifest.digest)?;
-        manifest.verdicts.renew(verdicts.clone());
-        passed_in(&verdicts, generation)
     }
 
     /// Keeps that `digest` passed `generation`; the verdict kept (an earlier one, if another
@@ -384,10 +403,25 @@ impl Proxy {
     /// Whether `manifest`, asked for under `target`, may be served under the policy that
     /// governs the target. `Ok(None)`: no policy applies.
     pub async fn admit_manifest(&self, target: &Target, manifest: &Arc<Manifest>) -> Result<Option<Admission>, Error> {
-        let Some(policy) = self.gate.governing(target) else {
+        if !self.gate.any.load(Ordering::Relaxed) {
             return Ok(None);
+        }
+        // A warm hit: the verdict kept with the manifest, under the policy in force.
+        let judged = self.gate.with_in_force(|policies| {
+            let policy = policies
+                .governing(&target.upstream.name, target.repo.as_str())
+                .filter(|p| p.mode != PolicyMode::Off)?;
+            Some(match manifest.verdicts.passed(policy.generation) {
+                Some(passed) => Ok(self.admitted(policy, passed, manifest)),
+                None => Err(policy.clone()),
+            })
+        });
+        let policy = match judged {
+            None => return Ok(None),
+            Some(Ok(admission)) => return Ok(Some(admission)),
+            Some(Err(policy)) => policy,
         };
-        let verdict = match self.gate.passed_manifest(manifest, policy.generation) {
+        let verdict = match self.gate.passed(&manifest.digest, policy.generation) {
             Some(passed) => Ok(passed),
             None => match self.gate.refused.get(&(manifest.digest.clone(), policy.generation)) {
                 Some(refusal) => Err(refusal),
@@ -396,17 +430,8 @@ impl Proxy {
         };
         match verdict {
             Ok(passed) => {
-                if !passed.blobs_admitted.swap(true, Ordering::Relaxed) {
-                    self.admit_parts(&policy, manifest);
-                }
-                policy.verified(&self.metrics).inc();
-                let headers = passed
-                    .headers
-                    .get_or_init(|| with_detail(manifest, passed.detail.clone()));
-                Ok(Some(Admission {
-                    decision: Decision::Verified,
-                    headers: Some(headers.clone()),
-                }))
+                manifest.verdicts.keep(policy.generation, &passed);
+                Ok(Some(self.admitted(&policy, &passed, manifest)))
             }
             Err(refusal) => self.refuse(
                 &policy,
@@ -415,6 +440,23 @@ impl Proxy {
                 &refusal,
                 Some(manifest),
             ),
+        }
+    }
+
+    /// A manifest that passed `policy`, served: counted, its parts admitted (once), and its
+    /// answer's headers saying so.
+    fn admitted(&self, policy: &Policy, passed: &Passed, manifest: &Manifest) -> Admission {
+        // Read before written: a flag every hit swapped would bounce between the CPUs.
+        if !passed.blobs_admitted.load(Ordering::Relaxed) && !passed.blobs_admitted.swap(true, Ordering::Relaxed) {
+            self.admit_parts(policy, manifest);
+        }
+        policy.verified(&self.metrics).inc();
+        let headers = passed
+            .headers
+            .get_or_init(|| with_detail(manifest, passed.detail.clone()));
+        Admission {
+            decision: Decision::Verified,
+            headers: Some(headers.clone()),
         }
     }
 
