@@ -338,17 +338,18 @@ impl Gate {
 
     /// Runs `f` on the policies in force, from this thread's copy of them: a warm hit reads
     /// one counter that only a reload writes, instead of taking the lock and a reference.
+    /// `f` must not come back here (the copy is borrowed while it runs).
     fn with_in_force<T>(&self, f: impl FnOnce(&Policies) -> T) -> T {
+        // Read before the policies: `replace` writes them before it moves the version on,
+        // so a copy is never older than the version it is filed under.
         let version = self.version.load(Ordering::Acquire);
         IN_FORCE.with(|copy| {
             let mut copy = copy.borrow_mut();
-            if copy.as_ref().is_none_or(|(v, _)| *v != version) {
-                *copy = Some((version, self.policies()));
+            if copy.as_ref().is_some_and(|(v, _)| *v != version) {
+                *copy = None;
             }
-            match copy.as_ref() {
-                Some((_, policies)) => f(policies),
-                None => f(&self.policies()),
-            }
+            let (_, policies) = copy.get_or_insert_with(|| (version, self.policies()));
+            f(policies)
         })
     }
 
