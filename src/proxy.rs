@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::cache::associations::Pair;
 use crate::cache::blob_store::Kind;
 use crate::cache::fill::{FillError, Fills, Kept, Opener, Progress, Source, State};
-use crate::cache::tags::{TagKey, TagRecord};
+use crate::cache::tags::{TagKey, TagKeyParts, TagKeyRef, TagRecord};
 use crate::cache::{Cache, Manifest};
 use crate::config::LimitsConfig;
 use crate::digest::Digest;
@@ -396,6 +396,19 @@ impl Proxy {
                 .await
             }
             Reference::Tag(tag) => {
+                // A warm hit, looked up by the request's own strings.
+                let parts = TagKeyRef {
+                    upstream: &target.upstream.name,
+                    repo: target.repo.as_str(),
+                    tag,
+                    accept: accept.bits(),
+                };
+                if let Some((record, manifest)) = self.cache.tag_in_memory(&parts) {
+                    if self.is_fresh(&record, &target.upstream, &parts) {
+                        self.lookup("tag", "hit");
+                        return Ok(ManifestAnswer { manifest, stale: false });
+                    }
+                }
                 let key = TagKey {
                     upstream: target.upstream.name.clone(),
                     repo: target.repo.to_string(),
@@ -418,21 +431,29 @@ impl Proxy {
     /// A cached tag answer that needs no upstream: within its TTL, or any age when the
     /// upstream is offline by configuration.
     async fn fresh_tag(&self, key: &TagKey, up: &upstream::Upstream) -> Option<ManifestAnswer> {
-        // Pins are looked at only when the answer depends on them (not on a fresh hit).
-        let pinned = || self.cache.pins.matches(&key.upstream, &key.repo, &key.tag);
         let (record, manifest) = match self.cache.load_tag(key).await {
             Some(found) => found,
             // A pinned tag is answered from what the cache holds for any client's Accept.
-            None if pinned() => {
+            None if self.cache.pins.matches(&key.upstream, &key.repo, &key.tag) => {
                 self.tag_for_another_accept(key, AcceptSet::from_bits(key.accept))
                     .await?
             }
             None => return None,
         };
-        if !up.offline && (record.expired() || (record.age() >= up.tag_ttl && !pinned())) {
-            return None;
-        }
-        Some(ManifestAnswer { manifest, stale: false })
+        self.is_fresh(&record, up, key)
+            .then_some(ManifestAnswer { manifest, stale: false })
+    }
+
+    /// Whether a tag's record may be answered without the upstream: within its TTL (or
+    /// pinned, and not expired by hand), or any age when the upstream is offline by
+    /// configuration.
+    fn is_fresh(&self, record: &TagRecord, up: &upstream::Upstream, key: &dyn TagKeyParts) -> bool {
+        // Pins are looked at only when the answer depends on them (not on a fresh hit).
+        let pinned = || {
+            let (upstream, repo, tag, _) = key.parts();
+            self.cache.pins.matches(upstream, repo, tag)
+        };
+        up.offline || !(record.expired() || (record.age() >= up.tag_ttl && !pinned()))
     }
 
     async fn fetch_by_digest(&self, target: &Target, digest: &Digest) -> Result<ManifestAnswer, Error> {

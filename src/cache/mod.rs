@@ -288,16 +288,8 @@ impl Cache {
     /// A tag's record and its manifest: from memory at once, else read from disk on the
     /// blocking pool.
     pub async fn load_tag(self: &Arc<Self>, key: &TagKey) -> Option<(Arc<TagRecord>, Arc<Manifest>)> {
-        if let Some(record) = self.tags.in_memory(key) {
-            if let Some(m) = record.answered() {
-                self.index.use_unless_latest(Kind::Manifest, &m.digest, &m.used);
-                return Some((record, m));
-            }
-            if let Some(m) = record.parsed_digest().and_then(|d| self.manifests.get(&*d)) {
-                record.answer_with(&m);
-                self.index.use_unless_latest(Kind::Manifest, &m.digest, &m.used);
-                return Some((record, m));
-            }
+        if let Some(found) = self.tag_in_memory(key) {
+            return Some(found);
         }
         let (cache, key) = (self.clone(), key.clone());
         tokio::task::spawn_blocking(move || {
@@ -308,6 +300,21 @@ impl Cache {
         .await
         .ok()
         .flatten()
+    }
+
+    /// A tag's record and manifest when both are in memory (never touches the disk).
+    pub fn tag_in_memory(&self, key: &dyn tags::TagKeyParts) -> Option<(Arc<TagRecord>, Arc<Manifest>)> {
+        let record = self.tags.in_memory(key)?;
+        let m = match record.answered() {
+            Some(m) => m,
+            None => {
+                let m = record.parsed_digest().and_then(|d| self.manifests.get(&*d))?;
+                record.answer_with(&m);
+                m
+            }
+        };
+        self.index.use_unless_latest(Kind::Manifest, &m.digest, &m.used);
+        Some((record, m))
     }
 
     /// [`Cache::open_blob`] on the blocking pool (an open and a stat can wait on the disk).

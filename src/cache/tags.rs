@@ -13,12 +13,67 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TagKey {
     pub upstream: String,
     pub repo: String,
     pub tag: String,
     pub accept: u8,
+}
+
+/// A tag key's parts, owned ([`TagKey`]) or borrowed ([`TagKeyRef`]): a warm hit looks its
+/// record up in memory by the request's own strings, without building a key (three
+/// allocations on every hit).
+pub trait TagKeyParts {
+    /// (upstream, repository, tag, Accept set bits).
+    fn parts(&self) -> (&str, &str, &str, u8);
+}
+
+/// A tag key made of borrowed parts.
+pub struct TagKeyRef<'a> {
+    pub upstream: &'a str,
+    pub repo: &'a str,
+    pub tag: &'a str,
+    pub accept: u8,
+}
+
+impl TagKeyParts for TagKey {
+    fn parts(&self) -> (&str, &str, &str, u8) {
+        (&self.upstream, &self.repo, &self.tag, self.accept)
+    }
+}
+
+impl TagKeyParts for TagKeyRef<'_> {
+    fn parts(&self) -> (&str, &str, &str, u8) {
+        (self.upstream, self.repo, self.tag, self.accept)
+    }
+}
+
+// A key and its parts hash and compare alike, so that either finds the same record.
+impl std::hash::Hash for dyn TagKeyParts + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl PartialEq for dyn TagKeyParts + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn TagKeyParts + '_ {}
+
+impl std::hash::Hash for TagKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (self as &dyn TagKeyParts).hash(state);
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn TagKeyParts + 'a> for TagKey {
+    fn borrow(&self) -> &(dyn TagKeyParts + 'a) {
+        self
+    }
 }
 
 impl TagKey {
@@ -178,7 +233,7 @@ impl TagStore {
     }
 
     /// The record if it is in memory (never touches the disk).
-    pub fn in_memory(&self, key: &TagKey) -> Option<Arc<TagRecord>> {
+    pub fn in_memory(&self, key: &dyn TagKeyParts) -> Option<Arc<TagRecord>> {
         self.memory.get(key)
     }
 
@@ -310,6 +365,36 @@ impl TagStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_kept_under_its_key_is_found_by_the_key_s_borrowed_parts_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TagStore::new(dir.path());
+        let key = TagKey {
+            upstream: "docker.io".into(),
+            repo: "library/alpine".into(),
+            tag: "3".into(),
+            accept: 15,
+        };
+        let d = Digest::sha256_of(b"m");
+        store.remember(TagRecord::new(&key, &d, "application/vnd.oci.image.index.v1+json", 1));
+        let parts = |upstream, repo, tag, accept| TagKeyRef {
+            upstream,
+            repo,
+            tag,
+            accept,
+        };
+        let found = store.in_memory(&parts("docker.io", "library/alpine", "3", 15));
+        assert_eq!(found.and_then(|r| r.digest()), Some(d));
+        for other in [
+            parts("docker.io", "library/alpine", "3", 1),
+            parts("docker.io", "library/alpine", "4", 15),
+            parts("docker.io", "library/alpin", "e/3", 15),
+            parts("ghcr.io", "library/alpine", "3", 15),
+        ] {
+            assert!(store.in_memory(&other).is_none(), "{:?}", other.parts());
+        }
+    }
 
     #[test]
     fn put_then_get_after_restart() {
