@@ -366,18 +366,26 @@ impl TagStore {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_record_kept_under_its_key_is_found_by_the_key_s_borrowed_parts_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = TagStore::new(dir.path());
-        let key = TagKey {
+    /// `docker.io/library/alpine:3` for any client's Accept list.
+    fn alpine_3() -> TagKey {
+        TagKey {
             upstream: "docker.io".into(),
             repo: "library/alpine".into(),
             tag: "3".into(),
             accept: 15,
-        };
-        let d = Digest::sha256_of(b"m");
-        store.remember(TagRecord::new(&key, &d, "application/vnd.oci.image.index.v1+json", 1));
+        }
+    }
+
+    fn index_record(key: &TagKey, digest: &Digest) -> TagRecord {
+        TagRecord::new(key, digest, "application/vnd.oci.image.index.v1+json", 1)
+    }
+
+    #[test]
+    fn a_record_kept_under_its_key_is_found_by_the_key_s_borrowed_parts_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TagStore::new(dir.path());
+        let (key, d) = (alpine_3(), Digest::sha256_of(b"m"));
+        store.remember(index_record(&key, &d));
         let parts = |upstream, repo, tag, accept| TagKeyRef {
             upstream,
             repo,
@@ -400,19 +408,8 @@ mod tests {
     fn put_then_get_after_restart() {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("tmp")).unwrap();
-        let key = TagKey {
-            upstream: "docker.io".into(),
-            repo: "library/alpine".into(),
-            tag: "3".into(),
-            accept: 15,
-        };
-        let d = Digest::sha256_of(b"m");
-        TagStore::new(dir.path())
-            .put(
-                TagRecord::new(&key, &d, "application/vnd.oci.image.index.v1+json", 1),
-                true,
-            )
-            .unwrap();
+        let (key, d) = (alpine_3(), Digest::sha256_of(b"m"));
+        TagStore::new(dir.path()).put(index_record(&key, &d), true).unwrap();
         let again = TagStore::new(dir.path());
         let r = again.get(&key).unwrap();
         assert_eq!(r.digest(), Some(d.clone()));
