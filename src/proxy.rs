@@ -403,21 +403,26 @@ impl Proxy {
                     tag,
                     accept: accept.bits(),
                 };
-                if let Some((record, manifest)) = self.cache.tag_in_memory(&parts) {
-                    if self.is_fresh(&record, &target.upstream, &parts) {
+                let in_memory = match self.cache.tag_in_memory(&parts) {
+                    Some((record, manifest)) if self.is_fresh(&record, &target.upstream, &parts) => {
                         self.lookup("tag", "hit");
                         return Ok(ManifestAnswer { manifest, stale: false });
                     }
-                }
+                    found => found.is_some(),
+                };
                 let key = TagKey {
                     upstream: target.upstream.name.clone(),
                     repo: target.repo.to_string(),
                     tag: tag.clone(),
                     accept: accept.bits(),
                 };
-                if let Some(answer) = self.fresh_tag(&key, &target.upstream).await {
-                    self.lookup("tag", "hit");
-                    return Ok(answer);
+                // A record in memory but stale is not looked at again; one not in memory
+                // may be on disk (or, pinned, held for another Accept list).
+                if !in_memory {
+                    if let Some(answer) = self.fresh_tag(&key, &target.upstream).await {
+                        self.lookup("tag", "hit");
+                        return Ok(answer);
+                    }
                 }
                 Box::pin(
                     self.manifest_flights
