@@ -15,7 +15,12 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-fn provider() -> Arc<CryptoProvider> {
+/// The crypto provider of every TLS config regcache builds.
+// rustls 0.23.48 deprecates its ring provider for lacking post-quantum key exchange. ring
+// stays: it is the one crypto library of the whole binary (TLS both ways, the S3 client's
+// signing, signature checks), and aws-lc-rs would add a C library build to every build.
+#[allow(deprecated)]
+pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
