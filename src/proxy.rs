@@ -436,7 +436,17 @@ impl Proxy {
     /// A cached tag answer that needs no upstream: within its TTL, or any age when the
     /// upstream is offline by configuration.
     async fn fresh_tag(&self, key: &TagKey, up: &upstream::Upstream) -> Option<ManifestAnswer> {
-        let (record, manifest) = match self.cache.load_tag(key).await {
+        self.fresh_of(key, up, self.cache.load_tag(key).await).await
+    }
+
+    /// [`Proxy::fresh_tag`] with the record already looked up.
+    async fn fresh_of(
+        &self,
+        key: &TagKey,
+        up: &upstream::Upstream,
+        found: Option<(Arc<TagRecord>, Arc<Manifest>)>,
+    ) -> Option<ManifestAnswer> {
+        let (record, manifest) = match found {
             Some(found) => found,
             // A pinned tag is answered from what the cache holds for any client's Accept.
             None if self.cache.pins.matches(&key.upstream, &key.repo, &key.tag) => {
@@ -543,7 +553,10 @@ impl Proxy {
 
     async fn resolve_tag(&self, target: &Target, key: TagKey, accept: AcceptSet) -> Result<ManifestAnswer, Error> {
         let up = &target.upstream;
-        if let Some(answer) = self.fresh_tag(&key, up).await {
+        // Looked up once: whether another flight stored it meanwhile, and what to check
+        // with the upstream if not.
+        let cached = self.cache.load_tag(&key).await;
+        if let Some(answer) = self.fresh_of(&key, up, cached.clone()).await {
             self.lookup("tag", "coalesced");
             return Ok(answer);
         }
@@ -552,7 +565,6 @@ impl Proxy {
         }
         self.lookup("tag", "miss");
         let accept_header = accept.header_value();
-        let cached = self.cache.load_tag(&key).await;
         if let Some((record, manifest)) = &cached {
             match up.head_manifest(&target.repo, &key.tag, &accept_header).await {
                 Ok(head) if head.digest.as_deref() == Some(record.digest.as_str()) => {
