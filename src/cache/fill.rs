@@ -1393,12 +1393,8 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
                     .await;
                 return ended(pos, false);
             };
-            for data in pieces {
-                let len = data.len() as u64;
-                if tx.send(Ok(data)).await.is_err() {
-                    return ended(pos, false);
-                }
-                pos += len;
+            if !send_pieces(&tx, pieces, &mut pos).await {
+                return ended(pos, false); // the client went away
             }
             continue;
         }
@@ -1410,12 +1406,8 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
         // Just written by the fill: still in its memory.
         let head = progress.as_ref().and_then(|rx| rx.borrow().head.clone());
         if let Some(pieces) = head.and_then(|h| h.read_pieces(pos, n)).filter(|p| !p.is_empty()) {
-            for data in pieces {
-                let len = data.len() as u64;
-                if tx.send(Ok(data)).await.is_err() {
-                    return ended(pos, false);
-                }
-                pos += len;
+            if !send_pieces(&tx, pieces, &mut pos).await {
+                return ended(pos, false); // the client went away
             }
             continue;
         }
@@ -1454,6 +1446,19 @@ pub async fn stream_file<E: std::error::Error + Send + Sync + 'static>(
             file_at = pos;
         }
     }
+}
+
+/// Sends pieces held in memory, moving `pos` past each one sent; false once the client is
+/// gone.
+async fn send_pieces(tx: &mpsc::Sender<io::Result<Bytes>>, pieces: Vec<Bytes>, pos: &mut u64) -> bool {
+    for data in pieces {
+        let len = data.len() as u64;
+        if tx.send(Ok(data)).await.is_err() {
+            return false;
+        }
+        *pos += len;
+    }
+    true
 }
 
 /// A reader that a peer relay left behind: streams on from the peer's own copy, from `pos`
