@@ -771,12 +771,7 @@ fn reload_policies_on_hangup(app: std::sync::Arc<regcache::App>, path: std::path
 /// Resolves on SIGINT or SIGTERM.
 async fn interrupted(#[cfg(unix)] term: &mut Option<tokio::signal::unix::Signal>) {
     #[cfg(unix)]
-    let terminated = async {
-        match term.as_mut() {
-            Some(t) => t.recv().await,
-            None => std::future::pending().await,
-        }
-    };
+    let terminated = regcache::server::next_signal(term);
     #[cfg(not(unix))]
     let terminated = std::future::pending::<Option<()>>();
     tokio::select! {

@@ -299,6 +299,15 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
 #[derive(Debug, Clone, Copy)]
 pub struct Internal;
 
+/// The next delivery of a signal; never, when it could not be registered.
+#[cfg(unix)]
+pub async fn next_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal.as_mut() {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// [`serve`]; `internal` marks every request as [`Internal`].
 pub async fn serve_as(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>, internal: bool) {
     let builder = Arc::new(builder(&app));
@@ -319,12 +328,7 @@ pub async fn serve_as(listener: TcpListener, app: Arc<App>, shutdown: impl Futur
     tokio::pin!(shutdown);
     loop {
         #[cfg(unix)]
-        let hup = async {
-            match hangup.as_mut() {
-                Some(h) => h.recv().await,
-                None => std::future::pending().await,
-            }
-        };
+        let hup = next_signal(&mut hangup);
         #[cfg(not(unix))]
         let hup = std::future::pending::<Option<()>>();
         let stream = tokio::select! {
