@@ -38,8 +38,8 @@ enum LogFormat {
 enum Command {
     /// Run the cache. Without --config it runs the embedded default configuration.
     Serve {
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigFile,
         /// Overrides [server] listen.
         #[arg(long)]
         listen: Option<SocketAddr>,
@@ -52,8 +52,8 @@ enum Command {
     },
     /// Validate a configuration and print it as regcache understands it (secrets redacted).
     CheckConfig {
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Fill the cache with images ahead of need: the selected platforms' manifests, configs
     /// and layers, and their referrers and cosign signatures, attestations and SBOMs.
@@ -75,8 +75,8 @@ enum Command {
         /// A running regcache to fill, by URL (http://mirror:5000), instead of the cache dir.
         #[arg(long)]
         server: Option<String>,
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigFile,
         /// Blob downloads at once.
         #[arg(long, default_value_t = 4)]
         jobs: usize,
@@ -89,36 +89,38 @@ enum Command {
     /// and why (each platform of an index too). Exits 1 if anything would be refused.
     /// Without --server it runs on the configured cache dir (no server may be using it).
     VerifyImage {
+        /// The image as Docker names it: alpine:3.20, ghcr.io/org/app@sha256:…
         image: String,
         /// A running regcache to ask, by URL, instead of the cache dir.
         #[arg(long)]
         server: Option<String>,
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// List the cached images: repository, tag, digest, size with everything it
     /// references, last use. Reads the cache dir only (a server may be running on it).
     Ls {
         /// Only repositories (or repository:tag) matching this pattern (`*` wildcards).
         pattern: Option<String>,
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigFile,
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Show the cache's disk use per upstream and repository, against its budget.
     Du {
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigFile,
+        /// One JSON document (the budget and the use per repository) instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Re-hash every cached blob and manifest; move damaged ones to v1/quarantine/ (they
     /// are fetched anew when next asked for). Safe beside a running server.
     Verify {
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigFile,
         /// Fetch each damaged file again now, through --server or (when no server runs on
         /// the cache dir) one started here.
         #[arg(long)]
@@ -140,23 +142,24 @@ enum Command {
         /// OUTPUT.sha256 listing them.
         #[arg(long)]
         split: Option<regcache::config::ByteSize>,
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Load OCI image layouts (directories or tars: `regcache export`, `skopeo copy
     /// oci:`/`oci-archive:`, Docker 25+'s `docker save`) into the cache, every blob verified
     /// before anything is committed. Safe beside a running server.
     Import {
+        /// OCI image layouts: directories, FILE.tar or FILE.tar.zst (a split export by that name).
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Remove blobs no cached manifest references and temp files interrupted fills and
     /// imports left (only files unused for 10 minutes and 1 day). Safe beside a running server.
     Gc {
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigFile,
         /// Only list what would be removed.
         #[arg(long)]
         dry_run: bool,
@@ -169,11 +172,22 @@ enum Command {
     },
 }
 
-fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
-    Ok(match path {
-        Some(p) => Config::from_file(p)?,
-        None => Config::embedded_default(),
-    })
+/// `--config`, which every command but `hash-password` takes.
+#[derive(clap::Args, Clone)]
+struct ConfigFile {
+    /// The configuration file (TOML, as in config.example.toml); without it, the embedded
+    /// default configuration.
+    #[arg(long = "config", value_name = "FILE")]
+    path: Option<PathBuf>,
+}
+
+impl ConfigFile {
+    fn load(&self) -> anyhow::Result<Config> {
+        Ok(match &self.path {
+            Some(p) => Config::from_file(p)?,
+            None => Config::embedded_default(),
+        })
+    }
 }
 
 /// The log worker's handle, taken by whoever ends the process first (the end of `main`, or
@@ -216,7 +230,7 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::CheckConfig { config } => {
-            let config = load(config.as_ref())?;
+            let config = config.load()?;
             print!("{}", config.to_toml());
             Ok(())
         }
@@ -233,7 +247,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ls { pattern, config, json } => {
-            let config = load(config.as_ref())?;
+            let config = config.load()?;
             let inventory = regcache::inventory::Inventory::read(&config.cache.dir)?;
             let pins = regcache::cache::pins::Pins::new(&config.cache.dir.join("v1"));
             pins.configure(
@@ -273,7 +287,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Du { config, json } => {
-            let config = load(config.as_ref())?;
+            let config = config.load()?;
             let usage = regcache::inventory::Inventory::read(&config.cache.dir)?.usage();
             let budget = config.cache.max_size.0;
             let mut out = std::io::stdout().lock();
@@ -309,7 +323,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             split,
             config,
         } => {
-            let config = load(config.as_ref())?;
+            let config = config.load()?;
             let parsed = images
                 .iter()
                 .map(|i| regcache::prefetch::parse_image(i))
@@ -327,7 +341,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Import { inputs, config } => {
-            let config = load(config.as_ref())?;
+            let config = config.load()?;
             let mut failed = 0;
             for input in &inputs {
                 match regcache::layout::import(&config.cache.dir, input) {
@@ -351,7 +365,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Gc { config, dry_run } => {
-            let config = load(config.as_ref())?;
+            let config = config.load()?;
             let c = regcache::gc::collect(&config.cache.dir, dry_run)?;
             let verb = if dry_run { "would remove" } else { "removed" };
             for (digest, size) in &c.blobs {
@@ -370,7 +384,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Verify { config, repair, server } => {
-            let config = load(config.as_ref())?;
+            let config = config.load()?;
             let checked = regcache::verify::check(&config.cache.dir, 2)?;
             println!(
                 "checked {} files ({:.1} MiB): {} damaged",
@@ -456,7 +470,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::VerifyImage { image, server, config } => {
             let image = regcache::prefetch::parse_image(&image).map_err(anyhow::Error::msg)?;
-            let loaded = load(config.as_ref())?;
+            let loaded = config.load()?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let result = runtime.block_on(async {
                 let ask = |base: String| async move {
@@ -521,7 +535,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 all_platforms,
                 jobs,
             };
-            let loaded = load(config.as_ref())?;
+            let loaded = config.load()?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let result = runtime.block_on(async {
                 match server {
@@ -542,8 +556,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             cache_dir,
             admin_listen,
         } => {
-            let path = config.clone();
-            let mut config = load(config.as_ref())?;
+            let path = config.path.clone();
+            let mut config = config.load()?;
             if let Some(listen) = listen {
                 config.server.listen = listen;
             }

@@ -150,6 +150,58 @@ fn hash_password_prints_a_bcrypt_hash_of_stdin() {
     assert_eq!(run(bad_cost, b"pw\n").status.code(), Some(1));
 }
 
+/// `--help` of every command says what each of its arguments and options is for: an entry
+/// with nothing after its name leaves a user guessing (which file, which server, what input).
+#[test]
+fn every_argument_and_option_of_every_command_is_explained_in_its_help() {
+    let mut cmd = regcache();
+    cmd.arg("--help");
+    let out = run(cmd, b"");
+    assert!(out.status.success());
+    let top = text(&out.stdout);
+    let commands: Vec<String> = top
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .filter(|c| c != "help")
+        .collect();
+    assert!(commands.len() >= 10, "commands found: {commands:?}");
+    let mut unexplained = Vec::new();
+    for command in &commands {
+        let mut cmd = regcache();
+        cmd.args([command.as_str(), "--help"]);
+        let out = run(cmd, b"");
+        assert!(out.status.success(), "{command} --help");
+        let help = text(&out.stdout);
+        let mut section = "";
+        for line in help.lines() {
+            if !line.starts_with(' ') {
+                section = line;
+                continue;
+            }
+            // An entry starts with `-x`, `--name`, `<NAME>` or `[NAME]` at most six spaces
+            // in (long options line up after the short ones); text further in continues
+            // the entry above.
+            let entry = line.trim_start();
+            let indent = line.len() - entry.len();
+            let starts_entry = indent <= 6 && entry.starts_with(['-', '<', '[']);
+            if !starts_entry || !(section == "Options:" || section == "Arguments:") {
+                continue;
+            }
+            let name_end = entry.find("  ").unwrap_or(entry.len());
+            if entry[name_end..].trim().is_empty() {
+                unexplained.push(format!("{command}: {}", entry.trim()));
+            }
+        }
+    }
+    assert!(
+        unexplained.is_empty(),
+        "entries without a description: {unexplained:#?}"
+    );
+}
+
 #[test]
 fn unknown_commands_and_flags_are_usage_errors() {
     let mut cmd = regcache();
