@@ -627,6 +627,19 @@ impl Config {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 
+    /// What `serve` needs beyond what every command needs: an upstream. The commands that
+    /// only read the cache dir take a config with none.
+    pub fn servable(&self) -> Result<(), Error> {
+        if self.upstreams.is_empty() {
+            return Err(invalid(
+                "upstream",
+                "none is configured, so nothing can be served: add a [[upstream]] table \
+                 (`regcache check-config` without --config prints the embedded default's)",
+            ));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), Error> {
         if let Some(s3) = &self.cache.s3 {
             if s3.bucket.is_empty() {

@@ -231,6 +231,7 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::CheckConfig { config } => {
             let config = config.load()?;
+            config.servable()?;
             print!("{}", config.to_toml());
             Ok(())
         }
@@ -568,6 +569,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 config.admin.listen = admin;
             }
             config.validate()?;
+            config.servable()?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .on_thread_park(regcache::logging::batch_this_thread)

@@ -116,6 +116,37 @@ fn check_config_names_the_bad_key_and_exits_non_zero() {
     );
 }
 
+/// A config without any `[[upstream]]` can serve nothing (every name is outside the closed
+/// world): `serve` and `check-config` refuse it and say how to start from the defaults,
+/// while the commands that only read the cache dir still take it.
+#[test]
+fn a_config_without_upstreams_is_refused_for_serving_but_not_for_reading_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let config = write_config(
+        dir.path(),
+        &format!("[cache]\ndir = {:?}\n", cache.display().to_string()),
+    );
+    for command in ["check-config", "serve"] {
+        let mut cmd = regcache();
+        cmd.args([command, "--config"]).arg(&config);
+        let out = run(cmd, b"");
+        assert_fails_naming(&out, "upstream");
+        assert!(
+            text(&out.stderr).contains("[[upstream]]"),
+            "{command}: {}",
+            text(&out.stderr)
+        );
+    }
+    std::fs::create_dir_all(cache.join("v1")).unwrap();
+    for command in ["du", "gc", "verify"] {
+        let mut cmd = regcache();
+        cmd.args([command, "--config"]).arg(&config);
+        let out = run(cmd, b"");
+        assert!(out.status.success(), "{command}: {}", text(&out.stderr));
+    }
+}
+
 #[test]
 fn check_config_prints_the_config_it_understood() {
     let mut cmd = regcache();
