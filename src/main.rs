@@ -173,7 +173,7 @@ enum Command {
 }
 
 /// `--config`, which every command but `hash-password` takes.
-#[derive(clap::Args, Clone)]
+#[derive(clap::Args)]
 struct ConfigFile {
     /// The configuration file (TOML, as in config.example.toml); without it, the embedded
     /// default configuration.
