@@ -198,7 +198,7 @@ impl Metrics {
             fills: counter_vec(r, "regcache_fills_total", "Finished blob downloads, by result (committed, relayed = verified and served but not cached, at_peer = relayed from the replica that holds it, from_bucket = relayed from the shared bucket by a replica without a local tier, digest_mismatch, truncated, upstream_error, disk_error).", &["result"]),
             fill_duration: histogram_vec(r, "regcache_fill_duration_seconds", "Time from the start of a blob download to its commit or failure, by result.", &["result"]),
             fill_resumes: counter(r, "regcache_fill_resumes_total", "Broken upstream transfers resumed with a Range request."),
-            layers_ahead: counter(r, "regcache_layers_ahead_total", "Blob downloads a manifest miss started before any client asked for the blob ([cache] layers_ahead)."),
+            layers_ahead: counter(r, "regcache_layers_ahead_total", "Blob downloads started before any client asked for the blob, once a client asked for another layer of its image ([cache] layers_ahead)."),
             tokens_fetched: counter_vec(r, "regcache_upstream_tokens_fetched_total", "Bearer tokens fetched from upstream token services.", &["upstream"]),
             ratelimit_limit: gauge_vec(r, "regcache_upstream_ratelimit_limit", "The upstream's announced pull limit per window (ratelimit-limit).", &["upstream"]),
             ratelimit_remaining: gauge_vec(r, "regcache_upstream_ratelimit_remaining", "Pulls left in the upstream's window (ratelimit-remaining).", &["upstream"]),

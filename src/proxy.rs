@@ -165,10 +165,27 @@ pub struct Proxy {
     pub cluster: Option<Arc<crate::cache::cluster::Cluster>>,
     /// The bucket's budget (`[cache.s3] max_size`), which learns here what is used.
     pub budget: Option<Arc<crate::cache::bucket_budget::BucketBudget>>,
-    /// `[cache] layers_ahead`: blob fetches a manifest miss starts at a time before its
-    /// clients ask (0: none).
+    /// `[cache] layers_ahead`: blob fetches started at a time, once a client asks for one
+    /// layer of an image whose manifest missed, for the rest of it (0: none).
     pub layers_ahead: usize,
+    /// Images whose manifest missed, by (upstream, repository, each layer they lack), until
+    /// a client asks for one of those layers under that pair.
+    ahead: moka::sync::Cache<AheadKey, Arc<Ahead>>,
 }
+
+type AheadKey = (String, String, Digest);
+
+/// The blobs of an image to fetch ahead once its first layer is asked for.
+struct Ahead {
+    target: Target,
+    blobs: Vec<Digest>,
+    started: std::sync::atomic::AtomicBool,
+}
+
+/// How long a manifest miss waits for a request of one of its layers.
+const AHEAD_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+/// Layers waited for at once (beyond this, the oldest images' plans are dropped).
+const AHEAD_LAYERS: u64 = 10_000;
 
 /// What replicas share (`[cache.s3]`): the bucket, the cluster's leases, the bucket's budget.
 #[derive(Default)]
@@ -208,6 +225,10 @@ impl Proxy {
             cluster: shared.cluster,
             budget: shared.budget,
             layers_ahead: 0,
+            ahead: moka::sync::Cache::builder()
+                .max_capacity(AHEAD_LAYERS)
+                .time_to_live(AHEAD_WAIT)
+                .build(),
         }
     }
 
@@ -924,15 +945,18 @@ impl Proxy {
         }
     }
 
-    /// After an image manifest came from the upstream (and passed any policy): fetches its
-    /// config and the layers the cache lacks, `layers_ahead` at a time, under the same
-    /// target, so that a client that asks for them one after another (skopeo, a CI job)
-    /// finds each one fetched or on its way instead of waiting for the upstream each time.
-    /// Each is an ordinary fill: a client that asks meanwhile joins it. An index is left
-    /// alone (its client picks one platform), and so is an image bigger than a quarter of
-    /// the cache, which would evict more than it saves. On a shared bucket, the replica that
-    /// missed the manifest fetches for the whole cluster, through the usual leases; blobs
-    /// the bucket holds or another replica is fetching are left to the clients' requests.
+    /// After an image manifest came from the upstream (and passed any policy): notes its
+    /// config and the layers the cache lacks, to be fetched `layers_ahead` at a time under
+    /// the same target once a client asks for one of those layers under that target
+    /// ([`Proxy::layer_requested`]). A client that then fetches the rest one after another
+    /// (skopeo, a CI job) finds each blob fetched or on its way instead of waiting for the
+    /// upstream each time, while one that only reads the manifest or the config (Renovate,
+    /// scanners, `skopeo inspect`) costs no download. Each fetch is an ordinary fill: a
+    /// client that asks meanwhile joins it. An index is left alone (its client picks one
+    /// platform), and so is an image bigger than a quarter of the cache, which would evict
+    /// more than it saves. On a shared bucket, the replica whose client asked fetches for
+    /// the whole cluster, through the usual leases; blobs the bucket holds or another
+    /// replica is fetching are left to the clients' requests.
     pub fn fetch_layers_ahead(self: &Arc<Self>, target: &Target, manifest: &Manifest) {
         if self.layers_ahead == 0 || target.upstream.offline {
             return;
@@ -942,15 +966,53 @@ impl Proxy {
         if !children.is_empty() || blobs.is_empty() || total > self.cache.index.budget() / 4 {
             return;
         }
-        let digests: Vec<Digest> = blobs
+        let lacking: Vec<Digest> = blobs
             .iter()
             .filter_map(|(d, _)| d.parse().ok())
-            .filter(|d| !self.cache.index.peek(Kind::Blob, d) && self.fills.running(d).is_none())
+            .filter(|d| !self.cache.index.peek(Kind::Blob, d))
+            .collect();
+        // The config is read by clients that pull nothing (`skopeo inspect`): not a trigger.
+        let config: Option<Digest> = serde_json::from_slice::<serde_json::Value>(&manifest.bytes)
+            .ok()
+            .and_then(|doc| doc.get("config")?.get("digest")?.as_str()?.parse().ok());
+        let ahead = Arc::new(Ahead {
+            target: target.clone(),
+            blobs: lacking,
+            started: std::sync::atomic::AtomicBool::new(false),
+        });
+        for layer in ahead.blobs.iter().filter(|d| config.as_ref() != Some(*d)) {
+            self.ahead.insert(ahead_key(target, layer), ahead.clone());
+        }
+    }
+
+    /// A client asked for `digest` and it missed: if it is a layer of an image noted by
+    /// [`Proxy::fetch_layers_ahead`] under the same (upstream, repository), the rest of
+    /// that image is fetched now (once per image).
+    pub fn layer_requested(self: &Arc<Self>, target: &Target, digest: &Digest) {
+        if self.layers_ahead == 0 {
+            return;
+        }
+        // Looked up under the asking pair only: another repository's request for the same
+        // layer says nothing of what this image's clients will want.
+        let Some(ahead) = self.ahead.remove(&ahead_key(target, digest)) else {
+            return;
+        };
+        if ahead.started.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        for other in &ahead.blobs {
+            self.ahead.invalidate(&ahead_key(target, other));
+        }
+        let digests: Vec<Digest> = ahead
+            .blobs
+            .iter()
+            .filter(|d| *d != digest && !self.cache.index.peek(Kind::Blob, d) && self.fills.running(d).is_none())
+            .cloned()
             .collect();
         if digests.is_empty() {
             return;
         }
-        let (proxy, target) = (self.clone(), target.clone());
+        let (proxy, target) = (self.clone(), ahead.target.clone());
         let own = pair_of(&target);
         tokio::spawn(async move {
             use futures_util::StreamExt as _;
@@ -1271,6 +1333,10 @@ enum Joined {
 }
 
 /// The (upstream, repository) a fill started for `target` is keyed by.
+fn ahead_key(target: &Target, digest: &Digest) -> AheadKey {
+    (target.upstream.name.clone(), target.repo.to_string(), digest.clone())
+}
+
 fn pair_of(target: &Target) -> Pair {
     (
         Arc::from(target.upstream.name.as_str()),

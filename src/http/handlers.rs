@@ -142,7 +142,7 @@ async fn dispatch<B>(
     let head = req.method() == Method::HEAD;
     let mut resp = match route.endpoint {
         Endpoint::Manifest(reference) => manifest(&app.proxy, &target, reference, req.headers()).await?,
-        Endpoint::Blob(digest) => Box::pin(blob(proxy, &target, &parse_digest(digest)?, req, head)).await?,
+        Endpoint::Blob(digest) => Box::pin(blob(&app.proxy, &target, &parse_digest(digest)?, req, head)).await?,
         Endpoint::TagsList => Box::pin(tags_list(proxy, &target, route.name, ns.as_deref(), query)).await?,
         Endpoint::Referrers(digest) => {
             let artifact_type = query_param(query, "artifactType");
@@ -331,7 +331,7 @@ fn digest_header(d: &Digest) -> HeaderValue {
 }
 
 async fn blob<B>(
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     target: &Target,
     digest: &Digest,
     req: &Request<B>,
@@ -363,6 +363,11 @@ async fn blob<B>(
         None => proxy::Want::Whole,
     };
     let answer = proxy.blob(target, digest, want).await?;
+    // Not cached here (from the upstream, or from the bucket replicas share): the client is
+    // pulling, the rest of its image may be fetched ahead.
+    if matches!(proxy::current_lookup_result(), "miss" | "bucket") {
+        proxy.layer_requested(target, digest);
+    }
     send_blob(proxy, digest, answer, req, resp).await
 }
 

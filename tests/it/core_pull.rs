@@ -518,11 +518,13 @@ fn image_in(
     (config, config_digest, layers, layer_digests)
 }
 
-/// `[cache] layers_ahead`: a manifest fetched from the upstream starts the fetches of its
-/// config and layers before the client asks, each once; the client then gets every blob
+/// `[cache] layers_ahead`: a manifest fetched from the upstream starts nothing by itself (a
+/// client that reads only the manifest or the config costs no download), nor does one of its
+/// layers asked for under another repository. The first layer asked for under the image's
+/// own repository starts the fetches of the rest, each once; the client then gets every blob
 /// from the cache, exact, with no further upstream request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_manifest_miss_fetches_the_images_blobs_before_the_client_asks() {
+async fn a_first_layer_request_fetches_the_rest_of_the_image_before_the_client_asks() {
     let up = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let upstreams = upstream_toml("docker.io", &up.url(), true, "5m");
@@ -532,9 +534,29 @@ async fn a_manifest_miss_fetches_the_images_blobs_before_the_client_asks() {
 
     let r = get_with(&proxy.url("/v2/library/app/manifests/1"), &[("accept", ALL_TYPES)]).await;
     assert_eq!(r.status, 200);
-    // Nobody asked for a blob, yet every one of the six is fetched, once.
+    let c = get(&proxy.url(&format!("/v2/library/app/blobs/{config_digest}"))).await;
+    assert!(c.bytes().as_ref() == config.as_slice());
+    wait_until(|| proxy.proxy.fills_in_flight() == 0).await;
+    assert_eq!(
+        up.count("GET", "/blobs/"),
+        1,
+        "the manifest and the config start no download"
+    );
+    let elsewhere = get(&proxy.url(&format!("/v2/library/other/blobs/{}", layer_digests[4]))).await;
+    assert!(elsewhere.bytes().as_ref() == layers[4].as_slice());
+    wait_until(|| proxy.proxy.fills_in_flight() == 0).await;
+    assert_eq!(
+        up.count("GET", "/blobs/"),
+        2,
+        "a layer asked for under another repository starts nothing more"
+    );
+    assert_eq!(proxy.metric("regcache_layers_ahead_total"), 0.0);
+
+    let first = get(&proxy.url(&format!("/v2/library/app/blobs/{}", layer_digests[0]))).await;
+    assert!(first.bytes().as_ref() == layers[0].as_slice());
+    // The three layers nobody asked for yet are fetched, once.
     wait_until(|| up.count("GET", "/blobs/") == 6 && proxy.proxy.fills_in_flight() == 0).await;
-    assert_eq!(proxy.metric("regcache_layers_ahead_total"), 6.0);
+    assert_eq!(proxy.metric("regcache_layers_ahead_total"), 3.0);
     for (digest, bytes) in std::iter::once((&config_digest, &config)).chain(layer_digests.iter().zip(&layers)) {
         let b = get(&proxy.url(&format!("/v2/library/app/blobs/{digest}"))).await;
         assert_eq!(b.status, 200);
@@ -555,7 +577,7 @@ async fn a_cache_disk_that_cannot_take_files_fetches_nothing_ahead() {
     let dir = tempfile::tempdir().unwrap();
     let upstreams = upstream_toml("docker.io", &up.url(), true, "5m");
     let proxy = TestProxy::start_with(dir.path(), "layers_ahead = 4", &upstreams).await;
-    let (config, config_digest, ..) = image_in(&up, "library/app", 81, &[200_000; 3]);
+    let (_, _, layers, layer_digests) = image_in(&up, "library/app", 81, &[200_000; 3]);
     // The cache can no longer create files: its tmp dir is gone, a file in its place.
     let tmp = dir.path().join("v1/tmp");
     std::fs::remove_dir_all(&tmp).unwrap();
@@ -563,9 +585,9 @@ async fn a_cache_disk_that_cannot_take_files_fetches_nothing_ahead() {
 
     let r = get_with(&proxy.url("/v2/library/app/manifests/1"), &[("accept", ALL_TYPES)]).await;
     assert_eq!(r.status, 200);
-    // The client's own next request: whatever the manifest started has started by now.
-    let c = get(&proxy.url(&format!("/v2/library/app/blobs/{config_digest}"))).await;
-    assert!(c.bytes().as_ref() == config.as_slice());
+    // The client's first layer, which would start the fetches of the others.
+    let l = get(&proxy.url(&format!("/v2/library/app/blobs/{}", layer_digests[0]))).await;
+    assert!(l.bytes().as_ref() == layers[0].as_slice());
     wait_until(|| proxy.proxy.fills_in_flight() == 0).await;
     assert_eq!(
         up.count("GET", "/blobs/"),
@@ -595,14 +617,14 @@ async fn big_images_and_a_cache_without_layers_ahead_leave_the_blobs_to_their_cl
         let before = up.count("GET", "/blobs/");
         let r = get_with(&proxy.url(&format!("/v2/{repo}/manifests/1")), &[("accept", ALL_TYPES)]).await;
         assert_eq!(r.status, 200);
-        // The client's own next request: whatever the manifest started has started by now.
-        let c = get(&proxy.url(&format!("/v2/{repo}/blobs/{config_digest}"))).await;
-        assert!(c.bytes().as_ref() == config.as_slice());
+        // The client's first layer, which would start the fetch of the config.
+        let l = get(&proxy.url(&format!("/v2/{repo}/blobs/{layer_digest}"))).await;
+        assert!(l.bytes().as_ref() == layer.as_slice());
         wait_until(|| proxy.proxy.fills_in_flight() == 0).await;
         assert_eq!(
             up.count("GET", "/blobs/") - before,
             1,
-            "{repo}: only the config, which the client asked for"
+            "{repo}: only the layer, which the client asked for"
         );
         assert_eq!(proxy.metric("regcache_layers_ahead_total"), 0.0);
     }

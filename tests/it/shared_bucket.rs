@@ -1068,9 +1068,10 @@ async fn with_access_rules_a_cluster_still_fetches_a_cold_blob_once() {
     cold_blob_once_per_cluster("cluster-rules", "[auth]\nanonymous_allow = [\"docker.io/library/*\"]\n").await;
 }
 
-/// `layers_ahead` on replicas that share a bucket: a manifest miss on one replica fetches its
-/// image's blobs once for the whole cluster, into the bucket, and a client of another
-/// replica then pulls the image with no upstream blob request.
+/// `layers_ahead` on replicas that share a bucket: a manifest miss on one replica, and its
+/// client's first layer, fetch the image's other blobs once for the whole cluster, into the
+/// bucket, and a client of another replica then pulls the image with no upstream blob
+/// request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replica_fetches_layers_ahead_for_the_whole_cluster() {
     let up = FakeUpstream::start().await;
@@ -1082,7 +1083,9 @@ async fn one_replica_fetches_layers_ahead_for_the_whole_cluster() {
     let b = cluster_replica_with(&up, dirs[1].path(), prefix, &secret, ahead, "").await;
     let m = get_with(&a.url("/v2/library/app/manifests/1"), &[("accept", OCI_MANIFEST)]).await;
     assert_eq!(m.status, 200);
-    // Nobody asked for a blob, yet each one is fetched once and goes to the bucket.
+    let first = get(&a.url(&format!("/v2/library/app/blobs/{}", digests[2]))).await;
+    assert!(first.bytes().as_ref() == bytes[2].as_slice());
+    // Nobody asked for the other two, yet each one is fetched once and goes to the bucket.
     let a_proxy = a.proxy.clone();
     wait_until(|| up.count("GET", "/blobs/") == digests.len() && a_proxy.work_in_flight() == 0).await;
     let keys = seaweed().keys(prefix).await;
@@ -1090,11 +1093,12 @@ async fn one_replica_fetches_layers_ahead_for_the_whole_cluster() {
         let key = format!("{prefix}/v1/blobs/sha256/{}", d.trim_start_matches("sha256:"));
         assert!(keys.contains(&key), "{d} is not in the bucket");
     }
-    assert_eq!(a.metric("regcache_layers_ahead_total"), digests.len() as f64);
+    assert_eq!(a.metric("regcache_layers_ahead_total"), (digests.len() - 1) as f64);
     pull(&b, &manifest, &digests, &bytes).await;
     assert_eq!(up.count("GET", "/blobs/"), digests.len(), "a blob was fetched twice");
-    // An image sharing those layers, on a third replica: only its own config is fetched
-    // ahead, the layers the bucket holds are left to the clients' requests.
+    // An image sharing those layers, on a third replica, whose client's first layer comes
+    // from the bucket: only the image's own config is fetched ahead, the layers the bucket
+    // holds are left to the clients' requests.
     let c = cluster_replica_with(&up, dirs[2].path(), prefix, &secret, ahead, "").await;
     let config = b"{\"other\":1}".to_vec();
     let config_digest = up.add_blob(&config);
@@ -1111,6 +1115,8 @@ async fn one_replica_fetches_layers_ahead_for_the_whole_cluster() {
     up.add_manifest("library/other", "1", OCI_MANIFEST, &other);
     let m = get_with(&c.url("/v2/library/other/manifests/1"), &[("accept", OCI_MANIFEST)]).await;
     assert_eq!(m.status, 200);
+    let first = get(&c.url(&format!("/v2/library/other/blobs/{}", digests[2]))).await;
+    assert!(first.bytes().as_ref() == bytes[2].as_slice());
     let c_proxy = c.proxy.clone();
     wait_until(|| up.count("GET", "/blobs/") == digests.len() + 1 && c_proxy.work_in_flight() == 0).await;
     assert_eq!(c.metric("regcache_layers_ahead_total"), 1.0);
@@ -1120,8 +1126,9 @@ async fn one_replica_fetches_layers_ahead_for_the_whole_cluster() {
 }
 
 /// A layer another replica is downloading for its own client is left to it: the replica
-/// that misses the manifest fetches the rest ahead, and no second download of that layer
-/// (upstream, or streamed from the other replica for no one) is started.
+/// that misses the manifest fetches the rest ahead once its client asks for a layer, and no
+/// second download of that layer (upstream, or streamed from the other replica for no one)
+/// is started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layers_ahead_leave_a_layer_another_replica_is_fetching_to_it() {
     let up = FakeUpstream::start().await;
@@ -1140,10 +1147,12 @@ async fn layers_ahead_leave_a_layer_another_replica_is_fetching_to_it() {
 
     let m = get_with(&b.url("/v2/library/app/manifests/1"), &[("accept", OCI_MANIFEST)]).await;
     assert_eq!(m.status, 200);
+    let first = get(&b.url(&format!("/v2/library/app/blobs/{}", digests[2]))).await;
+    assert!(first.bytes().as_ref() == bytes[2].as_slice());
     let b_proxy = b.proxy.clone();
-    // The other two are fetched ahead and done; the gated one is not waited for.
+    // The config is fetched ahead and done; the gated layer is not waited for.
     wait_until(|| up.count("GET", "/blobs/") == digests.len() && b_proxy.work_in_flight() == 0).await;
-    assert_eq!(b.metric("regcache_layers_ahead_total"), (digests.len() - 1) as f64);
+    assert_eq!(b.metric("regcache_layers_ahead_total"), 1.0);
 
     gate.notify_one();
     let held = holder.await.unwrap();
