@@ -957,7 +957,7 @@ impl Proxy {
     /// more than it saves. On a shared bucket, the replica whose client asked fetches for
     /// the whole cluster, through the usual leases; blobs the bucket holds or another
     /// replica is fetching are left to the clients' requests.
-    pub fn fetch_layers_ahead(self: &Arc<Self>, target: &Target, manifest: &Manifest) {
+    pub fn note_layers_ahead(self: &Arc<Self>, target: &Target, manifest: &Manifest) {
         if self.layers_ahead == 0 || target.upstream.offline {
             return;
         }
@@ -986,7 +986,7 @@ impl Proxy {
     }
 
     /// A client asked for `digest` and it missed: if it is a layer of an image noted by
-    /// [`Proxy::fetch_layers_ahead`] under the same (upstream, repository), the rest of
+    /// [`Proxy::note_layers_ahead`] under the same (upstream, repository), the rest of
     /// that image is fetched now (once per image).
     pub fn layer_requested(self: &Arc<Self>, target: &Target, digest: &Digest) {
         if self.layers_ahead == 0 {

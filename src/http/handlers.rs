@@ -271,7 +271,7 @@ async fn manifest(
     let admission = admitted(proxy.admit_manifest(target, &answer.manifest).await)?;
     let m = &answer.manifest;
     if proxy::current_lookup_result() == "miss" {
-        proxy.fetch_layers_ahead(target, m);
+        proxy.note_layers_ahead(target, m);
     }
     let mut resp = Response::new(Body::full(m.bytes.clone()));
     let h = resp.headers_mut();
